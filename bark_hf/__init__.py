@@ -1,0 +1,47 @@
+"""bark-hf: Suno's Bark text-to-audio model as Hugging Face transformers models."""
+
+from .configuration_bark_hf import (
+    BarkHfCoarseConfig,
+    BarkHfConfig,
+    BarkHfFineConfig,
+    BarkHfSemanticConfig,
+)
+from .generation_configuration_bark_hf import (
+    SAMPLE_RATE,
+    BarkHfCoarseGenerationConfig,
+    BarkHfFineGenerationConfig,
+    BarkHfGenerationConfig,
+    BarkHfSemanticGenerationConfig,
+)
+from .model_card import bark_model_card
+from .modeling_bark_hf import (
+    BarkHfCoarseModel,
+    BarkHfFineModel,
+    BarkHfGenerationOutput,
+    BarkHfModel,
+    BarkHfSemanticModel,
+    BarkHfStageOutput,
+)
+from .processing_bark_hf import BarkHfProcessor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMPLE_RATE",
+    "BarkHfCoarseConfig",
+    "BarkHfCoarseGenerationConfig",
+    "BarkHfCoarseModel",
+    "BarkHfConfig",
+    "BarkHfFineConfig",
+    "BarkHfFineGenerationConfig",
+    "BarkHfFineModel",
+    "BarkHfGenerationConfig",
+    "BarkHfGenerationOutput",
+    "BarkHfModel",
+    "BarkHfProcessor",
+    "BarkHfSemanticConfig",
+    "BarkHfSemanticGenerationConfig",
+    "BarkHfSemanticModel",
+    "BarkHfStageOutput",
+    "bark_model_card",
+]

@@ -1,0 +1,172 @@
+"""Model configs: one per GPT stage, and the composite that adds transformers' EnCodec config.
+
+Field names equal those of transformers' Bark configs, so a `config.json` written by
+`transformers.BarkModel` reads into these classes unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, EncodecConfig, PretrainedConfig
+
+from .generation_configuration_bark_hf import COARSE_RATE_HZ, CODEBOOK_SIZE, N_FINE_CODEBOOKS, SAMPLE_RATE
+
+# Bark's EnCodec runs at 6 kbps: 8 codebooks of 1024 entries at 75 frames per second.
+CODEC_BANDWIDTH_KBPS = 6.0
+
+
+class _BarkHfStageConfig(PretrainedConfig):
+    """Hyper-parameters of one Bark GPT (nanoGPT layout)."""
+
+    attribute_map = {
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "vocab_size": "input_vocab_size",
+        "window_size": "block_size",
+    }
+
+    def __init__(
+        self,
+        block_size: int = 1024,
+        input_vocab_size: int = 10_048,
+        output_vocab_size: int = 10_048,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        hidden_size: int = 768,
+        dropout: float = 0.0,
+        bias: bool = True,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ):
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads}).")
+        self.block_size = block_size
+        self.input_vocab_size = input_vocab_size
+        self.output_vocab_size = output_vocab_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        self.dropout = dropout
+        self.bias = bias
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(**kwargs)
+
+
+class BarkHfSemanticConfig(_BarkHfStageConfig):
+    """Text -> semantic GPT. Real sizes: input vocab 129 600, output vocab 10 048."""
+
+    model_type = "bark_hf_semantic"
+
+    def __init__(self, input_vocab_size: int = 129_600, output_vocab_size: int = 10_048, **kwargs: Any):
+        super().__init__(input_vocab_size=input_vocab_size, output_vocab_size=output_vocab_size, **kwargs)
+
+
+class BarkHfCoarseConfig(_BarkHfStageConfig):
+    """Semantic -> coarse GPT. Real sizes: input and output vocab 12 096."""
+
+    model_type = "bark_hf_coarse"
+
+    def __init__(self, input_vocab_size: int = 12_096, output_vocab_size: int = 12_096, **kwargs: Any):
+        super().__init__(input_vocab_size=input_vocab_size, output_vocab_size=output_vocab_size, **kwargs)
+
+
+class BarkHfFineConfig(_BarkHfStageConfig):
+    """Non-causal fine GPT: one input embedding per codebook, one head per predicted codebook.
+
+    `n_codes_given` codebooks come from the coarse stage (1 at training time); heads predict the
+    remaining `n_codes_total - n_codes_given`. Head `i` shares its weight with embedding `i + 1`.
+    """
+
+    model_type = "bark_hf_fine"
+
+    def __init__(
+        self,
+        input_vocab_size: int = CODEBOOK_SIZE + 32,
+        output_vocab_size: int = CODEBOOK_SIZE + 32,
+        n_codes_total: int = N_FINE_CODEBOOKS,
+        n_codes_given: int = 1,
+        tie_word_embeddings: bool = True,
+        **kwargs: Any,
+    ):
+        self.n_codes_total = n_codes_total
+        self.n_codes_given = n_codes_given
+        super().__init__(
+            input_vocab_size=input_vocab_size,
+            output_vocab_size=output_vocab_size,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+
+def bark_codec_config(**overrides: Any) -> EncodecConfig:
+    """transformers' EnCodec config for Bark's codec: 24 kHz mono, 75 Hz frames, 6 kbps."""
+    defaults = dict(
+        sampling_rate=SAMPLE_RATE,
+        target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0],
+        codebook_size=CODEBOOK_SIZE,
+        audio_channels=1,
+        normalize=False,
+    )
+    config = EncodecConfig(**{**defaults, **overrides})
+    if config.frame_rate != COARSE_RATE_HZ:
+        raise ValueError(f"Bark needs a {COARSE_RATE_HZ} Hz EnCodec; this config runs at {config.frame_rate} Hz.")
+    return config
+
+
+class BarkHfConfig(PretrainedConfig):
+    """The composite: three GPT stage configs and the EnCodec config of the codec."""
+
+    model_type = "bark_hf"
+    sub_configs = {
+        "semantic_config": BarkHfSemanticConfig,
+        "coarse_acoustics_config": BarkHfCoarseConfig,
+        "fine_acoustics_config": BarkHfFineConfig,
+        "codec_config": AutoConfig,
+    }
+
+    def __init__(
+        self,
+        semantic_config: dict | BarkHfSemanticConfig | None = None,
+        coarse_acoustics_config: dict | BarkHfCoarseConfig | None = None,
+        fine_acoustics_config: dict | BarkHfFineConfig | None = None,
+        codec_config: dict | EncodecConfig | None = None,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ):
+        self.semantic_config = _as_config(BarkHfSemanticConfig, semantic_config)
+        self.coarse_acoustics_config = _as_config(BarkHfCoarseConfig, coarse_acoustics_config)
+        self.fine_acoustics_config = _as_config(BarkHfFineConfig, fine_acoustics_config)
+        if isinstance(codec_config, dict):
+            codec_config = bark_codec_config(**{k: v for k, v in codec_config.items() if k != "model_type"})
+        self.codec_config = codec_config if codec_config is not None else bark_codec_config()
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for name in self.sub_configs:
+            output[name] = getattr(self, name).to_dict()
+        return output
+
+
+def _as_config(config_cls: type[PretrainedConfig], value: dict | PretrainedConfig | None) -> PretrainedConfig:
+    """Build a stage config from a dict (ours or transformers' Bark layout) or pass one through."""
+    if value is None:
+        return config_cls()
+    if isinstance(value, PretrainedConfig):
+        value = value.to_dict()
+    # transformers' Bark stage dicts carry their own model_type ("semantic", ...); ours is fixed.
+    return config_cls(**{k: v for k, v in value.items() if k not in ("model_type", "transformers_version")})
+
+
+__all__ = [
+    "CODEC_BANDWIDTH_KBPS",
+    "BarkHfCoarseConfig",
+    "BarkHfConfig",
+    "BarkHfFineConfig",
+    "BarkHfSemanticConfig",
+    "bark_codec_config",
+]

@@ -1,0 +1,148 @@
+"""Suno's original release -> one ready bark-hf model folder.
+
+    python conversion/convert_suno_checkpoint.py --checkpoint-dir DIR --codec PATH \
+        --tokenizer DIR [--voice-presets DIR] --output-dir OUT [--overwrite]
+
+The folder is built in a temporary sibling, reloaded and checked against the source weights,
+and only then renamed into place, so a failure never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizer
+from transformers.utils import logging
+
+from ..configuration_bark_hf import BarkHfConfig
+from ..model_card import bark_model_card
+from ..modeling_bark_hf import BarkHfModel
+from ..processing_bark_hf import BarkHfProcessor
+from .codec import load_codec
+from .suno_checkpoint import STAGES, CheckpointError, convert_stage, find_stage_files, verify_weights
+from .voice_presets import read_original_presets
+
+logger = logging.get_logger(__name__)
+
+# Original stage name -> attribute of the composite model.
+COMPOSITE_ATTRIBUTES = {"text": "semantic", "coarse": "coarse_acoustics", "fine": "fine_acoustics"}
+
+
+def convert_suno_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    codec: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    voice_presets: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    size: str | None = None,
+) -> Path:
+    """Convert and write the model folder; returns its path. See the module docstring."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
+    if not output_dir.parent.is_dir():
+        raise FileNotFoundError(f"The parent folder of {output_dir} does not exist; create it first.")
+    tokenizer_dir = Path(tokenizer)
+    if not (tokenizer_dir / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir} must be a folder holding the tokenizer's vocab.txt.")
+
+    files = find_stage_files(checkpoint_dir, size)
+    stages = {}
+    for stage in STAGES:
+        logger.info(f"Converting {files[stage]}")
+        stages[stage] = convert_stage(stage, files[stage])
+    codec_model = load_codec(codec)
+    presets = read_original_presets(voice_presets) if voice_presets is not None else {}
+
+    config = BarkHfConfig(
+        semantic_config=stages["text"].config,
+        coarse_acoustics_config=stages["coarse"].config,
+        fine_acoustics_config=stages["fine"].config,
+        codec_config=codec_model.config,
+    )
+    model = BarkHfModel(config)
+    for stage, attribute in COMPOSITE_ATTRIBUTES.items():
+        getattr(model, attribute).load_state_dict(stages[stage].state_dict())
+    model.codec_model.load_state_dict(codec_model.state_dict())
+    processor = BarkHfProcessor(BertTokenizer.from_pretrained(tokenizer_dir), voice_presets=presets)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        sources = ", ".join(path.name for path in files.values())
+        card = bark_model_card(config, model_id=output_dir.name, voice_presets=processor.available_voice_presets,
+                               provenance=f"Converted from Suno's original checkpoints ({sources}).")
+        card.save(staging / "README.md")
+        _verify_folder(staging, stages, codec_model, processor)
+        _replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _verify_folder(folder: Path, stages: dict, codec_model: torch.nn.Module, processor: BarkHfProcessor) -> None:
+    """Reload what was written and compare every tensor and preset with the source."""
+    reloaded = BarkHfModel.from_pretrained(folder)
+    for stage, attribute in COMPOSITE_ATTRIBUTES.items():
+        verify_weights(getattr(reloaded, attribute), stages[stage].state_dict(), source=f"the {stage} checkpoint")
+    verify_weights(reloaded.codec_model, codec_model.state_dict(), source="the codec")
+    reloaded_processor = BarkHfProcessor.from_pretrained(folder)
+    if reloaded_processor.available_voice_presets != processor.available_voice_presets:
+        raise CheckpointError("The written voice presets differ from the source presets.")
+
+
+def _replace(staging: Path, output_dir: Path) -> None:
+    """Move `staging` to `output_dir`, replacing an existing folder only after the move succeeds."""
+    if not output_dir.exists():
+        staging.rename(output_dir)
+        return
+    backup = output_dir.with_name(f".{output_dir.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    output_dir.rename(backup)
+    staging.rename(output_dir)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--checkpoint-dir", required=True, help="folder with text.pt, coarse.pt, fine.pt (or *_2.pt)")
+    parser.add_argument("--codec", required=True,
+                        help="EnCodec 24 kHz: the encodec package's state-dict file, or a transformers EnCodec folder")
+    parser.add_argument("--tokenizer", required=True, help="folder with the bert-base-multilingual-cased vocab.txt")
+    parser.add_argument("--voice-presets", help="folder of original .npz voice presets (e.g. v2/en_speaker_1.npz)")
+    parser.add_argument("--output-dir", required=True, help="model folder to write")
+    parser.add_argument("--size", choices=("small", "large"), help="which checkpoints, when the folder has both")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed conversion; user errors become one line on stderr and exit status 1."""
+    try:
+        path = convert_suno_checkpoint(
+            checkpoint_dir=args.checkpoint_dir,
+            codec=args.codec,
+            tokenizer=args.tokenizer,
+            output_dir=args.output_dir,
+            voice_presets=args.voice_presets,
+            overwrite=args.overwrite,
+            size=args.size,
+        )
+    except (ValueError, OSError) as error:
+        print(f"bark-hf convert: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bark-hf convert", description=__doc__.split("\n\n")[0])
+    return run(add_arguments(parser).parse_args(argv))

@@ -1,0 +1,28 @@
+"""Reading `.pt` files without ever running the code a pickle can carry."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import torch
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, with each failure turned into a clear `ValueError`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            raise ValueError(
+                f"{path} holds pickled Python objects besides tensors; bark-hf refuses to unpickle arbitrary "
+                "objects (that can run code). Use the original file, saved with `torch.save` of tensors only."
+            ) from None
+        raise ValueError(f"{path} could not be read as a PyTorch file: it is corrupt or not a checkpoint.") from None
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} could not be read as a PyTorch file; it is truncated or corrupt ({error}).") from None

@@ -1,0 +1,153 @@
+"""Suno's original GPT checkpoints (`text*.pt`, `coarse*.pt`, `fine*.pt`) -> our stage models.
+
+The original files are `torch.save`d dicts: `model_args` (nanoGPT hyper-parameters), `model`
+(the state dict, keys prefixed `_orig_mod.` when trained under `torch.compile`), and training
+bookkeeping (`best_val_loss`, ...). Conversion is a key-rename table plus strict checks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configuration_bark_hf import BarkHfCoarseConfig, BarkHfFineConfig, BarkHfSemanticConfig
+from ..modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfPreTrainedModel, BarkHfSemanticModel
+from .safe_load import load_torch_file
+
+STAGES = ("text", "coarse", "fine")
+"""The original's names for the semantic, coarse and fine stages (and their file names)."""
+
+STAGE_CLASSES: dict[str, tuple[type, type[BarkHfPreTrainedModel]]] = {
+    "text": (BarkHfSemanticConfig, BarkHfSemanticModel),
+    "coarse": (BarkHfCoarseConfig, BarkHfCoarseModel),
+    "fine": (BarkHfFineConfig, BarkHfFineModel),
+}
+
+# Original nanoGPT name -> transformers' Bark name; applied in order to each key.
+KEY_RENAMES: list[tuple[str, str]] = [
+    (r"^_orig_mod\.", ""),  # torch.compile wrapper
+    (r"^transformer\.wtes\.", "input_embeds_layers."),  # fine: one embedding per codebook
+    (r"^transformer\.wte\.", "input_embeds_layer."),
+    (r"^transformer\.wpe\.", "position_embeds_layer."),
+    (r"^transformer\.ln_f\.", "layernorm_final."),
+    (r"^transformer\.h\.", "layers."),
+    (r"\.ln_1\.", ".layernorm_1."),
+    (r"\.ln_2\.", ".layernorm_2."),
+    (r"\.attn\.c_attn\.", ".attn.att_proj."),
+    (r"\.attn\.c_proj\.", ".attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.in_proj."),
+    (r"\.mlp\.c_proj\.", ".mlp.out_proj."),
+]
+
+IGNORED_KEYS = re.compile(r"\.attn\.bias$")
+"""Causal-mask buffers that older torch versions saved; attention builds its own mask."""
+
+MODEL_ARG_NAMES = {
+    "block_size": "block_size",
+    "input_vocab_size": "input_vocab_size",
+    "output_vocab_size": "output_vocab_size",
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "n_embd": "hidden_size",
+    "dropout": "dropout",
+    "bias": "bias",
+    "n_codes_total": "n_codes_total",
+    "n_codes_given": "n_codes_given",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and the problem."""
+
+
+def find_stage_files(checkpoint_dir: str | os.PathLike, size: str | None = None) -> dict[str, Path]:
+    """The three checkpoint files in `checkpoint_dir`: `text.pt`... (small) or `text_2.pt`... (large)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")
+    names = {"small": "{}.pt", "large": "{}_2.pt"}
+    found = {s: {stage: folder / pattern.format(stage) for stage in STAGES} for s, pattern in names.items()}
+    complete = [s for s, files in found.items() if all(path.is_file() for path in files.values())]
+    if size is not None:
+        if size not in names:
+            raise ValueError(f"size must be 'small' or 'large', got {size!r}.")
+        if size not in complete:
+            missing = [p.name for p in found[size].values() if not p.is_file()]
+            raise FileNotFoundError(f"{folder} lacks the {size} checkpoints: {', '.join(missing)}.")
+        return found[size]
+    if len(complete) == 1:
+        return found[complete[0]]
+    if len(complete) == 2:
+        raise ValueError(f"{folder} holds both small and large checkpoints; choose one with --size small|large.")
+    raise FileNotFoundError(
+        f"{folder} must hold text.pt, coarse.pt, fine.pt (bark-small) or text_2.pt, coarse_2.pt, fine_2.pt (bark)."
+    )
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`(model_args, state_dict)` of an original checkpoint, loaded without running any pickle code."""
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Suno Bark checkpoint: expected a dict with 'model_args' and 'model'.")
+    return dict(checkpoint["model_args"]), dict(checkpoint["model"])
+
+
+def stage_config(stage: str, model_args: Mapping[str, Any]):
+    """Our stage config from the original's `model_args`."""
+    args = dict(model_args)
+    if "vocab_size" in args:  # the oldest checkpoints name one vocabulary for both ends
+        args.setdefault("input_vocab_size", args["vocab_size"])
+        args.setdefault("output_vocab_size", args.pop("vocab_size"))
+    config_cls = STAGE_CLASSES[stage][0]
+    return config_cls(**{ours: args[theirs] for theirs, ours in MODEL_ARG_NAMES.items() if theirs in args})
+
+
+def rename_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply `KEY_RENAMES` and drop the named ignorable keys."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in KEY_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if not IGNORED_KEYS.search(key):
+            renamed[key] = value
+    return renamed
+
+
+def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
+    """Load one original checkpoint into our stage model, strictly, and verify every weight."""
+    model_args, state_dict = load_original_checkpoint(path)
+    try:
+        config = stage_config(stage, model_args)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its model_args do not describe a Bark {stage} model: {error}") from None
+    model = STAGE_CLASSES[stage][1](config)
+    weights = rename_state_dict(state_dict)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match a Bark {stage} model with {model_args}: "
+            f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
+        )
+    wrong = [f"{key}: {tuple(weights[key].shape)} vs {tuple(value.shape)}"
+             for key, value in expected.items() if weights[key].shape != value.shape]
+    if wrong:
+        raise CheckpointError(f"{path} has tensors of the wrong shape for its model_args: {'; '.join(wrong[:8])}.")
+    model.load_state_dict(weights, strict=True)
+    verify_weights(model, weights, source=str(path))
+    return model.eval()
+
+
+def verify_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise unless every tensor of `model` equals its source tensor (catches broken weight tying)."""
+    state = model.state_dict()
+    differing = [key for key, value in weights.items() if not torch.equal(state[key].cpu(), value.to(state[key].dtype))]
+    if differing:
+        raise CheckpointError(f"Converted weights differ from {source} at {differing[:8]}.")

@@ -1,0 +1,192 @@
+"""Every constant of Bark's decoding, written down once.
+
+Each stage has a generation config: the sampling settings a user tunes (with the original's
+defaults) and the token layout that the weights were trained with. The numbers below are the
+single source of truth; the model code reads them from these configs, never from literals.
+
+Token layout (see docs/architecture.md):
+
+* semantic stage input: ``[text (256) | semantic history (256) | infer (1) | generated ...]``,
+  text ids shifted by ``text_encoding_offset``; the first two windows are summed position-wise.
+* coarse stage input: ``[semantic window (256) | infer (1) | coarse history + generated ...]``,
+  coarse code ``c`` of codebook ``k`` is token ``semantic_vocab_size + k * codebook_size + c``.
+* fine stage input: ``[T, 8]`` raw codes, ``codebook_size`` marks "not yet predicted".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# Facts shared by several stages. Each appears here once and feeds the fields below.
+SEMANTIC_VOCAB_SIZE = 10_000
+"""Number of semantic (HuBERT-cluster) tokens; token 10 000 is the semantic pad and EOS."""
+SEMANTIC_RATE_HZ = 49.9
+"""Semantic tokens per second of audio."""
+CODEBOOK_SIZE = 1_024
+"""Entries in each EnCodec codebook."""
+N_COARSE_CODEBOOKS = 2
+N_FINE_CODEBOOKS = 8
+COARSE_RATE_HZ = 75
+"""EnCodec frames per second (24 kHz audio, hop 320)."""
+SAMPLE_RATE = 24_000
+"""Output audio sample rate in Hz."""
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+class _JsonConfig:
+    """Plain-dataclass configs saved as JSON.
+
+    These are deliberately not `transformers.GenerationConfig`: Bark's stages run their own
+    decoding loops, and GenerationConfig's validation of fields that do not apply to them
+    (beams, `do_sample`) would only add noise.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def updated(self, **overrides: Any):
+        """A copy with `overrides` applied; unknown names raise a `ValueError` listing valid ones."""
+        known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no setting {', '.join(map(repr, unknown))}; "
+                f"valid settings are: {', '.join(sorted(known))}."
+            )
+        return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
+
+
+@dataclass
+class BarkHfSemanticGenerationConfig(_JsonConfig):
+    """Text -> semantic tokens. Follows bark/generation.py `generate_text_semantic`."""
+
+    temperature: float = 0.7
+    """Softmax temperature of sampling."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens before sampling (1 gives greedy decoding)."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    min_eos_p: float | None = 0.2
+    """Stop as soon as the end-of-speech probability reaches this, even if it was not drawn."""
+    allow_early_stop: bool = True
+    """Whether end-of-speech may be generated at all; False always runs to the step cap."""
+    max_gen_duration_s: float | None = None
+    """Stop after this many seconds of semantic tokens."""
+    max_new_tokens: int = 768
+    """Hard cap on generated semantic tokens (about 15 s of audio)."""
+    max_input_semantic_length: int = 256
+    """Length of both the text window and the semantic-history window."""
+    semantic_vocab_size: int = SEMANTIC_VOCAB_SIZE
+    semantic_pad_token: int = SEMANTIC_VOCAB_SIZE
+    """Pads the semantic history; as a generated token it means end of speech."""
+    text_encoding_offset: int = 10_048
+    """Added to tokenizer ids so that text and semantic tokens share one embedding table."""
+    text_pad_token: int = 129_595
+    """Pads the text window."""
+    semantic_infer_token: int = 129_599
+    """Marks the start of generation, after the two windows."""
+    semantic_rate_hz: float = SEMANTIC_RATE_HZ
+
+
+@dataclass
+class BarkHfCoarseGenerationConfig(_JsonConfig):
+    """Semantic tokens -> the first two EnCodec codebooks. Follows bark/generation.py `generate_coarse`."""
+
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float | None = None
+    max_coarse_history: int = 630
+    """Coarse tokens of history kept in each window (60 = faster, 630 = most context)."""
+    sliding_window_len: int = 60
+    """Coarse tokens generated per window before the context is rebuilt."""
+    max_coarse_input_length: int = 256
+    """Length of the semantic window fed before the infer token."""
+    semantic_vocab_size: int = SEMANTIC_VOCAB_SIZE
+    """Coarse codes are offset past the semantic vocabulary."""
+    coarse_semantic_pad_token: int = 12_048
+    """Pads the semantic window."""
+    coarse_infer_token: int = 12_050
+    """Separates the semantic window from the coarse tokens."""
+    codebook_size: int = CODEBOOK_SIZE
+    n_coarse_codebooks: int = N_COARSE_CODEBOOKS
+    semantic_rate_hz: float = SEMANTIC_RATE_HZ
+    coarse_rate_hz: float = COARSE_RATE_HZ
+    context_window_size: int = 1_024
+    """Positions the coarse GPT can attend over; bounds history + window + semantic context."""
+
+    @property
+    def semantic_to_coarse_ratio(self) -> float:
+        """Coarse tokens (both codebooks interleaved) per semantic token."""
+        return self.coarse_rate_hz / self.semantic_rate_hz * self.n_coarse_codebooks
+
+
+@dataclass
+class BarkHfFineGenerationConfig(_JsonConfig):
+    """Coarse codebooks -> all eight. Follows bark/generation.py `generate_fine`."""
+
+    temperature: float | None = 0.5
+    """Softmax temperature; None takes the argmax."""
+    max_fine_history_length: int = 512
+    """Frames of the voice preset's fine codes placed before the coarse codes."""
+    max_fine_input_length: int = 1_024
+    """Frames in one (non-causal) window."""
+    fine_window_hop: int = 512
+    """Frames the window advances by."""
+    codebook_size: int = CODEBOOK_SIZE
+    """Also the input id that marks a code not predicted yet."""
+    n_fine_codebooks: int = N_FINE_CODEBOOKS
+
+
+@dataclass
+class BarkHfGenerationConfig(_JsonConfig):
+    """The three stage configs of a composite model, saved together as generation_config.json."""
+
+    semantic_config: BarkHfSemanticGenerationConfig = field(default_factory=BarkHfSemanticGenerationConfig)
+    coarse_acoustics_config: BarkHfCoarseGenerationConfig = field(default_factory=BarkHfCoarseGenerationConfig)
+    fine_acoustics_config: BarkHfFineGenerationConfig = field(default_factory=BarkHfFineGenerationConfig)
+    sample_rate: int = SAMPLE_RATE
+
+    STAGE_CLASSES: ClassVar[dict[str, type]] = {
+        "semantic_config": BarkHfSemanticGenerationConfig,
+        "coarse_acoustics_config": BarkHfCoarseGenerationConfig,
+        "fine_acoustics_config": BarkHfFineGenerationConfig,
+    }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BarkHfGenerationConfig:
+        stages = {name: stage_cls.from_dict(values.get(name) or {}) for name, stage_cls in cls.STAGE_CLASSES.items()}
+        return cls(**stages, sample_rate=values.get("sample_rate", SAMPLE_RATE))
+
+
+def save_generation_config(config: _JsonConfig, save_directory: str | os.PathLike) -> None:
+    """Write `config` as `generation_config.json` in `save_directory`."""
+    path = os.path.join(save_directory, GENERATION_CONFIG_NAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config.to_dict(), handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def load_generation_config(config_cls: type, directory: str | os.PathLike):
+    """Read `generation_config.json` from `directory`, or the defaults when there is none.
+
+    A transformers-format Bark folder has a generation config of another layout; its values
+    are Bark's published constants, so our defaults stand in for it.
+    """
+    path = os.path.join(directory, GENERATION_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return config_cls()
+    with open(path, encoding="utf-8") as handle:
+        values = json.load(handle)
+    if values.get("model_type") == "bark" or "transformers_version" in values:
+        return config_cls()
+    return config_cls.from_dict(values)

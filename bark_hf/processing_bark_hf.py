@@ -1,0 +1,479 @@
+"""Text and voice-preset preprocessing for Bark.
+
+`BarkHfProcessor` turns text into the token ids Bark's semantic stage reads (exactly the ids
+of the original `_tokenize`, without Bark's text offset, which the model adds) and turns voice
+presets into the three prompt arrays the stages condition on. Presets are stored in
+transformers' Bark layout (`speaker_embeddings_path.json` + `speaker_embeddings/*.npy`), so a
+folder written here is readable by `transformers.BarkProcessor` and the other way round.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import PureWindowsPath
+from typing import Any
+
+import numpy as np
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from transformers import BatchEncoding, BertTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+
+from .generation_configuration_bark_hf import (
+    COARSE_RATE_HZ,
+    CODEBOOK_SIZE,
+    N_COARSE_CODEBOOKS,
+    N_FINE_CODEBOOKS,
+    SEMANTIC_RATE_HZ,
+    SEMANTIC_VOCAB_SIZE,
+    BarkHfSemanticGenerationConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+PRESET_KEYS = ("semantic_prompt", "coarse_prompt", "fine_prompt")
+"""The arrays of a voice preset, in the order the stages use them."""
+SPEAKER_EMBEDDINGS_FILE = "speaker_embeddings_path.json"
+SPEAKER_EMBEDDINGS_DIR = "speaker_embeddings"
+# transformers' index names the folder the paths are relative to under this key; it is not a preset.
+_REPO_OR_PATH_KEY = "repo_or_path"
+
+_PRESET_NDIM = {"semantic_prompt": 1, "coarse_prompt": 2, "fine_prompt": 2}
+_PRESET_ROWS = {"coarse_prompt": N_COARSE_CODEBOOKS, "fine_prompt": N_FINE_CODEBOOKS}
+_PRESET_VOCAB = {"semantic_prompt": SEMANTIC_VOCAB_SIZE, "coarse_prompt": CODEBOOK_SIZE, "fine_prompt": CODEBOOK_SIZE}
+_PRESET_MEANING = {
+    "semantic_prompt": "semantic tokens, shape (n,)",
+    "coarse_prompt": f"coarse codes, shape ({N_COARSE_CODEBOOKS}, m)",
+    "fine_prompt": f"fine codes, shape ({N_FINE_CODEBOOKS}, m)",
+}
+
+# What a processor needs from a Hub repository: tokenizer files and presets, never the weights.
+_HUB_ALLOW_PATTERNS = ["*.json", "*.txt", f"{SPEAKER_EMBEDDINGS_DIR}/*"]
+
+VoicePreset = Mapping[str, Any] | str | os.PathLike
+"""A preset name known to the processor, a path to an original `.npz`, or a dict of arrays."""
+
+
+def _normalize_whitespace(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _checked_codes(key: str, value: Any) -> np.ndarray:
+    array = _as_array(value)
+    if array.ndim != _PRESET_NDIM[key]:
+        raise ValueError(
+            f"Voice preset {key!r} has {array.ndim} dimension(s) (shape {tuple(array.shape)}); "
+            f"expected {_PRESET_NDIM[key]}: {_PRESET_MEANING[key]}."
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"Voice preset {key!r} has dtype {array.dtype}; expected an integer dtype ({_PRESET_MEANING[key]})."
+        )
+    if key in _PRESET_ROWS and array.shape[0] != _PRESET_ROWS[key]:
+        raise ValueError(
+            f"Voice preset {key!r} has {array.shape[0]} codebook rows (shape {tuple(array.shape)}); "
+            f"expected {_PRESET_ROWS[key]}: {_PRESET_MEANING[key]}."
+        )
+    if key == "semantic_prompt" and array.size == 0:
+        raise ValueError("Voice preset 'semantic_prompt' is empty; expected at least one semantic token.")
+    if array.size:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= _PRESET_VOCAB[key]:
+            raise ValueError(
+                f"Voice preset {key!r} has values in [{low}, {high}]; expected values in "
+                f"[0, {_PRESET_VOCAB[key]})."
+            )
+    return array.astype(np.int64)
+
+
+def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Check a voice preset the way the original's three stages do, and return int64 copies.
+
+    The original checks each array only when the stage that reads it runs (with asserts);
+    checking all of them up front turns a late crash deep in generation into one message here.
+    """
+    if not isinstance(preset, Mapping):
+        raise TypeError(
+            f"A voice preset is a mapping of {', '.join(PRESET_KEYS)} to integer arrays; "
+            f"got {type(preset).__name__}."
+        )
+    missing = [key for key in PRESET_KEYS if key not in preset]
+    extra = sorted(map(str, set(preset) - set(PRESET_KEYS)))
+    if missing or extra:
+        found = ", ".join(sorted(map(str, preset))) or "no keys"
+        raise ValueError(
+            f"A voice preset holds exactly the keys {', '.join(PRESET_KEYS)}; found {found} "
+            f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})."
+        )
+    arrays = {key: _checked_codes(key, preset[key]) for key in PRESET_KEYS}
+    n_semantic = arrays["semantic_prompt"].shape[0]
+    n_coarse = arrays["coarse_prompt"].shape[1]
+    n_fine = arrays["fine_prompt"].shape[1]
+    if n_fine != n_coarse:
+        raise ValueError(
+            f"Voice preset 'fine_prompt' has {n_fine} frames but 'coarse_prompt' has {n_coarse}; "
+            "expected the same number of frames in both."
+        )
+    expected_ratio = round(COARSE_RATE_HZ / SEMANTIC_RATE_HZ, 1)
+    ratio = round(n_coarse / n_semantic, 1)
+    if ratio != expected_ratio:
+        raise ValueError(
+            f"Voice preset 'coarse_prompt' has {n_coarse} frames for {n_semantic} semantic tokens "
+            f"(ratio {ratio}); expected a ratio of {expected_ratio} ({COARSE_RATE_HZ} Hz coarse frames "
+            f"per {SEMANTIC_RATE_HZ} Hz semantic tokens), as the original `generate_coarse` requires."
+        )
+    return arrays
+
+
+def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read and validate one original Bark preset (`.npz`); errors name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No voice preset file at {path!r}.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array; expected an .npz archive of the three prompt arrays")
+        with loaded:
+            arrays = {key: loaded[key] for key in loaded.files}
+        return validate_voice_preset(arrays)
+    except ValueError as error:
+        raise ValueError(f"Voice preset file {path!r}: {error}") from error
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"Voice preset file {path!r} is not a readable .npz archive: {error}") from error
+
+
+def check_voice_preset_name(name: str) -> str:
+    """Refuse names that could not be saved as files inside `speaker_embeddings/`.
+
+    Names become file paths on save (`v2/en_speaker_1` -> `speaker_embeddings/v2/en_speaker_1_*.npy`),
+    so anything that could point outside that folder is rejected.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A voice preset name is a non-empty string such as 'v2/en_speaker_1'; got {name!r}.")
+    if "\\" in name or os.path.isabs(name) or PureWindowsPath(name).drive:
+        raise ValueError(
+            f"Voice preset name {name!r} must be a relative, '/'-separated path such as 'v2/en_speaker_1' "
+            "(no backslashes, drives or leading '/')."
+        )
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(
+            f"Voice preset name {name!r} has an empty, '.' or '..' component; use a plain relative path "
+            "such as 'v2/en_speaker_1'."
+        )
+    if name == _REPO_OR_PATH_KEY:
+        raise ValueError(f"{_REPO_OR_PATH_KEY!r} is reserved by the preset index; choose another name.")
+    return name
+
+
+def _inside_folder(folder: str, relative: Any, index_path: str) -> str:
+    """Resolve a path read from an index file, refusing any that leaves the folder.
+
+    The check is lexical on purpose: a Hub cache snapshot holds symlinks into a sibling blobs
+    folder, which resolving links would wrongly reject.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"{index_path}: expected a relative file path, found {relative!r}.")
+    base = os.path.abspath(folder)
+    target = os.path.abspath(os.path.join(base, relative))
+    try:
+        inside = os.path.commonpath([base, target]) == base
+    except ValueError:  # different drives
+        inside = False
+    if not inside or target == base:
+        raise ValueError(f"{index_path}: path {relative!r} points outside {base}; refusing to read it.")
+    return target
+
+
+def _read_preset_index(folder: str, index_name: str) -> dict[str, dict[str, str]]:
+    """Map preset names to the absolute paths of their three `.npy` files, without loading them."""
+    index_path = os.path.join(folder, index_name)
+    if not os.path.isfile(index_path):
+        logger.info("No %s in %s: the processor starts without voice presets.", index_name, folder)
+        return {}
+    with open(index_path, encoding="utf-8") as handle:
+        try:
+            index = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{index_path} is not valid JSON: {error}") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: expected a JSON object mapping preset names to files.")
+    files = {}
+    for name, entry in index.items():
+        if name == _REPO_OR_PATH_KEY:
+            continue
+        try:
+            check_voice_preset_name(name)
+        except ValueError as error:
+            raise ValueError(f"{index_path}: {error}") from error
+        if not isinstance(entry, dict) or set(entry) != set(PRESET_KEYS):
+            raise ValueError(
+                f"{index_path}: preset {name!r} must map exactly {', '.join(PRESET_KEYS)} to .npy paths; "
+                f"found {entry!r}."
+            )
+        files[name] = {key: _inside_folder(folder, entry[key], index_path) for key in PRESET_KEYS}
+    return files
+
+
+def _looks_like_local_path(path: str) -> bool:
+    return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+
+
+def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> str:
+    """A local folder for `name_or_path`, downloading only the processor's files from the Hub."""
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path!r} is a file; pass the folder that holds the tokenizer and presets.")
+    if _looks_like_local_path(path):
+        raise FileNotFoundError(f"No folder at {path!r}; pass a folder saved with `save_pretrained`.")
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_ALLOW_PATTERNS, **hub_kwargs)
+    except RepositoryNotFoundError as error:
+        raise OSError(
+            f"{path!r} is neither a local folder nor a repository on the Hugging Face Hub (or it is private: "
+            "pass `token=`). Pass a local folder saved with `save_pretrained`."
+        ) from error
+    except (LocalEntryNotFoundError, ConnectionError) as error:
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub to fetch {path!r}, and it is not in the local cache ({error}). "
+            "Download it where the Hub is reachable and pass the local folder instead."
+        ) from error
+
+
+class BarkHfProcessor(ProcessorMixin):
+    """Tokenizer plus voice presets: the inputs of Bark's generation.
+
+    Presets read from a folder stay on disk until first used; presets added in memory or used
+    once are kept, validated, as int64 arrays.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        voice_presets: Mapping[str, VoicePreset] | None = None,
+    ) -> None:
+        super().__init__(tokenizer)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` (BERT's is '[PAD]').")
+        # Private names: ProcessorMixin.to_dict serialises attributes named like __init__ arguments.
+        self._presets: dict[str, dict[str, np.ndarray]] = {}
+        self._preset_files: dict[str, dict[str, str]] = {}
+        for name, preset in (voice_presets or {}).items():
+            self.add_voice_preset(name, preset)
+
+    @property
+    def available_voice_presets(self) -> list[str]:
+        """Names usable as `voice_preset=`, sorted."""
+        return sorted({*self._presets, *self._preset_files})
+
+    def add_voice_preset(self, name: str, preset: VoicePreset) -> None:
+        """Validate `preset` and store it under `name` (replacing any preset of that name)."""
+        check_voice_preset_name(name)
+        arrays = self.load_voice_preset(preset)
+        self._preset_files.pop(name, None)
+        self._presets[name] = arrays
+
+    def load_voice_preset(self, preset: VoicePreset) -> dict[str, np.ndarray]:
+        """The validated int64 arrays of a preset name, an original `.npz` path, or a dict of arrays."""
+        if isinstance(preset, Mapping):
+            return validate_voice_preset(preset)
+        if not isinstance(preset, (str, os.PathLike)):
+            raise TypeError(
+                "voice_preset must be a preset name, a path to an .npz file or a dict of arrays; "
+                f"got {type(preset).__name__}."
+            )
+        if isinstance(preset, str) and (preset in self._presets or preset in self._preset_files):
+            return {key: array.copy() for key, array in self._stored_preset(preset).items()}
+        path = os.fspath(preset)
+        if path.endswith(".npz") or os.path.isfile(path):
+            return read_voice_preset_file(path)
+        raise ValueError(self._unknown_preset_message(path))
+
+    def _unknown_preset_message(self, name: str) -> str:
+        names = self.available_voice_presets
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+        hint = f"Close matches: {', '.join(close)}." if close else "No stored preset has a similar name."
+        return (
+            f"Unknown voice preset {name!r}. {hint} This processor holds {len(names)} presets "
+            "(see `processor.available_voice_presets`). To use an original Bark preset file instead, pass "
+            "its path ending in '.npz'."
+        )
+
+    def _stored_preset(self, name: str) -> dict[str, np.ndarray]:
+        """A stored preset, read from disk and validated on first use."""
+        if name not in self._presets:
+            files = self._preset_files[name]
+            arrays = {}
+            for key, path in files.items():
+                try:
+                    arrays[key] = np.load(path, allow_pickle=False)
+                except FileNotFoundError as error:
+                    raise FileNotFoundError(f"Voice preset {name!r}: its {key} file {path} is missing.") from error
+                except (ValueError, OSError, EOFError) as error:
+                    raise ValueError(f"Voice preset {name!r}: cannot read {path}: {error}") from error
+            try:
+                self._presets[name] = validate_voice_preset(arrays)
+            except ValueError as error:
+                folder = os.path.dirname(files["semantic_prompt"])
+                raise ValueError(f"Voice preset {name!r} ({folder}): {error}") from error
+            del self._preset_files[name]
+        return self._presets[name]
+
+    def __call__(
+        self,
+        text: str | list[str],
+        voice_preset: VoicePreset | Sequence[VoicePreset | None] | None = None,
+        return_tensors: str = "pt",
+        max_length: int | None = None,
+    ) -> BatchEncoding:
+        """Tokenise text (and load voice presets) for `BarkHfModel.generate`.
+
+        Returns `input_ids` and `attention_mask` of shape `[batch, max_length]` (default: the
+        semantic stage's 256-token text window), ids right-padded with the tokenizer's pad id,
+        and, when a preset is given, `history_prompt`: one dict of arrays for the whole batch,
+        or a list with one dict (or None) per text.
+        """
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np'; got {return_tensors!r}.")
+        window = BarkHfSemanticGenerationConfig().max_input_semantic_length
+        if max_length is None:
+            max_length = window
+        elif isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= window:
+            raise ValueError(
+                f"max_length must be an integer in [1, {window}] (Bark's text window); got {max_length!r}."
+            )
+        texts = self._texts(text)
+        input_ids = np.full((len(texts), max_length), self.tokenizer.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(texts), max_length), dtype=np.int64)
+        for row, item in enumerate(texts):
+            ids = self._encode(item, max_length)
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+
+        convert = torch.from_numpy if return_tensors == "pt" else (lambda array: array)
+        encoding = BatchEncoding({"input_ids": convert(input_ids), "attention_mask": convert(attention_mask)})
+        if isinstance(voice_preset, (list, tuple)):
+            if isinstance(text, str) or len(voice_preset) != len(texts):
+                raise ValueError(
+                    f"A list of voice presets needs a list of texts of the same length; got {len(voice_preset)} "
+                    f"presets for {'one text' if isinstance(text, str) else f'{len(texts)} texts'}. "
+                    "Pass a single preset to use it for every text."
+                )
+            encoding["history_prompt"] = [
+                None if item is None else self._converted(self.load_voice_preset(item), convert)
+                for item in voice_preset
+            ]
+        elif voice_preset is not None:
+            encoding["history_prompt"] = self._converted(self.load_voice_preset(voice_preset), convert)
+        return encoding
+
+    @staticmethod
+    def _converted(preset: dict[str, np.ndarray], convert: Callable[[np.ndarray], Any]) -> dict[str, Any]:
+        return {key: convert(array) for key, array in preset.items()}
+
+    @staticmethod
+    def _texts(text: str | list[str]) -> list[str]:
+        if isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, (list, tuple)):
+            texts = list(text)
+        else:
+            raise TypeError(f"text must be a string or a list of strings; got {type(text).__name__}.")
+        if not texts:
+            raise ValueError("text is an empty list; pass at least one string.")
+        for index, item in enumerate(texts):
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"text[{index}] is a {type(item).__name__}; pass strings only (convert with str())."
+                )
+        return texts
+
+    def _encode(self, text: str, max_length: int) -> list[int]:
+        normalized = _normalize_whitespace(text)
+        if not normalized:
+            raise ValueError("Text is empty or whitespace only; pass at least one word to speak.")
+        ids = self.tokenizer.encode(normalized, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"Text {text!r} gives no tokens; pass text with at least one word to speak.")
+        if len(ids) > max_length:
+            cut = round((len(ids) - max_length) / len(ids) * 100, 1)
+            logger.warning(
+                "Text is %d tokens long but Bark reads at most %d: its last %s%% (%d tokens) is dropped. "
+                "Split long text into sentences and generate them one by one to keep it all.",
+                len(ids), max_length, cut, len(ids) - max_length,
+            )
+            ids = ids[:max_length]
+        return ids
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Save the tokenizer and every voice preset in transformers' Bark layout.
+
+        The index stores paths relative to the folder (and `repo_or_path: "."`, which
+        transformers' `BarkProcessor` needs to find them), so the folder can be moved or uploaded.
+        """
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError(
+                "push_to_hub is not supported; save to a folder, then upload it with "
+                "`huggingface_hub.upload_folder`."
+            )
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        index: dict[str, Any] = {_REPO_OR_PATH_KEY: "."}
+        for name in self.available_voice_presets:
+            preset = self._stored_preset(name)
+            entry = {}
+            for key in PRESET_KEYS:
+                relative = f"{SPEAKER_EMBEDDINGS_DIR}/{name}_{key}.npy"
+                target = os.path.join(save_directory, *relative.split("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                np.save(target, preset[key], allow_pickle=False)
+                entry[key] = relative
+            index[name] = entry
+        index_path = os.path.join(save_directory, SPEAKER_EMBEDDINGS_FILE)
+        with open(index_path, "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+            handle.write("\n")
+        return [*super().save_pretrained(save_directory, **kwargs), index_path]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        speaker_embeddings_dict_path: str = SPEAKER_EMBEDDINGS_FILE,
+        **kwargs: Any,
+    ) -> BarkHfProcessor:
+        """Load a folder written by this class or by transformers' `BarkProcessor`, or a Hub repo.
+
+        For a Hub id only the tokenizer and preset files are downloaded (`revision`, `cache_dir`,
+        `token`, `local_files_only` and `force_download` go to `snapshot_download`); other
+        keyword arguments go to `BertTokenizer.from_pretrained`. Presets are read on first use.
+        """
+        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs)
+        processor = cls(BertTokenizer.from_pretrained(folder, **kwargs))
+        processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
+        return processor
+
+
+__all__ = [
+    "PRESET_KEYS",
+    "BarkHfProcessor",
+    "check_voice_preset_name",
+    "read_voice_preset_file",
+    "validate_voice_preset",
+]

@@ -286,7 +286,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.is_activation_checkpointing and self.training:
+        if self.training and self.is_activation_checkpointing:
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.input_embeds_layer(input_ids)  # [B, T, C]

@@ -1,0 +1,40 @@
+"""Writing audio files atomically: a temporary file in the target folder, then a rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early, before any generation, on an output path that cannot be written."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    return path
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
+    """Write mono float audio in [-1, 1] as 16-bit PCM WAV; never leaves a partial file."""
+    path = check_output_path(path, overwrite)
+    samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    pcm = (samples * 32767.0).round().astype("<i2")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        with wave.open(temporary, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(sample_rate)
+            wav.writeframes(pcm.tobytes())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

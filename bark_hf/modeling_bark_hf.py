@@ -146,7 +146,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         config_file = cached_file(
             pretrained_model_name_or_path,
             GENERATION_CONFIG_NAME,
@@ -160,7 +161,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         )
         if config_file is not None:
             model.generation_config = load_generation_config(cls.generation_config_class, os.path.dirname(config_file))
-        return model
+        return loaded
 
 
 @dataclass
@@ -307,7 +308,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             causal = torch.ones(length, past_length + length, dtype=torch.bool, device=keys.device)
             mask = keys & causal.tril(past_length)  # [B, 1, T, past + T]
             # A fully padded query row would make SDPA return NaN; let it see itself instead.
-            mask = mask | torch.eye(length, past_length + length, past_length, dtype=torch.bool, device=keys.device)
+            mask = mask | F.pad(torch.eye(length, dtype=torch.bool, device=keys.device), (past_length, 0))
 
         presents = []
         for index, block in enumerate(self.layers):

@@ -12,9 +12,6 @@ from transformers import AutoConfig, EncodecConfig, PretrainedConfig
 
 from .generation_configuration_bark_hf import COARSE_RATE_HZ, CODEBOOK_SIZE, N_FINE_CODEBOOKS, SAMPLE_RATE
 
-# Bark's EnCodec runs at 6 kbps: 8 codebooks of 1024 entries at 75 frames per second.
-CODEC_BANDWIDTH_KBPS = 6.0
-
 
 class _BarkHfStageConfig(PretrainedConfig):
     """Hyper-parameters of one Bark GPT (nanoGPT layout)."""
@@ -102,7 +99,10 @@ class BarkHfFineConfig(_BarkHfStageConfig):
 
 
 def bark_codec_config(**overrides: Any) -> EncodecConfig:
-    """transformers' EnCodec config for Bark's codec: 24 kHz mono, 75 Hz frames, 6 kbps."""
+    """transformers' EnCodec config for Bark's codec: 24 kHz mono, 75 Hz frames.
+
+    Bark decodes at 6 kbps, i.e. with the first 8 codebooks (N_FINE_CODEBOOKS) of this codec.
+    """
     defaults = dict(
         sampling_rate=SAMPLE_RATE,
         target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0],
@@ -163,7 +163,6 @@ def _as_config(config_cls: type[PretrainedConfig], value: dict | PretrainedConfi
 
 
 __all__ = [
-    "CODEC_BANDWIDTH_KBPS",
     "BarkHfCoarseConfig",
     "BarkHfConfig",
     "BarkHfFineConfig",

@@ -35,6 +35,9 @@ COARSE_RATE_HZ = 75
 SAMPLE_RATE = 24_000
 """Output audio sample rate in Hz."""
 
+COARSE_HISTORY_RANGE = (60, 630)
+"""Allowed `max_coarse_history`, as the original enforces: 60 is fastest, 630 the most context."""
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 

@@ -25,14 +25,6 @@ Suno's original code.
 ## Usage
 
 ```python
-import bark_hf
-from transformers import pipeline
-
-tts = pipeline("text-to-audio", model="{model_id}")
-speech = tts("Hello, my name is Suno. [laughs]", voice_preset="v2/en_speaker_1")
-```
-
-```python
 from bark_hf import BarkHfModel, BarkHfProcessor
 
 processor = BarkHfProcessor.from_pretrained("{model_id}")

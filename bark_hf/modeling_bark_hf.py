@@ -32,6 +32,7 @@ from .configuration_bark_hf import (
     BarkHfSemanticConfig,
 )
 from .generation_configuration_bark_hf import (
+    COARSE_HISTORY_RANGE,
     GENERATION_CONFIG_NAME,
     BarkHfCoarseGenerationConfig,
     BarkHfFineGenerationConfig,
@@ -444,11 +445,13 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         `[B, S]` (each item valid up to `semantic_lengths`). Items are generated one after another.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        if not 60 <= config.max_coarse_history <= 630:
-            raise ValueError(f"max_coarse_history must be within [60, 630], got {config.max_coarse_history}.")
-        if config.max_coarse_history + config.sliding_window_len > config.context_window_size - 256:
+        low, high = COARSE_HISTORY_RANGE
+        if not low <= config.max_coarse_history <= high:
+            raise ValueError(f"max_coarse_history must be within [{low}, {high}], got {config.max_coarse_history}.")
+        room = config.context_window_size - config.max_coarse_input_length
+        if config.max_coarse_history + config.sliding_window_len > room:
             raise ValueError(
-                f"max_coarse_history + sliding_window_len must be at most {config.context_window_size - 256}, got "
+                f"max_coarse_history + sliding_window_len must be at most {room}, got "
                 f"{config.max_coarse_history} + {config.sliding_window_len}."
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache

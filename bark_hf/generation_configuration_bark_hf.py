@@ -127,6 +127,17 @@ class BarkHfCoarseGenerationConfig(_JsonConfig):
     context_window_size: int = 1_024
     """Positions the coarse GPT can attend over; bounds history + window + semantic context."""
 
+    def __post_init__(self) -> None:
+        low, high = COARSE_HISTORY_RANGE
+        if not low <= self.max_coarse_history <= high:
+            raise ValueError(f"max_coarse_history must be within [{low}, {high}], got {self.max_coarse_history}.")
+        room = self.context_window_size - self.max_coarse_input_length
+        if self.max_coarse_history + self.sliding_window_len > room:
+            raise ValueError(
+                f"max_coarse_history + sliding_window_len must be at most {room}, got "
+                f"{self.max_coarse_history} + {self.sliding_window_len}."
+            )
+
     @property
     def semantic_to_coarse_ratio(self) -> float:
         """Coarse tokens (both codebooks interleaved) per semantic token."""

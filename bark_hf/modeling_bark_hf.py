@@ -32,7 +32,6 @@ from .configuration_bark_hf import (
     BarkHfSemanticConfig,
 )
 from .generation_configuration_bark_hf import (
-    COARSE_HISTORY_RANGE,
     GENERATION_CONFIG_NAME,
     BarkHfCoarseGenerationConfig,
     BarkHfFineGenerationConfig,
@@ -445,15 +444,6 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         `[B, S]` (each item valid up to `semantic_lengths`). Items are generated one after another.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        low, high = COARSE_HISTORY_RANGE
-        if not low <= config.max_coarse_history <= high:
-            raise ValueError(f"max_coarse_history must be within [{low}, {high}], got {config.max_coarse_history}.")
-        room = config.context_window_size - config.max_coarse_input_length
-        if config.max_coarse_history + config.sliding_window_len > room:
-            raise ValueError(
-                f"max_coarse_history + sliding_window_len must be at most {room}, got "
-                f"{config.max_coarse_history} + {config.sliding_window_len}."
-            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         batch = semantic_tokens.shape[0]
         if semantic_lengths is None:
@@ -784,7 +774,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
             try:
                 configs[prefix].updated(**values)
             except ValueError as error:
-                raise ValueError(f"Unknown {prefix} setting: {error}") from None
+                raise ValueError(f"Unknown or invalid {prefix} setting: {error}") from None
         return settings
 
 

@@ -47,6 +47,10 @@ def convert_suno_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a model folder; choose another --output-dir.")
+    if voice_presets is not None and not Path(voice_presets).is_dir():
+        raise FileNotFoundError(f"The voice preset folder {voice_presets} does not exist.")
     if not output_dir.parent.is_dir():
         raise FileNotFoundError(f"The parent folder of {output_dir} does not exist; create it first.")
     tokenizer_dir = Path(tokenizer)

@@ -24,5 +24,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} could not be read as a PyTorch file: it is corrupt or not a checkpoint.") from None
     except PermissionError:
         raise
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} could not be read as a PyTorch file; it is truncated or corrupt ({error}).") from None
+    except Exception as error:  # RuntimeError, EOFError, OSError; garbage can also give IndexError, KeyError, ...
+        raise ValueError(
+            f"{path} could not be read as a PyTorch file; it is truncated or corrupt ({type(error).__name__}: {error})."
+        ) from None

@@ -94,7 +94,13 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], d
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise CheckpointError(f"{path} is not a Suno Bark checkpoint: expected a dict with 'model_args' and 'model'.")
-    return dict(checkpoint["model_args"]), dict(checkpoint["model"])
+    model_args, state_dict = checkpoint["model_args"], checkpoint["model"]
+    if not isinstance(model_args, Mapping) or not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{path} is not a Suno Bark checkpoint: its 'model_args' and 'model' must be dicts.")
+    not_tensors = [str(key) for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path} is not a Suno Bark checkpoint: 'model' holds non-tensors at {not_tensors[:8]}.")
+    return dict(model_args), dict(state_dict)
 
 
 def stage_config(stage: str, model_args: Mapping[str, Any]):
@@ -123,9 +129,9 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
     model_args, state_dict = load_original_checkpoint(path)
     try:
         config = stage_config(stage, model_args)
-    except (TypeError, ValueError) as error:
+        model = STAGE_CLASSES[stage][1](config)
+    except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its model_args do not describe a Bark {stage} model: {error}") from None
-    model = STAGE_CLASSES[stage][1](config)
     weights = rename_state_dict(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))

@@ -1,0 +1,501 @@
+"""Conversion of Suno's original release into a bark-hf folder: the script, `bark-hf convert`,
+checkpoint variants, and clear refusals that leave nothing behind.
+
+Two full conversions carry the 271 real presets (the script as a subprocess and the command
+in-process); the other cases fail before anything is written or convert without presets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+from transformers import BertTokenizer
+
+from bark_hf.cli import main as cli_main
+from bark_hf.conversion.convert_suno import convert_suno_checkpoint
+from bark_hf.conversion.suno_checkpoint import (
+    STAGES,
+    CheckpointError,
+    convert_stage,
+    find_stage_files,
+    rename_state_dict,
+)
+from bark_hf.model_card import BARK_LANGUAGES
+from bark_hf.processing_bark_hf import BarkHfProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "conversion/convert_suno_checkpoint.py"
+N_SHARED_PRESETS = 271
+COMPOSITE_PREFIXES = {"text": "semantic.", "coarse": "coarse_acoustics.", "fine": "fine_acoustics."}
+
+
+def _flags(checkpoint_dir, codec, tokenizer, output_dir, *extra, voice_presets=None) -> list[str]:
+    flags = ["--checkpoint-dir", str(checkpoint_dir), "--codec", str(codec), "--tokenizer", str(tokenizer),
+             "--output-dir", str(output_dir)]
+    if voice_presets is not None:
+        flags += ["--voice-presets", str(voice_presets)]
+    return flags + list(extra)
+
+
+def _run_cli(capsys, *flags) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli_main(["convert", *flags])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_codec_model():
+    from transformers import EncodecModel
+
+    from bark_hf.configuration_bark_hf import bark_codec_config
+
+    return EncodecModel(bark_codec_config(num_filters=4, hidden_size=16, codebook_dim=16, num_lstm_layers=1)).eval()
+
+
+@pytest.fixture()
+def tiny_codec(monkeypatch, tiny_codec_model):
+    """Conversion with a tiny stand-in codec, for tests whose subject is not the codec (fast)."""
+    from bark_hf.conversion import convert_suno
+
+    monkeypatch.setattr(convert_suno, "load_codec", lambda path: tiny_codec_model)
+    return tiny_codec_model
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bark-hf convert: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# --- checkpoint variants ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def originals(original_checkpoint_dir) -> dict[str, dict]:
+    """The session's original checkpoints as loaded dicts, to derive variants from."""
+    return {stage: torch.load(original_checkpoint_dir / f"{stage}.pt", weights_only=True) for stage in STAGES}
+
+
+def _without_prefix(state: dict) -> dict:
+    return {key.removeprefix("_orig_mod."): value for key, value in state.items()}
+
+
+def _without_masks(state: dict) -> dict:
+    return {key: value for key, value in state.items() if not key.endswith(".attn.bias")}
+
+
+def _with_legacy_vocab_size(args: dict) -> dict:
+    args = dict(args)
+    assert args["input_vocab_size"] == args["output_vocab_size"]
+    args["vocab_size"] = args.pop("input_vocab_size")
+    del args["output_vocab_size"]
+    return args
+
+
+VARIANTS = {
+    "no_compile_prefix": ("text", lambda ck: {**ck, "model": _without_prefix(ck["model"])}),
+    "no_legacy_masks": ("coarse", lambda ck: {**ck, "model": _without_masks(ck["model"])}),
+    "neither": ("text", lambda ck: {**ck, "model": _without_masks(_without_prefix(ck["model"]))}),
+    "legacy_vocab_size": ("coarse", lambda ck: {**ck, "model_args": _with_legacy_vocab_size(ck["model_args"])}),
+    "legacy_vocab_size_fine": ("fine", lambda ck: {**ck, "model_args": _with_legacy_vocab_size(ck["model_args"])}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_checkpoint_variants_convert_to_the_same_model(variant, originals, original_checkpoint_dir, tmp_path):
+    stage, change = VARIANTS[variant]
+    path = tmp_path / f"{stage}.pt"
+    torch.save(change(originals[stage]), path)
+    reference = convert_stage(stage, original_checkpoint_dir / f"{stage}.pt")
+    converted = convert_stage(stage, path)
+    assert not converted.training
+    assert converted.config.to_dict() == reference.config.to_dict()
+    state, expected = converted.state_dict(), reference.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.fixture(scope="module")
+def small_and_large_dir(tmp_path_factory, original_checkpoint_dir, originals) -> Path:
+    """Both releases side by side. The large one (`*_2.pt`) has other weights and the plain layout:
+    no `_orig_mod.` prefix, no mask buffers, and the coarse model_args name one `vocab_size`."""
+    folder = tmp_path_factory.mktemp("both_sizes")
+    for stage in STAGES:
+        (folder / f"{stage}.pt").symlink_to(original_checkpoint_dir / f"{stage}.pt")
+        checkpoint = originals[stage]
+        state = {key: value * 2 if value.is_floating_point() else value
+                 for key, value in _without_masks(_without_prefix(checkpoint["model"])).items()}
+        args = _with_legacy_vocab_size(checkpoint["model_args"]) if stage == "coarse" else checkpoint["model_args"]
+        torch.save({"model_args": args, "model": state}, folder / f"{stage}_2.pt")
+    return folder
+
+
+def test_find_stage_files(small_and_large_dir, original_checkpoint_dir, tmp_path):
+    assert find_stage_files(original_checkpoint_dir) == {s: original_checkpoint_dir / f"{s}.pt" for s in STAGES}
+    assert find_stage_files(small_and_large_dir, "small") == {s: small_and_large_dir / f"{s}.pt" for s in STAGES}
+    assert find_stage_files(small_and_large_dir, "large") == {s: small_and_large_dir / f"{s}_2.pt" for s in STAGES}
+    large_only = tmp_path / "large_only"
+    large_only.mkdir()
+    for stage in STAGES:
+        (large_only / f"{stage}_2.pt").symlink_to(small_and_large_dir / f"{stage}_2.pt")
+    assert find_stage_files(large_only) == {s: large_only / f"{s}_2.pt" for s in STAGES}
+    with pytest.raises(ValueError, match="holds both small and large checkpoints; choose one with --size"):
+        find_stage_files(small_and_large_dir)
+    with pytest.raises(FileNotFoundError, match="lacks the large checkpoints: text_2.pt, coarse_2.pt, fine_2.pt"):
+        find_stage_files(original_checkpoint_dir, "large")
+    with pytest.raises(ValueError, match="size must be 'small' or 'large'"):
+        find_stage_files(original_checkpoint_dir, "medium")
+
+
+def test_both_sizes_without_size_is_refused(small_and_large_dir, original_codec_path, tokenizer_dir, tmp_path,
+                                            capsys):
+    output = tmp_path / "bark"
+    code, _, err = _run_cli(capsys, *_flags(small_and_large_dir, original_codec_path, tokenizer_dir, output))
+    _assert_one_line_error(code, err, "holds both small and large checkpoints", "--size small|large")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the two full conversions with the real presets ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def preset_conversions(tmp_path_factory, original_checkpoint_dir, small_and_large_dir, original_codec_path,
+                       tokenizer_dir, shared_presets_dir) -> dict[str, tuple[Path, dict[str, Path]]]:
+    """The script (a subprocess) and `bark-hf convert` (in-process), run concurrently.
+
+    The script converts the small files; the command converts the large variants (`--size large`)
+    with `--overwrite` over an existing folder holding a stale file. Returns, per route, the
+    output folder and the stage files it came from.
+    """
+    script_out = tmp_path_factory.mktemp("script") / "bark-script"
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, SCRIPT, *_flags(original_checkpoint_dir, original_codec_path, tokenizer_dir, script_out,
+                                               voice_presets=shared_presets_dir)]
+    script = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        cli_out = tmp_path_factory.mktemp("cli") / "bark-cli"
+        cli_out.mkdir()
+        (cli_out / "stale.txt").write_text("from an earlier conversion")
+        code = cli_main(["convert", *_flags(small_and_large_dir, original_codec_path, tokenizer_dir, cli_out,
+                                            "--size", "large", "--overwrite", voice_presets=shared_presets_dir)])
+        assert code == 0
+        stdout, stderr = script.communicate(timeout=300)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
+    assert script.returncode == 0, stderr
+    assert f"Wrote {script_out}" in stdout
+    return {
+        "script": (script_out, {stage: original_checkpoint_dir / f"{stage}.pt" for stage in STAGES}),
+        "cli": (cli_out, {stage: small_and_large_dir / f"{stage}_2.pt" for stage in STAGES}),
+    }
+
+
+@pytest.fixture(params=["script", "cli"])
+def converted(request, preset_conversions) -> tuple[Path, dict[str, Path]]:
+    return preset_conversions[request.param]
+
+
+def test_folder_contents(converted, tokenizer_dir):
+    folder, _ = converted
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json",
+                 "speaker_embeddings_path.json", "README.md"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bark_hf"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert set(generation) >= {"semantic_config", "coarse_acoustics_config", "fine_acoustics_config"}
+    # The tokenizer round-trips: the same ids as the source vocabulary.
+    processor = BarkHfProcessor.from_pretrained(folder)
+    source = BarkHfProcessor(BertTokenizer.from_pretrained(tokenizer_dir))
+    text = "Hello, my name is Suno. [laughs] ♪ Guten Tag!"
+    assert processor(text)["input_ids"].tolist() == source(text)["input_ids"].tolist()
+    # Nothing left over next to the output: no staging (`.name.*`) or backup folder.
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]
+
+
+def test_overwrite_replaced_the_old_folder(preset_conversions):
+    folder, _ = preset_conversions["cli"]
+    assert not (folder / "stale.txt").exists()
+
+
+def test_weights_equal_the_source_without_masks(converted):
+    folder, files = converted
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        stored = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert not [key for key in stored if "attn.bias" in key or "_orig_mod" in key]
+    for stage, path in files.items():
+        prefix = COMPOSITE_PREFIXES[stage]
+        expected = rename_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        assert expected, stage
+        for key, value in expected.items():
+            # The fine heads are tied to embeddings 1..7 and stored once, under the embedding's name.
+            tied = re.fullmatch(r"lm_heads\.(\d+)\.weight", key) if stage == "fine" else None
+            name = f"{prefix}input_embeds_layers.{int(tied[1]) + 1}.weight" if tied else prefix + key
+            assert torch.equal(stored[name], value), f"{stage}: {key}"
+        ours = {key for key in stored if key.startswith(prefix)}
+        assert ours <= {prefix + key for key in expected}, stage
+
+
+def test_model_card_metadata(converted):
+    folder, files = converted
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "bark-hf"
+    assert card.data.pipeline_tag == "text-to-audio"
+    assert card.data.license == "mit"
+    assert card.data.language == BARK_LANGUAGES
+    assert f"{N_SHARED_PRESETS} presets" in card.text
+    assert ", ".join(path.name for path in files.values()) in card.text
+
+
+def test_every_preset_round_trips(converted, shared_presets_dir):
+    folder, _ = converted
+    sources = {path.relative_to(shared_presets_dir).with_suffix("").as_posix(): path
+               for path in sorted(shared_presets_dir.rglob("*.npz"))}
+    assert len(sources) == N_SHARED_PRESETS
+    index = json.loads((folder / "speaker_embeddings_path.json").read_text())
+    assert set(index) - {"repo_or_path"} == set(sources)
+    processor = BarkHfProcessor.from_pretrained(folder)
+    assert processor.available_voice_presets == sorted(sources)
+    for name, path in sources.items():
+        loaded = processor.load_voice_preset(name)
+        with np.load(path) as source:
+            assert set(loaded) == set(source.files), name
+            for key in source.files:
+                assert loaded[key].dtype == np.int64
+                np.testing.assert_array_equal(loaded[key], source[key], err_msg=f"{name}: {key}")
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+class CodeOnLoad:
+    """A pickle payload: unpickling it runs code that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _checkpoint_dir(tmp_path: Path, source: Path, replace: dict[str, object] | None = None,
+                    omit: tuple[str, ...] = ()) -> Path:
+    """The session's checkpoints (linked), with some stages replaced by objects or raw bytes."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for stage in STAGES:
+        if stage in omit:
+            continue
+        target = folder / f"{stage}.pt"
+        value = (replace or {}).get(stage)
+        if value is None:
+            target.symlink_to(source / f"{stage}.pt")
+        elif isinstance(value, bytes):
+            target.write_bytes(value)
+        else:
+            torch.save(value, target)
+    return folder
+
+
+def _drop_key(state: dict, key: str) -> dict:
+    assert key in state
+    return {k: v for k, v in state.items() if k != key}
+
+
+def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, tuple[str, ...], type]]:
+    """name -> (how to build the checkpoint folder, message fragments, exception type)."""
+    text, coarse, fine = originals["text"], originals["coarse"], originals["fine"]
+    return {
+        "truncated": (dict(replace={"fine": (source / "fine.pt").read_bytes()[:50_000]}),
+                      ("fine.pt", "truncated or corrupt"), ValueError),
+        "not_a_pytorch_file": (dict(replace={"coarse": b"these are not the weights you are looking for"}),
+                               ("coarse.pt", "could not be read as a PyTorch file"), ValueError),
+        "pickle_payload": (dict(replace={"text": {**text, "optimizer": CodeOnLoad(marker)}}),
+                           ("text.pt", "refuses to unpickle arbitrary objects"), ValueError),
+        "not_a_checkpoint": (dict(replace={"text": [torch.zeros(3)]}),
+                             ("text.pt", "is not a Suno Bark checkpoint", "'model_args' and 'model'"), CheckpointError),
+        "wrong_shapes": (dict(replace={"coarse": {**coarse, "model_args": {**coarse["model_args"], "n_embd": 64}}}),
+                         ("coarse.pt", "wrong shape for its model_args", "input_embeds_layer.weight: (12096, 32) vs "
+                          "(12096, 64)"), CheckpointError),
+        "wrong_block_size": (dict(replace={"text": {**text, "model_args": {**text["model_args"], "block_size": 512}}}),
+                             ("text.pt", "position_embeds_layer.weight: (1024, 32) vs (512, 32)"), CheckpointError),
+        "bad_model_args": (dict(replace={"fine": {**fine, "model_args": {**fine["model_args"], "n_head": 3}}}),
+                           ("fine.pt", "model_args do not describe a Bark fine model",
+                            "must be a multiple of num_heads"), CheckpointError),
+        "missing_key": (dict(replace={"fine": {**fine, "model": _drop_key(
+                            fine["model"], "_orig_mod.transformer.h.1.mlp.c_fc.weight")}}),
+                        ("fine.pt", "missing keys ['layers.1.mlp.in_proj.weight']", "unexpected keys []"),
+                        CheckpointError),
+        "unexpected_key": (dict(replace={"text": {**text, "model": {
+                               **text["model"], "_orig_mod.transformer.h.2.attn.c_attn.weight": torch.zeros(96, 32)}}}),
+                           ("text.pt", "missing keys []", "unexpected keys ['layers.2.attn.att_proj.weight']"),
+                           CheckpointError),
+        "missing_stage_file": (dict(omit=("fine",)), ("must hold text.pt, coarse.pt, fine.pt",), FileNotFoundError),
+        "model_args_not_a_dict": (dict(replace={"coarse": {**coarse, "model_args": [1, 2]}}),
+                                  ("coarse.pt",), CheckpointError),
+        "model_not_a_dict": (dict(replace={"coarse": {**coarse, "model": torch.zeros(3)}}),
+                             ("coarse.pt",), CheckpointError),
+        "non_tensor_weight": (dict(replace={"coarse": {**coarse, "model": {
+                                  **coarse["model"], "_orig_mod.transformer.wpe.weight": 3}}}),
+                              ("coarse.pt",), CheckpointError),
+        "model_args_of_wrong_type": (dict(replace={"coarse": {**coarse, "model_args": {
+                                         **coarse["model_args"], "n_layer": "2"}}}),
+                                     ("coarse.pt", "model_args"), CheckpointError),
+    }
+
+
+BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "not_a_checkpoint", "wrong_shapes",
+                  "wrong_block_size", "bad_model_args", "missing_key", "unexpected_key", "missing_stage_file",
+                  "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type"]
+
+
+@pytest.mark.parametrize("case", BAD_CASE_NAMES)
+def test_bad_checkpoints_are_refused_and_leave_nothing(case, originals, original_checkpoint_dir, original_codec_path,
+                                                       tokenizer_dir, tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    cases = _bad_cases(originals, original_checkpoint_dir, marker)
+    assert sorted(cases) == sorted(BAD_CASE_NAMES)
+    build, fragments, error_type = cases[case]
+    checkpoint_dir = _checkpoint_dir(tmp_path, original_checkpoint_dir, **build)
+    parent = tmp_path / "models"
+    parent.mkdir()
+    output = parent / "bark"
+
+    with pytest.raises(error_type) as error:
+        convert_suno_checkpoint(checkpoint_dir, original_codec_path, tokenizer_dir, output)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert list(parent.iterdir()) == []
+
+    code, _, err = _run_cli(capsys, *_flags(checkpoint_dir, original_codec_path, tokenizer_dir, output))
+    _assert_one_line_error(code, err, *fragments)
+    assert list(parent.iterdir()) == []
+    assert not marker.exists()
+
+
+def test_pickle_payload_is_live_but_never_run(originals, original_checkpoint_dir, tmp_path):
+    """The refused file really would run code: an unsafe `torch.load` creates the marker."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "text.pt"
+    torch.save({**originals["text"], "optimizer": CodeOnLoad(marker)}, path)
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        convert_stage("text", path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what bark-hf must never do
+    assert marker.exists()
+
+
+def test_tokenizer_folder_without_vocab(original_checkpoint_dir, original_codec_path, tokenizer_dir, tmp_path,
+                                        capsys):
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, tokenizer)
+    (tokenizer / "vocab.txt").unlink()
+    parent = tmp_path / "models"
+    parent.mkdir()
+    output = parent / "bark"
+    with pytest.raises(FileNotFoundError, match="must be a folder holding the tokenizer's vocab.txt"):
+        convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer, output)
+    code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer, output))
+    _assert_one_line_error(code, err, "vocab.txt")
+    assert list(parent.iterdir()) == []
+
+
+MISSING_INPUTS = {
+    "checkpoint_dir": "nowhere does not exist",
+    "codec": "nowhere.th",
+    "voice_presets": "no-presets",
+    "output_parent": "does not exist; create it first",
+}
+
+
+@pytest.mark.parametrize("what", sorted(MISSING_INPUTS))
+def test_missing_inputs(what, request, original_checkpoint_dir, original_codec_path, tokenizer_dir, tmp_path, capsys):
+    paths = dict(checkpoint_dir=original_checkpoint_dir, codec=original_codec_path, output=tmp_path / "bark")
+    presets = None
+    if what == "checkpoint_dir":
+        paths["checkpoint_dir"] = tmp_path / "nowhere"
+    elif what == "codec":
+        paths["codec"] = tmp_path / "nowhere.th"
+    elif what == "voice_presets":
+        request.getfixturevalue("tiny_codec")  # presets are read after the codec
+        presets = tmp_path / "no-presets"
+    else:
+        paths["output"] = tmp_path / "no-parent" / "bark"
+    code, _, err = _run_cli(capsys, *_flags(paths["checkpoint_dir"], paths["codec"], tokenizer_dir, paths["output"],
+                                            voice_presets=presets))
+    _assert_one_line_error(code, err, MISSING_INPUTS[what])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, original_codec_path, tokenizer_dir,
+                                                      tmp_path, capsys):
+    output = tmp_path / "bark"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    code, out, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer_dir, output))
+    _assert_one_line_error(code, err, str(output), "already exists", "--overwrite")
+    assert out == ""
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+    assert (output / "keep.txt").read_text() == "mine"
+    assert [path.name for path in tmp_path.iterdir()] == ["bark"]
+
+
+def test_failed_overwrite_keeps_the_old_folder(originals, original_checkpoint_dir, original_codec_path, tokenizer_dir,
+                                               tmp_path):
+    checkpoint_dir = _checkpoint_dir(tmp_path, original_checkpoint_dir, omit=("coarse",))
+    parent = tmp_path / "models"
+    output = parent / "bark"
+    output.mkdir(parents=True)
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError):
+        convert_suno_checkpoint(checkpoint_dir, original_codec_path, tokenizer_dir, output, overwrite=True)
+    assert [path.name for path in parent.iterdir()] == ["bark"]
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
+def test_failure_after_writing_removes_the_staging_folder(monkeypatch, tiny_codec, original_checkpoint_dir,
+                                                          original_codec_path, tokenizer_dir, tmp_path):
+    """A failure in the final check (after the files are written) leaves neither output nor staging."""
+    from bark_hf.conversion import convert_suno
+
+    written = []
+
+    def failing_verify(folder, *args):
+        written.extend(path.name for path in folder.iterdir())
+        raise CheckpointError("simulated verification failure")
+
+    monkeypatch.setattr(convert_suno, "_verify_folder", failing_verify)
+    output = tmp_path / "bark"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="simulated"):
+        convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer_dir, output, overwrite=True)
+    assert "model.safetensors" in written
+    assert [path.name for path in tmp_path.iterdir()] == ["bark"]
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
+def test_cli_usage_errors_exit_two(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["convert", "--checkpoint-dir", "x"])
+    assert exit_info.value.code == 2
+    assert "required" in capsys.readouterr().err

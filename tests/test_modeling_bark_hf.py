@@ -1,0 +1,524 @@
+"""The stage models and the composite, on tiny random models built here (nothing converted).
+
+Forward passes use tiny vocabularies and a short block_size; the composite keeps Bark's real
+vocabularies (its token layout needs them) with tiny widths and a tiny EnCodec.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import randomize_
+
+import bark_hf.modeling_bark_hf as modeling
+from bark_hf.configuration_bark_hf import (
+    BarkHfCoarseConfig,
+    BarkHfConfig,
+    BarkHfFineConfig,
+    BarkHfSemanticConfig,
+    bark_codec_config,
+)
+from bark_hf.generation_configuration_bark_hf import (
+    GENERATION_CONFIG_NAME,
+    BarkHfCoarseGenerationConfig,
+    BarkHfFineGenerationConfig,
+    BarkHfGenerationConfig,
+    BarkHfSemanticGenerationConfig,
+)
+from bark_hf.modeling_bark_hf import (
+    BarkHfCoarseModel,
+    BarkHfFineModel,
+    BarkHfGenerationOutput,
+    BarkHfModel,
+    BarkHfSemanticModel,
+)
+
+TINY = dict(num_layers=2, num_heads=2, hidden_size=16)
+BLOCK = 32
+VOCAB_IN, VOCAB_OUT = 50, 40
+CAUSAL = {"semantic": (BarkHfSemanticModel, BarkHfSemanticConfig), "coarse": (BarkHfCoarseModel, BarkHfCoarseConfig)}
+
+SEMANTIC_PAD = 10_000
+CODEBOOK_SIZE = 1_024
+HOP = 320  # audio samples per EnCodec frame
+QUIET = dict(show_progress=False)
+GREEDY = dict(semantic_top_k=1, coarse_top_k=1, fine_temperature=None)
+
+# Tokenizer ids (any below the tokenizer's vocab): two texts of 8 and 3 tokens, right-padded.
+INPUT_IDS = torch.tensor([[101, 7, 33, 45, 12, 9, 87, 3], [55, 14, 71, 0, 0, 0, 0, 0]])
+ATTENTION_MASK = (torch.arange(8)[None] < torch.tensor([[8], [3]])).long()
+INPUT_IDS_3 = torch.tensor([[101, 7, 33, 45], [55, 14, 71, 0], [9, 9, 2, 0]])
+ATTENTION_MASK_3 = (torch.arange(4)[None] < torch.tensor([[4], [3], [3]])).long()
+
+
+def tiny_codec_config():
+    return bark_codec_config(num_filters=4, hidden_size=16, codebook_dim=16, num_lstm_layers=1)
+
+
+# --- per-stage forward --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=sorted(CAUSAL))
+def causal(request):
+    model_cls, config_cls = CAUSAL[request.param]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN, output_vocab_size=VOCAB_OUT,
+                                 bias=request.param == "coarse"))
+    randomize_(model, seed=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fine():
+    torch.manual_seed(0)
+    model = BarkHfFineModel(BarkHfFineConfig(**TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN,
+                                             output_vocab_size=VOCAB_IN))
+    randomize_(model, seed=2)
+    return model.eval()
+
+
+def _ids(batch: int, length: int, seed: int = 0, high: int = VOCAB_IN) -> torch.Tensor:
+    return torch.randint(0, high, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_causal_forward_shapes(causal):
+    ids = _ids(2, 10)
+    output = causal(ids, use_cache=True)
+    assert output.logits.shape == (2, 10, VOCAB_OUT)
+    assert len(output.cache) == TINY["num_layers"]
+    for key, value in output.cache:
+        assert key.shape == value.shape == (2, TINY["num_heads"], 10, TINY["hidden_size"] // TINY["num_heads"])
+    assert causal(ids, use_cache=False).cache is None
+    logits, cache = causal(ids, use_cache=False, return_dict=False)
+    torch.testing.assert_close(logits, output.logits)
+    assert cache is None
+
+
+def test_inputs_embeds_path(causal):
+    ids = _ids(2, 10)
+    expected = causal(ids).logits
+    torch.testing.assert_close(causal(inputs_embeds=causal.get_input_embeddings()(ids)).logits, expected)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        causal()
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        causal(ids, inputs_embeds=causal.get_input_embeddings()(ids))
+
+
+@pytest.mark.parametrize("keep", [1, 3, 10])
+def test_logits_to_keep(causal, keep):
+    ids = _ids(2, 10)
+    full = causal(ids).logits
+    kept = causal(ids, logits_to_keep=keep).logits
+    assert kept.shape == (2, keep, VOCAB_OUT)
+    torch.testing.assert_close(kept, full[:, -keep:])
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_kv_cache_equals_full_sequence(causal, chunk):
+    """Decoding step by step (or a few tokens at a time) with the cache gives the full-sequence logits."""
+    ids = _ids(2, 16, seed=3)
+    full = causal(ids, use_cache=False).logits
+    output = causal(ids[:, :4], use_cache=True)
+    pieces, cache = [output.logits], output.cache
+    for start in range(4, 16, chunk):
+        output = causal(ids[:, start : start + chunk], cache=cache, use_cache=True)
+        pieces.append(output.logits)
+        cache = output.cache
+    assert cache[0][0].shape[-2] == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert (full[:, -1] - full[:, 0]).abs().max() > 1e-2  # the positions differ: the comparison has teeth
+
+
+def test_left_padding_gives_the_unpadded_logits(causal):
+    """A left-padded item (mask 0 on the pads, positions counted from its first real token) gives the
+    same last-position logits as the item alone, and so does one cached step after it."""
+    long, short = _ids(1, 10, seed=4)[0], _ids(1, 6, seed=5)[0]
+    ids = torch.stack([long, torch.cat([torch.zeros(4, dtype=torch.long), short])])
+    mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = causal(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    torch.testing.assert_close(padded.logits[0, -1], causal(long[None]).logits[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.logits[1, -1], causal(short[None]).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+    step_ids = torch.tensor([[7], [8]])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step = causal(step_ids, cache=padded.cache, attention_mask=step_mask, position_ids=positions[:, -1:] + 1)
+    alone = causal(torch.cat([short, torch.tensor([8])])[None]).logits[0, -1]
+    torch.testing.assert_close(step.logits[1, -1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_all_ones_mask_equals_no_mask(causal):
+    ids = _ids(2, 10)
+    masked = causal(ids, attention_mask=torch.ones(2, 10, dtype=torch.long)).logits
+    torch.testing.assert_close(masked, causal(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_over_block_size_raises(causal):
+    with pytest.raises(ValueError, match=rf"Sequence of {BLOCK + 1} positions exceeds this model's block_size "
+                                         rf"\({BLOCK}\)"):
+        causal(_ids(1, BLOCK + 1))
+    cache = causal(_ids(1, BLOCK - 2), use_cache=True).cache
+    with pytest.raises(ValueError, match=rf"Sequence of {BLOCK + 1} positions exceeds"):
+        causal(_ids(1, 3), cache=cache)
+    assert causal(_ids(1, 2), cache=cache).logits.shape == (1, 2, VOCAB_OUT)  # exactly block_size is fine
+
+
+def _codes(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB_IN, (batch, length, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("codebook_idx", range(1, 8))
+def test_fine_forward_shapes(fine, codebook_idx):
+    codes = _codes(2, 12)
+    output = fine(codebook_idx, codes)
+    assert output.logits.shape == (2, 12, VOCAB_IN)
+    (logits,) = fine(codebook_idx, codes, return_dict=False)
+    torch.testing.assert_close(logits, output.logits)
+
+
+@pytest.mark.parametrize("codebook_idx", [0, 8, -1])
+def test_fine_codebook_idx_out_of_range(fine, codebook_idx):
+    with pytest.raises(ValueError, match=rf"codebook_idx must be in \[1, 8\), got {codebook_idx}"):
+        fine(codebook_idx, _codes(1, 4))
+
+
+def test_fine_reads_only_the_known_codebooks(fine):
+    """Predicting codebook k sees codebooks 0..k (k holds the 'unknown' marker at generation time)."""
+    codes = _codes(1, 12)
+    changed = codes.clone()
+    changed[:, :, 4:] = _codes(1, 12, seed=9)[:, :, 4:]
+    torch.testing.assert_close(fine(3, changed).logits, fine(3, codes).logits)
+    assert not torch.allclose(fine(4, changed).logits, fine(4, codes).logits)
+
+
+def test_fine_padding_mask(fine):
+    """Padded frames (mask 0) do not change the logits of the real frames of a non-causal pass."""
+    codes = _codes(1, 12)
+    padded = torch.cat([codes, _codes(1, 5, seed=7)], dim=1)
+    mask = torch.tensor([[1] * 12 + [0] * 5])
+    torch.testing.assert_close(fine(2, padded, attention_mask=mask).logits[:, :12], fine(2, codes).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fine(2, padded).logits[:, :12], fine(2, codes).logits, atol=1e-4)
+
+
+def test_fine_over_block_size_raises(fine):
+    with pytest.raises(ValueError, match=rf"Sequence of {BLOCK + 1} frames exceeds block_size \({BLOCK}\)"):
+        fine(1, _codes(1, BLOCK + 1))
+
+
+def test_fine_heads_are_tied_to_embeddings(fine):
+    for head in range(7):
+        assert fine.lm_heads[head].weight is fine.input_embeds_layers[head + 1].weight
+
+
+# --- the composite's generate -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> BarkHfModel:
+    torch.manual_seed(0)
+    config = BarkHfConfig(
+        semantic_config=dict(TINY, bias=True),
+        coarse_acoustics_config=dict(TINY),
+        fine_acoustics_config=dict(TINY),
+        codec_config=tiny_codec_config(),
+    )
+    model = BarkHfModel(config)
+    for seed, stage in enumerate((model.semantic, model.coarse_acoustics, model.fine_acoustics)):
+        randomize_(stage, seed=seed)
+    return model.eval()
+
+
+EOS_PROBABILITY = 0.15
+
+
+@pytest.fixture(scope="module")
+def eos_model(model) -> BarkHfModel:
+    """A copy whose semantic stage draws uniformly over the 10 000 tokens, or end-of-speech with
+    probability EOS_PROBABILITY (at temperature 1): items stop at different, seed-given steps."""
+    model = copy.deepcopy(model)
+    semantic = model.semantic
+    with torch.no_grad():
+        semantic.layernorm_final.weight[0] = 0.0
+        semantic.layernorm_final.bias[0] = 1.0  # feature 0 of the final hidden state is always 1
+        semantic.lm_head.weight.zero_()
+        semantic.lm_head.weight[SEMANTIC_PAD, 0] = math.log(EOS_PROBABILITY / (1 - EOS_PROBABILITY) * SEMANTIC_PAD)
+    return model
+
+
+EOS_SETTINGS = dict(temperature=1.0, min_eos_p=None, max_new_tokens=24)
+
+
+def _seed_where(eos_model, predicate) -> tuple[int, list[int]]:
+    """The first seed whose semantic lengths (for the 3-item batch) satisfy `predicate`."""
+    for seed in range(200):
+        torch.manual_seed(seed)
+        lengths = eos_model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **QUIET, **EOS_SETTINGS).lengths.tolist()
+        if predicate(lengths):
+            return seed, lengths
+    pytest.fail("no seed in 0..199 gives the wanted lengths")
+
+
+def _generate_eos(eos_model, seed: int, **kwargs):
+    torch.manual_seed(seed)
+    settings = {f"semantic_{name}": value for name, value in EOS_SETTINGS.items()}
+    return eos_model.generate(INPUT_IDS_3, ATTENTION_MASK_3, **QUIET, **settings, **kwargs)
+
+
+def _assert_consistent(output: BarkHfGenerationOutput, semantic_lengths: list[int]) -> None:
+    """Shapes, dtypes, per-item lengths and padding of a generation output, as documented."""
+    batch = len(semantic_lengths)
+    assert output.semantic_lengths.tolist() == semantic_lengths
+    coarse_lengths = [math.floor(length * 75 / 49.9) for length in semantic_lengths]
+    assert output.coarse_lengths.tolist() == coarse_lengths
+    assert output.fine_lengths.tolist() == coarse_lengths
+    assert output.audio_lengths.tolist() == [length * HOP for length in coarse_lengths]
+
+    assert output.semantic_tokens.shape == (batch, max(semantic_lengths))
+    assert output.coarse_tokens.shape == (batch, 2, max(coarse_lengths))
+    assert output.fine_tokens.shape == (batch, 8, max(coarse_lengths))
+    assert output.audio.shape == (batch, max(coarse_lengths) * HOP)
+    for name in ("semantic_tokens", "coarse_tokens", "fine_tokens", "semantic_lengths", "coarse_lengths",
+                 "fine_lengths", "audio_lengths"):
+        assert getattr(output, name).dtype == torch.int64, name
+    assert output.audio.dtype == torch.float32
+
+    for item in range(batch):
+        s, t = semantic_lengths[item], coarse_lengths[item]
+        semantic, coarse, fine = output.semantic_tokens[item], output.coarse_tokens[item], output.fine_tokens[item]
+        assert (semantic[:s] < SEMANTIC_PAD).all() and (semantic[s:] == SEMANTIC_PAD).all()
+        assert (coarse[:, :t] < CODEBOOK_SIZE).all() and (coarse[:, t:] == CODEBOOK_SIZE).all()
+        assert (fine[:, :t] < CODEBOOK_SIZE).all() and (fine[:, t:] == CODEBOOK_SIZE).all()
+        assert torch.equal(fine[:2, :t], coarse[:, :t])  # the fine stage keeps the coarse codebooks
+        assert (output.audio[item, t * HOP :] == 0).all()
+        assert torch.isfinite(output.audio[item]).all()
+
+
+def test_return_dict_shapes_and_per_item_lengths(eos_model):
+    seed, lengths = _seed_where(eos_model, lambda lengths: len(set(lengths)) == 3 and min(lengths) > 1)
+    output = _generate_eos(eos_model, seed, return_dict_in_generate=True)
+    assert isinstance(output, BarkHfGenerationOutput)
+    _assert_consistent(output, lengths)
+    assert all(output.audio[item, : output.audio_lengths[item]].abs().max() > 0 for item in range(3))
+
+    audio = _generate_eos(eos_model, seed)  # without return_dict_in_generate: the audio alone
+    assert isinstance(audio, torch.Tensor) and audio.dtype == torch.float32
+    torch.testing.assert_close(audio, output.audio)
+
+
+def test_item_stopping_at_once_gives_empty_outputs(eos_model):
+    seed, lengths = _seed_where(eos_model, lambda lengths: lengths[1] == 0 and min(lengths[0], lengths[2]) > 1)
+    output = _generate_eos(eos_model, seed, return_dict_in_generate=True)
+    _assert_consistent(output, lengths)
+    assert output.coarse_lengths[1] == output.fine_lengths[1] == output.audio_lengths[1] == 0
+    assert (output.audio[1] == 0).all()
+
+
+def test_forced_end_of_speech_everywhere(model):
+    output = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_min_eos_p=0.0, return_dict_in_generate=True, **QUIET)
+    _assert_consistent(output, [0, 0])
+    assert output.audio.shape == (2, 0)
+    audio = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_min_eos_p=0.0, **QUIET)
+    assert audio.shape == (2, 0) and audio.dtype == torch.float32
+
+
+def test_stage_settings_reach_their_stages(model, monkeypatch):
+    temperatures, configs = [], {}
+    sampling = modeling.sampling_probabilities
+
+    def spy_sampling(logits, temperature, top_k=None, top_p=None):
+        temperatures.append(temperature)
+        return sampling(logits, temperature, top_k, top_p)
+
+    def spy(stage_cls, name):
+        original = stage_cls._generate_one
+
+        def generate_one(self, tokens, prompt, config, *args):
+            configs[name] = config
+            return original(self, tokens, prompt, config, *args)
+
+        monkeypatch.setattr(stage_cls, "_generate_one", generate_one)
+
+    monkeypatch.setattr(modeling, "sampling_probabilities", spy_sampling)
+    spy(BarkHfCoarseModel, "coarse")
+    spy(BarkHfFineModel, "fine")
+    before = copy.deepcopy(model.generation_config)
+    output = model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], semantic_temperature=0.35, semantic_max_new_tokens=6,
+                            semantic_min_eos_p=None, coarse_max_coarse_history=120, fine_temperature=0.9,
+                            return_dict_in_generate=True, **QUIET)
+    n_semantic = int(output.semantic_lengths[0])
+    assert n_semantic > 0
+    assert temperatures[:n_semantic] == [0.35] * n_semantic  # the semantic stage samples first
+    assert set(temperatures[n_semantic + 1 :]) == {0.7}  # then the coarse stage, at its default
+    assert configs["coarse"].max_coarse_history == 120
+    assert configs["coarse"].temperature == 0.7
+    assert configs["fine"].temperature == 0.9
+    assert model.generation_config == before  # settings apply to one call; the stored configs are unchanged
+
+
+@pytest.mark.parametrize(("name", "fragments"), [
+    ("temperature", ["Unknown generate argument 'temperature'", "semantic_temperature", "fine_temperature"]),
+    ("foo_bar", ["Unknown generate argument 'foo_bar'", "stage prefix"]),
+    ("semantic_tempreature", ["Unknown or invalid semantic setting", "'tempreature'", "valid settings are:",
+                              "temperature", "top_k", "min_eos_p"]),
+    ("coarse_sliding_window", ["Unknown or invalid coarse setting", "valid settings are:", "sliding_window_len"]),
+    ("fine_top_k", ["Unknown or invalid fine setting", "valid settings are:", "temperature"]),
+    ("semantic_", ["Unknown generate argument 'semantic_'"]),
+])
+def test_unknown_generate_arguments(model, monkeypatch, name, fragments):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("generation started before the arguments were checked")
+
+    monkeypatch.setattr(BarkHfSemanticModel, "generate", must_not_run)
+    with pytest.raises(ValueError) as error:
+        model.generate(INPUT_IDS, ATTENTION_MASK, **{name: 1}, **QUIET)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(coarse_max_coarse_history=10), r"max_coarse_history must be within \[60, 630\], got 10"),
+    (dict(coarse_max_coarse_history=700), r"max_coarse_history must be within \[60, 630\], got 700"),
+    (dict(coarse_max_coarse_history=630, coarse_sliding_window_len=200),
+     r"max_coarse_history \+ sliding_window_len must be at most 768, got 630 \+ 200"),
+])
+def test_bad_coarse_settings(model, settings, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, **settings, **QUIET)
+
+
+def test_use_cache_off_gives_the_same_tokens(model):
+    """Greedy settings: the KV cache changes nothing (semantic and coarse stages, batch of two)."""
+    outputs = {}
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs[use_cache] = model.generate(INPUT_IDS, ATTENTION_MASK, use_cache=use_cache, semantic_max_new_tokens=14,
+                                            return_dict_in_generate=True, **GREEDY, **QUIET)
+    cached, uncached = outputs[True], outputs[False]
+    assert cached.coarse_tokens.shape[-1] > 0
+    for name in ("semantic_tokens", "semantic_lengths", "coarse_tokens", "coarse_lengths", "fine_tokens"):
+        assert torch.equal(getattr(cached, name), getattr(uncached, name)), name
+    torch.testing.assert_close(cached.audio, uncached.audio)
+
+
+# --- generation configs -------------------------------------------------------------------------
+
+STAGE_GENERATION = {
+    "semantic": (BarkHfSemanticModel, BarkHfSemanticConfig, dict(temperature=0.4, top_k=5, min_eos_p=None,
+                                                                 max_new_tokens=100, allow_early_stop=False)),
+    "coarse": (BarkHfCoarseModel, BarkHfCoarseConfig, dict(temperature=0.5, top_p=0.9, max_coarse_history=120,
+                                                           sliding_window_len=30)),
+    "fine": (BarkHfFineModel, BarkHfFineConfig, dict(temperature=None, fine_window_hop=256)),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_GENERATION))
+def test_stage_generation_config_round_trip(stage, tmp_path):
+    model_cls, config_cls, changes = STAGE_GENERATION[stage]
+    model = model_cls(config_cls(**TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN, output_vocab_size=VOCAB_IN))
+    defaults = model.generation_config
+    assert isinstance(defaults, model_cls.generation_config_class)
+    model.generation_config = defaults.updated(**changes)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / GENERATION_CONFIG_NAME).read_text())["temperature"] == changes["temperature"]
+
+    reloaded = model_cls.from_pretrained(tmp_path)
+    assert reloaded.generation_config == defaults.updated(**changes)
+    assert reloaded.generation_config != defaults
+
+    (tmp_path / GENERATION_CONFIG_NAME).unlink()  # a folder without one gets the defaults
+    assert model_cls.from_pretrained(tmp_path).generation_config == defaults
+
+
+def test_composite_generation_config_round_trip(model, tmp_path):
+    model = copy.deepcopy(model)
+    changed = BarkHfGenerationConfig(
+        semantic_config=BarkHfSemanticGenerationConfig(temperature=0.6, max_gen_duration_s=3.5),
+        coarse_acoustics_config=BarkHfCoarseGenerationConfig(max_coarse_history=60, top_k=50),
+        fine_acoustics_config=BarkHfFineGenerationConfig(temperature=0.3),
+    )
+    model.generation_config = changed
+    assert model.semantic.generation_config.max_gen_duration_s == 3.5  # the composite's view sets the stages
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / GENERATION_CONFIG_NAME).read_text())
+    assert saved["coarse_acoustics_config"]["max_coarse_history"] == 60
+
+    reloaded = BarkHfModel.from_pretrained(tmp_path)
+    assert reloaded.generation_config == changed
+    assert reloaded.semantic.generation_config == changed.semantic_config
+    assert reloaded.coarse_acoustics.generation_config.top_k == 50
+    assert reloaded.fine_acoustics.generation_config.temperature == 0.3
+
+
+@pytest.mark.parametrize("config_cls", [BarkHfSemanticGenerationConfig, BarkHfCoarseGenerationConfig,
+                                        BarkHfFineGenerationConfig, BarkHfGenerationConfig])
+def test_updated_rejects_unknown_names(config_cls):
+    config = config_cls()
+    with pytest.raises(ValueError) as error:
+        config.updated(temprature=0.5, foo=1)
+    message = str(error.value)
+    assert f"{config_cls.__name__} has no setting 'foo', 'temprature'" in message
+    assert "valid settings are:" in message
+    field = "temperature" if config_cls is not BarkHfGenerationConfig else "semantic_config"
+    assert field in message.split("valid settings are:")[1]
+    assert config == config_cls()  # unchanged
+
+
+def test_updated_returns_a_changed_copy():
+    config = BarkHfSemanticGenerationConfig()
+    changed = config.updated(top_k=3)
+    assert changed.top_k == 3 and config.top_k is None
+    assert BarkHfSemanticGenerationConfig.from_dict(changed.to_dict()) == changed
+
+
+# --- gradient checkpointing ---------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    config = BarkHfConfig(
+        semantic_config=dict(TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN, output_vocab_size=VOCAB_OUT,
+                             dropout=dropout),
+        coarse_acoustics_config=dict(TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN, output_vocab_size=VOCAB_IN),
+        fine_acoustics_config=dict(TINY, block_size=BLOCK, input_vocab_size=VOCAB_IN, output_vocab_size=VOCAB_IN),
+        codec_config=tiny_codec_config(),
+    )
+    torch.manual_seed(0)
+    model = BarkHfModel(config)
+    randomize_(model.semantic, seed=4)
+    ids = _ids(2, 12)
+
+    def gradients() -> tuple[dict[str, torch.Tensor], tuple | None]:
+        model.semantic.train()
+        model.semantic.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        output = model.semantic(ids, use_cache=True)
+        output.logits.sum().backward()
+        return {name: param.grad.clone() for name, param in model.semantic.named_parameters()}, output.cache
+
+    expected, _ = gradients()
+    model.semantic.gradient_checkpointing_enable()
+    calls = []
+
+    def counted(checkpoint):
+        def run(*args, **kwargs):
+            calls.append(1)
+            return checkpoint(*args, **kwargs)
+
+        return run
+
+    for layer in model.semantic.layers:
+        assert layer.gradient_checkpointing
+        layer._gradient_checkpointing_func = counted(layer._gradient_checkpointing_func)
+    actual, cache = gradients()
+    assert len(calls) == TINY["num_layers"]  # checkpointing really ran
+    assert cache is None  # and turned the cache off while training
+    assert set(actual) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(grad.abs().sum() > 0 for grad in expected.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +249,26 @@ def _pad_stack(items: list[torch.Tensor], pad_value: int) -> torch.Tensor:
     return torch.stack([F.pad(item, (0, longest - item.shape[-1]), value=pad_value) for item in items])
 
 
+def _generate_items(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor | None,
+    history_prompt: HistoryPrompt,
+    pad_value: int,
+    device: torch.device,
+    generate_one: Callable[[torch.Tensor, Mapping[str, Any] | None], torch.Tensor],
+) -> BarkHfStageOutput:
+    """Run `generate_one` on each item's valid tokens (`tokens[i, ..., :lengths[i]]`) and its preset,
+    then right-pad the results into one batch. Coarse and fine items run one after another.
+    """
+    batch = tokens.shape[0]
+    if lengths is None:
+        lengths = torch.full((batch,), tokens.shape[-1])
+    prompts = _per_item(history_prompt, batch)
+    items = [generate_one(tokens[i, ..., : int(lengths[i])].to(device), prompts[i]) for i in range(batch)]
+    item_lengths = torch.tensor([item.shape[-1] for item in items], dtype=torch.long, device=device)
+    return BarkHfStageOutput(sequences=_pad_stack(items, pad_value), lengths=item_lengths)
+
+
 class BarkHfCausalModel(BarkHfPreTrainedModel):
     """A GPT-2 style decoder (nanoGPT layout) shared by the semantic and coarse stages."""
 
@@ -445,17 +465,12 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         """
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        batch = semantic_tokens.shape[0]
-        if semantic_lengths is None:
-            semantic_lengths = torch.full((batch,), semantic_tokens.shape[1])
-        prompts = _per_item(history_prompt, batch)
-        items = [
-            self._generate_one(semantic_tokens[i, : int(semantic_lengths[i])].to(self.device), prompts[i], config,
-                               use_cache, show_progress)
-            for i in range(batch)
-        ]
-        lengths = torch.tensor([item.shape[-1] for item in items], dtype=torch.long, device=self.device)
-        return BarkHfStageOutput(sequences=_pad_stack(items, config.codebook_size), lengths=lengths)
+
+        def generate_one(tokens: torch.Tensor, prompt: Mapping[str, Any] | None) -> torch.Tensor:
+            return self._generate_one(tokens, prompt, config, use_cache, show_progress)
+
+        return _generate_items(semantic_tokens, semantic_lengths, history_prompt, config.codebook_size, self.device,
+                               generate_one)
 
     def _generate_one(
         self,
@@ -602,17 +617,8 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         `[B, K, T]` (K < 8, each item valid up to `coarse_lengths`). `temperature=None` takes the argmax.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        batch = coarse_tokens.shape[0]
-        if coarse_lengths is None:
-            coarse_lengths = torch.full((batch,), coarse_tokens.shape[-1])
-        prompts = _per_item(history_prompt, batch)
-        items = [
-            self._generate_one(coarse_tokens[i, :, : int(coarse_lengths[i])].to(self.device), prompts[i], config,
-                               show_progress)
-            for i in range(batch)
-        ]
-        lengths = torch.tensor([item.shape[-1] for item in items], dtype=torch.long, device=self.device)
-        return BarkHfStageOutput(sequences=_pad_stack(items, config.codebook_size), lengths=lengths)
+        return _generate_items(coarse_tokens, coarse_lengths, history_prompt, config.codebook_size, self.device,
+                               lambda tokens, prompt: self._generate_one(tokens, prompt, config, show_progress))
 
     def _generate_one(
         self,

@@ -75,8 +75,9 @@ def assert_same(expected, actual):
     np.testing.assert_allclose(actual[3], expected[3], atol=1e-5, rtol=0, err_msg="waveforms differ")
 
 
-def preset_path(shared_presets_dir, name):
-    return None if name is None else str(shared_presets_dir / f"{name}.npz")
+def preset_path(request, name):
+    """The real preset's .npz path; only cases that use a preset need (and skip without) the shared folder."""
+    return None if name is None else str(request.getfixturevalue("shared_presets_dir") / f"{name}.npz")
 
 
 LONG_TEXT = " ".join([TEXTS["en"]] * 12)  # well over 256 tokens
@@ -96,8 +97,8 @@ GREEDY_CASES = [
 
 @pytest.mark.parametrize("text,preset,use_cache,semantic", [c[1:] for c in GREEDY_CASES],
                          ids=[c[0] for c in GREEDY_CASES])
-def test_greedy_tokens_and_audio_equal_original(ours, original, shared_presets_dir, text, preset, use_cache, semantic):
-    path = preset_path(shared_presets_dir, preset)
+def test_greedy_tokens_and_audio_equal_original(ours, original, request, text, preset, use_cache, semantic):
+    path = preset_path(request, preset)
     expected = run_original(original, text, path, use_cache=use_cache, semantic=dict(top_k=1, **semantic),
                             coarse=dict(top_k=1), fine_temperature=None)
     actual = run_ours(ours, text, path, use_cache=use_cache, **GREEDY,
@@ -105,7 +106,7 @@ def test_greedy_tokens_and_audio_equal_original(ours, original, shared_presets_d
     assert_same(expected, actual)
 
 
-def test_long_generation_covers_several_windows(ours, original, shared_presets_dir):
+def test_long_generation_covers_several_windows(ours):
     """The 768-token case above really spans many coarse windows and two fine windows."""
     semantic, coarse, fine, audio = run_ours(ours, TEXTS["de"], None, semantic_allow_early_stop=False, **GREEDY)
     assert semantic.shape == (768,)
@@ -119,8 +120,8 @@ def test_long_generation_covers_several_windows(ours, original, shared_presets_d
     (1, TEXTS["de"], None, True),
     (7, TEXTS["zh"], "v2/zh_speaker_4", False),
 ])
-def test_seeded_sampling_equals_original(ours, original, shared_presets_dir, seed, text, preset, use_cache):
-    path = preset_path(shared_presets_dir, preset)
+def test_seeded_sampling_equals_original(ours, original, request, seed, text, preset, use_cache):
+    path = preset_path(request, preset)
     torch.manual_seed(seed)
     expected = run_original(original, text, path, use_cache=use_cache)
     torch.manual_seed(seed)
@@ -128,8 +129,8 @@ def test_seeded_sampling_equals_original(ours, original, shared_presets_dir, see
     assert_same(expected, actual)
 
 
-def test_sampling_settings_top_p_top_k_equal_original(ours, original, shared_presets_dir):
-    path = preset_path(shared_presets_dir, "v2/en_speaker_6")
+def test_sampling_settings_top_p_top_k_equal_original(ours, original, request):
+    path = preset_path(request, "v2/en_speaker_6")
     torch.manual_seed(3)
     expected = run_original(original, TEXTS["en"], path, use_cache=True,
                             semantic=dict(temp=0.9, top_k=50, top_p=0.95, min_eos_p=0.05),
@@ -141,8 +142,8 @@ def test_sampling_settings_top_p_top_k_equal_original(ours, original, shared_pre
     assert_same(expected, actual)
 
 
-def test_history_window_options_equal_original(ours, original, shared_presets_dir):
-    path = preset_path(shared_presets_dir, "v2/fr_speaker_2")
+def test_history_window_options_equal_original(ours, original, request):
+    path = preset_path(request, "v2/fr_speaker_2")
     expected = run_original(original, TEXTS["en"], path, use_cache=True, semantic=dict(top_k=1),
                             coarse=dict(top_k=1, max_coarse_history=120, sliding_window_len=30),
                             fine_temperature=None)
@@ -151,10 +152,10 @@ def test_history_window_options_equal_original(ours, original, shared_presets_di
     assert_same(expected, actual)
 
 
-def test_batch_items_equal_their_single_runs(ours, shared_presets_dir):
+def test_batch_items_equal_their_single_runs(ours, request):
     model, processor = ours
     texts = [TEXTS["en"], TEXTS["ko"], TEXTS["zh"]]
-    presets = [preset_path(shared_presets_dir, "v2/en_speaker_0"), None, preset_path(shared_presets_dir, "announcer")]
+    presets = [preset_path(request, "v2/en_speaker_0"), None, preset_path(request, "announcer")]
     batch = model.generate(**processor(texts, voice_preset=presets), return_dict_in_generate=True,
                            show_progress=False, **GREEDY)
     for index, (text, preset) in enumerate(zip(texts, presets, strict=True)):

@@ -254,18 +254,23 @@ def loaded(transformers_folder):
     return BarkHfModel.from_pretrained(transformers_folder), BarkHfProcessor.from_pretrained(transformers_folder)
 
 
+def assert_same_weights_with_tied_heads(actual_model, expected_model):
+    """Every tensor equal, and each fine head still sharing storage with its codebook's embedding."""
+    expected = expected_model.state_dict()
+    actual = actual_model.state_dict()
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+    fine = actual_model.fine_acoustics
+    for head, lm_head in enumerate(fine.lm_heads):
+        assert lm_head.weight.data_ptr() == fine.input_embeds_layers[head + 1].weight.data_ptr()
+
+
 def test_transformers_folder_weights_equal_ours(ours, loaded):
     model, from_transformers = ours[0], loaded[0]
     assert type(from_transformers.config.semantic_config) is type(model.config.semantic_config)
     assert from_transformers.config.to_diff_dict()["semantic_config"] == model.config.to_diff_dict()["semantic_config"]
-    expected = model.state_dict()
-    actual = from_transformers.state_dict()
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(actual[key], value), key
-    fine = from_transformers.fine_acoustics
-    for head, lm_head in enumerate(fine.lm_heads):
-        assert lm_head.weight.data_ptr() == fine.input_embeds_layers[head + 1].weight.data_ptr()
+    assert_same_weights_with_tied_heads(from_transformers, model)
     # transformers' generation_config.json has another layout: our defaults (Bark's constants) stand in.
     assert from_transformers.generation_config.to_dict() == model.generation_config.to_dict()
 
@@ -354,14 +359,7 @@ def test_generation_config_round_trips(round_trip):
 @torch.no_grad()
 def test_reloaded_weights_and_logits_identical(round_trip):
     model, _, reloaded = round_trip
-    expected = model.state_dict()
-    actual = reloaded.state_dict()
-    assert sorted(actual) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(actual[key], value), key
-    fine = reloaded.fine_acoustics
-    for head, lm_head in enumerate(fine.lm_heads):
-        assert lm_head.weight.data_ptr() == fine.input_embeds_layers[head + 1].weight.data_ptr()
+    assert_same_weights_with_tied_heads(reloaded, model)
     for prefix in CAUSAL_STAGES.values():
         ids = causal_ids(prefix, getattr(model, prefix).config)[:1, :128]
         assert_close(getattr(reloaded, prefix)(ids).logits, getattr(model, prefix)(ids).logits, **EXACT)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import BertTokenizer
 from transformers.utils import logging
@@ -100,8 +101,13 @@ def _verify_folder(folder: Path, stages: dict, codec_model: torch.nn.Module, pro
         verify_weights(getattr(reloaded, attribute), stages[stage].state_dict(), source=f"the {stage} checkpoint")
     verify_weights(reloaded.codec_model, codec_model.state_dict(), source="the codec")
     reloaded_processor = BarkHfProcessor.from_pretrained(folder)
-    if reloaded_processor.available_voice_presets != processor.available_voice_presets:
+    names = processor.available_voice_presets
+    if reloaded_processor.available_voice_presets != names:
         raise CheckpointError("The written voice presets differ from the source presets.")
+    for name in names:
+        written, source = reloaded_processor.load_voice_preset(name), processor.load_voice_preset(name)
+        if not all(np.array_equal(written[key], source[key]) for key in source):
+            raise CheckpointError(f"The written voice preset {name!r} differs from its source.")
 
 
 def _replace(staging: Path, output_dir: Path) -> None:

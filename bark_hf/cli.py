@@ -8,8 +8,7 @@ import sys
 from transformers.utils import logging
 
 from .conversion import convert_suno
-
-DEFAULT_MODEL = "suno/bark-small"
+from .loading import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,38 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(name: str, device: str):
-    """Model and processor by folder, Hub id, or the offline tiny random model."""
-    from .modeling_bark_hf import BarkHfModel
-    from .processing_bark_hf import BarkHfProcessor
-    from .tiny_random import TINY_RANDOM, tiny_random_bark
-
-    if name == TINY_RANDOM:
-        logging.get_logger(__name__).warning("Using the tiny random model: its audio is noise, not speech.")
-        model, processor = tiny_random_bark()
-    else:
-        try:
-            model, processor = BarkHfModel.from_pretrained(name), BarkHfProcessor.from_pretrained(name)
-        except OSError as error:
-            raise OSError(
-                f"Could not load the model {name!r} ({str(error).splitlines()[0]}). If the Hugging Face Hub cannot "
-                "be reached, point --model at a local model folder (see `bark-hf convert`), or try "
-                "--model tiny-random."
-            ) from None
-    return model.to(device), processor
-
-
 def run_say(args: argparse.Namespace) -> int:
     import torch
 
     from .audio_io import check_output_path, write_wav
+    from .loading import load_bark
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if args.quiet:
         logging.disable_progress_bar()
     try:
         check_output_path(args.output, args.overwrite)
-        model, processor = load_model(args.model, args.device)
+        model, processor = load_bark(args.model, args.device)
         inputs = processor(text, voice_preset=args.voice)
         if args.seed is not None:
             torch.manual_seed(args.seed)

@@ -178,3 +178,31 @@ def ours(converted_dir):
     from bark_hf.processing_bark_hf import BarkHfProcessor
 
     return BarkHfModel.from_pretrained(converted_dir), BarkHfProcessor.from_pretrained(converted_dir)
+
+
+def random_voice_preset(seed: int, n_semantic: int = 40) -> dict:
+    """Arrays shaped like an original preset: semantic [n], coarse [2, 1.5n], fine [8, 1.5n]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_frames = n_semantic * 3 // 2
+    fine = rng.integers(0, 1024, size=(8, n_frames), dtype=np.int64)
+    return {"semantic_prompt": rng.integers(0, 10_000, size=n_semantic, dtype=np.int64),
+            "coarse_prompt": fine[:2].copy(), "fine_prompt": fine}
+
+
+TINY_PRESET_NAMES = ("v2/en_speaker_0", "v2/en_speaker_1", "v2/de_speaker_3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """`tiny_random_bark()` saved with three random presets named like Suno's (TINY_PRESET_NAMES)."""
+    from bark_hf.tiny_random import tiny_random_bark
+
+    model, processor = tiny_random_bark()
+    for seed, name in enumerate(TINY_PRESET_NAMES):
+        processor.add_voice_preset(name, random_voice_preset(seed, n_semantic=30 + 10 * seed))
+    folder = tmp_path_factory.mktemp("tiny_bark") / "tiny-bark"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,49 @@
+"""Load a model and its processor by folder, Hub id, or the offline tiny random model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers.utils import logging
+
+from .modeling_bark_hf import BarkHfModel
+from .processing_bark_hf import BarkHfProcessor
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MODEL = "suno/bark-small"
+"""The model used when none is named: the smaller of Suno's two checkpoints."""
+LARGE_MODEL = "suno/bark"
+
+
+def load_bark(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[BarkHfModel, BarkHfProcessor]:
+    """Model (in eval mode) and processor from a folder, a Hub id, or `"tiny-random"`.
+
+    `"tiny-random"` builds a 2-layer random model offline: the whole path runs, the audio is noise.
+    """
+    from .tiny_random import TINY_RANDOM, tiny_random_bark
+
+    name = os.fspath(model)
+    if name == TINY_RANDOM:
+        logger.warning("Using the tiny random model: its audio is noise, not speech.")
+        bark, processor = tiny_random_bark()
+        if dtype is not None:
+            bark = bark.to(dtype)
+    else:
+        try:
+            bark = BarkHfModel.from_pretrained(name, dtype=dtype)
+            processor = BarkHfProcessor.from_pretrained(name)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the model {name!r} ({str(error).splitlines()[0]}). If the Hugging Face Hub "
+                "cannot be reached, point the model (`--model` in the CLI) at a local folder (made with "
+                "`bark-hf convert` or `save_pretrained`), or try 'tiny-random' for an offline test model."
+            ) from None
+    if device is not None:
+        bark = bark.to(device)
+    return bark.eval(), processor

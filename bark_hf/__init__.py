@@ -22,7 +22,11 @@ from .modeling_bark_hf import (
     BarkHfSemanticModel,
     BarkHfStageOutput,
 )
+from .pipeline_bark_hf import BarkPipeline
 from .processing_bark_hf import BarkHfProcessor
+from .registration import register
+
+register()
 
 __version__ = "0.1.0"
 
@@ -43,5 +47,7 @@ __all__ = [
     "BarkHfSemanticGenerationConfig",
     "BarkHfSemanticModel",
     "BarkHfStageOutput",
+    "BarkPipeline",
     "bark_model_card",
+    "register",
 ]

@@ -1,32 +1,44 @@
-"""The `bark-hf` command (also `python -m bark_hf`)."""
+"""The `bark-hf` command (also `python -m bark_hf`): say, voices, convert."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from transformers.utils import logging
 
 from .conversion import convert_suno
 from .loading import DEFAULT_MODEL
 
+DTYPES = ("float32", "float16", "bfloat16")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bark-hf", description="Suno's Bark text-to-audio, Hugging Face native.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    say = commands.add_parser("say", help="generate speech from text into a WAV file")
-    say.add_argument("text", help="the text to speak, or - to read it from standard input")
-    say.add_argument("-o", "--output", required=True, help="WAV file to write (24 kHz mono)")
+    say = commands.add_parser("say", help="generate speech from text into a WAV file",
+                              description="Generate speech from text into a 24 kHz mono WAV file. Text longer than "
+                                          "one generation (~13 s) is split into sentences and joined.")
+    say.add_argument("text", nargs="?", help="the text to speak; - (or nothing, with --file unset) reads stdin")
+    say.add_argument("-f", "--file", help="read the text from this UTF-8 file")
+    say.add_argument("-o", "--output", required=True, help="WAV file to write (24 kHz mono, 16-bit)")
+    _add_model_arguments(say)
     say.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
-    say.add_argument("--model", default=DEFAULT_MODEL,
-                     help=f"model folder or Hub id (default {DEFAULT_MODEL}); 'tiny-random' builds an offline "
-                          "random model whose audio is noise")
     say.add_argument("--seed", type=int, help="random seed, for a repeatable generation")
-    say.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    say.add_argument("--quiet", action="store_true", help="no progress bars")
+    say.add_argument("--text-temp", type=float, help="semantic stage temperature (default 0.7)")
+    say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default 0.7)")
+    say.add_argument("--long-form", choices=("auto", "on", "off"), default="auto",
+                     help="split the text into sentences: auto (default) does so when it is too long for one go")
+    say.add_argument("--silence", type=float, default=0.25, help="seconds of silence between long-form chunks")
+    say.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     say.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     say.set_defaults(run=run_say)
+
+    voices = commands.add_parser("voices", help="list the voice presets of a model")
+    voices.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or Hub id (default {DEFAULT_MODEL})")
+    voices.set_defaults(run=run_voices)
 
     convert = commands.add_parser("convert", help="convert Suno's original checkpoints into a bark-hf model folder",
                                   description=convert_suno.__doc__.split("\n\n")[0])
@@ -35,30 +47,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default=DEFAULT_MODEL,
+                         help=f"model folder or Hub id (default {DEFAULT_MODEL}); 'tiny-random' builds an offline "
+                              "random model whose audio is noise")
+    command.add_argument("--device", default="auto", help="torch device: auto (default: cuda if present), cpu, cuda")
+    command.add_argument("--dtype", choices=DTYPES, default="float32",
+                         help="weights' precision for the GPT stages; the codec stays float32")
+
+
+def read_text(args: argparse.Namespace) -> str:
+    """The text to speak from the argument, --file, or standard input."""
+    if args.file is not None:
+        if args.text is not None:
+            raise ValueError("Give the text either as an argument or with --file, not both.")
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"The text file {args.file} does not exist.") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"The text file {args.file} is not UTF-8 text.") from None
+    if args.text is None or args.text == "-":
+        if sys.stdin.isatty():
+            raise ValueError("No text given: pass it as an argument, with --file, or through standard input.")
+        return sys.stdin.read()
+    return args.text
+
+
 def run_say(args: argparse.Namespace) -> int:
     import torch
 
     from .audio_io import check_output_path, write_wav
     from .loading import load_bark
+    from .pipeline_bark_hf import BarkPipeline
 
-    text = sys.stdin.read() if args.text == "-" else args.text
     if args.quiet:
         logging.disable_progress_bar()
+        logging.set_verbosity_error()
     try:
+        text = read_text(args)
+        if not text.strip():
+            raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite)
-        model, processor = load_bark(args.model, args.device)
-        inputs = processor(text, voice_preset=args.voice)
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        output = model.generate(**inputs, return_dict_in_generate=True, show_progress=not args.quiet)
-        audio = output.audio[0, : output.audio_lengths[0]].cpu().numpy()
-        path = write_wav(args.output, audio, model.sampling_rate, overwrite=args.overwrite)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"bark-hf say: error: {error}", file=sys.stderr)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        model, processor = load_bark(args.model, device=device, dtype=getattr(torch, args.dtype))
+        speaker = BarkPipeline(model=model, processor=processor, device=model.device)
+        generate_kwargs = {}
+        if args.text_temp is not None:
+            generate_kwargs["semantic_temperature"] = args.text_temp
+        if args.waveform_temp is not None:
+            generate_kwargs["coarse_temperature"] = args.waveform_temp
+        long_form = {"auto": None, "on": True, "off": False}[args.long_form]
+        output = speaker(text, voice_preset=args.voice, generate_kwargs=generate_kwargs, seed=args.seed,
+                         long_form=long_form, silence_s=args.silence, show_progress=not args.quiet)
+        path = write_wav(args.output, output["audio"], output["sampling_rate"], overwrite=args.overwrite)
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        print(f"bark-hf say: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bark-hf say: interrupted; nothing written.", file=sys.stderr)
+        return 130
     if not args.quiet:
-        print(f"Wrote {path} ({audio.shape[0] / model.sampling_rate:.2f} s)")
+        print(f"Wrote {path} ({output['audio'].shape[0] / output['sampling_rate']:.2f} s)")
     return 0
+
+
+def run_voices(args: argparse.Namespace) -> int:
+    from .processing_bark_hf import BarkHfProcessor
+    from .tiny_random import TINY_RANDOM
+
+    if args.model == TINY_RANDOM:
+        names: list[str] = []
+    else:
+        try:
+            names = BarkHfProcessor.from_pretrained(args.model).available_voice_presets
+        except (ValueError, OSError) as error:
+            print(f"bark-hf voices: error: {_one_line(error)}", file=sys.stderr)
+            return 1
+    if not names:
+        print(f"The model {args.model} has no voice presets; pass --voice a path to an .npz instead.", file=sys.stderr)
+        return 0
+    print("\n".join(names))
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,15 @@ class BarkHfConfig(PretrainedConfig):
         "fine_acoustics_config": BarkHfFineConfig,
         "codec_config": AutoConfig,
     }
+    # Loaded as remote code (`trust_remote_code=True` without the bark_hf package installed), the config
+    # tells `pipeline()` to build the folder's BarkPipeline. With the package imported, registration.py
+    # routes the task instead, so a folder saved with its code needs no trust there. A class attribute:
+    # never written to config.json.
+    custom_pipelines = (
+        {"text-to-audio": {"impl": "pipeline_bark_hf.BarkPipeline", "pt": ["AutoModelForTextToWaveform"]}}
+        if __name__.startswith("transformers_modules.")
+        else {}
+    )
 
     def __init__(
         self,

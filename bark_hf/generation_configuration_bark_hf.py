@@ -57,6 +57,12 @@ class _JsonConfig:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    @classmethod
+    def from_model_config(cls, model_config: Any):
+        """Defaults: our model configs hold no decoding settings. transformers calls this when it loads
+        the model as remote code (it then treats the model as a `GenerationMixin` one)."""
+        return cls()
+
     def updated(self, **overrides: Any):
         """A copy with `overrides` applied; unknown names raise a `ValueError` listing valid ones."""
         known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -34,6 +34,11 @@ def tiny_random_bark(seed: int = 0) -> tuple[BarkHfModel, BarkHfProcessor]:
         fine_acoustics_config=BarkHfFineConfig(**stage),
     )
     model = BarkHfModel(config).eval()
+    # EnCodec's codebooks start as zeros (they are learned by k-means): without random ones every
+    # token would decode to the same audio.
+    with torch.no_grad():
+        for layer in model.codec_model.quantizer.layers:
+            layer.codebook.embed.normal_()
     # Random weights rarely produce end-of-speech; cap the length so a trial run stays short.
     model.semantic.generation_config.max_gen_duration_s = TINY_RANDOM_MAX_SECONDS
     with tempfile.TemporaryDirectory() as folder:

@@ -1,0 +1,446 @@
+"""Long-form generation: split text into pieces Bark can speak, generate them, join the audio.
+
+One Bark generation reads at most 256 text tokens and speaks at most about 13-14 s (the semantic
+stage stops at 768 tokens). Longer text is cut into sentences, the sentences are grouped into
+chunks that fit one generation each, and the chunks' audio is joined with short silences.
+
+The voice stays the same across chunks because every chunk is conditioned on one history: the
+voice preset, or without one, the first chunk's own tokens (see `generate_long_form`).
+See docs/long-form.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
+from transformers.utils import logging
+
+from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
+from .processing_bark_hf import validate_voice_preset
+
+logger = logging.get_logger(__name__)
+
+# Speech-duration estimate, per character by script. Rough on purpose: it only has to keep each chunk
+# safely below Bark's ~13 s limit. Spaces, digits and punctuation count as Latin characters.
+LATIN_CHARS_PER_SECOND = 14.0
+"""Alphabetic scripts (Latin, Cyrillic, Greek, ...): about 150 words a minute, spaces included."""
+KANA_CHARS_PER_SECOND = 7.0
+"""Japanese hiragana and katakana: one mora each."""
+SYLLABLE_CHARS_PER_SECOND = 5.0
+"""Chinese characters and Korean Hangul syllables: one syllable each."""
+
+DEFAULT_MAX_CHUNK_SECONDS = 10.0
+"""Estimated speech per chunk; leaves room under Bark's ~13 s so a chunk is not cut off."""
+MAX_CHUNK_TOKENS = BarkHfSemanticGenerationConfig.max_input_semantic_length
+"""Tokenizer tokens per chunk: the semantic stage's text window (256); the processor drops the rest."""
+LONG_FORM_MIN_EOS_P = 0.05
+"""Semantic `min_eos_p` of the original long-form notebook (default 0.2): stops sooner, less trailing audio."""
+DEFAULT_SILENCE_S = 0.25
+"""Silence between chunks, as in the original long-form notebook."""
+DEFAULT_BATCH_SIZE = 8
+HISTORY_MODES = ("first", "previous")
+"""What chunks after the first are conditioned on; see `generate_long_form`."""
+
+ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "e.g", "i.e", "a.m", "p.m"})
+"""Words (lower case, without their last period) whose period does not end a sentence."""
+
+_LATIN_MARKS = ".?!…"
+_CJK_MARKS = "。！？．"
+_OPENERS = "\"'“‘«([{「『（【〈《〔"
+_CLOSERS = "\"'”’»)]}」』）】〉》〕"
+# A run of sentence marks ("?!", "...", "。") and the closing quotes or brackets right after it.
+_SENTENCE_END = re.compile(f"[{re.escape(_LATIN_MARKS + _CJK_MARKS)}]+[{re.escape(_CLOSERS)}]*")
+# Bark cues that must not be cut: [laughs], [MAN], and ♪ lyrics ♪ (the latter only into sentences).
+_BRACKET_CUE = re.compile(r"\[[^\[\]]*\]")
+_CUE = re.compile(rf"{_BRACKET_CUE.pattern}|♪[^♪]*♪")
+# Lower-case cues right after a sentence end ("Great. [laughs]") react to that sentence and stay with it;
+# upper-case speaker tags ([MAN], [WOMAN]) and ♪ introduce the next one.
+_REACTION_CUES = re.compile(r"(?: ?\[[^\[\]]*[a-z][^\[\]]*\])+")
+# Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts), then between words.
+_CLAUSE_END = re.compile(r"[,;:](?=\s)|—|[，、；：]")
+_WORD_END = re.compile(r" ")
+
+Span = tuple[int, int]
+"""`(start, end)` of a piece inside the whitespace-normalised text."""
+
+
+def _normalized_text(text: Any) -> str:
+    """`text` with every whitespace run turned into one space; refuses non-strings and empty text."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string; got {type(text).__name__}. Convert it with str() first.")
+    normalized = re.sub(r"\s+", " ", text).strip()
+    if not normalized:
+        raise ValueError("text is empty or whitespace only; pass the words to speak.")
+    return normalized
+
+
+def _trimmed(text: str, start: int, end: int) -> Span | None:
+    """The span without its outer spaces, or None when nothing is left."""
+    while start < end and text[start] == " ":
+        start += 1
+    while end > start and text[end - 1] == " ":
+        end -= 1
+    return (start, end) if start < end else None
+
+
+def _inside(position: int, spans: list[Span]) -> bool:
+    return any(start < position < end for start, end in spans)
+
+
+def _ends_sentence(text: str, match: re.Match) -> bool:
+    """Whether the marks in `match` end a sentence (and are not a number, an abbreviation, an initial...)."""
+    marks = match.group().rstrip(_CLOSERS)
+    quoted = marks != match.group()  # the marks end a quotation, which the sentence may go on after
+    following = text[match.end() : match.end() + 1]
+    if any(mark in _CJK_MARKS for mark in marks):
+        # CJK text has no spaces between sentences: 「…。」と言った goes on, 「…。」「…」 and 。X do not.
+        if quoted:
+            return following in ("", " ") or following in _OPENERS
+        preceding = text[match.start() - 1 : match.start()]
+        return not (marks == "．" and preceding.isdigit() and following.isdigit())
+    if following and following != " ":  # "3.5", "v2.0", "e.g.," and "example.com" go on
+        return False
+    if marks == ".":
+        word = text[: match.start()].rsplit(" ", 1)[-1].lstrip(_OPENERS)
+        if word.lower() in ABBREVIATIONS or (len(word) == 1 and word.isupper()):
+            return False
+    if quoted or (marks != "." and set(marks) <= {".", "…"}):
+        # After a quotation or an ellipsis, a lower-case word continues the sentence: '"Why?" she asked.'
+        return not text[match.end() :].lstrip()[:1].islower()
+    return True
+
+
+def _has_words(text: str) -> bool:
+    """Whether `text` has something to say or sing, not only `[laughs]`-like cues or punctuation."""
+    return re.search(r"\w", _BRACKET_CUE.sub("", text)) is not None
+
+
+def _sentence_spans(text: str) -> list[Span]:
+    """Sentences of normalised `text`; a piece without words (a lone `[laughs]`) joins its neighbour."""
+    cues = [match.span() for match in _CUE.finditer(text)]
+    spans, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        if not _inside(match.start(), cues) and _ends_sentence(text, match):
+            end = (_REACTION_CUES.match(text, match.end()) or match).end()
+            spans.append(_trimmed(text, start, end))
+            start = end
+    spans.append(_trimmed(text, start, len(text)))
+    merged: list[Span] = []
+    for span in filter(None, spans):
+        if merged and not (_has_words(text[slice(*span)]) and _has_words(text[slice(*merged[-1])])):
+            merged[-1] = (merged[-1][0], span[1])
+        else:
+            merged.append(span)
+    return merged
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`, whitespace normalised, none empty.
+
+    Ends at `.`, `?`, `!`, `…` and "..." followed by a space (closing quotes and brackets stay with
+    the sentence), and at `。！？．` without one. Does not end after abbreviations (`ABBREVIATIONS`),
+    single capital initials ("J. R. R."), inside numbers ("3.5", "v2.0"), at an ellipsis or a closing
+    quote followed by a lower-case word (or, in CJK text, by any word), or inside Bark cues
+    (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:
+    `[laughs]` right after a sentence end belongs to that sentence, `[MAN]` and `♪` to the next.
+    """
+    normalized = _normalized_text(text)
+    return [normalized[start:end] for start, end in _sentence_spans(normalized)]
+
+
+def _chars_per_second(char: str) -> float:
+    code = ord(char)
+    if 0x3040 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF or 0xFF66 <= code <= 0xFF9D:  # kana
+        return KANA_CHARS_PER_SECOND
+    if (
+        0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
+        or 0x3400 <= code <= 0x4DBF  # extension A
+        or 0x20000 <= code <= 0x3FFFF  # extensions B and later
+        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
+        or 0xAC00 <= code <= 0xD7A3  # Hangul syllables
+        or 0x1100 <= code <= 0x11FF  # Hangul jamo
+        or 0x3130 <= code <= 0x318F  # Hangul compatibility jamo
+    ):
+        return SYLLABLE_CHARS_PER_SECOND
+    return LATIN_CHARS_PER_SECOND
+
+
+def estimate_speech_seconds(text: str) -> float:
+    """A rough spoken duration of `text`: each character costs 1 / (its script's characters per second)."""
+    return sum(1.0 / _chars_per_second(char) for char in text)
+
+
+def _fits_budget(tokenizer: Any, max_seconds: float, max_tokens: int) -> Callable[[str], bool]:
+    """A test of whether a piece fits one generation: estimated duration and, with a tokenizer, token count."""
+
+    def fits(piece: str) -> bool:
+        if estimate_speech_seconds(piece) > max_seconds:
+            return False
+        # The processor's tokenisation: whitespace is already normalised, no special tokens.
+        return tokenizer is None or len(tokenizer.encode(piece, add_special_tokens=False)) <= max_tokens
+
+    return fits
+
+
+def _cut_spans(text: str, span: Span, boundary: re.Pattern) -> list[Span]:
+    """`span` cut after every match of `boundary` outside `[...]` cues, trimmed, none empty."""
+    start, end = span
+    cues = [match.span() for match in _BRACKET_CUE.finditer(text, start, end)]
+    pieces, piece_start = [], start
+    for match in boundary.finditer(text, start, end):
+        if not _inside(match.start(), cues):
+            pieces.append(_trimmed(text, piece_start, match.end()))
+            piece_start = match.end()
+    pieces.append(_trimmed(text, piece_start, end))
+    return [piece for piece in pieces if piece is not None]
+
+
+def _pack(text: str, spans: list[Span], fits: Callable[[str], bool]) -> list[Span]:
+    """Merge neighbouring spans greedily while the merged text still fits."""
+    packed = spans[:1]
+    for start, end in spans[1:]:
+        if fits(text[packed[-1][0] : end]):
+            packed[-1] = (packed[-1][0], end)
+        else:
+            packed.append((start, end))
+    return packed
+
+
+def _hard_split(text: str, span: Span, fits: Callable[[str], bool]) -> list[Span]:
+    """Cut a piece with no clause or word boundary into the longest prefixes that fit (at least one character)."""
+    start, end = span
+    pieces = []
+    while start < end:
+        low, high = start + 1, end  # the longest fitting stop lies in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(text[start:middle]):
+                low = middle
+            else:
+                high = middle - 1
+        piece = _trimmed(text, start, low)
+        if piece is not None:
+            pieces.append(piece)
+        start = low
+    return pieces
+
+
+def _fitting_spans(text: str, span: Span, fits: Callable[[str], bool], level: int = 0) -> list[Span]:
+    """`span` as pieces that fit: cut at clause marks, then between words, then anywhere."""
+    if fits(text[slice(*span)]):
+        return [span]
+    boundaries = (_CLAUSE_END, _WORD_END)
+    if level == len(boundaries):
+        return _hard_split(text, span, fits)
+    pieces = [
+        piece
+        for part in _cut_spans(text, span, boundaries[level])
+        for piece in _fitting_spans(text, part, fits, level + 1)
+    ]
+    return _pack(text, pieces, fits)
+
+
+def chunk_text(
+    text: str,
+    tokenizer: Any = None,
+    max_seconds: float = DEFAULT_MAX_CHUNK_SECONDS,
+    max_tokens: int = MAX_CHUNK_TOKENS,
+) -> list[str]:
+    """Group the sentences of `text` into chunks that each fit one generation.
+
+    A chunk's estimated speech (`estimate_speech_seconds`) is at most `max_seconds`, and with a
+    `tokenizer` (or a `BarkHfProcessor`) it is at most `max_tokens` tokens as the processor
+    tokenises it. Sentences are packed greedily in order; a sentence over budget is cut at clause
+    marks (`,;:—，、；：`), then between words, then anywhere.
+    """
+    normalized = _normalized_text(text)
+    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not 0 < max_seconds < math.inf:
+        raise ValueError(f"max_seconds must be a positive number of seconds; got {max_seconds!r}.")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer; got {max_tokens!r}.")
+    if isinstance(tokenizer, ProcessorMixin):
+        tokenizer = tokenizer.tokenizer
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer, a BarkHfProcessor or None; got {type(tokenizer).__name__}."
+        )
+    fits = _fits_budget(tokenizer, max_seconds, max_tokens)
+    pieces = [piece for span in _sentence_spans(normalized) for piece in _fitting_spans(normalized, span, fits)]
+    return [normalized[start:end] for start, end in _pack(normalized, pieces, fits)]
+
+
+def needs_long_form(text: str, tokenizer: Any = None) -> bool:
+    """Whether `text` is more than one generation holds, i.e. `chunk_text` gives more than one chunk."""
+    return len(chunk_text(text, tokenizer)) > 1
+
+
+@dataclass
+class LongFormOutput:
+    """The joined audio of a long text and what each chunk produced."""
+
+    audio: np.ndarray  # [samples] float32: chunks in order, silence between them
+    sampling_rate: int
+    chunks: list[str]  # the text of each chunk, as generated
+    chunk_lengths: list[int]  # samples of each chunk's audio, silence not counted
+    # Per chunk: semantic_prompt [n], coarse_prompt [2, m], fine_prompt [8, m] int64 (usable as a voice preset).
+    generations: list[dict[str, np.ndarray]]
+
+
+# Arguments of `model.generate` that generate_long_form sets itself.
+_SET_BY_LONG_FORM = ("input_ids", "attention_mask", "history_prompt", "return_dict_in_generate", "show_progress")
+
+
+def _checked_chunks(chunks: Any) -> list[str]:
+    if isinstance(chunks, str) or not isinstance(chunks, Sequence):
+        raise TypeError(f"chunks must be a list of strings; got {type(chunks).__name__}. Pass text= to split text.")
+    if not chunks:
+        raise ValueError("chunks is an empty list; pass at least one piece of text.")
+    checked = []
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, str):
+            raise TypeError(f"chunks[{index}] is a {type(chunk).__name__}; pass strings only.")
+        if not chunk.strip():
+            raise ValueError(f"chunks[{index}] is empty or whitespace only; remove it or give it words.")
+        checked.append(re.sub(r"\s+", " ", chunk).strip())
+    return checked
+
+
+def _stage_settings(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's stage settings on top of the long-form default `semantic_min_eos_p`."""
+    if generate_kwargs is None:
+        generate_kwargs = {}
+    if not isinstance(generate_kwargs, Mapping):
+        raise TypeError(f"generate_kwargs must be a dict of stage settings; got {type(generate_kwargs).__name__}.")
+    reserved = [name for name in _SET_BY_LONG_FORM if name in generate_kwargs]
+    if reserved:
+        raise ValueError(
+            f"generate_kwargs may not set {', '.join(reserved)}: generate_long_form sets them. Pass the voice as "
+            "voice_preset= and progress bars as show_progress=."
+        )
+    return {"semantic_min_eos_p": LONG_FORM_MIN_EOS_P, **generate_kwargs}
+
+
+def _full_generation(output: Any, row: int) -> dict[str, np.ndarray]:
+    """One item's tokens of every stage, trimmed to its lengths, in the layout of a voice preset."""
+    tokens = {
+        "semantic_prompt": output.semantic_tokens[row, : int(output.semantic_lengths[row])],
+        "coarse_prompt": output.coarse_tokens[row, :, : int(output.coarse_lengths[row])],
+        "fine_prompt": output.fine_tokens[row, :, : int(output.fine_lengths[row])],
+    }
+    return {key: value.cpu().numpy().astype(np.int64) for key, value in tokens.items()}
+
+
+def _usable_history(generation: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray] | None:
+    """`generation` as a voice history, or None (with a warning) when it is too short to be one."""
+    try:
+        return validate_voice_preset(generation)
+    except ValueError as error:
+        logger.warning(f"Chunk {index}'s generation cannot serve as the voice history of later chunks, skipping it: "
+                       f"{error}")
+        return None
+
+
+def generate_long_form(
+    model: Any,
+    processor: Any,
+    text: str | None = None,
+    *,
+    chunks: list[str] | None = None,
+    voice_preset: Any = None,
+    history: str = "first",
+    silence_s: float = DEFAULT_SILENCE_S,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> LongFormOutput:
+    """Speak text of any length: chunk it, generate every chunk in one voice, join the audio.
+
+    Pass `text` (split with `chunk_text`) or your own `chunks`, not both. `voice_preset` is
+    anything the processor accepts (name, `.npz` path, dict of arrays). `history` picks what the
+    chunks are conditioned on:
+
+    - `"first"` (default): with a preset, every chunk uses it; without one, the first chunk is
+      generated alone and its full generation is the history of all the others. Batched by
+      `batch_size`.
+    - `"previous"`: each chunk continues the one before it (the first uses the preset, if any),
+      as feeding the original's `generate_audio(..., output_full=True)` back in does. Sequential.
+
+    A generation too short to be a valid preset is skipped as a history (with a warning).
+    `generate_kwargs` are `model.generate`'s prefixed stage settings (`semantic_temperature=...`);
+    `semantic_min_eos_p` defaults to `LONG_FORM_MIN_EOS_P`. `seed` seeds torch once before the
+    first generation. The audio is the chunks joined with `silence_s` seconds of zeros between them.
+    """
+    if (text is None) == (chunks is None):
+        raise ValueError("Pass exactly one of text= (split into chunks here) or chunks= (your own, used as given).")
+    if history not in HISTORY_MODES:
+        raise ValueError(f"history must be one of {', '.join(map(repr, HISTORY_MODES))}; got {history!r}.")
+    if isinstance(silence_s, bool) or not isinstance(silence_s, (int, float)) or not 0 <= silence_s < math.inf:
+        raise ValueError(f"silence_s must be a number of seconds >= 0; got {silence_s!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
+    pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
+    settings = _stage_settings(generate_kwargs)
+    voice = None if voice_preset is None else processor.load_voice_preset(voice_preset)
+
+    audios: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(pieces)
+    generations: list[dict[str, np.ndarray]] = [{}] * len(pieces)
+
+    def generate(indices: list[int], history_prompt: dict[str, np.ndarray] | None) -> None:
+        presets = None if history_prompt is None else [history_prompt] * len(indices)
+        inputs = processor([pieces[index] for index in indices], voice_preset=presets)
+        output = model.generate(**inputs, return_dict_in_generate=True, show_progress=False, **settings)
+        for row, index in enumerate(indices):
+            audios[index] = output.audio[row, : int(output.audio_lengths[row])].float().cpu().numpy()
+            generations[index] = _full_generation(output, row)
+        progress.update(len(indices))
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with logging.tqdm(total=len(pieces), desc="long-form", unit="chunk", disable=not show_progress) as progress:
+        if history == "previous":
+            for index in range(len(pieces)):
+                generate([index], voice)
+                voice = _usable_history(generations[index], index) or voice
+        else:
+            start = 0
+            while voice is None and start < len(pieces):  # no preset: the first usable generation is the voice
+                generate([start], None)
+                voice = _usable_history(generations[start], start)
+                start += 1
+            for batch_start in range(start, len(pieces), batch_size):
+                generate(list(range(batch_start, min(batch_start + batch_size, len(pieces)))), voice)
+
+    silence = np.zeros(round(silence_s * model.sampling_rate), dtype=np.float32)
+    joined = [audios[0]]
+    for audio in audios[1:]:
+        joined += [silence, audio]
+    return LongFormOutput(
+        audio=np.concatenate(joined).astype(np.float32),
+        sampling_rate=model.sampling_rate,
+        chunks=pieces,
+        chunk_lengths=[audio.shape[0] for audio in audios],
+        generations=generations,
+    )
+
+
+__all__ = [
+    "DEFAULT_MAX_CHUNK_SECONDS",
+    "LONG_FORM_MIN_EOS_P",
+    "MAX_CHUNK_TOKENS",
+    "LongFormOutput",
+    "chunk_text",
+    "estimate_speech_seconds",
+    "generate_long_form",
+    "needs_long_form",
+    "split_sentences",
+]

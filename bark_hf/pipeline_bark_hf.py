@@ -1,0 +1,161 @@
+"""`BarkPipeline`: the text-to-audio pipeline for bark-hf models.
+
+`pipeline("text-to-audio", model=folder)` builds it once `bark_hf` is imported (see registration.py),
+and a folder saved with `save_pretrained(..., save_code=True)` names it in its config, so
+`trust_remote_code=True` finds it without the package. It adds what transformers' generic
+pipeline cannot do for Bark: voice presets by name, per-item presets in a batch, stage-prefixed
+generation settings, seeds, and long-form text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+from .longform import generate_long_form, needs_long_form
+from .modeling_bark_hf import BarkHfModel
+from .processing_bark_hf import BarkHfProcessor
+
+DEFAULT_BATCH_SIZE = 8
+"""Texts generated together when the caller names no batch size: one batch per eight texts."""
+
+# Settings the pipeline understands, and the call step each belongs to.
+_PREPROCESS_KEYS = ("voice_preset",)
+_FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "silence_s", "seed", "show_progress")
+
+
+class BarkPipeline(Pipeline):
+    """Text (a string or a list) to `{"audio": float32 [samples], "sampling_rate": 24000}` per text.
+
+    Call settings (also accepted when the pipeline is built, as defaults):
+        voice_preset: a preset name, an `.npz` path or a dict of arrays; one for all texts or a list
+            with one per text (None for no preset).
+        generate_kwargs: stage settings with their prefix, e.g. `{"semantic_temperature": 0.6,
+            "coarse_top_k": 50, "fine_temperature": None}`. `forward_params` is merged under them.
+        batch_size: texts generated together (default 8).
+        long_form: split the text into sentences and join the chunks' audio; None (default) turns it
+            on for texts longer than one generation holds.
+        silence_s: the silence between long-form chunks, in seconds (default 0.25).
+        seed: seeds torch before generating, so a call is repeatable.
+    """
+
+    _pipeline_calls_generate = False  # our generate has its own stage configs; keep transformers' defaults out
+    _load_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _load_image_processor = False
+
+    def __init__(self, model: BarkHfModel, processor: BarkHfProcessor | None = None, **kwargs: Any) -> None:
+        tokenizer = kwargs.pop("tokenizer", None)
+        if not isinstance(processor, BarkHfProcessor):
+            processor = self._processor_for(model, tokenizer)
+        super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
+
+    @staticmethod
+    def _processor_for(model: BarkHfModel, tokenizer: Any) -> BarkHfProcessor:
+        """The processor saved beside the model (with its presets), else one around the given tokenizer."""
+        try:
+            return BarkHfProcessor.from_pretrained(model.name_or_path)
+        except (OSError, ValueError):
+            if tokenizer is None:
+                raise ValueError(
+                    f"No bark-hf processor found with the model ({model.name_or_path!r}). Pass one: "
+                    "pipeline('text-to-audio', model=model, processor=BarkHfProcessor.from_pretrained(folder))."
+                ) from None
+            return BarkHfProcessor(tokenizer)
+
+    def _sanitize_parameters(self, **settings: Any) -> tuple[dict, dict, dict]:
+        batch_size = settings.pop("batch_size", None)
+        if batch_size is not None:
+            self._batch_size = batch_size
+        unknown = sorted(set(settings) - set(_PREPROCESS_KEYS) - set(_FORWARD_KEYS))
+        if unknown:
+            raise TypeError(
+                f"Unknown BarkPipeline setting(s) {unknown}. Known: {sorted((*_PREPROCESS_KEYS, *_FORWARD_KEYS))} "
+                "and batch_size; stage settings go in generate_kwargs, e.g. {'semantic_temperature': 0.6}."
+            )
+        preprocess = {key: settings[key] for key in _PREPROCESS_KEYS if key in settings}
+        forward = {key: settings[key] for key in _FORWARD_KEYS if key in settings}
+        return preprocess, forward, {}
+
+    def __call__(self, text_inputs: str | Sequence[str], **settings: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """Audio for one text (a dict) or for a list of texts (a list of dicts, in order)."""
+        preprocess, forward, _ = self._sanitize_parameters(**settings)
+        preprocess = {**self._preprocess_params, **preprocess}
+        forward = {**self._forward_params, **forward}
+        texts = _checked_texts(text_inputs)
+        presets = _presets_per_text(preprocess.get("voice_preset"), len(texts))
+        generate_kwargs = {**(forward.get("forward_params") or {}), **(forward.get("generate_kwargs") or {})}
+        show_progress = forward.get("show_progress", False)
+        long_form = forward.get("long_form")
+        if forward.get("seed") is not None:
+            torch.manual_seed(forward["seed"])
+
+        outputs: list[dict[str, Any] | None] = [None] * len(texts)
+        short = []
+        for index, text in enumerate(texts):
+            if long_form or (long_form is None and needs_long_form(text, self.processor.tokenizer)):
+                result = generate_long_form(
+                    self.model, self.processor, text, voice_preset=presets[index],
+                    silence_s=forward.get("silence_s", 0.25), batch_size=self._batch_size or DEFAULT_BATCH_SIZE,
+                    generate_kwargs=generate_kwargs, show_progress=show_progress,
+                )
+                outputs[index] = self.postprocess(result.audio)
+            else:
+                short.append(index)
+        batch_size = self._batch_size or DEFAULT_BATCH_SIZE
+        for start in range(0, len(short), batch_size):
+            batch = short[start : start + batch_size]
+            inputs = self.preprocess([texts[i] for i in batch], [presets[i] for i in batch])
+            audios = self.forward(inputs, generate_kwargs=generate_kwargs, show_progress=show_progress)
+            for index, audio in zip(batch, audios, strict=True):
+                outputs[index] = self.postprocess(audio)
+        return outputs[0] if isinstance(text_inputs, str) else outputs
+
+    def preprocess(self, texts: list[str], presets: list[Any]) -> dict[str, Any]:
+        single_preset = all(preset is presets[0] for preset in presets)
+        return self.processor(texts, voice_preset=presets[0] if single_preset else presets)
+
+    def _forward(
+        self, inputs: dict[str, Any], generate_kwargs: dict[str, Any], show_progress: bool
+    ) -> list[np.ndarray]:
+        output = self.model.generate(**inputs, return_dict_in_generate=True, show_progress=show_progress,
+                                     **generate_kwargs)
+        audios = zip(output.audio, output.audio_lengths, strict=True)
+        return [audio[:length].float().cpu().numpy() for audio, length in audios]
+
+    def postprocess(self, audio: np.ndarray) -> dict[str, Any]:
+        return {"audio": np.asarray(audio, dtype=np.float32), "sampling_rate": self.model.sampling_rate}
+
+
+def _checked_texts(text_inputs: Any) -> list[str]:
+    texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
+    if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)) or len(texts) == 0:
+        raise TypeError(
+            f"BarkPipeline takes a string or a non-empty list of strings, got {type(text_inputs).__name__}."
+        )
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; pass text as str.")
+        if not text.strip():
+            raise ValueError(f"Text {index} is empty or only whitespace; give the words to speak.")
+    return list(texts)
+
+
+def _presets_per_text(voice_preset: Any, n_texts: int) -> list[Any]:
+    """One preset per text: a list is taken as one per text; anything else is shared."""
+    if isinstance(voice_preset, (list, tuple)):
+        if len(voice_preset) != n_texts:
+            raise ValueError(
+                f"voice_preset has {len(voice_preset)} entries for {n_texts} texts; pass one preset for all texts "
+                "or a list with exactly one per text (None for no preset)."
+            )
+        return list(voice_preset)
+    return [voice_preset] * n_texts
+
+
+__all__ = ["BarkPipeline"]

@@ -1,0 +1,222 @@
+"""`pipeline("text-to-audio")` with bark-hf models, the Auto classes, and remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import TINY_PRESET_NAMES, random_voice_preset
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForTextToWaveform,
+    AutoProcessor,
+    BarkConfig,
+    BarkModel,
+    BertTokenizer,
+    pipeline,
+)
+from transformers.pipelines import TextToAudioPipeline
+
+import bark_hf
+from bark_hf import BarkHfFineModel, BarkHfModel, BarkHfProcessor, BarkHfSemanticModel, BarkPipeline
+from bark_hf.configuration_bark_hf import BarkHfSemanticConfig
+from bark_hf.longform import generate_long_form
+from bark_hf.registration import register
+
+GREEDY = {"semantic_top_k": 1, "coarse_top_k": 1, "fine_temperature": None, "semantic_max_new_tokens": 40}
+TEXTS = ["Hello there.", "A much longer sentence, spoken slowly, with several words in it.", "Hi!"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return pipeline("text-to-audio", model=str(tiny_model_dir), device="cpu")
+
+
+def test_pipeline_factory_builds_bark_pipeline(pipe):
+    assert type(pipe) is BarkPipeline
+    assert isinstance(pipe.model, BarkHfModel)
+    assert pipe.processor.available_voice_presets == sorted(TINY_PRESET_NAMES)
+
+
+def test_single_text_gives_float32_audio_at_24khz(pipe, tiny_model_dir):
+    output = pipe("Hello there.", voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY)
+    assert output["sampling_rate"] == 24_000
+    assert output["audio"].dtype == np.float32 and output["audio"].ndim == 1
+    # The same as calling the model directly, trimmed to the item's length.
+    model, processor = pipe.model, pipe.processor
+    direct = model.generate(**processor("Hello there.", voice_preset="v2/en_speaker_1"), return_dict_in_generate=True,
+                            show_progress=False, **GREEDY)
+    np.testing.assert_array_equal(output["audio"], direct.audio[0, : direct.audio_lengths[0]].numpy())
+
+
+def test_batch_with_per_item_presets_equals_one_by_one(pipe, tmp_path):
+    preset_file = tmp_path / "mine.npz"
+    np.savez(preset_file, **random_voice_preset(7, n_semantic=25))
+    presets = ["v2/en_speaker_0", None, str(preset_file)]
+    batch = pipe(TEXTS, voice_preset=presets, generate_kwargs=GREEDY, batch_size=3)
+    assert isinstance(batch, list) and len(batch) == 3
+    for text, preset, output in zip(TEXTS, presets, batch, strict=True):
+        alone = pipe(text, voice_preset=preset, generate_kwargs=GREEDY)
+        np.testing.assert_array_equal(output["audio"], alone["audio"])
+    assert len({output["audio"].shape[0] for output in batch}) > 1  # each trimmed to its own length
+
+
+def test_one_preset_for_a_batch_and_batches_smaller_than_the_input(pipe):
+    batch = pipe(TEXTS, voice_preset="v2/de_speaker_3", generate_kwargs=GREEDY, batch_size=2)
+    for text, output in zip(TEXTS, batch, strict=True):
+        alone = pipe(text, voice_preset="v2/de_speaker_3", generate_kwargs=GREEDY)
+        np.testing.assert_array_equal(output["audio"], alone["audio"])
+
+
+def test_seed_makes_sampling_repeatable(pipe):
+    settings = {"semantic_max_new_tokens": 30}
+    first = pipe("Hello there.", seed=11, generate_kwargs=settings)["audio"]
+    again = pipe("Hello there.", seed=11, generate_kwargs=settings)["audio"]
+    other = pipe("Hello there.", seed=12, generate_kwargs=settings)["audio"]
+    np.testing.assert_array_equal(first, again)
+    assert first.shape != other.shape or not np.array_equal(first, other)
+
+
+def test_settings_given_when_building_are_defaults(tiny_model_dir):
+    pipe = pipeline("text-to-audio", model=str(tiny_model_dir), device="cpu", voice_preset="v2/en_speaker_1",
+                    generate_kwargs=GREEDY)
+    explicit = pipe("Hi!", voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY)
+    np.testing.assert_array_equal(pipe("Hi!")["audio"], explicit["audio"])
+
+
+def test_long_form_is_the_long_form_generator_joined_with_silence(pipe):
+    text = "First sentence here. Second one follows! And a third one, to end?"
+    settings = {**GREEDY, "semantic_max_new_tokens": 20}
+    output = pipe(text, long_form=True, silence_s=0.5, voice_preset="v2/en_speaker_0", generate_kwargs=settings)
+    expected = generate_long_form(pipe.model, pipe.processor, text, voice_preset="v2/en_speaker_0", silence_s=0.5,
+                                  generate_kwargs=settings, show_progress=False)
+    np.testing.assert_array_equal(output["audio"], expected.audio)
+    silence = 12_000  # 0.5 s at 24 kHz
+    assert output["audio"].shape[0] == sum(expected.chunk_lengths) + silence * (len(expected.chunks) - 1)
+
+
+def test_long_text_turns_long_form_on_by_default(pipe, monkeypatch):
+    import bark_hf.pipeline_bark_hf as module
+
+    calls = []
+    real = module.generate_long_form
+    monkeypatch.setattr(module, "generate_long_form", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    long_text = " ".join(["This sentence is one of many in a long text."] * 12)
+    pipe(long_text, generate_kwargs={**GREEDY, "semantic_max_new_tokens": 8}, voice_preset="v2/en_speaker_0")
+    pipe("Short text.", generate_kwargs=GREEDY)
+    assert calls == [long_text]
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda p: p(""), ValueError, "empty"),
+    (lambda p: p(["fine", "   "]), ValueError, "Text 1 is empty"),
+    (lambda p: p(42), TypeError, "string"),
+    (lambda p: p(["ok", 3]), TypeError, "Text 1"),
+    (lambda p: p("Hi", voice_preset="v2/en_speakr_1"), ValueError, "v2/en_speaker_1"),
+    (lambda p: p("Hi", voice_preset="/nowhere/voice.npz"), FileNotFoundError, "voice.npz"),
+    (lambda p: p(["a", "b"], voice_preset=["v2/en_speaker_0"]), ValueError, "one per text"),
+    (lambda p: p("Hi", generate_kwargs={"temperature": 0.5}), ValueError, "stage prefix"),
+    (lambda p: p("Hi", generate_kwargs={"semantic_tempreature": 0.5}), ValueError, "semantic"),
+    (lambda p: p("Hi", voice="x"), TypeError, "Unknown BarkPipeline setting"),
+])
+def test_bad_input_gets_a_clear_error(pipe, call, error, message):
+    with pytest.raises(error, match=message):
+        call(pipe)
+
+
+def test_bad_preset_file_is_refused(pipe, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, semantic_prompt=np.arange(5))
+    with pytest.raises(ValueError, match="coarse_prompt"):
+        pipe("Hi", voice_preset=str(bad))
+
+
+def test_other_text_to_audio_models_keep_transformers_pipeline(tmp_path):
+    stage = dict(num_layers=1, num_heads=2, hidden_size=16, block_size=64)
+    config = BarkConfig(semantic_config=stage, coarse_acoustics_config=stage, fine_acoustics_config=stage)
+    bark = BarkModel(config).eval()
+    tokenizer = BertTokenizer.from_pretrained(_tiny_bert_vocab(tmp_path))
+    pipe = pipeline("text-to-audio", model=bark, tokenizer=tokenizer, device="cpu")
+    assert type(pipe) is TextToAudioPipeline
+
+
+def _tiny_bert_vocab(folder):
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    return str(folder)
+
+
+def test_auto_classes_know_every_model(tiny_model_dir):
+    register()  # a second registration is harmless
+    assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), bark_hf.BarkHfConfig)
+    assert type(AutoModelForTextToWaveform.from_pretrained(tiny_model_dir)) is BarkHfModel
+    assert type(AutoModel.from_pretrained(tiny_model_dir)) is BarkHfModel
+    assert type(AutoProcessor.from_pretrained(tiny_model_dir)) is BarkHfProcessor
+    semantic_config = BarkHfSemanticConfig(num_layers=1, num_heads=2, hidden_size=16)
+    assert type(AutoModelForCausalLM.from_config(semantic_config)) is BarkHfSemanticModel
+    fine = AutoModel.from_config(AutoConfig.for_model("bark_hf_fine", num_layers=1, num_heads=2, hidden_size=16))
+    assert type(fine) is BarkHfFineModel
+
+
+def test_save_code_leaves_the_config_in_memory_unchanged(tmp_path):
+    model, _ = bark_hf.tiny_random.tiny_random_bark()
+    model.save_pretrained(tmp_path / "with_code", save_code=True)
+    assert "auto_map" not in model.config.to_dict()
+    saved = json.loads((tmp_path / "with_code" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForTextToWaveform"] == "modeling_bark_hf.BarkHfModel"
+    assert "custom_pipelines" not in saved
+    for name in ("configuration_bark_hf.py", "modeling_bark_hf.py", "pipeline_bark_hf.py", "processing_bark_hf.py"):
+        assert (tmp_path / "with_code" / name).is_file()
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent("""
+    import sys, json
+    import numpy as np
+
+    class NoBarkHf:  # prove the package itself is never imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "bark_hf" or name.startswith("bark_hf."):
+                raise ImportError("bark_hf must not be imported in this process")
+    sys.meta_path.insert(0, NoBarkHf())
+
+    from transformers import pipeline
+    folder, preset, settings, output = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    pipe = pipeline("text-to-audio", model=folder, trust_remote_code=True, device="cpu")
+    result = pipe("Hello there.", voice_preset=preset, generate_kwargs=settings)
+    np.save(output, result["audio"])
+    print(type(pipe).__name__, type(pipe.model).__module__, result["sampling_rate"])
+""")
+
+
+def test_remote_code_pipeline_without_the_package(pipe, tmp_path):
+    folder = tmp_path / "bark-with-code"
+    pipe.model.save_pretrained(folder, save_code=True)
+    pipe.processor.save_pretrained(folder)
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), "v2/en_speaker_1", json.dumps(GREEDY), str(tmp_path / "out.npy")],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, module, rate = result.stdout.split()[-3:]
+    assert name == "BarkPipeline" and module.startswith("transformers_modules.") and rate == "24000"
+    expected = pipe("Hello there.", voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY)["audio"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+def test_folder_with_code_still_loads_without_trust_when_the_package_is_imported(pipe, tmp_path):
+    folder = tmp_path / "bark-with-code"
+    pipe.model.save_pretrained(folder, save_code=True)
+    pipe.processor.save_pretrained(folder)
+    loaded = pipeline("text-to-audio", model=str(folder), device="cpu")
+    assert type(loaded) is BarkPipeline
+    output = loaded("Hi!", generate_kwargs=GREEDY)
+    np.testing.assert_array_equal(output["audio"], pipe("Hi!", generate_kwargs=GREEDY)["audio"])

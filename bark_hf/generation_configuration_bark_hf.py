@@ -49,6 +49,23 @@ class _JsonConfig:
     (beams, `do_sample`) would only add noise.
     """
 
+    def __post_init__(self) -> None:
+        """Refuse sampling settings that would fail deep inside torch (a zero temperature divides by zero)."""
+        temperature = getattr(self, "temperature", 1.0)
+        if temperature is not None and not temperature > 0:
+            allowed = "None (argmax) or " if isinstance(self, BarkHfFineGenerationConfig) else ""
+            raise ValueError(f"temperature must be {allowed}a number > 0, got {temperature}; use top_k=1 for "
+                             "greedy decoding.")
+        top_k = getattr(self, "top_k", None)
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}.")
+        top_p = getattr(self, "top_p", None)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be None or within (0, 1], got {top_p}.")
+        min_eos_p = getattr(self, "min_eos_p", None)
+        if min_eos_p is not None and not 0 <= min_eos_p <= 1:
+            raise ValueError(f"min_eos_p must be None or within [0, 1], got {min_eos_p}.")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -134,6 +151,7 @@ class BarkHfCoarseGenerationConfig(_JsonConfig):
     """Positions the coarse GPT can attend over; bounds history + window + semantic context."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         low, high = COARSE_HISTORY_RANGE
         if not low <= self.max_coarse_history <= high:
             raise ValueError(f"max_coarse_history must be within [{low}, {high}], got {self.max_coarse_history}.")

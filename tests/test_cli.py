@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 import wave
 
+import numpy as np
 import pytest
+from conftest import TINY_PRESET_NAMES
 
 from bark_hf.cli import main
 
@@ -45,3 +50,67 @@ def test_unreachable_model_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", "nobody/no-such-bark", "--quiet"]) == 1
     assert "--model" in capsys.readouterr().err
+
+
+def _wav_samples(path) -> np.ndarray:
+    with wave.open(str(path)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24_000, 1, 2)
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+def test_say_from_a_folder_with_a_preset_is_repeatable(tmp_path, tiny_model_dir):
+    common = ["--model", str(tiny_model_dir), "--voice", "v2/en_speaker_1", "--seed", "5", "--quiet"]
+    assert main(["say", "Hello there.", "-o", str(tmp_path / "a.wav"), *common]) == 0
+    assert main(["say", "Hello there.", "-o", str(tmp_path / "b.wav"), *common]) == 0
+    np.testing.assert_array_equal(_wav_samples(tmp_path / "a.wav"), _wav_samples(tmp_path / "b.wav"))
+
+
+def test_say_reads_a_file_and_stdin(tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "text.txt").write_text("Hello there.", encoding="utf-8")
+    common = ["--model", str(tiny_model_dir), "--seed", "1", "--quiet"]
+    assert main(["say", "--file", str(tmp_path / "text.txt"), "-o", str(tmp_path / "file.wav"), *common]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there."))
+    assert main(["say", "-", "-o", str(tmp_path / "stdin.wav"), *common]) == 0
+    assert main(["say", "Hello there.", "-o", str(tmp_path / "arg.wav"), *common]) == 0
+    np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "stdin.wav"))
+    np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "arg.wav"))
+
+
+def test_say_long_text_is_one_wav_of_joined_chunks(tmp_path, tiny_model_dir):
+    text = " ".join(f"Sentence number {i} is here, and it goes on for a while." for i in range(8))
+    output = tmp_path / "long.wav"
+    assert main(["say", text, "-o", str(output), "--model", str(tiny_model_dir), "--voice", "v2/en_speaker_0",
+                 "--silence", "0.5", "--quiet"]) == 0
+    samples = _wav_samples(output)
+    silence = np.flatnonzero(samples == 0)
+    assert samples.shape[0] > 3 * 24_000 and silence.shape[0] >= 12_000  # at least one 0.5 s gap
+
+
+def test_say_in_bfloat16(tmp_path):
+    output = tmp_path / "bf16.wav"
+    assert main(["say", "Hi.", "-o", str(output), "--model", "tiny-random", "--dtype", "bfloat16", "--quiet"]) == 0
+    assert _wav_samples(output).shape[0] > 0
+
+
+def test_voices_lists_the_presets(tiny_model_dir, capsys):
+    assert main(["voices", "--model", str(tiny_model_dir)]) == 0
+    assert capsys.readouterr().out.split() == sorted(TINY_PRESET_NAMES)
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--file", "{dir}/missing.txt"], "missing.txt"),
+    (["Hi.", "--text-temp", "0"], "temperature"),
+])
+def test_say_more_bad_input(tmp_path, capsys, arguments, message):
+    arguments = [a.format(dir=tmp_path) for a in arguments]
+    assert main(["say", *arguments, "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.wav"))
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bark_hf", "say", "Hi.", "-o", str(tmp_path / "m.wav"),
+                             "--model", "tiny-random", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _wav_samples(tmp_path / "m.wav").shape[0] > 0

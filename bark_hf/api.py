@@ -1,0 +1,328 @@
+"""Suno's `bark` API on bark-hf models: change `from bark import ...` to `from bark_hf.api import ...`.
+
+The functions keep the original's names, arguments and return values (bark/api.py and
+`preload_models` of bark/generation.py). Like the original, the API is stateful: `preload_models`
+loads one model and its processor into `_loaded`, and every function uses them, loading the
+default model on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from . import loading
+from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
+from .longform import DEFAULT_SILENCE_S, generate_long_form
+from .modeling_bark_hf import BarkHfModel
+from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
+
+logger = logging.get_logger(__name__)
+
+USE_SMALL_MODELS_ENV = "SUNO_USE_SMALL_MODELS"
+"""Environment flag, as in the original: load `suno/bark-small` when no model is named."""
+OFFLOAD_CPU_ENV = "SUNO_OFFLOAD_CPU"
+"""Environment flag, as in the original: keep stages on the CPU and move each to the GPU only while it runs."""
+FINE_TEMPERATURE = BarkHfFineGenerationConfig().temperature
+"""The original API always samples the fine stage at this temperature (0.5)."""
+
+# The stage modules of `BarkHfModel`, in the order the `*_use_gpu` flags of `preload_models` name them.
+_STAGES = ("semantic", "coarse_acoustics", "fine_acoustics", "codec_model")
+
+
+@dataclass
+class _LoadedBark:
+    """What `preload_models` loaded, and the request it answered (to skip reloading the same one)."""
+
+    model: BarkHfModel
+    processor: BarkHfProcessor
+    request: tuple[Any, ...]
+
+
+_loaded: _LoadedBark | None = None
+"""The model every API function uses: the original API keeps its models in module state too."""
+
+
+def _env_flag(name: str) -> bool:
+    """The original's reading of its `SUNO_*` variables: 'true', '1' or 't' (any case) turn them on."""
+    return os.environ.get(name, "false").strip().lower() in ("true", "1", "t")
+
+
+def preload_models(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    text_use_gpu: bool = True,
+    text_use_small: bool = False,
+    coarse_use_gpu: bool = True,
+    coarse_use_small: bool = False,
+    fine_use_gpu: bool = True,
+    fine_use_small: bool = False,
+    codec_use_gpu: bool = True,
+    force_reload: bool = False,
+    path: str | os.PathLike | None = None,
+) -> None:
+    """Load the model and processor that the API functions use.
+
+    `model` (or `path`) is a folder, a Hub id or `"tiny-random"`. Without one: `suno/bark-small`
+    when `SUNO_USE_SMALL_MODELS` is set or any `*_use_small` flag is True, else `suno/bark` (both
+    sizes come as one model here, so the flags pick the size of all stages). Without `device`,
+    each stage goes to CUDA when it is available and that stage's `*_use_gpu` flag allows.
+    `SUNO_OFFLOAD_CPU` turns on `model.enable_cpu_offload()` when any stage would use a GPU:
+    the stages then wait on the CPU and each runs on the GPU only while it is needed. Calling
+    again with the same request keeps the loaded model unless `force_reload=True`.
+    """
+    global _loaded
+    if model is not None and path is not None and os.fspath(model) != os.fspath(path):
+        raise ValueError(f"Got both model={model!r} and path={path!r}; pass only one of them (path is an alias).")
+    name = model if model is not None else path
+    if name is None:
+        use_small = _env_flag(USE_SMALL_MODELS_ENV) or text_use_small or coarse_use_small or fine_use_small
+        name = loading.DEFAULT_MODEL if use_small else loading.LARGE_MODEL
+    name = os.fspath(name)
+
+    use_gpu = (text_use_gpu, coarse_use_gpu, fine_use_gpu, codec_use_gpu)
+    if device is None:
+        has_cuda = torch.cuda.is_available()
+        if not has_cuda and any(use_gpu):
+            logger.warning("No GPU being used. Careful, inference might be very slow!")
+        stage_devices = tuple(torch.device("cuda" if has_cuda and flag else "cpu") for flag in use_gpu)
+    else:
+        stage_devices = (torch.device(device),) * len(_STAGES)
+    offload = _env_flag(OFFLOAD_CPU_ENV)
+    request = (name, stage_devices, dtype, offload)
+    if _loaded is not None and _loaded.request == request and not force_reload:
+        return
+
+    _loaded = None  # free the previous model before loading the next one
+    bark, processor = loading.load_bark(name, dtype=dtype)
+    accelerator = next((stage_device for stage_device in stage_devices if stage_device.type != "cpu"), None)
+    if offload and accelerator is not None:
+        bark.enable_cpu_offload(accelerator)
+    else:
+        if offload:
+            logger.info(f"{OFFLOAD_CPU_ENV} has no effect: every stage runs on the CPU.")
+        for stage, stage_device in zip(_STAGES, stage_devices, strict=True):
+            getattr(bark, stage).to(stage_device)
+    _loaded = _LoadedBark(bark, processor, request)
+
+
+def loaded_model_and_processor() -> tuple[BarkHfModel, BarkHfProcessor]:
+    """The model and processor the API functions use, loading the default ones if none are loaded."""
+    if _loaded is None:
+        preload_models()
+    return _loaded.model, _loaded.processor
+
+
+def _check_text(text: Any) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string; got {type(text).__name__}.")
+    if not text.strip():
+        raise ValueError("text is empty or whitespace only; pass at least one word to speak.")
+    return text
+
+
+def _check_temperature(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number (0.7 is the default); got {value!r}.")
+    return float(value)
+
+
+def _seed(seed: int | None) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
+    torch.manual_seed(seed)
+
+
+def _voice_preset(processor: BarkHfProcessor, history_prompt: VoicePreset | None) -> dict[str, np.ndarray] | None:
+    """Validated int64 arrays of a preset name, `.npz` path or dict; None stays None."""
+    if history_prompt is None:
+        return None
+    return processor.load_voice_preset(history_prompt)
+
+
+def _checked_semantic_tokens(semantic_tokens: Any) -> np.ndarray:
+    """The int64 copy of a 1-D array of semantic tokens, refusing what the coarse stage cannot read.
+
+    An empty array passes (the semantic stage gives one when speech ends at once): its audio is empty.
+    """
+    if isinstance(semantic_tokens, torch.Tensor):
+        semantic_tokens = semantic_tokens.detach().cpu().numpy()
+    tokens = np.asarray(semantic_tokens)
+    if tokens.ndim != 1:
+        raise ValueError(
+            f"semantic_tokens must be a 1-D array (the output of text_to_semantic); got shape {tuple(tokens.shape)}."
+        )
+    if tokens.size == 0:
+        return tokens.astype(np.int64)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"semantic_tokens must hold integers; got dtype {tokens.dtype}.")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= SEMANTIC_VOCAB_SIZE:
+        raise ValueError(
+            f"semantic_tokens has values in [{low}, {high}]; expected values in [0, {SEMANTIC_VOCAB_SIZE})."
+        )
+    return tokens.astype(np.int64)
+
+
+def text_to_semantic(
+    text: str,
+    history_prompt: VoicePreset | None = None,
+    temp: float = 0.7,
+    silent: bool = False,
+) -> np.ndarray:
+    """Semantic tokens `[S]` (int64) for `text`, to pass to `semantic_to_waveform`.
+
+    `history_prompt` is a preset name of the loaded processor, an `.npz` path, or a dict of the
+    three prompt arrays; `temp` the sampling temperature; `silent` hides the progress bar.
+    """
+    _check_text(text)
+    temp = _check_temperature("temp", temp)
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    inputs = processor(text)
+    # Under enable_cpu_offload only the running stage sits on the accelerator, as in BarkHfModel.generate.
+    model._offload_all_but(model.semantic)
+    output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset, use_cache=True,
+                                     show_progress=not silent, temperature=temp)
+    model._offload_all_but(None)
+    return output.sequences[0, : output.lengths[0]].cpu().numpy()
+
+
+def semantic_to_waveform(
+    semantic_tokens: np.ndarray,
+    history_prompt: VoicePreset | None = None,
+    temp: float = 0.7,
+    silent: bool = False,
+    output_full: bool = False,
+) -> np.ndarray | tuple[dict[str, np.ndarray], np.ndarray]:
+    """Float32 audio `[samples]` at 24 kHz for semantic tokens `[S]`.
+
+    `temp` is the coarse stage's temperature; the fine stage samples at 0.5, as in the original.
+    With `output_full=True` returns `(full_generation, audio)`, where `full_generation` holds
+    `semantic_prompt [S]`, `coarse_prompt [2, T]` and `fine_prompt [8, T]`: a voice preset for
+    the next call (or for `save_as_prompt`).
+    """
+    tokens = _checked_semantic_tokens(semantic_tokens)
+    temp = _check_temperature("temp", temp)
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    model._offload_all_but(model.coarse_acoustics)  # a no-op unless enable_cpu_offload is on
+    coarse = model.coarse_acoustics.generate(torch.from_numpy(tokens)[None], None, preset, use_cache=True,
+                                             show_progress=not silent, temperature=temp)  # [1, 2, T]
+    model._offload_all_but(model.fine_acoustics)
+    fine = model.fine_acoustics.generate(coarse.sequences, coarse.lengths, preset,
+                                         temperature=FINE_TEMPERATURE)  # [1, 8, T]
+    model._offload_all_but(model.codec_model)
+    audio, audio_lengths = model.codec_decode(fine.sequences, fine.lengths)
+    model._offload_all_but(None)
+    audio = audio[0, : audio_lengths[0]].cpu().numpy()
+    if not output_full:
+        return audio
+    full_generation = {
+        "semantic_prompt": tokens,
+        "coarse_prompt": coarse.sequences[0, :, : coarse.lengths[0]].cpu().numpy(),
+        "fine_prompt": fine.sequences[0, :, : fine.lengths[0]].cpu().numpy(),
+    }
+    return full_generation, audio
+
+
+def generate_audio(
+    text: str,
+    history_prompt: VoicePreset | None = None,
+    text_temp: float = 0.7,
+    waveform_temp: float = 0.7,
+    silent: bool = False,
+    output_full: bool = False,
+    *,
+    seed: int | None = None,
+) -> np.ndarray | tuple[dict[str, np.ndarray], np.ndarray]:
+    """Float32 audio `[samples]` at 24 kHz for `text`: `text_to_semantic`, then `semantic_to_waveform`.
+
+    `text_temp` is the semantic stage's temperature, `waveform_temp` the coarse stage's.
+    `seed` (not in the original) seeds torch first, for a repeatable result. `output_full=True`
+    returns `(full_generation, audio)` as `semantic_to_waveform` does.
+    """
+    text_temp = _check_temperature("text_temp", text_temp)
+    waveform_temp = _check_temperature("waveform_temp", waveform_temp)  # before the long semantic stage
+    _seed(seed)
+    semantic_tokens = text_to_semantic(text, history_prompt, temp=text_temp, silent=silent)
+    return semantic_to_waveform(semantic_tokens, history_prompt, temp=waveform_temp, silent=silent,
+                                output_full=output_full)
+
+
+def generate_long_audio(
+    text: str,
+    history_prompt: VoicePreset | None = None,
+    silence_s: float = DEFAULT_SILENCE_S,
+    text_temp: float = 0.7,
+    waveform_temp: float = 0.7,
+    silent: bool = False,
+    output_full: bool = False,
+    seed: int | None = None,
+) -> np.ndarray | tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """Float32 audio at 24 kHz for text of any length (not in the original API).
+
+    The text is cut into sentence chunks that each fit one generation, all spoken in one voice
+    (`history_prompt`, or without one the first chunk's), and joined with `silence_s` seconds of
+    silence; see `bark_hf.longform.generate_long_form`. `output_full=True` returns
+    `(full_generations, audio)` with one full generation per chunk.
+    """
+    settings = {
+        "semantic_temperature": _check_temperature("text_temp", text_temp),
+        "coarse_temperature": _check_temperature("waveform_temp", waveform_temp),
+        "fine_temperature": FINE_TEMPERATURE,
+    }
+    model, processor = loaded_model_and_processor()
+    result = generate_long_form(model, processor, text, voice_preset=history_prompt, silence_s=silence_s, seed=seed,
+                                generate_kwargs=settings, show_progress=not silent)
+    if output_full:
+        return result.generations, result.audio
+    return result.audio
+
+
+def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """Save a `full_generation` (see `generate_audio(..., output_full=True)`) as an `.npz` voice preset.
+
+    The arrays are validated first, so the file always loads back as a `history_prompt`. The file
+    is written to a temporary name and renamed; an existing file is replaced only with `overwrite=True`.
+    """
+    path = Path(filepath)
+    if path.suffix != ".npz":
+        raise ValueError(f"A voice preset file name ends in '.npz'; got {os.fspath(filepath)!r}.")
+    arrays = validate_voice_preset(full_generation)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another path.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "SAMPLE_RATE",
+    "generate_audio",
+    "generate_long_audio",
+    "loaded_model_and_processor",
+    "preload_models",
+    "save_as_prompt",
+    "semantic_to_waveform",
+    "text_to_semantic",
+]

@@ -1,0 +1,373 @@
+"""The suno-compatible API (`bark_hf.api`) on tiny models, and its parity with the original `bark.api`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXTS, random_voice_preset
+from test_parity_original import original  # noqa: F401  (the original `bark.generation`, models filled)
+
+from bark_hf import api, loading
+from bark_hf.tiny_random import tiny_random_bark
+
+TEXT = "Hello world."
+SEMANTIC_SECONDS = 1.0  # shorter than the tiny model's 3 s cap, to keep each generation quick
+
+
+@pytest.fixture(autouse=True)
+def fresh_api(monkeypatch):
+    """Every test starts with nothing loaded and without the original's environment flags."""
+    monkeypatch.setattr(api, "_loaded", None)
+    monkeypatch.delenv(api.USE_SMALL_MODELS_ENV, raising=False)
+    monkeypatch.delenv(api.OFFLOAD_CPU_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir):
+    """The tiny saved model (presets v2/en_speaker_0, v2/en_speaker_1, v2/de_speaker_3), loaded once."""
+    api._loaded = None
+    api.preload_models(model=str(tiny_model_dir), device="cpu")
+    loaded = api._loaded
+    loaded.model.semantic.generation_config.max_gen_duration_s = SEMANTIC_SECONDS
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # EnCodec's codebooks start at zero: spread them so the audio depends on the codes
+        for layer in loaded.model.codec_model.quantizer.layers:
+            layer.codebook.embed.copy_(torch.randn(layer.codebook.embed.shape, generator=generator))
+    api._loaded = None
+    return loaded
+
+
+@pytest.fixture
+def tiny(monkeypatch, tiny_loaded):
+    monkeypatch.setattr(api, "_loaded", tiny_loaded)
+    return tiny_loaded
+
+
+class FakeBark:
+    """Stands in for a loaded model where only `preload_models`' choices are checked."""
+
+    def __init__(self):
+        for stage in api._STAGES:
+            setattr(self, stage, torch.nn.Linear(1, 1))
+        self.offloaded_to = None
+
+    def enable_cpu_offload(self, accelerator_device=None):
+        self.offloaded_to = torch.device(accelerator_device)
+
+
+@pytest.fixture
+def fake_loader(monkeypatch):
+    """Records the arguments `load_bark` gets; returns a `FakeBark`."""
+    calls = []
+
+    def fake_load_bark(name, device=None, dtype=None):
+        calls.append(name)
+        return FakeBark(), object()
+
+    monkeypatch.setattr(loading, "load_bark", fake_load_bark)
+    return calls
+
+
+def stage_devices():
+    return {stage: getattr(api._loaded.model, stage).weight.device.type for stage in api._STAGES}
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+def test_generate_audio_is_float32_24khz(tiny):
+    full, audio = api.generate_audio(TEXT, seed=0, silent=True, output_full=True)
+    assert api.SAMPLE_RATE == 24_000
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    n_semantic = full["semantic_prompt"].shape[0]
+    assert 0 < n_semantic <= round(SEMANTIC_SECONDS * 49.9) + 1
+    n_frames = int(np.floor(n_semantic * 75 / 49.9))
+    assert full["coarse_prompt"].shape == (2, n_frames) and full["fine_prompt"].shape == (8, n_frames)
+    assert all(array.dtype == np.int64 for array in full.values())
+    np.testing.assert_array_equal(full["fine_prompt"][:2], full["coarse_prompt"])
+    assert audio.shape == (n_frames * 320,)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_seed_makes_generation_repeatable(tiny):
+    first_full, first = api.generate_audio(TEXT, seed=3, silent=True, output_full=True)
+    second_full, second = api.generate_audio(TEXT, seed=3, silent=True, output_full=True)
+    other_full, other = api.generate_audio(TEXT, seed=4, silent=True, output_full=True)
+    for key in first_full:
+        np.testing.assert_array_equal(first_full[key], second_full[key])
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first_full["semantic_prompt"], other_full["semantic_prompt"])
+    assert first.shape != other.shape or not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize("history_prompt", [None, "v2/en_speaker_1"])
+def test_generate_audio_equals_its_two_stages(tiny, history_prompt):
+    full, audio = api.generate_audio(TEXT, history_prompt, text_temp=0.9, waveform_temp=0.6, silent=True,
+                                     output_full=True, seed=11)
+    torch.manual_seed(11)
+    semantic = api.text_to_semantic(TEXT, history_prompt, temp=0.9, silent=True)
+    full_two_step, audio_two_step = api.semantic_to_waveform(semantic, history_prompt, temp=0.6, silent=True,
+                                                             output_full=True)
+    for key in full:
+        np.testing.assert_array_equal(full_two_step[key], full[key])
+    np.testing.assert_array_equal(audio_two_step, audio)
+
+
+def test_temperatures_reach_their_stages(tiny, monkeypatch):
+    seen = {}
+    model = tiny.model
+    for name, stage in (("semantic", model.semantic), ("coarse", model.coarse_acoustics),
+                        ("fine", model.fine_acoustics)):
+        def spy(*args, _name=name, _generate=stage.generate, **kwargs):
+            seen[_name] = (kwargs.get("temperature"), kwargs.get("show_progress"))
+            return _generate(*args, **kwargs)
+
+        monkeypatch.setattr(stage, "generate", spy)
+    api.generate_audio(TEXT, text_temp=0.9, waveform_temp=0.4, silent=True, seed=0)
+    assert seen == {"semantic": (0.9, False), "coarse": (0.4, False), "fine": (0.5, None)}
+
+
+def test_preset_by_name_equals_its_arrays(tiny):
+    preset = tiny.processor.load_voice_preset("v2/en_speaker_1")
+    by_name = api.generate_audio(TEXT, "v2/en_speaker_1", seed=2, silent=True)
+    by_dict = api.generate_audio(TEXT, preset, seed=2, silent=True)
+    without = api.generate_audio(TEXT, seed=2, silent=True)
+    np.testing.assert_array_equal(by_name, by_dict)
+    assert by_name.shape != without.shape or not np.array_equal(by_name, without)
+
+
+def test_full_generation_saved_as_prompt_loads_back(tiny, tmp_path):
+    full, _ = api.generate_audio(TEXT, "v2/de_speaker_3", seed=5, silent=True, output_full=True)
+    path = tmp_path / "my_voice.npz"
+    assert api.save_as_prompt(str(path), full) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["my_voice.npz"]  # no temporary file left
+    with np.load(path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == sorted(full)
+        for key in full:
+            np.testing.assert_array_equal(saved[key], full[key])
+    from_file = api.generate_audio("Next sentence.", str(path), seed=6, silent=True, output_full=True)
+    from_dict = api.generate_audio("Next sentence.", full, seed=6, silent=True, output_full=True)
+    for key in full:
+        np.testing.assert_array_equal(from_file[0][key], from_dict[0][key])
+    np.testing.assert_array_equal(from_file[1], from_dict[1])
+
+
+def test_save_as_prompt_refuses_to_overwrite_unless_asked(tmp_path):
+    path = tmp_path / "voice.npz"
+    path.write_bytes(b"keep me")
+    first, second = random_voice_preset(0), random_voice_preset(1)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        api.save_as_prompt(path, first)
+    assert path.read_bytes() == b"keep me"
+    api.save_as_prompt(path, second, overwrite=True)
+    with np.load(path, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["semantic_prompt"], second["semantic_prompt"])
+    assert [p.name for p in tmp_path.iterdir()] == ["voice.npz"]
+
+
+@pytest.mark.parametrize("name,full,error,match", [
+    ("voice.wav", random_voice_preset(0), ValueError, "'.npz'"),
+    ("voice.npz", [1, 2, 3], TypeError, "mapping"),
+    ("voice.npz", {"semantic_prompt": np.arange(3)}, ValueError, "missing: coarse_prompt, fine_prompt"),
+    ("voice.npz", {**random_voice_preset(0), "semantic_prompt": np.full(40, 10_000)}, ValueError, "values in"),
+    ("missing/voice.npz", random_voice_preset(0), FileNotFoundError, "does not exist"),
+])
+def test_save_as_prompt_bad_input(tmp_path, name, full, error, match):
+    with pytest.raises(error, match=match):
+        api.save_as_prompt(tmp_path / name, full)
+    assert not list(tmp_path.rglob("*.*"))
+
+
+# --- bad input to generation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: api.generate_audio(123), TypeError, "text must be a string"),
+    (lambda: api.generate_audio(["a", "b"]), TypeError, "text must be a string"),
+    (lambda: api.generate_audio("  \n "), ValueError, "empty"),
+    (lambda: api.generate_audio(TEXT, text_temp=0), ValueError, "text_temp must be a positive number"),
+    (lambda: api.generate_audio(TEXT, waveform_temp=-1.0), ValueError, "waveform_temp"),
+    (lambda: api.generate_audio(TEXT, seed="1"), TypeError, "seed must be an integer"),
+    (lambda: api.generate_audio(TEXT, "v2/en_speakr_1"), ValueError, "Close matches: v2/en_speaker_1"),
+    (lambda: api.generate_audio(TEXT, "no/such/voice.npz"), FileNotFoundError, "voice.npz"),
+    (lambda: api.generate_audio(TEXT, 42), TypeError, "voice_preset must be"),
+    (lambda: api.generate_audio(TEXT, {"semantic_prompt": np.arange(3)}), ValueError, "missing"),
+    (lambda: api.text_to_semantic(None), TypeError, "text must be a string"),
+    (lambda: api.semantic_to_waveform(np.zeros((2, 3), dtype=np.int64)), ValueError, r"shape \(2, 3\)"),
+    (lambda: api.semantic_to_waveform(np.array([0.5, 1.0])), TypeError, "integers"),
+    (lambda: api.semantic_to_waveform(np.array([3, 10_000])), ValueError, r"\[3, 10000\]"),
+    (lambda: api.semantic_to_waveform(np.array([3, 4]), temp=None), ValueError, "temp must be"),
+])
+def test_bad_input_is_one_clear_error(tiny, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_no_semantic_tokens_give_empty_audio(tiny):
+    full, audio = api.semantic_to_waveform(np.array([]), "v2/en_speaker_0", silent=True, output_full=True)
+    assert audio.shape == (0,) and audio.dtype == np.float32
+    assert {key: value.shape for key, value in full.items()} == {
+        "semantic_prompt": (0,), "coarse_prompt": (2, 0), "fine_prompt": (8, 0)}
+
+
+def test_unreadable_preset_file_names_it(tiny, tmp_path):
+    path = tmp_path / "broken.npz"
+    path.write_text("not an archive")
+    with pytest.raises(ValueError, match="broken.npz"):
+        api.generate_audio(TEXT, str(path))
+
+
+# --- preload_models ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env,flags,expected", [
+    (None, {}, loading.LARGE_MODEL),
+    ("False", {}, loading.LARGE_MODEL),
+    ("True", {}, loading.DEFAULT_MODEL),
+    ("1", {}, loading.DEFAULT_MODEL),
+    (None, {"text_use_small": True}, loading.DEFAULT_MODEL),
+    (None, {"fine_use_small": True}, loading.DEFAULT_MODEL),
+])
+def test_default_model_follows_small_flags(fake_loader, monkeypatch, env, flags, expected):
+    if env is not None:
+        monkeypatch.setenv(api.USE_SMALL_MODELS_ENV, env)
+    api.preload_models(**flags)
+    assert fake_loader == [expected]
+    assert loading.DEFAULT_MODEL == "suno/bark-small" and loading.LARGE_MODEL == "suno/bark"
+
+
+def test_named_model_or_path_wins(fake_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv(api.USE_SMALL_MODELS_ENV, "1")
+    api.preload_models("tiny-random")
+    api.preload_models(path=tmp_path)
+    assert fake_loader == ["tiny-random", str(tmp_path)]
+    with pytest.raises(ValueError, match="only one"):
+        api.preload_models("tiny-random", path=tmp_path)
+
+
+def test_preload_keeps_the_loaded_model_unless_forced(fake_loader):
+    api.preload_models("tiny-random")
+    model = api._loaded.model
+    api.preload_models("tiny-random")
+    assert api._loaded.model is model and len(fake_loader) == 1
+    api.preload_models("tiny-random", force_reload=True)
+    assert api._loaded.model is not model and len(fake_loader) == 2
+    api.preload_models("other")
+    assert fake_loader[-1] == "other"
+
+
+def test_offload_env_flag_enables_cpu_offload(fake_loader, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda module, device: module)
+    api.preload_models("tiny-random")
+    assert api._loaded.model.offloaded_to is None
+    monkeypatch.setenv(api.OFFLOAD_CPU_ENV, "True")
+    api.preload_models("tiny-random")  # a changed flag is a new request: reloads
+    assert api._loaded.model.offloaded_to == torch.device("cuda") and len(fake_loader) == 2
+    api.preload_models("tiny-random", device="cpu")  # nothing to offload to: the flag is ignored
+    assert api._loaded.model.offloaded_to is None
+
+
+def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):
+    """Under enable_cpu_offload each stage is held on the accelerator only while it runs."""
+    model = tiny.model
+    running = []
+    offload_all_but = model._offload_all_but
+
+    def spy(stage):
+        running.append(next((name for name in api._STAGES if getattr(model, name) is stage), None))
+        offload_all_but(stage)
+
+    monkeypatch.setattr(model, "offload_device", torch.device("cpu"))  # what enable_cpu_offload("cpu") sets
+    monkeypatch.setattr(model, "_offload_all_but", spy)
+    audio = api.generate_audio(TEXT, silent=True, seed=0)
+    assert running == ["semantic", None, "coarse_acoustics", "fine_acoustics", "codec_model", None]
+    assert audio.size > 0
+
+
+def test_devices_follow_use_gpu_flags(fake_loader, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    api.preload_models("tiny-random")
+    assert set(stage_devices().values()) == {"cpu"}
+    placed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda module, device: placed.append(torch.device(device).type))
+    api.preload_models("tiny-random", text_use_gpu=False, codec_use_gpu=False)
+    assert placed == ["cpu", "cuda", "cuda", "cpu"]  # semantic, coarse, fine, codec
+    placed.clear()
+    api.preload_models("tiny-random", device="cpu")
+    assert placed == ["cpu"] * 4
+
+
+def test_api_functions_load_the_default_model_lazily(monkeypatch):
+    names = []
+
+    def tiny_load_bark(name, device=None, dtype=None):
+        names.append(name)
+        model, processor = tiny_random_bark()
+        model.semantic.generation_config.max_gen_duration_s = SEMANTIC_SECONDS
+        return model, processor
+
+    monkeypatch.setattr(loading, "load_bark", tiny_load_bark)
+    semantic = api.text_to_semantic(TEXT, silent=True)
+    audio = api.semantic_to_waveform(semantic, silent=True)
+    assert names == [loading.LARGE_MODEL] and audio.dtype == np.float32 and audio.size > 0
+    assert api.loaded_model_and_processor()[0] is api._loaded.model
+
+
+# --- parity with the original `bark.api` ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed,with_preset", [(0, True), (5, False)])  # seeds whose speech ends soon
+def test_generate_audio_equals_original_api(original, converted_dir, tmp_path, seed, with_preset):  # noqa: F811
+    import bark.api
+
+    preset = None
+    if with_preset:
+        preset = str(tmp_path / "voice.npz")
+        np.savez(preset, **random_voice_preset(seed + 10, n_semantic=60))
+    settings = dict(text_temp=0.8, waveform_temp=0.6, silent=True, output_full=True)
+    torch.manual_seed(seed)
+    expected_full, expected_audio = bark.api.generate_audio(TEXTS["en"], history_prompt=preset, **settings)
+    api.preload_models(model=str(converted_dir), device="cpu")
+    full, audio = api.generate_audio(TEXTS["en"], history_prompt=preset, seed=seed, **settings)
+    for key in ("semantic_prompt", "coarse_prompt", "fine_prompt"):
+        np.testing.assert_array_equal(full[key], expected_full[key], err_msg=f"{key} differs from the original")
+    assert audio.dtype == np.float32 and audio.shape == expected_audio.shape
+    np.testing.assert_allclose(audio, expected_audio, atol=1e-5, rtol=0)
+
+
+# --- long audio ----------------------------------------------------------------------------------------------
+
+LONG_TEXT = " ".join(f"This is sentence number {word}, which goes on for a while to fill some time." for word in
+                     ("one", "two"))  # two chunks: each sentence is estimated at over 5 of the 10 s a chunk holds
+
+
+def test_generate_long_audio_joins_chunks_with_silence(tiny):
+    generations, audio = api.generate_long_audio(LONG_TEXT, "v2/en_speaker_0", silence_s=0.5, silent=True,
+                                                 output_full=True, seed=0)
+    assert len(generations) > 1 and audio.dtype == np.float32
+    chunk_samples = [generation["fine_prompt"].shape[1] * 320 for generation in generations]
+    assert audio.shape == (sum(chunk_samples) + (len(generations) - 1) * 12_000,)
+    silence_start = chunk_samples[0]
+    assert not audio[silence_start : silence_start + 12_000].any()
+
+
+def test_generate_long_audio_passes_its_settings(tiny, monkeypatch):
+    calls = []
+
+    def spy(model, processor, text, **kwargs):
+        calls.append((model, processor, text, kwargs))
+        return type("Result", (), {"audio": np.zeros(3, np.float32), "generations": []})()
+
+    monkeypatch.setattr(api, "generate_long_form", spy)
+    assert api.generate_long_audio("Hi.", "v2/en_speaker_1", 0.1, text_temp=0.9, waveform_temp=0.3,
+                                   seed=7).shape == (3,)
+    model, processor, text, kwargs = calls[0]
+    assert (model, processor, text) == (tiny.model, tiny.processor, "Hi.")
+    assert kwargs == dict(voice_preset="v2/en_speaker_1", silence_s=0.1, seed=7, show_progress=True,
+                          generate_kwargs=dict(semantic_temperature=0.9, coarse_temperature=0.3,
+                                               fine_temperature=0.5))
+    with pytest.raises(ValueError, match="waveform_temp"):
+        api.generate_long_audio("Hi.", waveform_temp=0)

@@ -10,10 +10,13 @@ step for step: exact parity includes the order in which random numbers are drawn
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import ModelOutput, cached_file, logging
@@ -40,24 +44,104 @@ from .generation_configuration_bark_hf import (
     load_generation_config,
     save_generation_config,
 )
+from .model_card import bark_model_card, save_model_card
 
 logger = logging.get_logger(__name__)
 
 # A voice preset as the processor returns it: arrays under "semantic_prompt" ([n]),
 # "coarse_prompt" ([2, m]) and "fine_prompt" ([8, m]); a list gives one per batch item.
 HistoryPrompt = Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None
-PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device `module` computes on. Under a device map or offload, accelerate's hooks hold it
+    (the weights themselves may wait on "meta", the CPU or disk); otherwise its first parameter's.
+    """
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        for single_hook in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            device = getattr(single_hook, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+class BarkHfKVCache:
+    """Keys and values of every causal layer, written in place into buffers `[B, H, max_length, D]`.
+
+    Generation sizes the cache for a whole run (semantic) or window (coarse) up front, so a decoding
+    step copies one position per layer instead of regrowing every layer's tensors with `torch.cat`.
+    A layer's buffer is allocated at its first write, on that layer's device and dtype (device maps
+    work unchanged). A write past `max_length` grows the buffer to fit, which is what a plain
+    `forward(use_cache=True)` relies on. `cache[layer]` is that layer's filled part as a `(key, value)`
+    pair of views, as in a tuple cache. Forward passes extend the cache in place and return it.
+
+    For compiled decoding (`BarkHfCausalModel._decode_step`) the shapes must not change from step
+    to step: with `write_position` set (a one-element tensor), `update` writes one position there
+    and returns the whole buffers, and the caller masks the positions not written yet.
+    """
+
+    def __init__(self, num_layers: int, max_length: int = 0):
+        self.max_length = max_length
+        self.write_position: torch.Tensor | None = None
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Positions held (the same in every layer between forward passes)."""
+        return self._lengths[-1]
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._keys[layer] is None:
+            raise IndexError(f"Layer {layer} of the KV cache holds nothing yet.")
+        end = self._lengths[layer]
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]  # [B, H, length, D] each
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `key` and `value` `[B, H, T, D]` to `layer`; return all of its keys and values so far."""
+        if self.write_position is not None:  # static shapes: the whole buffers, [B, H, max_length, D]
+            self._keys[layer].index_copy_(2, self.write_position, key)
+            self._values[layer].index_copy_(2, self.write_position, value)
+            return self._keys[layer], self._values[layer]
+        start = self._lengths[layer]
+        end = start + key.shape[-2]
+        buffer = self._keys[layer]
+        if buffer is None or end > buffer.shape[-2]:
+            capacity = max(end, self.max_length)
+            # Zeros, not garbage: the static path reads (masked) positions not written yet.
+            grown_keys = key.new_zeros(*key.shape[:2], capacity, key.shape[-1])  # [B, H, capacity, D]
+            grown_values = value.new_zeros(*value.shape[:2], capacity, value.shape[-1])
+            if start > 0:
+                grown_keys[:, :, :start] = self._keys[layer][:, :, :start]
+                grown_values[:, :, :start] = self._values[layer][:, :, :start]
+            self._keys[layer], self._values[layer] = grown_keys, grown_values
+        self._keys[layer][:, :, start:end] = key
+        self._values[layer][:, :, start:end] = value
+        self._lengths[layer] = end
+        return self[layer]
 
 
 class BarkHfAttention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`, causal or not."""
 
-    def __init__(self, config: BarkHfSemanticConfig | BarkHfCoarseConfig | BarkHfFineConfig, is_causal: bool):
+    def __init__(
+        self, config: BarkHfSemanticConfig | BarkHfCoarseConfig | BarkHfFineConfig, is_causal: bool, layer_idx: int = 0
+    ):
         super().__init__()
         self.num_heads = config.num_heads
         self.hidden_size = config.hidden_size
         self.dropout = config.dropout
         self.is_causal = is_causal
+        self.layer_idx = layer_idx
         self.att_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -65,25 +149,24 @@ class BarkHfAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        cache: BarkHfKVCache | None = None,
+    ) -> torch.Tensor:
         batch, length, width = hidden_states.shape
         head_dim = width // self.num_heads
         query, key, value = self.att_proj(hidden_states).split(width, dim=2)
         query = query.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         key = key.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         value = value.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
-        if past_key_value is not None:
-            key = torch.cat((past_key_value[0], key), dim=-2)  # [B, H, past + T, D]
-            value = torch.cat((past_key_value[1], value), dim=-2)  # [B, H, past + T, D]
-        present = (key, value) if use_cache else None
+        if cache is not None:
+            key, value = cache.update(self.layer_idx, key, value)  # [B, H, past + T, D] each
+        has_past = key.shape[-2] > length
 
         # The original calls SDPA with is_causal=True without a cache and is_causal=False for a
         # one-token step with one; keeping those exact calls keeps the floating point identical.
-        is_causal = self.is_causal and attention_mask is None and past_key_value is None
-        if self.is_causal and attention_mask is None and past_key_value is not None and length > 1:
+        # (Reading keys from a view of the preallocated buffer does not change the result.)
+        is_causal = self.is_causal and attention_mask is None and not has_past
+        if self.is_causal and attention_mask is None and has_past and length > 1:
             total = key.shape[-2]
             attention_mask = torch.ones(length, total, dtype=torch.bool, device=key.device).tril(total - length)
         dropout = self.dropout if self.training else 0.0
@@ -91,7 +174,7 @@ class BarkHfAttention(nn.Module):
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
         )  # [B, H, T, D]
         attended = attended.transpose(1, 2).contiguous().view(batch, length, width)  # [B, T, C]
-        return self.resid_dropout(self.out_proj(attended)), present
+        return self.resid_dropout(self.out_proj(attended))
 
 
 class BarkHfMLP(nn.Module):
@@ -109,25 +192,26 @@ class BarkHfMLP(nn.Module):
 class BarkHfBlock(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block. The fine GPT's LayerNorms always have a bias (as in the original)."""
 
-    def __init__(self, config: BarkHfSemanticConfig | BarkHfCoarseConfig | BarkHfFineConfig, is_causal: bool):
+    def __init__(
+        self, config: BarkHfSemanticConfig | BarkHfCoarseConfig | BarkHfFineConfig, is_causal: bool, layer_idx: int = 0
+    ):
         super().__init__()
         norm_bias = config.bias if is_causal else True
         self.layernorm_1 = nn.LayerNorm(config.hidden_size, bias=norm_bias)
-        self.attn = BarkHfAttention(config, is_causal=is_causal)
+        self.attn = BarkHfAttention(config, is_causal=is_causal, layer_idx=layer_idx)
         self.layernorm_2 = nn.LayerNorm(config.hidden_size, bias=norm_bias)
         self.mlp = BarkHfMLP(config)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        use_cache: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        attended, present = self.attn(self.layernorm_1(hidden_states), past_key_value, attention_mask, use_cache)
-        hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.mlp(self.layernorm_2(hidden_states))
-        return hidden_states, present
+        cache: BarkHfKVCache | None = None,
+    ) -> torch.Tensor:
+        # `cache` goes by keyword: under gradient checkpointing the base class drops it, so that
+        # the backward replay does not write the cache a second time.
+        hidden_states = hidden_states + self.attn(self.layernorm_1(hidden_states), attention_mask, cache)
+        return hidden_states + self.mlp(self.layernorm_2(hidden_states))
 
 
 class BarkHfPreTrainedModel(PreTrainedModel):
@@ -139,10 +223,40 @@ class BarkHfPreTrainedModel(PreTrainedModel):
     # transformers' Bark checkpoints carry the causal-mask buffers; SDPA needs none.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]
     generation_config_class: type = BarkHfSemanticGenerationConfig
+    # The transformers Auto classes that load this model: registration.py registers them, and
+    # `save_pretrained(save_code=True)` writes them into the config's `auto_map`.
+    auto_classes: tuple[str, ...] = ("AutoModel",)
 
-    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
+    @property
+    def device(self) -> torch.device:
+        """Where this model computes, and so where `generate` builds its tensors: see `execution_device`."""
+        return execution_device(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_code: bool = False,
+                        **kwargs: Any) -> None:
+        """Weights, config and generation config; with `save_code=True` also the bark-hf source files, so
+        that `from_pretrained(..., trust_remote_code=True)` and `pipeline(...)` work without the package.
+        """
+        previous_auto_map = vars(self.config).get("auto_map")
+        if save_code:
+            self.config.auto_map = {
+                "AutoConfig": f"configuration_bark_hf.{type(self.config).__name__}",
+                **{auto_class: f"modeling_bark_hf.{type(self).__name__}" for auto_class in self.auto_classes},
+            }
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:  # the config in memory stays as it was
+            vars(self.config).pop("auto_map", None)
+            if previous_auto_map is not None:
+                self.config.auto_map = previous_auto_map
         save_generation_config(self.generation_config, save_directory)
+        if isinstance(self.config, BarkHfConfig):  # the composite's folder gets a README.md for the Hub
+            save_model_card(bark_model_card(self.config, model_id=Path(save_directory).name), save_directory)
+        if save_code:
+            # The pipeline module imports (relatively) every module a remote-code user needs.
+            pipeline_module = Path(__file__).with_name("pipeline_bark_hf.py")
+            for source in (pipeline_module, *map(Path, get_relative_import_files(pipeline_module))):
+                shutil.copyfile(source, Path(save_directory) / source.name)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
@@ -243,30 +357,83 @@ def _empty_tokens(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long, device=device)
 
 
+COMPILE_ENV_VAR = "BARK_HF_COMPILE"
+"""Set to 1 to make `compile=True` the default of the causal stages' `generate`."""
+
+
+def _compile_requested(compile: bool | None, use_cache: bool) -> bool:
+    """Whether to decode with the compiled step: `compile`, or when None the environment variable."""
+    if compile is None:
+        return use_cache and os.environ.get(COMPILE_ENV_VAR, "0") == "1"
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached one-token step; it needs use_cache=True.")
+    return compile
+
+
+@functools.cache
+def _compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process."""
+    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True)
+
+
+def _valid_items(tokens: torch.Tensor, lengths: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+    """Each batch item's valid tokens, `tokens[i, ..., :lengths[i]]`, on `device`."""
+    if lengths is None:
+        return [item.to(device) for item in tokens]
+    return [item[..., : int(length)].to(device) for item, length in zip(tokens, lengths, strict=True)]
+
+
 def _pad_stack(items: list[torch.Tensor], pad_value: int) -> torch.Tensor:
     """Stack tensors that differ only in their last dimension, right-padding with `pad_value`."""
     longest = max((item.shape[-1] for item in items), default=0)
     return torch.stack([F.pad(item, (0, longest - item.shape[-1]), value=pad_value) for item in items])
 
 
-def _generate_items(
-    tokens: torch.Tensor,
-    lengths: torch.Tensor | None,
-    history_prompt: HistoryPrompt,
-    pad_value: int,
-    device: torch.device,
-    generate_one: Callable[[torch.Tensor, Mapping[str, Any] | None], torch.Tensor],
-) -> BarkHfStageOutput:
-    """Run `generate_one` on each item's valid tokens (`tokens[i, ..., :lengths[i]]`) and its preset,
-    then right-pad the results into one batch. Coarse and fine items run one after another.
+IGNORE_INDEX = -100
+"""Label of a position that adds nothing to the loss (PyTorch's and transformers' convention)."""
+
+
+def _check_label_range(labels: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Refuse labels outside `[low, high)` (ignored positions aside) with a message, not a device assert."""
+    kept = labels[labels != IGNORE_INDEX]
+    wrong = kept[(kept < low) | (kept >= high)]
+    if wrong.numel():
+        raise ValueError(
+            f"labels hold values that are not {what}, e.g. {sorted(set(wrong.tolist()))[:5]}. Mark positions "
+            f"without a target with {IGNORE_INDEX}; build inputs and labels with the collators in bark_hf.training."
+        )
+
+
+def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfSemanticGenerationConfig) -> torch.Tensor:
+    """Next-token cross-entropy over what the semantic stage samples: the semantic vocabulary plus
+    end of speech (`semantic_pad_token` as a label). `logits` `[B, T, V]`, `labels` `[B, T]` aligned with the inputs.
     """
-    batch = tokens.shape[0]
-    if lengths is None:
-        lengths = torch.full((batch,), tokens.shape[-1])
-    prompts = _per_item(history_prompt, batch)
-    items = [generate_one(tokens[i, ..., : int(lengths[i])].to(device), prompts[i]) for i in range(batch)]
-    item_lengths = torch.tensor([item.shape[-1] for item in items], dtype=torch.long, device=device)
-    return BarkHfStageOutput(sequences=_pad_stack(items, pad_value), lengths=item_lengths)
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts the token at t + 1
+    vocab = config.semantic_vocab_size
+    eos = logits[..., config.semantic_pad_token : config.semantic_pad_token + 1]
+    sampled = torch.cat([logits[..., :vocab], eos], dim=-1)  # [B, T - 1, vocab + 1]: the last category is EOS
+    targets = torch.where(labels == config.semantic_pad_token, vocab, labels)
+    _check_label_range(targets, 0, vocab + 1, f"semantic tokens (0..{vocab - 1}) or end of speech ({vocab})")
+    return F.cross_entropy(sampled.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+    """Next-token cross-entropy over what the coarse stage samples: each label's own codebook (1 024 codes).
+
+    `labels` `[B, T]` hold coarse tokens (`semantic_vocab_size + codebook * codebook_size + code`),
+    aligned with the inputs; the codebook of each target is read from its value.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts the token at t + 1
+    start, size, n_codebooks = config.semantic_vocab_size, config.codebook_size, config.n_coarse_codebooks
+    end = start + n_codebooks * size
+    _check_label_range(labels, start, end, f"coarse tokens ({start}..{end - 1})")
+    kept = labels != IGNORE_INDEX
+    offset_labels = torch.where(kept, labels - start, IGNORE_INDEX)
+    per_codebook = logits[..., start:end].unflatten(-1, (n_codebooks, size))  # [B, T - 1, K, N]
+    codebook = torch.where(kept, offset_labels // size, 0)[..., None, None].expand(*labels.shape, 1, size)
+    sampled = per_codebook.gather(-2, codebook).squeeze(-2)  # [B, T - 1, N]: the target's codebook
+    targets = torch.where(kept, offset_labels % size, IGNORE_INDEX)
+    return F.cross_entropy(sampled.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class BarkHfCausalModel(BarkHfPreTrainedModel):
@@ -277,7 +444,9 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         self.input_embeds_layer = nn.Embedding(config.input_vocab_size, config.hidden_size)
         self.position_embeds_layer = nn.Embedding(config.block_size, config.hidden_size)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList([BarkHfBlock(config, is_causal=True) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList(
+            [BarkHfBlock(config, is_causal=True, layer_idx=index) for index in range(config.num_layers)]
+        )
         self.layernorm_final = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
         self.generation_config = self.generation_config_class()
@@ -292,17 +461,24 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        cache: PastKeyValues | None = None,
+        cache: BarkHfKVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        history_input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0) for `input_ids` `[B, T]`
-        or `inputs_embeds` `[B, T, C]`, after `cache` (one `(key, value)` pair of
-        `[B, H, past, D]` per layer). `attention_mask` `[B, past + T]` marks real tokens with 1.
+        or `inputs_embeds` `[B, T, C]`, after the positions held in `cache` (a `BarkHfKVCache`, extended
+        in place and returned when `use_cache`). `attention_mask` `[B, past + T]` marks real tokens with 1.
+
+        `history_input_ids` `[B, W]` are embedded and added to the first W positions: the semantic
+        stage's history window, which shares its positions with the text window. `labels` `[B, T]`,
+        aligned with the inputs (-100 where there is no target), add the stage's loss (`semantic_loss`
+        or `coarse_loss`); `bark_hf.training` builds both from token sequences.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -312,7 +488,16 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.input_embeds_layer(input_ids)  # [B, T, C]
         batch, length = inputs_embeds.shape[:2]
-        past_length = 0 if cache is None else cache[0][0].shape[-2]
+        past_length = 0 if cache is None else cache.length
+        if history_input_ids is not None:
+            if cache is not None or history_input_ids.shape[1] > length:
+                raise ValueError("history_input_ids covers the first positions of a sequence: pass it without a "
+                                 "cache and no longer than the inputs.")
+            history = F.pad(self.input_embeds_layer(history_input_ids), (0, 0, 0, length - history_input_ids.shape[1]))
+            inputs_embeds = inputs_embeds + history  # [B, T, C]; positions past the window add zeros
+        if labels is not None and (logits_to_keep > 0 or labels.shape != (batch, length)):
+            raise ValueError(f"labels must have the inputs' shape {(batch, length)} (got {tuple(labels.shape)}) "
+                             "and logits_to_keep must be 0.")
         if past_length + length > self.config.block_size:
             raise ValueError(
                 f"Sequence of {past_length + length} positions exceeds this model's block_size "
@@ -330,35 +515,84 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             # A fully padded query row would make SDPA return NaN; let it see itself instead.
             mask = mask | F.pad(torch.eye(length, dtype=torch.bool, device=keys.device), (past_length, 0))
 
-        presents = []
-        for index, block in enumerate(self.layers):
-            past = None if cache is None else cache[index]
-            hidden_states, present = block(hidden_states, past, mask, use_cache)
-            presents.append(present)
+        if use_cache and cache is None:
+            cache = BarkHfKVCache(len(self.layers))
+        for block in self.layers:
+            hidden_states = block(hidden_states, mask, cache=cache)
         hidden_states = self.layernorm_final(hidden_states)
         if logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]  # [B, keep, C]
         logits = self.lm_head(hidden_states)  # [B, T or keep, V]
-        cache = tuple(presents) if use_cache else None
+        cache = cache if use_cache else None
+        loss = None
+        if labels is not None:
+            config = self.generation_config
+            stage_loss = coarse_loss if isinstance(config, BarkHfCoarseGenerationConfig) else semantic_loss
+            loss = stage_loss(logits, labels.to(logits.device), config)
         if return_dict is False:
-            return (logits, cache)
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+            return (logits, cache) if loss is None else (loss, logits, cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _next_logits(
         self,
         inputs_embeds: torch.Tensor,
-        past_key_values: PastKeyValues | None,
-        use_cache: bool,
-    ) -> tuple[torch.Tensor, PastKeyValues | None]:
-        """Logits of the last position `[B, V]` and the cache for the next step."""
-        output = self(inputs_embeds=inputs_embeds, cache=past_key_values, use_cache=use_cache, logits_to_keep=1)
-        return output.logits[:, -1], output.cache
+        cache: BarkHfKVCache | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, V]` of the last position of `inputs_embeds` `[B, T, C]`. `cache` (None: no cache,
+        the inputs are the whole sequence) is extended in place.
+        """
+        output = self(inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1)
+        return output.logits[:, -1]
+
+    def _new_cache(self, max_length: int) -> BarkHfKVCache:
+        return BarkHfKVCache(len(self.layers), max_length=max_length)
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        cache: BarkHfKVCache,
+        pads: torch.Tensor,
+        compile: bool,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, V]` for one new token per item, `input_ids` `[B, 1]`, after the positions in `cache`.
+
+        Eager: a forward pass over the cache's filled part (`attention_mask` `[B, past + 1]` and
+        `position_ids` `[B, 1]` as for `forward`; None without padding). Compiled: `_decode_step`
+        on the cache's whole buffers, with each item's left padding given as `pads` `[B, 1]`.
+        """
+        if not compile:
+            return self._next_logits(self.input_embeds_layer(input_ids), cache, attention_mask, position_ids)
+        if cache.write_position is None:  # the first step after the prefill
+            cache.write_position = torch.tensor([cache.length], device=input_ids.device)
+        logits = _compiled_decode_step()(self, input_ids.contiguous(), pads, cache)
+        cache.write_position += 1
+        return logits
+
+    def _decode_step(self, input_ids: torch.Tensor, pads: torch.Tensor, cache: BarkHfKVCache) -> torch.Tensor:
+        """Logits `[B, V]` for `input_ids` `[B, 1]` written at `cache.write_position`, in static shapes.
+
+        Attention reads all `cache.max_length` positions, masked to those written so far and past each
+        item's `pads` `[B, 1]` left padding, so one compiled graph serves every step of a run.
+        """
+        columns = torch.arange(cache.max_length, device=input_ids.device)[None]  # [1, S]
+        mask = (columns >= pads) & (columns <= cache.write_position)  # [B, S]
+        position_ids = cache.write_position - pads  # [B, 1]: positions count from each item's first token
+        hidden_states = self.drop(self.input_embeds_layer(input_ids) + self.position_embeds_layer(position_ids))
+        for block in self.layers:
+            hidden_states = block(hidden_states, mask[:, None, None, :], cache=cache)  # mask [B, 1, 1, S]
+        return self.lm_head(self.layernorm_final(hidden_states))[:, -1]
 
 
 class BarkHfSemanticModel(BarkHfCausalModel):
     """Text -> semantic tokens."""
 
     config_class = BarkHfSemanticConfig
+    auto_classes = ("AutoModel", "AutoModelForCausalLM")
     base_model_prefix = "semantic"
     generation_config_class = BarkHfSemanticGenerationConfig
 
@@ -371,6 +605,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         generation_config: BarkHfSemanticGenerationConfig | None = None,
         use_cache: bool | None = None,
         show_progress: bool = True,
+        compile: bool | None = None,
         **settings: Any,
     ) -> BarkHfStageOutput:
         """Semantic tokens for tokenised text.
@@ -378,11 +613,13 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         `input_ids` `[B, L]` are the tokenizer's ids (no offset), `attention_mask` `[B, L]` marks
         real tokens; `history_prompt` a voice preset (or one per item); `settings` override fields
         of the generation config (`temperature`, `top_k`, `min_eos_p`, ...). Returns int64 tokens
-        `[B, S]` padded with `semantic_pad_token`, and their lengths.
+        `[B, S]` padded with `semantic_pad_token`, and their lengths. `compile=True` (default: the
+        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps.
         Follows bark/generation.py `generate_text_semantic`.
         """
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        compile = _compile_requested(compile, use_cache)
         device = self.device
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
@@ -408,15 +645,17 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         infer = torch.full((batch, 1), config.semantic_infer_token, dtype=torch.long, device=device)
         generated = torch.empty((batch, 0), dtype=torch.long, device=device)
         lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1 while running
-        cache = None
+        # Room for the prompt (window + infer token) and every fed-back token but the last.
+        cache = self._new_cache(window + config.max_new_tokens) if use_cache else None
+        no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         duration_s = 0.0
         progress = logging.tqdm(total=config.max_new_tokens, disable=not show_progress, desc="semantic")
         for _ in range(config.max_new_tokens):
-            if use_cache and cache is not None:
-                step_embeds = embed(generated[:, -1:])  # [B, 1, C]
+            if cache is not None and cache.length > 0:
+                logits = self._decode(generated[:, -1:], cache, no_padding, compile)  # [B, V]
             else:
                 step_embeds = torch.cat([prompt_embeds, embed(torch.cat([infer, generated], dim=1))], dim=1)
-            logits, cache = self._next_logits(step_embeds, cache, use_cache)  # [B, V]
+                logits = self._next_logits(step_embeds, cache)  # [B, V]
             relevant = logits[:, : config.semantic_vocab_size]  # [B, 10000]
             if config.allow_early_stop:
                 eos_logit = logits[:, config.semantic_pad_token : config.semantic_pad_token + 1]
@@ -442,10 +681,22 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         return BarkHfStageOutput(sequences=generated, lengths=lengths)
 
 
+@dataclass
+class _CoarseItem:
+    """One batch item on its way through the coarse windows."""
+
+    semantic: torch.Tensor  # [S_hist + S]: the trimmed preset history, then the item's semantic tokens
+    coarse: torch.Tensor  # [n]: the trimmed preset history, then every token generated so far (flat, offset ids)
+    n_semantic_history: int
+    n_coarse_history: int
+    n_steps: int  # coarse tokens to generate
+
+
 class BarkHfCoarseModel(BarkHfCausalModel):
     """Semantic tokens -> the first two EnCodec codebooks, interleaved frame by frame."""
 
     config_class = BarkHfCoarseConfig
+    auto_classes = ("AutoModel", "AutoModelForCausalLM")
     base_model_prefix = "coarse_acoustics"
     generation_config_class = BarkHfCoarseGenerationConfig
 
@@ -458,82 +709,156 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         generation_config: BarkHfCoarseGenerationConfig | None = None,
         use_cache: bool | None = None,
         show_progress: bool = True,
+        compile: bool | None = None,
         **settings: Any,
     ) -> BarkHfStageOutput:
         """Coarse codes `[B, 2, T]` (padded with `codebook_size`) and lengths for semantic tokens
-        `[B, S]` (each item valid up to `semantic_lengths`). Items are generated one after another.
+        `[B, S]` (each item valid up to `semantic_lengths`). `compile=True` (default: the
+        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps.
+        Follows bark/generation.py `generate_coarse`.
+
+        The items go through their sliding windows together: window `w` of every item that has one
+        is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        compile = _compile_requested(compile, use_cache)
+        semantic = _valid_items(semantic_tokens, semantic_lengths, self.device)
+        prompts = _per_item(history_prompt, len(semantic))
+        items = [self._start_item(tokens, prompt, config) for tokens, prompt in zip(semantic, prompts, strict=True)]
+        n_windows = max((math.ceil(item.n_steps / config.sliding_window_len) for item in items), default=0)
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse"):
+            first_step = index * config.sliding_window_len  # every item still here has made this many steps
+            active = [item for item in items if item.n_steps > first_step]
+            contexts = [self._window_context(item, first_step, config) for item in active]
+            counts = [min(config.sliding_window_len, item.n_steps - first_step) for item in active]
+            generated = self._generate_window(contexts, config, first_step, max(counts), use_cache, compile)
+            for item, tokens, count in zip(active, generated, counts, strict=True):
+                item.coarse = torch.cat([item.coarse, tokens[:count]])
 
-        def generate_one(tokens: torch.Tensor, prompt: Mapping[str, Any] | None) -> torch.Tensor:
-            return self._generate_one(tokens, prompt, config, use_cache, show_progress)
-
-        return _generate_items(semantic_tokens, semantic_lengths, history_prompt, config.codebook_size, self.device,
-                               generate_one)
-
-    def _generate_one(
-        self,
-        semantic: torch.Tensor,
-        prompt: Mapping[str, Any] | None,
-        config: BarkHfCoarseGenerationConfig,
-        use_cache: bool,
-        show_progress: bool,
-    ) -> torch.Tensor:
-        """Coarse codes `[2, T]` for one item's semantic tokens `[S]`. Follows bark/generation.py `generate_coarse`."""
-        device = semantic.device
         n_codebooks = config.n_coarse_codebooks
+        offsets = self._codebook_offsets(config)
+        codes = [(item.coarse[item.n_coarse_history :].view(-1, n_codebooks).T - offsets[:, None]) for item in items]
+        lengths = torch.tensor([code.shape[-1] for code in codes], dtype=torch.long, device=self.device)
+        return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
+
+    def _codebook_offsets(self, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+        """Token id of code 0 in each coarse codebook, `[2]`."""
+        return config.semantic_vocab_size + config.codebook_size * torch.arange(
+            config.n_coarse_codebooks, device=self.device
+        )
+
+    def _start_item(
+        self, semantic: torch.Tensor, prompt: Mapping[str, Any] | None, config: BarkHfCoarseGenerationConfig
+    ) -> _CoarseItem:
+        """An item's aligned semantic and coarse histories and its step count, as bark/generation.py sets them up."""
+        device = semantic.device
+        ratio = config.semantic_to_coarse_ratio
         if semantic.numel() == 0:
             logger.warning("An item has no semantic tokens (end of speech came first); its audio is empty.")
-            return torch.empty((n_codebooks, 0), dtype=torch.long, device=device)
-        ratio = config.semantic_to_coarse_ratio
-        max_semantic_history = int(math.floor(config.max_coarse_history / ratio))
-        codebook_offsets = config.semantic_vocab_size + config.codebook_size * torch.arange(n_codebooks, device=device)
-
         semantic_history = _prompt_tensor(prompt, "semantic_prompt", device)
         coarse_history = _prompt_tensor(prompt, "coarse_prompt", device)
         if semantic_history is None:
             semantic_history = _empty_tokens(device)
             coarse_flat = _empty_tokens(device)
         else:
-            coarse_flat = (coarse_history + codebook_offsets[:, None]).T.reshape(-1)  # [2m]: frame by frame
+            offsets = self._codebook_offsets(config)
+            coarse_flat = (coarse_history + offsets[:, None]).T.reshape(-1)  # [2m]: frame by frame
             # Keep histories aligned in time: equal spans of semantic and coarse tokens.
             n_semantic = min(
-                max_semantic_history,
+                int(math.floor(config.max_coarse_history / ratio)),
                 semantic_history.shape[0] - semantic_history.shape[0] % 2,
                 int(math.floor(coarse_flat.shape[0] / ratio)),
             )
             n_coarse = int(round(n_semantic * ratio))
             semantic_history = semantic_history[-n_semantic:]
             coarse_flat = coarse_flat[-n_coarse:][:-2]  # the original drops two tokens: "sounds better"
-
+        n_codebooks = config.n_coarse_codebooks
         n_steps = int(round(math.floor(semantic.shape[0] * ratio / n_codebooks) * n_codebooks))
-        semantic_all = torch.cat([semantic_history, semantic])  # [S_hist + S]
-        coarse_all = coarse_flat  # grows by one token per step
-        base_semantic_index = semantic_history.shape[0]
-        infer = torch.tensor([config.coarse_infer_token], device=device)
-        n_windows = math.ceil(n_steps / config.sliding_window_len)
-        step = 0
-        for _ in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse"):
-            semantic_index = base_semantic_index + int(round(step / ratio))
-            window = semantic_all[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
-            window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
-                           value=config.coarse_semantic_pad_token)  # [256]
-            context = torch.cat([window, infer, coarse_all[-config.max_coarse_history :]])  # [257 + history]
-            cache = None
-            for _ in range(min(config.sliding_window_len, n_steps - step)):
-                step_ids = context[-1:] if use_cache and cache is not None else context
-                logits, cache = self._next_logits(self.input_embeds_layer(step_ids[None]),
-                                                            cache, use_cache)  # [1, V]
-                start = config.semantic_vocab_size + (step % n_codebooks) * config.codebook_size
-                relevant = logits[:, start : start + config.codebook_size]  # [1, 1024]
-                probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
-                next_token = torch.multinomial(probs, num_samples=1)[0] + start  # [1]
-                coarse_all = torch.cat([coarse_all, next_token])
-                context = torch.cat([context, next_token])
-                step += 1
-        generated = coarse_all[coarse_flat.shape[0] :]  # [n_steps]
-        return generated.view(-1, n_codebooks).T - codebook_offsets[:, None]  # [2, T]
+        return _CoarseItem(
+            semantic=torch.cat([semantic_history, semantic]),
+            coarse=coarse_flat,
+            n_semantic_history=semantic_history.shape[0],
+            n_coarse_history=coarse_flat.shape[0],
+            n_steps=n_steps,
+        )
+
+    @staticmethod
+    def _window_context(item: _CoarseItem, step: int, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+        """The input of the window that starts at `step`: `[semantic window (256), infer, coarse history]`."""
+        ratio = config.semantic_to_coarse_ratio
+        max_semantic_history = int(math.floor(config.max_coarse_history / ratio))
+        semantic_index = item.n_semantic_history + int(round(step / ratio))
+        window = item.semantic[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
+        window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
+                       value=config.coarse_semantic_pad_token)  # [256]
+        infer = window.new_full((1,), config.coarse_infer_token)
+        return torch.cat([window, infer, item.coarse[-config.max_coarse_history :]])  # [257 + history]
+
+    def _generate_window(
+        self,
+        contexts: list[torch.Tensor],
+        config: BarkHfCoarseGenerationConfig,
+        first_step: int,
+        n_steps: int,
+        use_cache: bool,
+        compile: bool,
+    ) -> torch.Tensor:
+        """`n_steps` new tokens `[B, n_steps]` after each of `contexts` (1-D, any lengths), from step `first_step`.
+
+        The contexts are left-padded to the longest, with an attention mask and positions that start
+        at 0 at each item's first real token, as each item's own input would. One prefill, then one
+        token per step. Without padding (a batch of one, or equal lengths) there is no mask, and the
+        SDPA calls are the original's.
+        """
+        n_codebooks, codebook_size = config.n_coarse_codebooks, config.codebook_size
+        longest = max(context.shape[0] for context in contexts)
+        ids = contexts[0].new_full((len(contexts), longest + n_steps), config.coarse_semantic_pad_token)
+        for row, context in enumerate(contexts):
+            ids[row, longest - context.shape[0] : longest] = context  # [B, longest + n_steps]: left-padded
+        pads = torch.tensor([[longest - context.shape[0]] for context in contexts], device=ids.device)  # [B, 1]
+        mask = positions = None
+        if any(context.shape[0] != longest for context in contexts):
+            mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pads  # [B, longest + n_steps]
+            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, longest + n_steps]
+
+        # Every window's cache has the size of the longest window, so a compiled step fits them all.
+        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
+        cache = self._new_cache(longest_window - 1) if use_cache else None
+        for offset in range(n_steps):
+            end = longest + offset  # the tokens known so far
+            if cache is None or offset == 0:  # the whole input: the prefill, or every step without a cache
+                logits = self._next_logits(self.input_embeds_layer(ids[:, :end]), cache,
+                                           None if mask is None else mask[:, :end],
+                                           None if positions is None else positions[:, :end])  # [B, V]
+            else:
+                logits = self._decode(ids[:, end - 1 : end], cache, pads, compile,
+                                      None if mask is None else mask[:, :end],
+                                      None if positions is None else positions[:, end - 1 : end])  # [B, V]
+            first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
+            relevant = logits[:, first_code : first_code + codebook_size]  # [B, 1024]: this step's codebook
+            probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
+            ids[:, end] = torch.multinomial(probs, num_samples=1)[:, 0] + first_code
+        return ids[:, longest:]
+
+
+def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGenerationConfig) -> torch.Tensor:
+    """Cross-entropy over the codes the fine stage reads (the first `codebook_size` logits), every frame
+    on its own: `logits` `[B, T, V]`, `labels` `[B, T]` (the model is non-causal, so nothing is shifted).
+    """
+    size = config.codebook_size
+    _check_label_range(labels, 0, size, f"codes (0..{size - 1})")
+    return F.cross_entropy(logits[..., :size].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class _FineItem:
+    """One batch item in the fine stage's layout."""
+
+    codes: torch.Tensor  # [L, 8]: preset history, the item's frames, padding; codebook_size = not predicted yet
+    n_history: int
+    length: int  # frames of the item itself
+    n_windows: int
 
 
 class BarkHfFineModel(BarkHfPreTrainedModel):
@@ -572,14 +897,20 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
 
     def forward(
         self,
-        codebook_idx: int,
+        codebook_idx: int | torch.Tensor,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
     ) -> MaskedLMOutput | tuple:
-        """Logits `[B, T, V]` for codebook `codebook_idx`, given codes `[B, T, 8]` of which
-        codebooks `0..codebook_idx - 1` are known. `attention_mask` `[B, T]` marks real frames.
+        """Logits `[B, T, V]` for codebook `codebook_idx`, given codes `[B, T, 8]`: codebooks
+        `0..codebook_idx - 1` are known, and codebook `codebook_idx` holds `codebook_size` ("not
+        predicted yet") in the frames to predict. `attention_mask` `[B, T]` marks real frames.
+
+        `labels` `[B, T]` (codes of codebook `codebook_idx`, -100 where there is no target) add
+        `fine_loss`; `bark_hf.training.BarkHfFineCollator` builds inputs, labels and `codebook_idx`.
         """
+        codebook_idx = int(codebook_idx)  # a collator passes a 0-d tensor, which the Trainer can count
         if not self.config.n_codes_given <= codebook_idx < self.config.n_codes_total:
             raise ValueError(
                 f"codebook_idx must be in [{self.config.n_codes_given}, {self.config.n_codes_total}), "
@@ -596,12 +927,17 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         hidden_states = self.drop(hidden_states + self.position_embeds_layer(positions))
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
         for block in self.layers:
-            hidden_states, _ = block(hidden_states, None, mask, False)
+            hidden_states = block(hidden_states, mask)
         hidden_states = self.layernorm_final(hidden_states)
         logits = self.lm_heads[codebook_idx - self.config.n_codes_given](hidden_states)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape[:2]:
+                raise ValueError(f"labels must be [B, T] = {tuple(input_ids.shape[:2])}, got {tuple(labels.shape)}.")
+            loss = fine_loss(logits, labels.to(logits.device), self.generation_config)
         if return_dict is False:
-            return (logits,)
-        return MaskedLMOutput(logits=logits)
+            return (logits,) if loss is None else (loss, logits)
+        return MaskedLMOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(
@@ -615,24 +951,41 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
     ) -> BarkHfStageOutput:
         """All eight codebooks `[B, 8, T]` (padded with `codebook_size`) from coarse codes
         `[B, K, T]` (K < 8, each item valid up to `coarse_lengths`). `temperature=None` takes the argmax.
+        Follows bark/generation.py `generate_fine`.
+
+        Window `i` of every item that has one runs as one batch. Each is a whole window of
+        `max_fine_input_length` frames (the original pads every item to one), so no mask is needed.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        return _generate_items(coarse_tokens, coarse_lengths, history_prompt, config.codebook_size, self.device,
-                               lambda tokens, prompt: self._generate_one(tokens, prompt, config, show_progress))
+        window, hop = config.max_fine_input_length, config.fine_window_hop
+        n_given = coarse_tokens.shape[1]
+        coarse = _valid_items(coarse_tokens, coarse_lengths, self.device)
+        prompts = _per_item(history_prompt, len(coarse))
+        items = [self._start_item(codes, prompt, config) for codes, prompt in zip(coarse, prompts, strict=True)]
+        n_windows = max((item.n_windows for item in items), default=0)
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine"):
+            active = [item for item in items if item.n_windows > index]
+            starts = [min(index * hop, item.codes.shape[0] - window) for item in active]
+            fill_starts = [min(item.n_history + index * hop, item.codes.shape[0] - hop) for item in active]
+            windows = [item.codes[start : start + window] for item, start in zip(active, starts, strict=True)]
+            buffer = torch.stack(windows)  # [B_i, 1024, 8]
+            relative_fills = [fill - start for fill, start in zip(fill_starts, starts, strict=True)]
+            self._fill_window(buffer, config, n_given, relative_fills)
+            for item, row, start, fill in zip(active, buffer, starts, fill_starts, strict=True):
+                # Rows the next window covers again are predicted again there; the last write wins.
+                item.codes[fill : start + window, n_given:] = row[fill - start :, n_given:]
+        codes = [item.codes.T[:, item.n_history : item.n_history + item.length] for item in items]  # [8, T] each
+        lengths = torch.tensor([item.length for item in items], dtype=torch.long, device=self.device)
+        return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
 
-    def _generate_one(
-        self,
-        coarse: torch.Tensor,
-        prompt: Mapping[str, Any] | None,
-        config: BarkHfFineGenerationConfig,
-        show_progress: bool,
-    ) -> torch.Tensor:
-        """Codes `[8, T]` for one item's coarse codes `[K, T]`. Follows bark/generation.py `generate_fine`."""
+    @staticmethod
+    def _start_item(
+        coarse: torch.Tensor, prompt: Mapping[str, Any] | None, config: BarkHfFineGenerationConfig
+    ) -> _FineItem:
+        """One item's codes `[L, 8]`: preset history, its coarse frames, padding up to one whole window."""
         device = coarse.device
         n_given, length = coarse.shape
         n_total, window, hop = config.n_fine_codebooks, config.max_fine_input_length, config.fine_window_hop
-        if length == 0:
-            return torch.empty((n_total, 0), dtype=torch.long, device=device)
         codes = torch.cat([coarse, torch.full((n_total - n_given, length), config.codebook_size, device=device)])
         history = _prompt_tensor(prompt, "fine_prompt", device)
         n_history = 0
@@ -642,40 +995,116 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
             codes = torch.cat([history, codes], dim=1)  # [8, history + T]
         n_padding = max(0, window - codes.shape[1])  # the model is non-causal: fill one whole window
         codes = F.pad(codes, (0, n_padding), value=config.codebook_size).T.contiguous()  # [L, 8]
+        n_windows = max(0, math.ceil((length - (window - n_history)) / hop)) + 1 if length > 0 else 0
+        return _FineItem(codes=codes, n_history=n_history, length=length, n_windows=n_windows)
 
-        n_windows = max(0, math.ceil((length - (window - n_history)) / hop)) + 1
-        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine"):
-            start = min(index * hop, codes.shape[0] - window)
-            fill_start = min(n_history + index * hop, codes.shape[0] - hop)
-            relative_fill = fill_start - start
-            buffer = codes[start : start + window].clone()[None]  # [1, 1024, 8]
-            for codebook in range(n_given, n_total):
-                logits = self(codebook, buffer).logits[0, relative_fill:, : config.codebook_size]  # [fill, 1024]
-                if config.temperature is None:
-                    predicted = logits.argmax(dim=-1)
-                else:
-                    probs = torch.softmax(logits / config.temperature, dim=-1)
-                    predicted = torch.multinomial(probs, num_samples=1)[:, 0]  # row by row, as the original
-                buffer[0, relative_fill:, codebook] = predicted
-            codes[fill_start : start + window, n_given:] = buffer[0, relative_fill:, n_given:]
-        return codes.T[:, n_history : n_history + length]  # [8, T]
+    def _fill_window(
+        self, buffer: torch.Tensor, config: BarkHfFineGenerationConfig, n_given: int, fill_starts: list[int]
+    ) -> None:
+        """Predict codebooks `n_given..7` of `buffer` `[B, window, 8]` in place, in item `b` from row
+        `fill_starts[b]` on: one forward pass per codebook for the whole batch.
+        """
+        window = buffer.shape[1]
+        for codebook in range(n_given, config.n_fine_codebooks):
+            logits = self(codebook, buffer).logits[..., : config.codebook_size]  # [B, window, 1024]
+            rows = torch.cat([item[fill:] for item, fill in zip(logits, fill_starts, strict=True)])  # [rows, 1024]
+            if config.temperature is None:
+                predicted = rows.argmax(dim=-1)
+            else:
+                probs = torch.softmax(rows / config.temperature, dim=-1)
+                predicted = torch.multinomial(probs, num_samples=1)[:, 0]  # row by row, as the original
+            per_item = predicted.split([window - fill for fill in fill_starts])
+            for row, (item_predicted, fill) in enumerate(zip(per_item, fill_starts, strict=True)):
+                buffer[row, fill:, codebook] = item_predicted
 
 
 class BarkHfModel(BarkHfPreTrainedModel):
     """The whole text-to-audio model: semantic -> coarse -> fine GPTs, then EnCodec's decoder."""
 
     config_class = BarkHfConfig
+    auto_classes = ("AutoModel", "AutoModelForTextToWaveform")
     main_input_name = "input_ids"
     generation_config_class = BarkHfGenerationConfig
     STAGE_PREFIXES = ("semantic", "coarse", "fine")
+    # Device maps keep these whole. EnCodec is small (about 60 MB) and decoded through its submodules,
+    # outside `forward`, where accelerate's offload hooks never run (see `_ready_for_device_map`). The fine
+    # stage's heads are tied to its embeddings, and transformers' device-map planner fails
+    # ("list index out of range") when a budget boundary falls inside that tied group.
+    _no_split_modules = ["BarkHfBlock", "BarkHfFineModel", "EncodecModel"]
 
     def __init__(self, config: BarkHfConfig):
         super().__init__(config)
         self.semantic = BarkHfSemanticModel(config.semantic_config)
         self.coarse_acoustics = BarkHfCoarseModel(config.coarse_acoustics_config)
         self.fine_acoustics = BarkHfFineModel(config.fine_acoustics_config)
-        self.codec_model = AutoModel.from_config(config.codec_config)
+        self.codec_model = AutoModel.from_config(config.codec_config, dtype=torch.float32)
+        self.offload_device: torch.device | None = None  # set by enable_cpu_offload
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
+        """transformers' `from_pretrained`, ready to generate under any `device_map` (with `max_memory`,
+        `offload_folder`) and with `dtype=torch.float16` or `torch.bfloat16` (the codec stays float32).
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        if getattr(model, "hf_device_map", None):
+            model._ready_for_device_map()
+        return loaded
+
+    def _ready_for_device_map(self) -> None:
+        """Fix up what accelerate's dispatch leaves unfit for generation.
+
+        - The codec's weights may wait on disk or the CPU for hooks that never run (decoding does not
+          call its `forward`): load them onto its execution device and drop its hooks.
+        - A stage split over several devices returns its logits from the last one while its loop keeps
+          tokens on the first: bring forward outputs back to the input's device (the KV cache stays put).
+        """
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+        from accelerate.utils import has_offloaded_params, named_module_tensors, set_module_tensor_to_device
+
+        codec_device = execution_device(self.codec_model)
+        for module in self.codec_model.modules():
+            if has_offloaded_params(module):
+                hook = module._hf_hook
+                for name, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                    recurse=hook.place_submodules, remove_non_persistent=True):
+                    set_module_tensor_to_device(module, name, codec_device, value=hook.weights_map[name])
+        remove_hook_from_module(self.codec_model, recurse=True)
+        self.codec_model.to(codec_device)
+
+        for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics):
+            devices = {execution_device(module) for module in stage.modules() if hasattr(module, "_hf_hook")}
+            if len(devices) > 1:
+                add_hook_to_module(stage, AlignDevicesHook(io_same_device=True, skip_keys=["cache"]), append=True)
+
+    def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None) -> None:
+        """Keep every stage on the CPU and move each to `accelerator_device` only while it runs.
+
+        `generate` then holds one stage at a time on the accelerator (semantic, coarse, fine, then the
+        codec), as the original's `SUNO_OFFLOAD_CPU`: peak accelerator memory is the largest stage plus
+        its activations, at the price of a host-to-device copy per stage and call. The default device is
+        the current CUDA device. Outputs stay on the accelerator.
+        """
+        if getattr(self, "hf_device_map", None):
+            raise ValueError("This model was loaded with a device_map, which already places (and offloads) its "
+                             "weights; load it without device_map to use enable_cpu_offload().")
+        if accelerator_device is None:
+            if not torch.cuda.is_available():
+                raise ValueError("enable_cpu_offload() found no CUDA device; pass accelerator_device, e.g. 'mps'.")
+            accelerator_device = torch.device("cuda", torch.cuda.current_device())
+        self.offload_device = torch.device(accelerator_device)
+        self.to("cpu")
+
+    def _offload_all_but(self, running: nn.Module | None) -> None:
+        """Under `enable_cpu_offload`, move `running` to the accelerator and every other stage to the CPU."""
+        if self.offload_device is None:
+            return
+        for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics, self.codec_model):
+            if stage is not running:
+                stage.to("cpu")  # first, so the accelerator never holds two stages
+        if running is not None:
+            running.to(self.offload_device)
 
     @property
     def generation_config(self) -> BarkHfGenerationConfig:
@@ -702,23 +1131,28 @@ class BarkHfModel(BarkHfPreTrainedModel):
     def codec_decode(
         self, fine_tokens: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Audio `[B, samples]` float32 and per-item sample counts from codes `[B, 8, T]`.
+        """Audio `[B, samples]` float32 (zero past each item's end) and per-item sample counts from
+        codes `[B, 8, T]`, each item valid up to `lengths`.
 
-        Each item is decoded on its own valid frames, as bark/generation.py `codec_decode` does.
+        The batch is decoded in one pass. The 24 kHz EnCodec is causal (causal convolutions, a
+        one-way LSTM), so the frames after an item's end, set to code 0, do not reach its samples:
+        each item gets the audio bark/generation.py `codec_decode` gives for its frames alone.
         """
+        batch = fine_tokens.shape[0]
         if lengths is None:
-            lengths = torch.full((fine_tokens.shape[0],), fine_tokens.shape[-1])
+            lengths = torch.full((batch,), fine_tokens.shape[-1])
         device = self.codec_model.device
-        waves = []
-        for codes, length in zip(fine_tokens, lengths, strict=True):
-            codes = codes[:, : int(length)].to(device)[None].transpose(0, 1)  # [8, 1, T]
-            if codes.shape[-1] == 0:
-                waves.append(torch.zeros(0, device=device))
-                continue
-            embeddings = self.codec_model.quantizer.decode(codes)  # [1, D, T]
-            waves.append(self.codec_model.decoder(embeddings)[0, 0].float())  # [T * hop]
-        audio_lengths = torch.tensor([wave.shape[0] for wave in waves], dtype=torch.long)
-        return _pad_stack(waves, 0), audio_lengths
+        audio_lengths = lengths.to("cpu", torch.long) * self.config.codec_config.hop_length
+        longest = int(lengths.max()) if batch > 0 else 0
+        if longest == 0:
+            return torch.zeros((batch, 0), dtype=torch.float32, device=device), audio_lengths
+        codes = fine_tokens[:, :, :longest].to(device)  # [B, 8, T]
+        valid = torch.arange(longest, device=device)[None, None] < lengths.to(device)[:, None, None]  # [B, 1, T]
+        codes = torch.where(valid, codes, 0)
+        embeddings = self.codec_model.quantizer.decode(codes.transpose(0, 1))  # [8, B, T] -> [B, D, T]
+        audio = self.codec_model.decoder(embeddings)[:, 0].float()  # [B, T * hop]
+        samples = torch.arange(audio.shape[-1], device=device)[None]  # [1, T * hop]
+        return audio.masked_fill(samples >= audio_lengths.to(device)[:, None], 0.0), audio_lengths
 
     @torch.no_grad()
     def generate(
@@ -729,24 +1163,33 @@ class BarkHfModel(BarkHfPreTrainedModel):
         return_dict_in_generate: bool = False,
         use_cache: bool | None = None,
         show_progress: bool = True,
+        compile: bool | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | BarkHfGenerationOutput:
         """Audio for tokenised text: `generate(**processor(text, voice_preset=...))`.
 
         Keyword arguments prefixed `semantic_`, `coarse_` or `fine_` reach that stage's generation
         config (`semantic_top_k=1`, `coarse_temperature=0.5`, `fine_temperature=None`, ...);
-        `use_cache=False` turns the KV cache off everywhere. Returns audio `[B, samples]` float32,
+        `use_cache=False` turns the KV cache off everywhere; `compile=True` (default: the
+        `BARK_HF_COMPILE` environment variable) decodes the semantic and coarse stages with
+        `torch.compile`d one-token steps. Returns audio `[B, samples]` float32,
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
         stage_settings = self._split_stage_settings(kwargs)
+        self._offload_all_but(self.semantic)
         semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
-                                          show_progress=show_progress, **stage_settings["semantic"])
+                                          show_progress=show_progress, compile=compile,
+                                          **stage_settings["semantic"])
+        self._offload_all_but(self.coarse_acoustics)
         coarse = self.coarse_acoustics.generate(semantic.sequences, semantic.lengths, history_prompt,
-                                                use_cache=use_cache, show_progress=show_progress,
+                                                use_cache=use_cache, show_progress=show_progress, compile=compile,
                                                 **stage_settings["coarse"])
+        self._offload_all_but(self.fine_acoustics)
         fine = self.fine_acoustics.generate(coarse.sequences, coarse.lengths, history_prompt,
                                             **stage_settings["fine"])
+        self._offload_all_but(self.codec_model)
         audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
+        self._offload_all_but(None)
         if not return_dict_in_generate:
             return audio
         return BarkHfGenerationOutput(

@@ -334,18 +334,18 @@ def test_stage_settings_reach_their_stages(model, monkeypatch):
         temperatures.append(temperature)
         return sampling(logits, temperature, top_k, top_p)
 
-    def spy(stage_cls, name):
-        original = stage_cls._generate_one
+    def spy(stage_cls, method, name):
+        original = getattr(stage_cls, method)
 
-        def generate_one(self, tokens, prompt, config, *args):
+        def run_window(self, inputs, config, *args):
             configs[name] = config
-            return original(self, tokens, prompt, config, *args)
+            return original(self, inputs, config, *args)
 
-        monkeypatch.setattr(stage_cls, "_generate_one", generate_one)
+        monkeypatch.setattr(stage_cls, method, run_window)
 
     monkeypatch.setattr(modeling, "sampling_probabilities", spy_sampling)
-    spy(BarkHfCoarseModel, "coarse")
-    spy(BarkHfFineModel, "fine")
+    spy(BarkHfCoarseModel, "_generate_window", "coarse")
+    spy(BarkHfFineModel, "_fill_window", "fine")
     before = copy.deepcopy(model.generation_config)
     output = model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], semantic_temperature=0.35, semantic_max_new_tokens=6,
                             semantic_min_eos_p=None, coarse_max_coarse_history=120, fine_temperature=0.9,

@@ -1,0 +1,464 @@
+"""Training Bark's stages: token layouts, data collators and dataset preparation.
+
+Suno never released training code. What a fine-tuned stage learns is only useful if it sees its
+inputs exactly as its `generate` builds them, so the functions here lay out each stage's input
+the way generation does (see docs/architecture.md), with labels beside it:
+
+* semantic: `[text window (256) + history window (256), summed] [infer] [semantic tokens] [EOS]`;
+* coarse: one of generation's sliding windows, `[semantic window (256)] [infer] [coarse history + window]`;
+* fine: one of generation's 1 024-frame windows, one codebook to predict, later frames masked.
+
+The collators turn rows of a prepared dataset into batches for `transformers.Trainer`;
+`prepare_dataset` makes those rows from text and audio. See docs/training.md for the walk-through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+from .generation_configuration_bark_hf import (
+    COARSE_RATE_HZ,
+    N_COARSE_CODEBOOKS,
+    N_FINE_CODEBOOKS,
+    SAMPLE_RATE,
+    SEMANTIC_RATE_HZ,
+    SEMANTIC_VOCAB_SIZE,
+    BarkHfCoarseGenerationConfig,
+    BarkHfFineGenerationConfig,
+    BarkHfSemanticGenerationConfig,
+)
+from .modeling_bark_hf import IGNORE_INDEX, BarkHfCoarseModel, BarkHfFineModel, BarkHfSemanticModel
+from .processing_bark_hf import BarkHfProcessor
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.get_logger(__name__)
+
+TEXT_COLUMN = "text"
+SEMANTIC_TOKENS_COLUMN = "semantic_tokens"
+"""Semantic tokens `[S]` of a row, 0..9 999 at 49.9 per second."""
+FINE_TOKENS_COLUMN = "fine_tokens"
+"""EnCodec codes `[8, T]` of a row, 0..1 023 at 75 frames per second; the first two rows are the coarse codes."""
+SEMANTIC_PROMPT_COLUMN = "semantic_prompt"
+"""Optional semantic history `[n]` of a row, used as a voice preset's `semantic_prompt` is."""
+
+_PREPARATION_VERSION = "bark-hf-prepare-1"  # part of the cache fingerprint; change it when the output changes
+
+
+def _long_tensor(values: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int64))
+
+
+# --- token layouts -------------------------------------------------------------------------------
+
+
+def semantic_prompt_windows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    semantic_histories: Sequence[torch.Tensor | None],
+    config: BarkHfSemanticGenerationConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The semantic stage's two windows, `[B, 256]` each, summed position-wise by the model.
+
+    Text: tokenizer ids `[B, L]` shifted by `text_encoding_offset`, `text_pad_token` where
+    `attention_mask` is 0 and up to 256. History: the last 256 tokens of each item's semantic
+    history (or none), right-padded with `semantic_pad_token`. Same as `BarkHfSemanticModel.generate`.
+    """
+    window = config.max_input_semantic_length
+    input_ids, attention_mask = input_ids[:, :window], attention_mask[:, :window].bool()
+    text = torch.where(attention_mask, input_ids + config.text_encoding_offset, config.text_pad_token)
+    text = F.pad(text, (0, window - text.shape[1]), value=config.text_pad_token)  # [B, 256]
+    histories = []
+    for history in semantic_histories:
+        history = torch.zeros(0, dtype=torch.long) if history is None else history[-window:]
+        histories.append(F.pad(history, (0, window - history.shape[0]), value=config.semantic_pad_token))
+    return text, torch.stack(histories)  # [B, 256], [B, 256]
+
+
+def semantic_training_sequence(
+    text_window: torch.Tensor, semantic_tokens: torch.Tensor, config: BarkHfSemanticGenerationConfig, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `labels` `[L]` for one item: `[text window] [infer] [semantic tokens] [EOS]`.
+
+    Labels are the tokens themselves (the model shifts them) and -100 on the prompt. Tokens past
+    what fits in `block_size` are dropped, and then so is EOS: the speech goes on.
+    """
+    prompt = torch.cat([text_window, torch.tensor([config.semantic_infer_token])])  # [257]
+    room = block_size - prompt.shape[0]
+    if semantic_tokens.shape[0] < room:
+        targets = torch.cat([semantic_tokens, torch.tensor([config.semantic_pad_token])])  # EOS
+    else:
+        targets = semantic_tokens[:room]
+    labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), targets])
+    return torch.cat([prompt, targets]), labels
+
+
+def coarse_flat_tokens(coarse_codes: torch.Tensor, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+    """Codes `[2, T]` as the coarse GPT's tokens `[2T]`: interleaved frame by frame, each codebook offset."""
+    offsets = config.semantic_vocab_size + config.codebook_size * torch.arange(coarse_codes.shape[0])
+    return (coarse_codes + offsets[:, None]).T.reshape(-1)  # [T, 2] -> [2T]
+
+
+def coarse_window_count(n_frames: int, config: BarkHfCoarseGenerationConfig) -> int:
+    """How many sliding windows generation runs over `n_frames` frames of coarse codes."""
+    return max(1, math.ceil(n_frames * config.n_coarse_codebooks / config.sliding_window_len))
+
+
+def coarse_training_window(
+    semantic_tokens: torch.Tensor,
+    coarse_codes: torch.Tensor,
+    window_index: int,
+    config: BarkHfCoarseGenerationConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `labels` `[L]` of generation's window `window_index` over one item.
+
+    Same context as `BarkHfCoarseModel.generate` (without a voice preset) builds before that window:
+    the semantic window aligned with the coarse history, the infer token, up to `max_coarse_history`
+    coarse tokens of history, then the window's `sliding_window_len` tokens. Every coarse token is
+    a target (history tokens too: their semantic context is aligned the same way); the prompt is -100.
+    """
+    ratio = config.semantic_to_coarse_ratio
+    max_semantic_history = int(math.floor(config.max_coarse_history / ratio))
+    step = window_index * config.sliding_window_len
+    semantic_index = int(round(step / ratio))
+    window = semantic_tokens[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
+    window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
+                   value=config.coarse_semantic_pad_token)  # [256]
+    coarse = coarse_flat_tokens(coarse_codes, config)
+    coarse = coarse[max(0, step - config.max_coarse_history) : step + config.sliding_window_len]  # [<= 690]
+    prompt = torch.cat([window, torch.tensor([config.coarse_infer_token])])  # [257]
+    return torch.cat([prompt, coarse]), torch.cat([torch.full_like(prompt, IGNORE_INDEX), coarse])
+
+
+def fine_window_count(n_frames: int, config: BarkHfFineGenerationConfig) -> int:
+    """How many windows generation runs over `n_frames` frames (without a voice preset)."""
+    return max(0, math.ceil((n_frames - config.max_fine_input_length) / config.fine_window_hop)) + 1
+
+
+def fine_training_window(
+    codes: torch.Tensor, codebook_idx: int, window_index: int, config: BarkHfFineGenerationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` `[1024, 8]` and `labels` `[1024]` of generation's window `window_index` over one item's
+    codes `[8, T]`, at the pass that predicts codebook `codebook_idx`.
+
+    As `BarkHfFineModel.generate` (without a voice preset) sees it: frames padded to a whole window
+    with `codebook_size`; codebooks below `codebook_idx` known; codebook `codebook_idx` known only
+    in frames an earlier window already filled, `codebook_size` in the rest. Targets are the
+    frames that this window writes; padding and frames it leaves alone are -100.
+    """
+    window, hop, size = config.max_fine_input_length, config.fine_window_hop, config.codebook_size
+    n_frames = codes.shape[1]
+    frames = F.pad(codes, (0, max(0, window - n_frames)), value=size).T  # [L, 8], L >= 1024
+    start = min(window_index * hop, frames.shape[0] - window)
+    fill_start = min(window_index * hop, frames.shape[0] - hop)
+    filled_end = 0 if window_index == 0 else min((window_index - 1) * hop, frames.shape[0] - window) + window
+    input_ids = frames[start : start + window].clone()  # [1024, 8]
+    labels = input_ids[:, codebook_idx].clone()  # [1024]
+    input_ids[max(0, filled_end - start) :, codebook_idx:] = size  # not predicted yet
+    labels[: fill_start - start] = IGNORE_INDEX
+    labels[max(0, n_frames - start) :] = IGNORE_INDEX  # padding frames
+    return input_ids, labels
+
+
+# --- collators -----------------------------------------------------------------------------------
+
+
+def _pad_right(sequences: list[torch.Tensor], value: int) -> torch.Tensor:
+    longest = max(sequence.shape[0] for sequence in sequences)
+    return torch.stack([F.pad(sequence, (0, longest - sequence.shape[0]), value=value) for sequence in sequences])
+
+
+def _random_index(count: int, random: bool) -> int:
+    """A uniform draw from `range(count)` with torch's generator (seeded per worker by the Trainer), or 0."""
+    return int(torch.randint(count, ())) if random and count > 1 else 0
+
+
+def _column(feature: Mapping[str, Any], name: str) -> Any:
+    if name not in feature:
+        raise KeyError(
+            f"A dataset row has no {name!r} column (it has {sorted(feature)}). Make rows with "
+            "bark_hf.training.prepare_dataset, and pass remove_unused_columns=False to TrainingArguments."
+        )
+    return feature[name]
+
+
+@dataclass
+class BarkHfSemanticCollator:
+    """Batches for the semantic stage from rows with `text`, `semantic_tokens` and optionally
+    `semantic_prompt` (a semantic history, as in a voice preset).
+
+    Gives `input_ids` and `labels` `[B, L]` (right-padded; causal attention never looks right, so
+    no attention mask is needed) and `history_input_ids` `[B, 256]`.
+    """
+
+    processor: BarkHfProcessor
+    generation_config: BarkHfSemanticGenerationConfig = field(default_factory=BarkHfSemanticGenerationConfig)
+    block_size: int = 1024
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        config = self.generation_config
+        encoding = self.processor([_column(feature, TEXT_COLUMN) for feature in features])
+        histories = [feature.get(SEMANTIC_PROMPT_COLUMN) for feature in features]
+        histories = [None if history is None else _long_tensor(history) for history in histories]
+        text, history = semantic_prompt_windows(encoding["input_ids"], encoding["attention_mask"], histories, config)
+        sequences = [
+            semantic_training_sequence(window, _long_tensor(_column(feature, SEMANTIC_TOKENS_COLUMN)), config,
+                                       self.block_size)
+            for window, feature in zip(text, features, strict=True)
+        ]
+        return {
+            "input_ids": _pad_right([ids for ids, _ in sequences], config.semantic_pad_token),
+            "history_input_ids": history,
+            "labels": _pad_right([labels for _, labels in sequences], IGNORE_INDEX),
+        }
+
+
+@dataclass
+class BarkHfCoarseCollator:
+    """Batches for the coarse stage from rows with `semantic_tokens` and `fine_tokens` (the first two
+    codebooks are used). Each row gives one of generation's sliding windows, drawn at random
+    (`random_windows=False`: always the first). Gives right-padded `input_ids` and `labels` `[B, L]`.
+    """
+
+    generation_config: BarkHfCoarseGenerationConfig = field(default_factory=BarkHfCoarseGenerationConfig)
+    random_windows: bool = True
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        config = self.generation_config
+        windows = []
+        for feature in features:
+            coarse = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))[: config.n_coarse_codebooks]  # [2, T]
+            index = _random_index(coarse_window_count(coarse.shape[1], config), self.random_windows)
+            windows.append(coarse_training_window(_long_tensor(_column(feature, SEMANTIC_TOKENS_COLUMN)), coarse,
+                                                  index, config))
+        return {
+            "input_ids": _pad_right([ids for ids, _ in windows], config.coarse_semantic_pad_token),
+            "labels": _pad_right([labels for _, labels in windows], IGNORE_INDEX),
+        }
+
+
+@dataclass
+class BarkHfFineCollator:
+    """Batches for the fine stage from rows with `fine_tokens` `[8, T]`.
+
+    One codebook per batch, drawn from `codebooks` (default: 2..7, the ones generation predicts),
+    since the model predicts one codebook per pass; one of generation's windows per row, drawn at
+    random (`random_windows=False`: the first). Gives `codebook_idx` (a 0-d tensor), `input_ids`
+    `[B, 1024, 8]` and `labels` `[B, 1024]`.
+    """
+
+    generation_config: BarkHfFineGenerationConfig = field(default_factory=BarkHfFineGenerationConfig)
+    codebooks: Sequence[int] | None = None
+    random_windows: bool = True
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        config = self.generation_config
+        codebooks = list(self.codebooks or range(N_COARSE_CODEBOOKS, config.n_fine_codebooks))
+        codebook_idx = codebooks[_random_index(len(codebooks), random=True)]
+        windows = []
+        for feature in features:
+            codes = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))  # [8, T]
+            index = _random_index(fine_window_count(codes.shape[1], config), self.random_windows)
+            windows.append(fine_training_window(codes, codebook_idx, index, config))
+        return {
+            "codebook_idx": torch.tensor(codebook_idx),
+            "input_ids": torch.stack([ids for ids, _ in windows]),
+            "labels": torch.stack([labels for _, labels in windows]),
+        }
+
+
+def collator_for(
+    model: BarkHfSemanticModel | BarkHfCoarseModel | BarkHfFineModel, processor: BarkHfProcessor | None = None
+) -> BarkHfSemanticCollator | BarkHfCoarseCollator | BarkHfFineCollator:
+    """The collator that trains `model` (a stage of `BarkHfModel`) with its own generation config."""
+    if isinstance(model, BarkHfSemanticModel):
+        if processor is None:
+            raise ValueError("The semantic stage reads text: pass the processor to collator_for(model, processor).")
+        return BarkHfSemanticCollator(processor, model.generation_config, model.config.block_size)
+    if isinstance(model, BarkHfCoarseModel):
+        return BarkHfCoarseCollator(model.generation_config)
+    if isinstance(model, BarkHfFineModel):
+        return BarkHfFineCollator(model.generation_config)
+    raise TypeError(
+        f"collator_for takes a stage (model.semantic, model.coarse_acoustics or model.fine_acoustics), "
+        f"got {type(model).__name__}."
+    )
+
+
+# --- dataset preparation -------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SemanticTokenizer(Protocol):
+    """Audio -> Bark semantic tokens, for datasets that have none.
+
+    Suno's tokenizer (HuBERT features, then k-means into 10 000 clusters) was never released; any
+    object with this call fits: mono float32 audio `[samples]` at 24 kHz in, integer tokens `[S]`
+    in 0..9 999 at 49.9 per second out. Resample inside if the model expects another rate.
+    """
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray: ...
+
+
+def resample_audio(audio: np.ndarray, sampling_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 audio at `target_rate`, by polyphase filtering (`scipy.signal.resample_poly`)."""
+    if sampling_rate == target_rate:
+        return audio
+    try:
+        from scipy.signal import resample_poly
+    except ImportError:
+        raise ImportError(f"Audio at {sampling_rate} Hz must be resampled to {target_rate} Hz, which needs scipy: "
+                          "pip install 'bark-hf[train]'.") from None
+    divisor = math.gcd(int(sampling_rate), int(target_rate))
+    return resample_poly(audio, target_rate // divisor, sampling_rate // divisor).astype(np.float32)
+
+
+def decode_audio(value: Any) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and their rate from a dataset cell.
+
+    Takes `{"array", "sampling_rate"}` (a 2-D array is channels first, as `datasets` decodes it) or
+    an undecoded `Audio` cell `{"bytes", "path"}`, read with `soundfile`. Channels are averaged.
+    """
+    if isinstance(value, Mapping) and value.get("array") is not None:
+        if value.get("sampling_rate") is None:
+            raise ValueError("An audio cell has an 'array' but no 'sampling_rate'; give both.")
+        array = np.asarray(value["array"], dtype=np.float32)
+        return (array.mean(axis=0) if array.ndim == 2 else array), int(value["sampling_rate"])
+    if isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
+        import soundfile
+
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        array, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [samples, channels]
+        return array.mean(axis=1), int(rate)
+    raise TypeError(
+        "An audio cell must be {'array': samples, 'sampling_rate': Hz} or an audio file as {'bytes': ..., "
+        f"'path': ...}} (a datasets Audio column); got {type(value).__name__}."
+    )
+
+
+@torch.no_grad()
+def encode_audio(codec_model: torch.nn.Module, audio: np.ndarray) -> np.ndarray:
+    """EnCodec codes `[8, T]` (int16) of mono 24 kHz audio at Bark's 6 kbps, `T = ceil(samples / 320)`."""
+    config = codec_model.config
+    bandwidth = N_FINE_CODEBOOKS * math.log2(config.codebook_size) * config.frame_rate / 1000  # kbps
+    weight = next(codec_model.parameters())
+    values = torch.from_numpy(np.ascontiguousarray(audio)).to(weight.device, weight.dtype)[None, None]  # [1, 1, N]
+    codes = codec_model.encode(values, bandwidth=bandwidth).audio_codes  # [1 chunk, 1, 8, T]
+    return codes[0, 0].cpu().numpy().astype(np.int16)
+
+
+def _checked_semantic_tokens(tokens: Any, row: int, n_frames: int) -> np.ndarray:
+    array = np.asarray(tokens)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"Row {row}: semantic tokens must be a non-empty 1-D integer array, got "
+                         f"{array.dtype} of shape {array.shape}.")
+    if array.min() < 0 or array.max() >= SEMANTIC_VOCAB_SIZE:
+        raise ValueError(f"Row {row}: semantic tokens must be in 0..{SEMANTIC_VOCAB_SIZE - 1}, got "
+                         f"{array.min()}..{array.max()}.")
+    expected = n_frames * SEMANTIC_RATE_HZ / COARSE_RATE_HZ
+    if abs(array.size - expected) > 0.1 * expected + 2:
+        logger.warning_once(
+            f"Row {row}: {array.size} semantic tokens for {n_frames / COARSE_RATE_HZ:.2f} s of audio; Bark's "
+            f"semantic tokens come at {SEMANTIC_RATE_HZ} per second (about {expected:.0f} here). Coarse windows "
+            "pair semantic and codec tokens by that rate."
+        )
+    return array.astype(np.int16)
+
+
+def _preparation_fingerprint(
+    dataset: datasets.Dataset, codec_model: torch.nn.Module, semantic_tokenizer: Any, settings: Iterable[Any]
+) -> str | None:
+    """A cache key from the input dataset, the codec's weights, the tokenizer and the settings, or
+    None (no caching) when the tokenizer cannot be hashed. EnCodec itself cannot be pickled, so
+    `datasets` could not hash the map function on its own.
+    """
+    from datasets.fingerprint import Hasher
+
+    weights = hashlib.sha256()
+    for name, tensor in codec_model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    try:
+        tokenizer_hash = Hasher.hash(semantic_tokenizer)
+    except Exception as error:  # any pickling failure: fall back to an uncached map
+        logger.warning(f"The semantic tokenizer cannot be hashed ({error}); prepared data will not be cached.")
+        return None
+    return Hasher.hash([dataset._fingerprint, _PREPARATION_VERSION, weights.hexdigest(), tokenizer_hash, *settings])
+
+
+def prepare_dataset(
+    dataset: datasets.Dataset,
+    codec_model: torch.nn.Module,
+    semantic_tokenizer: SemanticTokenizer | None = None,
+    semantic_column: str | None = None,
+    audio_column: str = "audio",
+    batch_size: int = 16,
+    load_from_cache_file: bool = True,
+) -> datasets.Dataset:
+    """Tokens to train on, from a dataset of audio (and text).
+
+    Adds `fine_tokens` (EnCodec codes `[8, T]` from `codec_model`, usually `BarkHfModel.codec_model`;
+    its first two rows are the coarse codes) and `semantic_tokens` `[S]` (from `semantic_column`, or
+    made by `semantic_tokenizer`, or left out when neither is given: the fine stage needs none),
+    and drops the audio column. Audio may be an `Audio` column (decoded here with `soundfile`, not
+    torchcodec) or `{"array", "sampling_rate"}` dicts, at any rate: it is resampled to 24 kHz.
+    Runs as a batched `.map` with a progress bar; a dataset with cache files (e.g. from
+    `load_from_disk`) caches the result, keyed on its fingerprint, the codec weights and the settings.
+    """
+    import datasets
+
+    if semantic_tokenizer is not None and semantic_column is not None:
+        raise ValueError("Pass semantic_column (tokens already in the dataset) or semantic_tokenizer, not both.")
+    if semantic_tokenizer is not None and not isinstance(semantic_tokenizer, SemanticTokenizer):
+        raise TypeError(
+            f"semantic_tokenizer must be callable (audio -> tokens); got {type(semantic_tokenizer).__name__}."
+        )
+    for column in (audio_column, semantic_column):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"The dataset has no column {column!r}; its columns are {dataset.column_names}.")
+    if isinstance(dataset.features[audio_column], datasets.Audio):
+        # Decoding an Audio column needs torchcodec; reading its bytes with soundfile does not.
+        dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        encoded: dict[str, list] = {FINE_TOKENS_COLUMN: [], SEMANTIC_TOKENS_COLUMN: []}
+        for position, row in enumerate(indices):
+            audio, rate = decode_audio(batch[audio_column][position])
+            if audio.size == 0:
+                raise ValueError(f"Row {row}: the audio is empty.")
+            audio = resample_audio(audio, rate)
+            codes = encode_audio(codec_model, audio)
+            encoded[FINE_TOKENS_COLUMN].append(codes)
+            if semantic_column is not None:
+                semantic = batch[semantic_column][position]
+            elif semantic_tokenizer is not None:
+                semantic = semantic_tokenizer(audio)
+            else:
+                continue
+            encoded[SEMANTIC_TOKENS_COLUMN].append(_checked_semantic_tokens(semantic, row, codes.shape[1]))
+        if not encoded[SEMANTIC_TOKENS_COLUMN]:
+            del encoded[SEMANTIC_TOKENS_COLUMN]
+        return encoded
+
+    settings = (audio_column, semantic_column, semantic_tokenizer is not None)
+    return dataset.map(
+        encode_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=[audio_column],
+        load_from_cache_file=load_from_cache_file,
+        new_fingerprint=_preparation_fingerprint(dataset, codec_model, semantic_tokenizer, settings),
+        desc="Encoding audio for Bark",
+    )

@@ -1,0 +1,537 @@
+"""Training: stage losses, the collators' token layouts against generation, dataset preparation,
+Trainer and LoRA fine-tuning, the example script and the model card. Tiny models, CPU, offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile
+import torch
+from huggingface_hub import ModelCard
+from transformers import Trainer, TrainingArguments, pipeline
+
+from bark_hf import (
+    BarkHfCoarseConfig,
+    BarkHfCoarseModel,
+    BarkHfFineConfig,
+    BarkHfFineModel,
+    BarkHfModel,
+    BarkHfSemanticConfig,
+    BarkHfSemanticModel,
+)
+from bark_hf.model_card import BARK_LANGUAGES, GENERATED_CARD_MARKER, bark_model_card, save_model_card
+from bark_hf.tiny_random import tiny_random_bark
+from bark_hf.training import (
+    BarkHfCoarseCollator,
+    BarkHfFineCollator,
+    BarkHfSemanticCollator,
+    SemanticTokenizer,
+    coarse_training_window,
+    coarse_window_count,
+    collator_for,
+    encode_audio,
+    fine_training_window,
+    fine_window_count,
+    prepare_dataset,
+    resample_audio,
+    semantic_prompt_windows,
+    semantic_training_sequence,
+)
+
+TINY_STAGE = dict(num_layers=2, num_heads=2, hidden_size=32)
+EXAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
+
+
+def tone(frequency: float, seconds: float = 0.4, rate: int = 24_000) -> np.ndarray:
+    times = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * frequency * times)).astype(np.float32)
+
+
+def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+class ToneTokenizer:
+    """A stand-in semantic tokenizer: the loudest FFT bin of each 1 / 49.9 s frame, spread over the vocabulary."""
+
+    calls = 0  # a class attribute, so that counting calls leaves the instance (and its cache hash) unchanged
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        type(self).calls += 1
+        hop = 24_000 / 49.9
+        frames = [audio[int(i * hop) : int(i * hop) + 480] for i in range(int(len(audio) // hop))]
+        return np.array([int(np.abs(np.fft.rfft(frame)).argmax()) * 37 % 10_000 for frame in frames])
+
+
+def tiny_stage(stage: str, **overrides) -> BarkHfSemanticModel | BarkHfCoarseModel | BarkHfFineModel:
+    torch.manual_seed(0)
+    settings = {**TINY_STAGE, **overrides}
+    if stage == "semantic":
+        return BarkHfSemanticModel(BarkHfSemanticConfig(**settings))
+    if stage == "coarse":
+        return BarkHfCoarseModel(BarkHfCoarseConfig(**settings))
+    return BarkHfFineModel(BarkHfFineConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_random_bark()[1]
+
+
+def chirp(start_hz: float, end_hz: float, seconds: float = 0.4, rate: int = 24_000) -> np.ndarray:
+    times = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * (start_hz * times + (end_hz - start_hz) * times**2 / (2 * seconds)))).astype(
+        np.float32)
+
+
+def fit_codebooks(codec, audios: list[np.ndarray]) -> None:
+    """Codebook entries drawn from the audio's own encoder frames (EnCodec starts its k-means the same way).
+
+    A random codec's frames barely change over time, so its random codebooks give one code per
+    codebook for any sound; fitted ones give each frame its own codes.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        residual = torch.cat([codec.encoder(torch.from_numpy(audio)[None, None])[0].T for audio in audios])  # [F, D]
+        for layer in codec.quantizer.layers:
+            entries = residual[torch.randint(len(residual), (layer.codebook.embed.shape[0],), generator=generator)]
+            noise = 1e-3 * residual.std(0) * torch.randn(entries.shape, generator=generator)
+            layer.codebook.embed.copy_(entries + noise)
+            residual = residual - layer.decode(layer.encode(residual.T[None]))[0].T
+
+
+@pytest.fixture(scope="module")
+def tone_rows() -> datasets.Dataset:
+    """Two 0.4 s sweeps with text, prepared: semantic tokens from ToneTokenizer, codes from a random EnCodec."""
+    model, _ = tiny_random_bark()
+    audios = [chirp(200, 2000), chirp(3000, 300)]
+    fit_codebooks(model.codec_model, audios)
+    raw = datasets.Dataset.from_dict({
+        "text": ["a rising tone", "a falling tone"],
+        "audio": [{"array": audio, "sampling_rate": 24_000} for audio in audios],
+    })
+    prepared = prepare_dataset(raw, model.codec_model, semantic_tokenizer=ToneTokenizer())
+    for row in prepared:  # sequences worth memorising: (nearly) every frame has its own codes
+        assert len(set(row["semantic_tokens"])) > 15 and len(np.unique(np.array(row["fine_tokens"])[0])) == 30
+    return prepared
+
+
+def stage_batch(stage: str, processor, rows: int = 2) -> dict[str, torch.Tensor]:
+    generator = np.random.default_rng(0)
+    features = [{"text": f"row number {i}", "semantic_tokens": generator.integers(0, 10_000, 20 + 7 * i),
+                 "fine_tokens": generator.integers(0, 1024, (8, 30 + 11 * i))} for i in range(rows)]
+    features[0]["semantic_prompt"] = generator.integers(0, 10_000, 300)
+    if stage == "semantic":
+        return BarkHfSemanticCollator(processor)(features)
+    if stage == "coarse":
+        return BarkHfCoarseCollator()(features)
+    return BarkHfFineCollator(codebooks=[4])(features)
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+
+def test_semantic_loss_is_cross_entropy_over_semantic_tokens_and_eos(processor):
+    model = tiny_stage("semantic")
+    batch = stage_batch("semantic", processor)
+    output = model(**batch)
+    logits, labels = output.logits.detach(), batch["labels"]
+    terms = []
+    for item in range(labels.shape[0]):
+        for position in range(labels.shape[1] - 1):
+            target = int(labels[item, position + 1])
+            if target == -100:
+                continue
+            row = logits[item, position]
+            categories = torch.cat([row[:10_000], row[10_000:10_001]])  # semantic tokens, then EOS
+            terms.append(torch.logsumexp(categories, 0) - categories[target])
+    assert len(terms) == 20 + 1 + 27 + 1  # every token and one EOS per row
+    torch.testing.assert_close(output.loss.detach(), torch.stack(terms).mean())
+
+
+def test_coarse_loss_is_cross_entropy_within_each_targets_codebook(processor):
+    model = tiny_stage("coarse")
+    batch = stage_batch("coarse", processor)
+    output = model(**batch)
+    logits, labels = output.logits.detach(), batch["labels"]
+    terms = []
+    for item in range(labels.shape[0]):
+        for position in range(labels.shape[1] - 1):
+            target = int(labels[item, position + 1])
+            if target == -100:
+                continue
+            codebook, code = divmod(target - 10_000, 1024)
+            row = logits[item, position, 10_000 + 1024 * codebook : 10_000 + 1024 * (codebook + 1)]
+            terms.append(torch.logsumexp(row, 0) - row[code])
+    assert len(terms) == 2 * 30 + 2 * 41  # both rows fit in the first window: every coarse token is a target
+    torch.testing.assert_close(output.loss.detach(), torch.stack(terms).mean())
+
+
+def test_fine_loss_is_cross_entropy_over_the_codes_of_one_codebook(processor):
+    model = tiny_stage("fine")
+    batch = stage_batch("fine", processor)
+    assert int(batch["codebook_idx"]) == 4
+    output = model(**batch)
+    logits = output.logits.detach()[..., :1024]
+    labels = batch["labels"]
+    kept = labels != -100
+    assert kept.sum() == 30 + 41  # real frames only, not the padding up to 1 024
+    expected = (torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0])[kept].mean()
+    torch.testing.assert_close(output.loss.detach(), expected)
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_gradients_reach_every_parameter(stage, processor):
+    model = tiny_stage(stage).train()
+    batch = stage_batch(stage, processor)
+    if stage == "fine":  # each pass reads codebooks up to its own: sum the passes of every predicted codebook
+        loss = sum(model(**{**batch, "codebook_idx": k}).loss for k in range(1, 8))
+    else:
+        loss = model(**batch).loss
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_gradient_checkpointing_gives_the_same_gradients(stage, processor):
+    batch = stage_batch(stage, processor)
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_stage(stage, dropout=0.1).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(block.gradient_checkpointing for block in model.layers)
+        torch.manual_seed(1)  # the same dropout masks; checkpointing replays them in the recomputation
+        model(**batch).loss.backward()
+        gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_labels_out_of_range_or_misshaped_are_refused(processor):
+    semantic, coarse, fine = tiny_stage("semantic"), tiny_stage("coarse"), tiny_stage("fine")
+    ids = torch.randint(10_000, 12_048, (1, 300))
+    with pytest.raises(ValueError, match=r"not semantic tokens \(0..9999\) or end of speech"):
+        semantic(input_ids=ids, labels=ids)
+    with pytest.raises(ValueError, match=r"not coarse tokens \(10000..12047\), e.g. \[5\]"):
+        coarse(input_ids=ids, labels=ids.clone().index_fill_(1, torch.tensor([7]), 5))
+    with pytest.raises(ValueError, match="labels must have the inputs' shape"):
+        coarse(input_ids=ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match=r"not codes \(0..1023\)"):
+        fine(2, torch.zeros(1, 10, 8, dtype=torch.long), labels=torch.full((1, 10), 1024))
+    text_ids = ids - 10_000
+    cache = semantic(input_ids=text_ids[:, :5], use_cache=True).cache
+    with pytest.raises(ValueError, match="history_input_ids covers the first positions"):
+        semantic(input_ids=text_ids[:, 5:6], cache=cache, history_input_ids=text_ids[:, :1])
+
+
+# --- layouts equal what generation feeds the model ------------------------------------------------
+
+
+def test_semantic_layout_equals_generation(processor):
+    model, _ = tiny_random_bark()
+    semantic = model.semantic
+    encoding = processor(["Hello there", "Hi"])
+    history = np.random.default_rng(0).integers(0, 10_000, 300)
+    preset = {"semantic_prompt": history, "coarse_prompt": np.zeros((2, 450), np.int64),
+              "fine_prompt": np.zeros((8, 450), np.int64)}
+    embedded = []
+    hook = semantic.input_embeds_layer.register_forward_hook(lambda module, args, out: embedded.append(args[0]))
+    generated = semantic.generate(encoding["input_ids"], encoding["attention_mask"], [preset, None], top_k=1,
+                                  use_cache=False, max_new_tokens=6, show_progress=False)
+    hook.remove()
+    text, history_window = semantic_prompt_windows(encoding["input_ids"], encoding["attention_mask"],
+                                                   [torch.as_tensor(history), None], semantic.generation_config)
+    assert torch.equal(embedded[0], text) and torch.equal(embedded[1], history_window)
+
+    rows = [{"text": "Hello there", "semantic_tokens": generated.sequences[0], "semantic_prompt": history},
+            {"text": "Hi", "semantic_tokens": generated.sequences[1]}]
+    batch = BarkHfSemanticCollator(processor, semantic.generation_config)(rows)
+    # The last step's input: both windows' ids, the infer token, then all but the last generated token.
+    last_step = torch.cat([embedded[0], embedded[-1]], dim=1)  # [B, 256 + 1 + 5]
+    assert torch.equal(batch["input_ids"][:, : last_step.shape[1]], last_step)
+    assert torch.equal(batch["history_input_ids"], history_window)
+    # Teacher forcing reproduces the greedy tokens: the loss trains what generation samples.
+    logits = semantic(**batch).logits[:, 256 : 256 + 6, :10_000]
+    assert torch.equal(logits.argmax(-1), generated.sequences)
+
+
+def test_semantic_sequence_without_room_for_eos_is_cut():
+    config = BarkHfSemanticModel(BarkHfSemanticConfig(**TINY_STAGE)).generation_config
+    text = torch.full((256,), config.text_pad_token)
+    ids, labels = semantic_training_sequence(text, torch.arange(900), config, block_size=1024)
+    assert ids.shape == labels.shape == (1024,)
+    assert torch.equal(labels[257:], torch.arange(767)) and (labels[:257] == -100).all()
+    ids, labels = semantic_training_sequence(text, torch.arange(5), config, block_size=1024)
+    assert labels[-1] == config.semantic_pad_token and ids[256] == config.semantic_infer_token
+
+
+def test_coarse_windows_equal_generation_windows():
+    model, _ = tiny_random_bark()
+    coarse = model.coarse_acoustics
+    config = coarse.generation_config
+    contexts = []
+    hook = coarse.input_embeds_layer.register_forward_hook(
+        lambda module, args, out: contexts.append(args[0][0]) if args[0].shape[1] > 1 else None
+    )  # with the KV cache, a window's first step sees its whole context
+    semantic = torch.randint(0, 10_000, (240,), generator=torch.Generator().manual_seed(0))
+    codes = coarse.generate(semantic[None], top_k=1, show_progress=False).sequences[0]  # [2, 360]
+    hook.remove()
+    assert len(contexts) == coarse_window_count(codes.shape[1], config) == 12  # the last ones keep 630 of history
+    for index, context in enumerate(contexts):
+        input_ids, labels = coarse_training_window(semantic, codes, index, config)
+        assert torch.equal(input_ids[: context.shape[0]], context), index
+        assert torch.equal(labels[257:], input_ids[257:]) and (labels[:257] == -100).all()
+
+
+@pytest.mark.parametrize("n_frames", [300, 2100])
+def test_fine_windows_equal_generation_windows(n_frames):
+    model, _ = tiny_random_bark()
+    fine = model.fine_acoustics
+    config = fine.generation_config
+    passes = []
+    hook = fine.register_forward_pre_hook(lambda module, args: passes.append((args[0], args[1][0].clone())))
+    coarse = torch.randint(0, 1024, (1, 2, n_frames), generator=torch.Generator().manual_seed(0))
+    codes = fine.generate(coarse, temperature=None).sequences[0]  # [8, T]
+    hook.remove()
+    n_windows = fine_window_count(n_frames, config)
+    assert len(passes) == 6 * n_windows
+    real = torch.arange(1024) < n_frames  # padding frames hold generation's own guesses, never a target
+    for codebook, window in passes[-6:]:  # the last window: its writes are final
+        input_ids, labels = fine_training_window(codes, codebook, n_windows - 1, config)
+        assert torch.equal(input_ids[real, :codebook], window[real, :codebook])
+        assert torch.equal(input_ids[:, codebook] == 1024, window[:, codebook] == 1024)  # not predicted yet
+        start = min((n_windows - 1) * 512, max(n_frames, 1024) - 1024)
+        written = torch.arange(1024) >= min((n_windows - 1) * 512, max(n_frames, 1024) - 512) - start
+        assert torch.equal(labels != -100, written & real)
+
+
+# --- dataset preparation --------------------------------------------------------------------------
+
+
+def test_prepare_reads_an_audio_column_at_any_rate():
+    model, _ = tiny_random_bark()
+    audio_16k = tone(300, seconds=0.5, rate=16_000)
+    raw = datasets.Dataset.from_dict({
+        "text": ["hi"],
+        "audio": [{"bytes": wav_bytes(audio_16k, 16_000), "path": None}],
+        "tokens": [[1, 2, 3] * 8],
+    }).cast_column("audio", datasets.Audio())  # decoding it would need torchcodec; preparation does not
+    prepared = prepare_dataset(raw, model.codec_model, semantic_column="tokens")
+    assert prepared.column_names == ["text", "tokens", "fine_tokens", "semantic_tokens"]
+    expected = encode_audio(model.codec_model, resample_audio(audio_16k, 16_000))
+    assert expected.shape == (8, 38)  # 12 000 samples at 24 kHz, 320 per frame
+    np.testing.assert_array_equal(np.array(prepared[0]["fine_tokens"]), expected)
+    assert prepared[0]["semantic_tokens"] == [1, 2, 3] * 8
+
+
+def test_prepare_takes_arrays_and_a_semantic_tokenizer():
+    model, _ = tiny_random_bark()
+    stereo = np.stack([tone(300, rate=48_000), tone(300, rate=48_000)])  # [2 channels, samples]
+    raw = datasets.Dataset.from_dict({"text": ["stereo"], "audio": [{"array": stereo, "sampling_rate": 48_000}]})
+    tokenizer = ToneTokenizer()
+    assert isinstance(tokenizer, SemanticTokenizer)
+    prepared = prepare_dataset(raw, model.codec_model, semantic_tokenizer=tokenizer)
+    mono_24k = resample_audio(stereo[0], 48_000)
+    np.testing.assert_array_equal(prepared[0]["semantic_tokens"], tokenizer(mono_24k))
+    np.testing.assert_array_equal(np.array(prepared[0]["fine_tokens"]), encode_audio(model.codec_model, mono_24k))
+    assert "semantic_tokens" not in prepare_dataset(raw, model.codec_model).column_names  # fine-stage data only
+
+
+def test_prepare_caches_results_of_datasets_on_disk(tmp_path):
+    model, _ = tiny_random_bark()
+    raw = datasets.Dataset.from_dict({"text": ["a", "b"], "audio": [{"array": tone(220), "sampling_rate": 24_000},
+                                                                    {"array": tone(330), "sampling_rate": 24_000}]})
+    raw.save_to_disk(tmp_path / "raw")
+    on_disk = datasets.load_from_disk(tmp_path / "raw")
+    before = ToneTokenizer.calls
+    first = prepare_dataset(on_disk, model.codec_model, semantic_tokenizer=ToneTokenizer())
+    assert ToneTokenizer.calls == before + 2 and first.cache_files
+    again = prepare_dataset(on_disk, model.codec_model, semantic_tokenizer=ToneTokenizer())
+    assert ToneTokenizer.calls == before + 2 and again.cache_files == first.cache_files
+    with torch.no_grad():
+        model.codec_model.quantizer.layers[0].codebook.embed.mul_(2)  # other weights: other codes, no cache hit
+    prepare_dataset(on_disk, model.codec_model, semantic_tokenizer=ToneTokenizer())
+    assert ToneTokenizer.calls == before + 4
+
+
+def test_prepare_refuses_bad_input():
+    model, _ = tiny_random_bark()
+    raw = datasets.Dataset.from_dict({"text": ["a"], "audio": [{"array": tone(220), "sampling_rate": 24_000}],
+                                      "tokens": [[10_000]]})
+    with pytest.raises(ValueError, match="not both"):
+        prepare_dataset(raw, model.codec_model, semantic_tokenizer=ToneTokenizer(), semantic_column="tokens")
+    with pytest.raises(ValueError, match="no column 'speech'"):
+        prepare_dataset(raw, model.codec_model, audio_column="speech")
+    with pytest.raises(TypeError, match="must be callable"):
+        prepare_dataset(raw, model.codec_model, semantic_tokenizer="hubert")
+    with pytest.raises(ValueError, match=r"Row 0: semantic tokens must be in 0..9999"):
+        prepare_dataset(raw, model.codec_model, semantic_column="tokens")
+
+
+def test_collators_explain_missing_columns_and_wrong_models(processor):
+    with pytest.raises(KeyError, match="no 'fine_tokens' column.*remove_unused_columns=False"):
+        BarkHfCoarseCollator()([{"semantic_tokens": [1, 2]}])
+    with pytest.raises(ValueError, match="pass the processor"):
+        collator_for(tiny_stage("semantic"))
+    with pytest.raises(TypeError, match="takes a stage"):
+        collator_for(tiny_random_bark()[0])
+
+
+# --- Trainer, LoRA, the example script ------------------------------------------------------------
+
+
+def trainer_arguments(output_dir: Path, steps: int, learning_rate: float = 1e-2) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2,
+                             learning_rate=learning_rate, lr_scheduler_type="constant", logging_steps=5,
+                             save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
+                             disable_tqdm=True, seed=0)
+
+
+def test_trainer_memorises_coarse_tokens_and_generation_reproduces_them(tone_rows, tmp_path):
+    model, processor = tiny_random_bark(seed=1)
+    coarse = model.coarse_acoustics.train()
+    trainer = Trainer(model=coarse, args=trainer_arguments(tmp_path, steps=60), train_dataset=tone_rows,
+                      data_collator=collator_for(coarse, processor))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # means over 5 steps
+    assert losses[0] > 1.0 and losses[-1] < 0.05
+    coarse.eval()
+    for row in tone_rows:
+        generated = coarse.generate(torch.tensor(row["semantic_tokens"])[None], top_k=1, show_progress=False)
+        expected = torch.tensor(row["fine_tokens"])[:2]
+        assert generated.sequences.shape[-1] == math.floor(len(row["semantic_tokens"]) * 75 / 49.9) == 28
+        assert torch.equal(generated.sequences[0], expected[:, :28])
+
+
+def test_trainer_memorises_fine_tokens_and_generation_reproduces_them(tone_rows, tmp_path):
+    model, processor = tiny_random_bark(seed=1)
+    fine = model.fine_acoustics.train()
+    trainer = Trainer(model=fine, args=trainer_arguments(tmp_path, steps=60), train_dataset=tone_rows,
+                      data_collator=collator_for(fine, processor))
+    trainer.train()
+    fine.eval()
+    for row in tone_rows:
+        codes = torch.tensor(row["fine_tokens"])
+        assert torch.equal(fine.generate(codes[None, :2], temperature=None).sequences[0], codes)
+
+
+def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny_random_bark(seed=1)
+    semantic = model.semantic
+    frozen = {name: value.clone() for name, value in semantic.state_dict().items()}
+    lora = get_peft_model(semantic, LoraConfig(r=4, lora_alpha=8, target_modules=["att_proj", "in_proj", "out_proj"]))
+    trainable = [name for name, parameter in lora.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    lora.train()
+    trainer = Trainer(model=lora, args=trainer_arguments(tmp_path, steps=4, learning_rate=3e-2),
+                      train_dataset=tone_rows, data_collator=collator_for(semantic, processor))
+    trainer.train()
+    lora.eval()
+    batch = collator_for(semantic, processor)(list(tone_rows))
+    with torch.no_grad():
+        adapted = lora(**batch).logits
+        lora.merge_and_unload()
+        merged = model.semantic(**batch).logits  # the composite's own stage now holds the merged weights
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    changed = {name for name, value in model.semantic.state_dict().items() if not torch.equal(value, frozen[name])}
+    assert changed and all(name.endswith(("att_proj.weight", "in_proj.weight", "out_proj.weight")) for name in changed)
+
+
+def test_example_script_prepares_trains_with_lora_and_writes_a_loadable_folder(tmp_path):
+    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE_SCRIPT)
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    raw = datasets.Dataset.from_dict({
+        "text": ["a low tone", "a high tone"],
+        "audio": [{"array": tone(220), "sampling_rate": 24_000}, {"array": tone(440), "sampling_rate": 24_000}],
+        "tokens": [list(range(19)), list(range(100, 119))],
+    })
+    raw.save_to_disk(tmp_path / "data")
+    output = tmp_path / "bark-tones"
+    argv = ["--model", "tiny-random", "--dataset", str(tmp_path / "data"), "--stage", "coarse", "--semantic-column",
+            "tokens", "--output-dir", str(output), "--max-steps", "2", "--batch-size", "2", "--lora-rank", "4",
+            "--learning-rate", "1e-2"]
+    assert finetune.main(argv) == output
+
+    original, _ = tiny_random_bark()
+    tuned = BarkHfModel.from_pretrained(output)
+    for stage in ("semantic", "fine_acoustics"):
+        for name, value in getattr(original, stage).state_dict().items():
+            assert torch.equal(getattr(tuned, stage).state_dict()[name], value), f"{stage}.{name}"
+    tuned_coarse = tuned.coarse_acoustics.state_dict()
+    assert any(not torch.equal(tuned_coarse[name], value) for name, value in original.coarse_acoustics.state_dict()
+               .items())
+    assert not any("lora" in name for name in tuned.state_dict())
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "bark-hf" and card.data.base_model is None
+    speech = pipeline("text-to-audio", model=str(output))("Hi", generate_kwargs={"semantic_max_new_tokens": 3},
+                                                          show_progress=False)
+    assert speech["sampling_rate"] == 24_000 and speech["audio"].size > 0
+    with pytest.raises(SystemExit, match="already exists"):
+        finetune.main(argv)
+
+
+# --- model card -----------------------------------------------------------------------------------
+
+
+def test_model_card_metadata_and_snippets():
+    config = tiny_random_bark()[0].config
+    card = bark_model_card(config, model_id="me/bark-tones", voice_presets=["v2/en_speaker_1"],
+                           training_data=["me/tones"], base_model="suno/bark-small")
+    parsed = ModelCard(str(card))  # what the Hub reads back
+    assert parsed.data.library_name == "bark-hf"
+    assert parsed.data.pipeline_tag == "text-to-audio"
+    assert parsed.data.language == BARK_LANGUAGES
+    assert parsed.data.license == "mit"
+    assert parsed.data.datasets == ["me/tones"] and parsed.data.base_model == "suno/bark-small"
+    assert 'pipeline("text-to-audio", model="me/bark-tones")' in parsed.text
+    assert 'BarkHfModel.from_pretrained("me/bark-tones")' in parsed.text
+    assert 'voice_preset="v2/en_speaker_1"' in parsed.text
+    assert "Fine-tuned from [`suno/bark-small`]" in parsed.text and "(https://huggingface.co/datasets/me/tones)" in \
+        parsed.text
+    assert "semantic GPT 2 layers x 32 wide" in parsed.text
+
+
+def test_save_pretrained_writes_the_card_but_keeps_an_authors_readme(tmp_path):
+    model, _ = tiny_random_bark()
+    model.save_pretrained(tmp_path / "bark-tiny")
+    card = ModelCard.load(tmp_path / "bark-tiny" / "README.md")
+    assert card.data.library_name == "bark-hf" and card.data.pipeline_tag == "text-to-audio"
+    assert card.data.language == BARK_LANGUAGES and card.data.license == "mit"
+    assert GENERATED_CARD_MARKER in card.content
+
+    authors = tmp_path / "bark-tiny" / "README.md"
+    authors.write_text("# My Bark\n", encoding="utf-8")
+    model.save_pretrained(tmp_path / "bark-tiny")
+    assert authors.read_text(encoding="utf-8") == "# My Bark\n"
+    assert save_model_card(bark_model_card(model.config), tmp_path / "bark-tiny") is None
+    assert save_model_card(bark_model_card(model.config), tmp_path / "bark-tiny", overwrite=True) == authors
+
+    model.semantic.save_pretrained(tmp_path / "semantic-only")
+    assert not (tmp_path / "semantic-only" / "README.md").exists()  # a single stage is no text-to-audio model
+
+
+def test_fine_collator_draws_codebooks_and_windows_from_torch_seed():
+    rows = [{"fine_tokens": np.random.default_rng(i).integers(0, 1024, (8, 1600))} for i in range(2)]
+    collator = BarkHfFineCollator()
+    torch.manual_seed(3)
+    first = collator(rows)
+    torch.manual_seed(3)
+    again = collator(rows)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert 2 <= int(first["codebook_idx"]) <= 7
+    drawn = {int(collator(rows)["codebook_idx"]) for _ in range(40)}
+    assert drawn == set(range(2, 8))  # the codebooks generation predicts

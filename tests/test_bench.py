@@ -1,0 +1,152 @@
+"""benchmarks/bench.py: a `--quick` run end to end (all three peers, tiny model), its argument
+checks, and the floor arithmetic of benchmarks/roofline.py. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+STAGES = ("semantic", "coarse", "fine", "codec")
+PEERS = ("ours", "transformers", "original")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """`bench.py --quick --batch 2` in a fresh interpreter, as a user runs it, with this checkout's bark_hf."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench.py"), "--quick", "--device", "cpu", "--batch", "2",
+         "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed, json.loads(out.read_text())
+
+
+def test_quick_run_times_every_stage_of_every_peer(quick_run):
+    _, results = quick_run
+    assert results["settings"]["peers"] == list(PEERS)
+    # 24 semantic tokens -> floor(24 * 75 / 49.9) = 36 frames of 320 samples at 24 kHz.
+    assert results["settings"]["semantic_tokens"] == 24 and results["settings"]["frames"] == 36
+    assert results["settings"]["audio_s_per_item"] == pytest.approx(36 * 320 / 24_000)
+    batch = results["batches"]["2"]
+    work = {stage: batch["work"][stage]["units_per_item"] for stage in STAGES}
+    assert work == {"semantic": 24, "coarse": 72, "fine": 36 * 6, "codec": 36}
+    for stage in (*STAGES, "total"):
+        rows = batch["stages"][stage]
+        assert set(rows) == set(PEERS)
+        for name, row in rows.items():
+            assert len(row["seconds"]) == 1 and row["median_s"] > 0
+            assert row["rtf"] == pytest.approx(row["median_s"] / (2 * results["settings"]["audio_s_per_item"]))
+            assert row["floor_s"] > 0
+            assert row["floor_fraction"] == pytest.approx(row["floor_s"] / row["median_s"])
+            if name != "ours":
+                assert row["ours_speedup"] == pytest.approx(row["median_s"] / rows["ours"]["median_s"])
+    total = batch["stages"]["total"]["original"]
+    assert total["median_s"] == pytest.approx(sum(batch["stages"][s]["original"]["median_s"] for s in STAGES))
+    assert results["floor"]["bandwidth_gb_s"] > 0 and results["floor"]["gemm_gflop_s"] > 0
+    assert results["machine"]["cpu_threads"] == 1
+
+
+def test_quick_run_prints_a_table_per_batch(quick_run):
+    completed, _ = quick_run
+    assert "tiny shape (32 wide, 2 layers, 2 heads), float32" in completed.stdout
+    assert "\nbatch 2\n" in completed.stdout
+    table_rows = [line.split() for line in completed.stdout.splitlines() if line.split()[:1] in (["coarse"], ["fine"])]
+    assert [row[:2] for row in table_rows] == [["coarse", "72"], ["fine", "216"]]
+    for name in PEERS:
+        assert f"{name}: batch 2, " in completed.stdout
+    assert "furthest from its floor:" in completed.stdout
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """bench.py and its helper modules, imported the way the script imports them (from benchmarks/)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        import bench
+        import peers
+        import roofline
+
+        yield SimpleNamespace(bench=bench, peers=peers, roofline=roofline)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--peers", "ours,espnet"], "--peers takes distinct names"),
+    (["--peers", "ours,ours"], "--peers takes distinct names"),
+    (["--batch", "1,x"], "--batch takes comma-separated positive integers"),
+    (["--batch", "0"], "--batch sizes must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--semantic-tokens", "769"], "--semantic-tokens must be in 1..768"),
+])
+def test_bad_arguments_are_refused_with_the_fix(modules, capsys, argv, message):
+    with pytest.raises(SystemExit) as raised:
+        modules.bench.parse_args(["--device", "cpu", *argv])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_clock_needs_a_single_threaded_cpu_run(modules, capsys, monkeypatch):
+    monkeypatch.setattr(modules.bench.torch, "get_num_threads", lambda: 2)
+    with pytest.raises(SystemExit):
+        modules.bench.parse_args(["--device", "cpu", "--clock", "cpu"])
+    assert "set OMP_NUM_THREADS=1" in capsys.readouterr().err
+
+
+def test_existing_json_is_never_overwritten(modules, capsys, tmp_path):
+    existing = tmp_path / "results.json"
+    existing.write_text("{}")
+    with pytest.raises(SystemExit):
+        modules.bench.parse_args(["--device", "cpu", "--json", str(existing)])
+    assert "choose a new path for --json" in capsys.readouterr().err
+    assert existing.read_text() == "{}"
+
+
+# --- The floor arithmetic ---
+
+
+def test_decode_step_reads_the_weights_and_the_cache(modules):
+    roofline = modules.roofline
+    coarse = roofline.GptShape(hidden=768, layers=12, vocab_out=12_096, itemsize=4)  # bark-small's coarse GPT
+    flops, nbytes = coarse.forward(batch=1, new=1, past=0, causal=True, logit_positions=1)
+    assert nbytes == (12 * 768**2 * 12 + 768 * 12_096) * 4  # ~377 MB, the figure in issue 6
+    assert flops == 2 * (12 * 768**2 * 12 + 768 * 12_096 + 2 * 12 * 768)
+    _, with_cache = coarse.forward(batch=8, new=1, past=100, causal=True, logit_positions=1)
+    assert with_cache - nbytes == 2 * 8 * 12 * 100 * 768 * 4  # keys and values of 8 items
+    machine = roofline.Machine(bandwidth=1e10, gemm_rate=1e11, codec_gemm_rate=1e11)
+    assert machine.seconds([(flops, nbytes)]) == pytest.approx(nbytes / 1e10)  # bandwidth-bound
+    prefill = coarse.forward(batch=1, new=887, past=0, causal=True, logit_positions=1)
+    assert machine.seconds([prefill]) == pytest.approx(prefill[0] / 1e11)  # compute-bound
+
+
+def test_stage_passes_follow_the_algorithm(modules):
+    from bark_hf import BarkHfModel
+
+    roofline = modules.roofline
+    model = BarkHfModel(modules.peers.bark_config("tiny")).eval()  # the pass counts depend on the generation configs
+    dtype = model.dtype
+    # 650 semantic tokens: one prompt pass of 256 + 1 positions, then one pass per further token.
+    semantic = roofline.semantic_passes(model, 1, 650, dtype)
+    assert len(semantic) == 650
+    assert semantic[0] == roofline.GptShape(32, 2, 10_048, 4).forward(1, 257, 0, causal=True, logit_positions=1)
+    # 976 frames = 1952 coarse tokens in 33 windows of 60; each window's first token comes from its prefill.
+    assert roofline.coarse_steps(model, 650) == 1952
+    assert len(roofline.coarse_passes(model, 1, 650, None, dtype)) == 1952
+    # Fine: one 1024-frame window without a preset, two after 512 preset frames; six codebooks each.
+    assert len(roofline.fine_passes(model, 1, 976, None, dtype)) == 6
+    preset = modules.peers.random_preset(0)
+    assert len(roofline.fine_passes(model, 1, 976, preset, dtype)) == 12
+    # Preset history in the first coarse window: 209 semantic tokens' worth (630 / 3.006 rounded down),
+    # round(209 * 3.006) = 628 coarse tokens, less the frame the original drops.
+    assert roofline.coarse_history_length(model, preset) == 626

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -65,6 +67,12 @@ def execution_device(module: nn.Module) -> torch.device:
                 return torch.device(device)
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _mapped_device(device_map: Mapping[str, Any], name: str) -> Any:
+    """The device a device map gives parameter `name`: the entry of its longest matching prefix."""
+    prefixes = [key for key in device_map if key == "" or name == key or name.startswith(key + ".")]
+    return device_map[max(prefixes, key=len)] if prefixes else None
 
 
 class BarkHfKVCache:
@@ -258,6 +266,32 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             for source in (pipeline_module, *map(Path, get_relative_import_files(pipeline_module))):
                 shutil.copyfile(source, Path(save_directory) / source.name)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_code: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload what `save_pretrained` writes (the model card included) to the Hub repo `repo_id`.
+
+        transformers' own `push_to_hub` replaces README.md with a generic card; this keeps ours.
+        Returns the Hub's commit info.
+        """
+        hub = HfApi(token=token)
+        hub.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, save_code=save_code, **save_kwargs)
+            if isinstance(self.config, BarkHfConfig):
+                save_model_card(bark_model_card(self.config, model_id=repo_id), folder, overwrite=True)
+            return hub.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or f"Upload {type(self).__name__}")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -373,7 +407,7 @@ def _compile_requested(compile: bool | None, use_cache: bool) -> bool:
 @functools.cache
 def _compiled_decode_step() -> Callable[..., torch.Tensor]:
     """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process."""
-    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True)
+    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=True)
 
 
 def _valid_items(tokens: torch.Tensor, lengths: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
@@ -569,7 +603,8 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             return self._next_logits(self.input_embeds_layer(input_ids), cache, attention_mask, position_ids)
         if cache.write_position is None:  # the first step after the prefill
             cache.write_position = torch.tensor([cache.length], device=input_ids.device)
-        logits = _compiled_decode_step()(self, input_ids.contiguous(), pads, cache)
+        # A fresh dense copy: a column sliced out of a wider tensor has strides that change per window.
+        logits = _compiled_decode_step()(self, input_ids.clone(memory_format=torch.contiguous_format), pads, cache)
         cache.write_position += 1
         return logits
 
@@ -1055,6 +1090,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
     def _ready_for_device_map(self) -> None:
         """Fix up what accelerate's dispatch leaves unfit for generation.
 
+        - A fine head and the embedding it shares a weight with must sit on one device: offloaded
+          apart, the head's hook finds no weight to load. Refuse such a map.
         - The codec's weights may wait on disk or the CPU for hooks that never run (decoding does not
           call its `forward`): load them onto its execution device and drop its hooks.
         - A stage split over several devices returns its logits from the last one while its loop keeps
@@ -1063,6 +1100,13 @@ class BarkHfModel(BarkHfPreTrainedModel):
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
         from accelerate.utils import has_offloaded_params, named_module_tensors, set_module_tensor_to_device
 
+        for tied, source in self.all_tied_weights_keys.items():
+            devices = [_mapped_device(self.hf_device_map, name) for name in (tied, source)]
+            if devices[0] != devices[1]:
+                raise ValueError(
+                    f"The device map puts {tied} ({devices[0]}) and {source} ({devices[1]}) on different devices, "
+                    "but they share one weight; map them together, e.g. all of 'fine_acoustics' to one device."
+                )
         codec_device = execution_device(self.codec_model)
         for module in self.codec_model.modules():
             if has_offloaded_params(module):
@@ -1134,25 +1178,23 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Audio `[B, samples]` float32 (zero past each item's end) and per-item sample counts from
         codes `[B, 8, T]`, each item valid up to `lengths`.
 
-        The batch is decoded in one pass. The 24 kHz EnCodec is causal (causal convolutions, a
-        one-way LSTM), so the frames after an item's end, set to code 0, do not reach its samples:
-        each item gets the audio bark/generation.py `codec_decode` gives for its frames alone.
+        Each item is decoded on its own frames, as bark/generation.py `codec_decode` does: a batched
+        convolution rounds differently (about 1e-7), and an item of a batch must sound exactly as it
+        does alone. The decoder is a small share of the time, so the loop costs little.
         """
         batch = fine_tokens.shape[0]
         if lengths is None:
             lengths = torch.full((batch,), fine_tokens.shape[-1])
         device = self.codec_model.device
         audio_lengths = lengths.to("cpu", torch.long) * self.config.codec_config.hop_length
-        longest = int(lengths.max()) if batch > 0 else 0
-        if longest == 0:
-            return torch.zeros((batch, 0), dtype=torch.float32, device=device), audio_lengths
-        codes = fine_tokens[:, :, :longest].to(device)  # [B, 8, T]
-        valid = torch.arange(longest, device=device)[None, None] < lengths.to(device)[:, None, None]  # [B, 1, T]
-        codes = torch.where(valid, codes, 0)
-        embeddings = self.codec_model.quantizer.decode(codes.transpose(0, 1))  # [8, B, T] -> [B, D, T]
-        audio = self.codec_model.decoder(embeddings)[:, 0].float()  # [B, T * hop]
-        samples = torch.arange(audio.shape[-1], device=device)[None]  # [1, T * hop]
-        return audio.masked_fill(samples >= audio_lengths.to(device)[:, None], 0.0), audio_lengths
+        audio = torch.zeros((batch, int(audio_lengths.max()) if batch > 0 else 0), dtype=torch.float32, device=device)
+        for item, length in enumerate(lengths.tolist()):
+            if length == 0:
+                continue
+            codes = fine_tokens[item, :, :length].to(device)[:, None]  # [8, 1, T]
+            embeddings = self.codec_model.quantizer.decode(codes)  # [1, D, T]
+            audio[item, : audio_lengths[item]] = self.codec_model.decoder(embeddings)[0, 0].float()  # [T * hop]
+        return audio, audio_lengths
 
     @torch.no_grad()
     def generate(

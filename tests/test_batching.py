@@ -1,0 +1,295 @@
+"""Batched generation gives every item the tokens it gets alone, and the KV cache is written in place.
+
+The model is `ours` (tiny weights converted from original-format checkpoints, see conftest.py):
+its tokens depend on text, history and position, so equal tokens are a real check. Greedy
+settings throughout, except where sampling is only run. Items differ up to 10x in length and
+mix voice presets with none.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEXTS, random_voice_preset
+
+from bark_hf.modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfKVCache
+
+QUIET = dict(show_progress=False)
+GREEDY = dict(semantic_top_k=1, coarse_top_k=1, fine_temperature=None)
+SEMANTIC_PAD, CODEBOOK_SIZE = 10_000, 1_024
+# Presets of different lengths (the coarse histories differ) and one item without a preset.
+PRESETS = [random_voice_preset(1, n_semantic=40), None, random_voice_preset(2, n_semantic=120)]
+
+
+def _padded(items: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad tensors along their last axis into one batch; return it and the lengths."""
+    lengths = torch.tensor([item.shape[-1] for item in items])
+    batch = torch.stack([torch.nn.functional.pad(item, (0, int(lengths.max()) - item.shape[-1]), value=pad)
+                         for item in items])
+    return batch, lengths
+
+
+def _random_semantic(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SEMANTIC_PAD, (length,), generator=generator) for length in lengths]
+
+
+def _assert_items_equal(batch, singles, pad: int) -> None:
+    """Each item of the batch output equals its single run, and is padded with `pad` after its length."""
+    assert batch.lengths.tolist() == [int(single.lengths[0]) for single in singles]
+    for index, single in enumerate(singles):
+        length = int(single.lengths[0])
+        assert torch.equal(batch.sequences[index, ..., :length], single.sequences[0, ..., :length]), index
+        assert (batch.sequences[index, ..., length:] == pad).all()
+
+
+# --- semantic -----------------------------------------------------------------------------------
+
+
+def test_semantic_batch_equals_items_alone(ours):
+    model, processor = ours
+    texts = ["Hi", " ".join([TEXTS["en"]] * 3), TEXTS["de"]]  # 2 to ~200 tokenizer ids
+    presets = [random_voice_preset(3, n_semantic=300), None, random_voice_preset(4, n_semantic=30)]
+    inputs = processor(texts, voice_preset=presets)
+    batch = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], inputs["history_prompt"],
+                                    top_k=1, **QUIET)
+    singles = [model.semantic.generate(**processor(text, voice_preset=preset), top_k=1, **QUIET)
+               for text, preset in zip(texts, presets, strict=True)]
+    _assert_items_equal(batch, singles, SEMANTIC_PAD)
+    lengths = batch.lengths.tolist()
+    assert min(lengths) > 0 and len(set(lengths)) > 1  # the items stop at different steps
+    assert not torch.equal(singles[0].sequences[0, :5], singles[2].sequences[0, :5])
+
+
+# --- coarse -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(use_cache=False),
+                                      dict(max_coarse_history=60, sliding_window_len=30)],
+                         ids=["cache", "no-cache", "short-history-and-window"])
+def test_coarse_batch_equals_items_alone(ours, monkeypatch, settings):
+    coarse = ours[0].coarse_acoustics
+    semantic = _random_semantic([70, 7, 33])  # 10x apart: 210, 20 and 98 coarse tokens
+    tokens, lengths = _padded(semantic, SEMANTIC_PAD)
+    window_batches = []
+    generate_window = BarkHfCoarseModel._generate_window
+
+    def counting(self, contexts, *args):
+        window_batches.append(sorted(context.shape[0] for context in contexts))
+        return generate_window(self, contexts, *args)
+
+    monkeypatch.setattr(BarkHfCoarseModel, "_generate_window", counting)
+    batch = coarse.generate(tokens, lengths, PRESETS, top_k=1, **settings, **QUIET)
+    n_windows = len(window_batches)
+    singles = [coarse.generate(item[None], None, preset, top_k=1, **settings, **QUIET)
+               for item, preset in zip(semantic, PRESETS, strict=True)]
+    _assert_items_equal(batch, singles, CODEBOOK_SIZE)
+    assert batch.lengths.tolist() == [105, 10, 49]
+
+    # One window call per window index for the whole batch; items leave after their last window.
+    window_len = settings.get("sliding_window_len", 60)
+    assert n_windows == -(-210 // window_len)
+    assert [len(sizes) for sizes in window_batches[:n_windows]] == [
+        sum(-(-steps // window_len) > index for steps in (210, 20, 98)) for index in range(n_windows)
+    ]
+    assert len(set(window_batches[0])) > 1  # the first window really is left-padded
+    assert not torch.equal(batch.sequences[0, :, :10], batch.sequences[2, :, :10])
+
+
+def test_coarse_batch_with_one_shared_preset_and_sampling(ours):
+    """Sampling runs batched (draws cannot match one-by-one runs); shapes, ranges and lengths are right."""
+    coarse = ours[0].coarse_acoustics
+    tokens, lengths = _padded(_random_semantic([40, 4], seed=1), SEMANTIC_PAD)
+    torch.manual_seed(0)
+    output = coarse.generate(tokens, lengths, PRESETS[0], temperature=0.7, top_p=0.9, **QUIET)
+    assert output.lengths.tolist() == [60, 6]
+    assert output.sequences.shape == (2, 2, 60)
+    assert (output.sequences[0] < CODEBOOK_SIZE).all() and (output.sequences[1, :, :6] < CODEBOOK_SIZE).all()
+    assert (output.sequences[1, :, 6:] == CODEBOOK_SIZE).all()
+
+
+def test_coarse_empty_item_in_a_batch(ours):
+    coarse = ours[0].coarse_acoustics
+    semantic = _random_semantic([20, 0], seed=2)
+    tokens, lengths = _padded(semantic, SEMANTIC_PAD)
+    batch = coarse.generate(tokens, lengths, top_k=1, **QUIET)
+    alone = coarse.generate(semantic[0][None], top_k=1, **QUIET)
+    assert batch.lengths.tolist() == [30, 0]
+    assert torch.equal(batch.sequences[0], alone.sequences[0])
+
+
+# --- fine ---------------------------------------------------------------------------------------
+
+
+def test_fine_batch_equals_items_alone(ours, monkeypatch):
+    fine = ours[0].fine_acoustics
+    generator = torch.Generator().manual_seed(5)
+    coarse = [torch.randint(0, CODEBOOK_SIZE, (2, length), generator=generator) for length in (1500, 150, 700)]
+    tokens, lengths = _padded(coarse, CODEBOOK_SIZE)
+    window_batches = []
+    fill_window = BarkHfFineModel._fill_window
+
+    def counting(self, buffer, *args):
+        window_batches.append(buffer.shape[0])
+        return fill_window(self, buffer, *args)
+
+    monkeypatch.setattr(BarkHfFineModel, "_fill_window", counting)
+    batch = fine.generate(tokens, lengths, PRESETS, temperature=None)
+    # 1 500 frames after a 60-frame history take 3 windows, the others 1: batches of 3, then 1, then 1.
+    assert window_batches == [3, 1, 1]
+    singles = [fine.generate(item[None], None, preset, temperature=None)
+               for item, preset in zip(coarse, PRESETS, strict=True)]
+    _assert_items_equal(batch, singles, CODEBOOK_SIZE)
+    for index, item in enumerate(coarse):
+        assert torch.equal(batch.sequences[index, :2, : item.shape[-1]], item)  # the coarse codebooks stay
+
+
+def test_fine_sampling_batch(ours):
+    """Sampling runs batched (draws cannot match one-by-one runs; a batch of one keeps the original's)."""
+    fine = ours[0].fine_acoustics
+    coarse = torch.randint(0, CODEBOOK_SIZE, (2, 2, 300), generator=torch.Generator().manual_seed(8))
+    torch.manual_seed(0)
+    output = fine.generate(coarse, torch.tensor([300, 30]), PRESETS[:2], temperature=0.5)
+    assert output.lengths.tolist() == [300, 30]
+    assert torch.equal(output.sequences[0, :2], coarse[0])
+    assert torch.equal(output.sequences[1, :2, :30], coarse[1, :, :30])
+    assert (output.sequences[0] < CODEBOOK_SIZE).all() and (output.sequences[1, :, :30] < CODEBOOK_SIZE).all()
+    assert (output.sequences[1, :, 30:] == CODEBOOK_SIZE).all()
+
+
+# --- codec --------------------------------------------------------------------------------------
+
+
+def test_codec_decode_batch_equals_items_alone_exactly(ours):
+    model = ours[0]
+    generator = torch.Generator().manual_seed(6)
+    codes = [torch.randint(0, CODEBOOK_SIZE, (8, length), generator=generator) for length in (90, 9, 0, 40)]
+    tokens, lengths = _padded(codes, CODEBOOK_SIZE)
+    audio, audio_lengths = model.codec_decode(tokens, lengths)
+    hop = model.config.codec_config.hop_length
+    assert audio_lengths.tolist() == [90 * hop, 9 * hop, 0, 40 * hop]
+    assert audio.shape == (4, 90 * hop) and audio.dtype == torch.float32
+    codec = model.codec_model
+    for index, item in enumerate(codes):
+        length = int(audio_lengths[index])
+        assert (audio[index, length:] == 0).all()
+        if item.shape[-1] == 0:
+            continue
+        with torch.no_grad():  # the item alone, as bark/generation.py decodes it
+            alone = codec.decoder(codec.quantizer.decode(item[:, None]))[0, 0]
+        torch.testing.assert_close(audio[index, :length], alone, atol=0, rtol=0)  # bit-exact
+        assert alone.abs().max() > 1e-3
+
+
+def test_codec_decode_empty_batch(ours):
+    audio, audio_lengths = ours[0].codec_decode(torch.zeros((2, 8, 0), dtype=torch.long))
+    assert audio.shape == (2, 0) and audio_lengths.tolist() == [0, 0]
+
+
+# --- the whole model ----------------------------------------------------------------------------
+
+
+def test_generate_batch_equals_items_alone(ours):
+    model, processor = ours
+    texts = [TEXTS["en"], "Ja.", TEXTS["zh"]]
+    batch = model.generate(**processor(texts, voice_preset=PRESETS), return_dict_in_generate=True, **GREEDY, **QUIET)
+    for index, (text, preset) in enumerate(zip(texts, PRESETS, strict=True)):
+        single = model.generate(**processor(text, voice_preset=preset), return_dict_in_generate=True,
+                                **GREEDY, **QUIET)
+        for stage in ("semantic", "coarse", "fine"):
+            length = int(getattr(single, f"{stage}_lengths")[0])
+            assert int(getattr(batch, f"{stage}_lengths")[index]) == length
+            expected = getattr(single, f"{stage}_tokens")[0, ..., :length]
+            assert torch.equal(getattr(batch, f"{stage}_tokens")[index, ..., :length], expected), (index, stage)
+        length = int(single.audio_lengths[0])
+        assert int(batch.audio_lengths[index]) == length
+        torch.testing.assert_close(batch.audio[index, :length], single.audio[0], atol=1e-6, rtol=0)
+
+
+# --- the KV cache -------------------------------------------------------------------------------
+
+
+def test_preallocated_cache_is_written_in_place_and_gives_the_same_logits(ours):
+    coarse = ours[0].coarse_acoustics
+    ids = torch.randint(0, 12_000, (2, 40), generator=torch.Generator().manual_seed(7))
+    expected = coarse(ids, use_cache=False).logits
+    cache = BarkHfKVCache(len(coarse.layers), max_length=40)
+    pieces = [coarse(ids[:, :30], cache=cache, use_cache=True).logits]
+    buffers = [key.untyped_storage().data_ptr() for key, _ in cache]
+    for position in range(30, 40):
+        output = coarse(ids[:, position : position + 1], cache=cache, use_cache=True)
+        assert output.cache is cache
+        pieces.append(output.logits)
+    assert cache.length == 40 and len(cache) == len(coarse.layers)
+    assert [key.untyped_storage().data_ptr() for key, _ in cache] == buffers  # never reallocated
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
+    for key, value in cache:
+        assert key.shape == value.shape == (2, coarse.config.num_heads, 40, 16)
+
+
+def test_cache_grows_past_its_size():
+    cache = BarkHfKVCache(num_layers=1, max_length=4)
+    keys = torch.randn(1, 2, 7, 3)
+    values = torch.randn(1, 2, 7, 3)
+    cache.update(0, keys[:, :, :3], values[:, :, :3])
+    key, value = cache.update(0, keys[:, :, 3:], values[:, :, 3:])  # past max_length: grows
+    assert torch.equal(key, keys) and torch.equal(value, values)
+    assert cache.length == 7
+    with pytest.raises(IndexError, match="holds nothing yet"):
+        BarkHfKVCache(num_layers=2)[1]
+
+
+# --- the compiled path ----------------------------------------------------------------------------
+
+
+def _compiled_runs_equal_eager(model, processor) -> None:
+    """Semantic and coarse stages: `compile=True` gives the eager tokens (batch of 3 with padding, and 1)."""
+    inputs = processor(["Hi", TEXTS["de"], TEXTS["en"]], voice_preset=PRESETS)
+    semantic = {compile: model.semantic.generate(**inputs, top_k=1, max_new_tokens=40, compile=compile, **QUIET)
+                for compile in (False, True)}
+    assert torch.equal(semantic[True].sequences, semantic[False].sequences)
+    assert torch.equal(semantic[True].lengths, semantic[False].lengths)
+    tokens, lengths = _padded(_random_semantic([70, 7, 33], seed=3), SEMANTIC_PAD)
+    for batch in (slice(0, 3), slice(0, 1)):
+        coarse = {compile: model.coarse_acoustics.generate(tokens[batch], lengths[batch], PRESETS[batch], top_k=1,
+                                                           compile=compile, **QUIET)
+                  for compile in (False, True)}
+        assert torch.equal(coarse[True].sequences, coarse[False].sequences)
+
+
+def test_static_decoding_step_equals_eager(ours, monkeypatch):
+    """The compiled path's static-shape step, run uncompiled here (fast): same tokens as the eager path."""
+    import bark_hf.modeling_bark_hf as modeling
+
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda: modeling.BarkHfCausalModel._decode_step)
+    _compiled_runs_equal_eager(*ours)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager(ours):
+    """The same with torch.compile on the CPU (compiling takes a while the first time)."""
+    _compiled_runs_equal_eager(*ours)
+
+
+def test_compile_switches(ours, monkeypatch):
+    import bark_hf.modeling_bark_hf as modeling
+
+    calls = []
+    step = modeling.BarkHfCausalModel._decode_step
+
+    def counting(*args):
+        calls.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda: counting)
+    coarse = ours[0].coarse_acoustics
+    semantic = torch.randint(0, SEMANTIC_PAD, (1, 10))
+    coarse.generate(semantic, top_k=1, **QUIET)
+    assert not calls  # off by default
+    monkeypatch.setenv(modeling.COMPILE_ENV_VAR, "1")
+    coarse.generate(semantic, top_k=1, **QUIET)
+    assert len(calls) == 29  # 30 coarse tokens: a prefill, then 29 compiled steps
+    coarse.generate(semantic, top_k=1, use_cache=False, **QUIET)  # the variable does not apply without a cache
+    assert len(calls) == 29
+    with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
+        coarse.generate(semantic, compile=True, use_cache=False, **QUIET)

@@ -54,6 +54,9 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", default="auto", help="torch device: auto (default: cuda if present), cpu, cuda")
     command.add_argument("--dtype", choices=DTYPES, default="float32",
                          help="weights' precision for the GPT stages; the codec stays float32")
+    command.add_argument("--offload", action="store_true",
+                         help="keep the model on the CPU and move each stage to the GPU only while it runs "
+                              "(for GPUs with little memory)")
 
 
 def read_text(args: argparse.Namespace) -> str:
@@ -90,7 +93,12 @@ def run_say(args: argparse.Namespace) -> int:
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        model, processor = load_bark(args.model, device=device, dtype=getattr(torch, args.dtype))
+        model, processor = load_bark(args.model, device=None if args.offload else device,
+                                     dtype=getattr(torch, args.dtype))
+        if args.offload:
+            if device == "cpu":
+                raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
+            model.enable_cpu_offload(device)
         speaker = BarkPipeline(model=model, processor=processor, device=model.device)
         generate_kwargs = {}
         if args.text_temp is not None:

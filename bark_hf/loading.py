@@ -34,6 +34,7 @@ def load_bark(
         bark, processor = tiny_random_bark()
         if dtype is not None:
             bark = bark.to(dtype)
+            bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
     else:
         try:
             bark = BarkHfModel.from_pretrained(name, dtype=dtype)

@@ -269,14 +269,14 @@ def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):
     """Under enable_cpu_offload each stage is held on the accelerator only while it runs."""
     model = tiny.model
     running = []
-    offload_all_but = model._offload_all_but
+    offload_all_but = model.offload_all_but
 
     def spy(stage):
         running.append(next((name for name in api._STAGES if getattr(model, name) is stage), None))
         offload_all_but(stage)
 
     monkeypatch.setattr(model, "offload_device", torch.device("cpu"))  # what enable_cpu_offload("cpu") sets
-    monkeypatch.setattr(model, "_offload_all_but", spy)
+    monkeypatch.setattr(model, "offload_all_but", spy)
     audio = api.generate_audio(TEXT, silent=True, seed=0)
     assert running == ["semantic", None, "coarse_acoustics", "fine_acoustics", "codec_model", None]
     assert audio.size > 0

@@ -1,0 +1,243 @@
+"""A long script over many processes: `accelerate launch -m bark_hf.parallel --input script.txt -o out.wav`.
+
+The script is cut into chunks (`longform.chunk_text`), and the chunks are grouped in order into
+batches of `--batch-size`. The batches are spread over the processes (accelerate's
+`split_between_processes`). Each batch is generated with its own seed, derived from `--seed` and
+the index of its first chunk, so the audio does not depend on how many processes share the work.
+Process 0 gathers the chunks, puts them back in numeric order, joins them with `--silence` seconds
+of silence, optionally normalises the integrated loudness to `--loudness` LUFS, and writes one WAV.
+
+The voice stays the same across chunks, as in `longform.generate_long_form`: every chunk is
+conditioned on `--voice`, or without one on the first chunk's own generation (process 0 makes it
+before the others start).
+
+    python -m bark_hf.parallel --input script.txt -o out.wav                    # one process
+    accelerate launch --multi_gpu --num_processes 4 -m bark_hf.parallel ...     # four GPUs
+    torchrun --nproc_per_node 2 -m bark_hf.parallel --cpu ...                   # two CPU processes
+
+See docs/devices.md, also for several machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .audio_io import check_output_path, write_wav
+from .cli import DTYPES
+from .loading import DEFAULT_MODEL, load_bark
+from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, chunk_text, generate_long_form
+from .processing_bark_hf import validate_voice_preset
+
+logger = logging.get_logger(__name__)
+
+LOUDNESS_EXTRA = "loudness"
+"""The optional extra that installs pyloudnorm for `--loudness`."""
+
+
+@dataclass
+class Job:
+    """What process 0 decides and every process needs."""
+
+    chunks: list[str]
+    voice: dict[str, np.ndarray] | None  # the preset's arrays, or None until the first chunk gives one
+    seed: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bark_hf.parallel",
+        description="Speak a long script: chunks spread over the processes of `accelerate launch`, one WAV out.",
+    )
+    parser.add_argument("--input", required=True, help="the script, a UTF-8 text file")
+    parser.add_argument("-o", "--output", required=True, help="WAV file to write (24 kHz mono, 16-bit)")
+    parser.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model folder or Hub id (default {DEFAULT_MODEL}); 'tiny-random' for a test model")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights' precision for the GPT stages; the codec stays float32")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same file for any process count")
+    parser.add_argument("--loudness", type=float, metavar="LUFS",
+                        help=f"normalise the integrated loudness to this target, e.g. -16 "
+                             f"(needs bark-hf[{LOUDNESS_EXTRA}])")
+    parser.add_argument("--silence", type=float, default=DEFAULT_SILENCE_S,
+                        help=f"seconds of silence between chunks (default {DEFAULT_SILENCE_S})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"chunks per generation (default {DEFAULT_BATCH_SIZE}); part of what the seed fixes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser
+
+
+def chunk_seed(seed: int, first_chunk: int) -> int:
+    """The seed of the generation that starts at chunk `first_chunk`: independent streams per chunk index."""
+    return int(np.random.SeedSequence([seed, first_chunk]).generate_state(1)[0])
+
+
+def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
+    """`audio` scaled to an integrated loudness (ITU-R BS.1770, gated) of `target_lufs`.
+
+    Silent audio, or audio shorter than the 0.4 s measuring block, is returned unchanged with a warning.
+    """
+    pyloudnorm = _import_pyloudnorm()
+    meter = pyloudnorm.Meter(sample_rate)
+    if audio.shape[0] < meter.block_size * sample_rate:
+        logger.warning(f"The audio is shorter than {meter.block_size} s; its loudness cannot be measured, "
+                       "so it is left as it is.")
+        return audio
+    loudness = meter.integrated_loudness(audio.astype(np.float64))
+    if not np.isfinite(loudness):
+        logger.warning("The audio is silent; there is no loudness to normalise.")
+        return audio
+    scaled = (audio * 10.0 ** ((target_lufs - loudness) / 20.0)).astype(np.float32)
+    peak = float(np.abs(scaled).max())
+    if peak > 1.0:
+        logger.warning(f"At {target_lufs} LUFS the peak is {peak:.2f} (above full scale) and will clip; "
+                       "choose a lower --loudness target.")
+    return scaled
+
+
+def _import_pyloudnorm() -> Any:
+    try:
+        import pyloudnorm
+    except ImportError:
+        raise ImportError(
+            f"--loudness needs pyloudnorm, an optional extra: pip install 'bark-hf[{LOUDNESS_EXTRA}]'."
+        ) from None
+    return pyloudnorm
+
+
+def read_script(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The script {path} does not exist.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"The script {path} is not UTF-8 text.") from None
+    if not text.strip():
+        raise ValueError(f"The script {path} is empty; give it the words to speak.")
+    return text
+
+
+def _speak(model: Any, processor: Any, chunks: list[str], voice: dict[str, np.ndarray] | None,
+           seed: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Audio of each chunk (one batch, one seed) and the first chunk's full generation."""
+    output = generate_long_form(model, processor, chunks=chunks, voice_preset=voice, batch_size=len(chunks),
+                                seed=seed, silence_s=0.0, show_progress=False)
+    ends = np.cumsum(output.chunk_lengths)
+    return np.split(output.audio, ends[:-1]), output.generations[0]
+
+
+def generate_chunks(model: Any, processor: Any, job: Job, batch_size: int, show_progress: bool = False
+                    ) -> list[tuple[int, np.ndarray]]:
+    """This process's share of the chunks as `(chunk index, audio)` pairs; all of them on one process.
+
+    Without a voice, process 0 first generates chunks alone until one gives a usable voice
+    history, and shares it; the rest are batched and split between the processes.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    results: list[tuple[int, np.ndarray]] = []
+    first, voice = 0, job.voice
+    if voice is None:
+        shared: list[Any] = [None]
+        if state.is_main_process:
+            while voice is None and first < len(job.chunks):
+                (audio,), generation = _speak(model, processor, job.chunks[first : first + 1], None,
+                                              chunk_seed(job.seed, first))
+                results.append((first, audio))
+                first += 1
+                try:
+                    voice = validate_voice_preset(generation)
+                except ValueError:  # too short to be a voice (generate_long_form has warned): try the next
+                    voice = None
+            shared = [(first, voice)]
+        broadcast_object_list(shared)
+        first, voice = shared[0]
+
+    starts = list(range(first, len(job.chunks), batch_size))
+    with state.split_between_processes(starts) as my_starts:
+        for start in logging.tqdm(my_starts, desc="batches", disable=not (show_progress and state.is_main_process)):
+            audios, _ = _speak(model, processor, job.chunks[start : start + batch_size], voice,
+                               chunk_seed(job.seed, start))
+            results.extend(zip(range(start, start + len(audios)), audios, strict=True))
+    return results
+
+
+def join_chunks(results: list[tuple[int, np.ndarray]], n_chunks: int, silence_samples: int) -> np.ndarray:
+    """The chunks' audio in chunk order (numeric, whatever order they arrived in), silence between them."""
+    ordered = sorted(results, key=lambda result: result[0])
+    indices = [index for index, _ in ordered]
+    if indices != list(range(n_chunks)):
+        raise RuntimeError(f"Gathered chunks {indices}, expected 0..{n_chunks - 1} once each.")
+    silence = np.zeros(silence_samples, dtype=np.float32)
+    pieces = [ordered[0][1]]
+    for _, audio in ordered[1:]:
+        pieces += [silence, audio]
+    return np.concatenate(pieces).astype(np.float32)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    if args.quiet or not state.is_main_process:
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    if args.silence < 0:
+        raise ValueError(f"--silence must be >= 0 seconds; got {args.silence}.")
+    if args.loudness is not None:
+        _import_pyloudnorm()  # before any generation
+    if state.is_main_process:
+        text = read_script(args.input)
+        check_output_path(args.output, args.overwrite)
+
+    model, processor = load_bark(args.model, device=state.device, dtype=getattr(torch, args.dtype))
+    shared: list[Job | None] = [None]
+    if state.is_main_process:
+        voice = None if args.voice is None else processor.load_voice_preset(args.voice)
+        seed = secrets.randbits(32) if args.seed is None else args.seed
+        shared = [Job(chunks=chunk_text(text, processor.tokenizer), voice=voice, seed=seed)]
+        if not args.quiet:
+            print(f"{len(shared[0].chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)
+    broadcast_object_list(shared)
+    job = shared[0]
+
+    results = generate_chunks(model, processor, job, args.batch_size, show_progress=not args.quiet)
+    results = gather_object(results)
+    if not state.is_main_process:
+        return 0
+    audio = join_chunks(results, len(job.chunks), round(args.silence * model.sampling_rate))
+    if args.loudness is not None:
+        audio = normalize_loudness(audio, model.sampling_rate, args.loudness)
+    path = write_wav(args.output, audio, model.sampling_rate, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"Wrote {path} ({audio.shape[0] / model.sampling_rate:.2f} s, {len(job.chunks)} chunks)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"bark_hf.parallel: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`python -m bark_hf.parallel` on one process and under `accelerate launch` with two CPU processes (gloo).
+
+A 12-chunk script with the tiny model, its semantic stage capped at 0.5 s so each chunk is quick.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bark_hf.loading import load_bark
+from bark_hf.longform import chunk_text, generate_long_form
+from bark_hf.parallel import chunk_seed, join_chunks, main
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CHUNKS = 12
+# Twelve sentences of ~80 characters: two never fit one chunk's ~10 s (140 characters) estimate.
+SCRIPT = " ".join(
+    f"Part {number} of the script is here, and it goes on long enough to fill one chunk alone."
+    for number in range(1, N_CHUNKS + 1)
+)
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with its presets, its semantic stage capped at 0.5 s (25 tokens)."""
+    model, processor = load_bark(tiny_model_dir)
+    model.semantic.generation_config.max_gen_duration_s = 0.5
+    folder = tmp_path_factory.mktemp("parallel") / "tiny-bark-short"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("script") / "script.txt"
+    path.write_text(SCRIPT, encoding="utf-8")
+    return path
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+def to_pcm(audio: np.ndarray) -> np.ndarray:
+    """What `write_wav` stores for float audio."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+
+def test_the_script_makes_twelve_chunks(short_model_dir):
+    _, processor = load_bark(short_model_dir)
+    assert len(chunk_text(SCRIPT, processor.tokenizer)) == N_CHUNKS
+
+
+def test_single_process_joins_seeded_chunks_in_numeric_order(short_model_dir, script, tmp_path):
+    output = tmp_path / "out.wav"
+    arguments = ["--input", str(script), "-o", str(output), "--model", str(short_model_dir), "--cpu",
+                 "--voice", "v2/en_speaker_0", "--seed", "3", "--batch-size", "1", "--silence", "0.1", "--quiet"]
+    assert main(arguments) == 0
+
+    # Each chunk alone, with the seed derived from its index: chunk 10 must follow chunk 9, not chunk 1.
+    model, processor = load_bark(short_model_dir)
+    chunks = chunk_text(SCRIPT, processor.tokenizer)
+    expected = [
+        (index, generate_long_form(model, processor, chunks=[chunk], voice_preset="v2/en_speaker_0",
+                                   seed=chunk_seed(3, index), show_progress=False).audio)
+        for index, chunk in enumerate(chunks)
+    ]
+    joined = join_chunks(expected[::-1], N_CHUNKS, round(0.1 * model.sampling_rate))  # any arrival order
+    np.testing.assert_array_equal(read_wav(output), to_pcm(joined))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow  # two fresh interpreters load torch and the model: about 40 s on two cores
+def test_two_processes_write_the_single_process_file(short_model_dir, script, tmp_path):
+    """No voice (process 0 makes it from chunk 0), batches of 2, loudness normalised: same bytes either way."""
+    pyloudnorm = pytest.importorskip("pyloudnorm")  # the optional extra bark-hf[loudness]
+    arguments = ["--input", str(script), "--model", str(short_model_dir), "--cpu", "--seed", "5",
+                 "--batch-size", "2", "--loudness", "-30", "--quiet"]
+    single, double = tmp_path / "single.wav", tmp_path / "double.wav"
+    assert main([*arguments, "-o", str(single)]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "bark_hf.parallel"]
+    completed = subprocess.run([*launch, *arguments, "-o", str(double)], capture_output=True, text=True, env=env,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert double.read_bytes() == single.read_bytes()
+
+    audio = read_wav(double) / 32767.0
+    assert pyloudnorm.Meter(24_000).integrated_loudness(audio) == pytest.approx(-30.0, abs=0.1)
+
+
+def test_user_errors_are_one_line_before_any_generation(short_model_dir, script, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "taken.wav"
+    existing.write_bytes(b"")
+    cases = [
+        (["--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.wav")], "script"),
+        (["--input", str(script), "-o", str(existing)], "pass --overwrite"),
+        (["--input", str(script), "-o", str(tmp_path / "b.wav"), "--batch-size", "0"], "--batch-size"),
+        (["--input", str(script), "-o", str(tmp_path / "c.wav"), "--voice", "v2/xx_speaker_9"], "Unknown voice"),
+    ]
+    for arguments, message in cases:
+        assert main([*arguments, "--model", str(short_model_dir), "--cpu", "--quiet"]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith("bark_hf.parallel: error:") and message in error
+        assert error.count("\n") == 1
+
+    monkeypatch.setitem(sys.modules, "pyloudnorm", None)  # as if the optional extra were not installed
+    assert main(["--input", str(script), "-o", str(tmp_path / "d.wav"), "--loudness", "-16", "--cpu"]) == 1
+    assert "pip install 'bark-hf[loudness]'" in capsys.readouterr().err
+    assert not any(tmp_path.glob("[abcd].wav"))

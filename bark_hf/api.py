@@ -8,8 +8,8 @@ default model on first use.
 
 from __future__ import annotations
 
+import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from transformers.utils import logging
 
 from . import loading
+from .atomic import atomic_path
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
 from .longform import DEFAULT_SILENCE_S, generate_long_form
 from .modeling_bark_hf import BarkHfModel
@@ -140,9 +141,9 @@ def _check_temperature(name: str, value: Any) -> float:
 def _seed(seed: int | None) -> None:
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
-    torch.manual_seed(seed)
+    torch.manual_seed(int(seed))
 
 
 def _voice_preset(processor: BarkHfProcessor, history_prompt: VoicePreset | None) -> dict[str, np.ndarray] | None:
@@ -306,14 +307,8 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another path.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **arrays)
 
 
 __all__ = [

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import wave
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -25,16 +26,9 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, over
     path = check_output_path(path, overwrite)
     samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
     pcm = (samples * 32767.0).round().astype("<i2")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with wave.open(temporary, "wb") as wav:
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(sample_rate)
-            wav.writeframes(pcm.tobytes())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, wave.open(str(temporary), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm.tobytes())
     return path

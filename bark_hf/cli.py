@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging as stdlib_logging
 import sys
 from pathlib import Path
 
 from transformers.utils import logging
 
 from .conversion import convert_suno
+from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
+from .longform import DEFAULT_SILENCE_S
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default 0.7)")
     say.add_argument("--long-form", choices=("auto", "on", "off"), default="auto",
                      help="split the text into sentences: auto (default) does so when it is too long for one go")
-    say.add_argument("--silence", type=float, default=0.25, help="seconds of silence between long-form chunks")
+    say.add_argument("--silence", type=float, default=DEFAULT_SILENCE_S,
+                     help=f"seconds of silence between long-form chunks (default {DEFAULT_SILENCE_S})")
     say.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     say.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     say.set_defaults(run=run_say)
@@ -87,24 +91,30 @@ def run_say(args: argparse.Namespace) -> int:
     if args.quiet:
         logging.disable_progress_bar()
         logging.set_verbosity_error()
+        stdlib_logging.getLogger("bark_hf").setLevel(stdlib_logging.ERROR)
     try:
+        # Everything the user can get wrong is checked before a model (maybe gigabytes) is loaded.
         text = read_text(args)
         if not text.strip():
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite)
+        if args.silence < 0:
+            raise ValueError(f"--silence must be 0 or more seconds, got {args.silence}.")
+        generate_kwargs = {}
+        if args.text_temp is not None:
+            BarkHfSemanticGenerationConfig(temperature=args.text_temp)
+            generate_kwargs["semantic_temperature"] = args.text_temp
+        if args.waveform_temp is not None:
+            BarkHfCoarseGenerationConfig(temperature=args.waveform_temp)
+            generate_kwargs["coarse_temperature"] = args.waveform_temp
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if args.offload and device == "cpu":
+            raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
         model, processor = load_bark(args.model, device=None if args.offload else device,
                                      dtype=getattr(torch, args.dtype))
         if args.offload:
-            if device == "cpu":
-                raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
             model.enable_cpu_offload(device)
         speaker = BarkPipeline(model=model, processor=processor, device=model.device)
-        generate_kwargs = {}
-        if args.text_temp is not None:
-            generate_kwargs["semantic_temperature"] = args.text_temp
-        if args.waveform_temp is not None:
-            generate_kwargs["coarse_temperature"] = args.waveform_temp
         long_form = {"auto": None, "on": True, "off": False}[args.long_form]
         output = speaker(text, voice_preset=args.voice, generate_kwargs=generate_kwargs, seed=args.seed,
                          long_form=long_form, silence_s=args.silence, show_progress=not args.quiet)

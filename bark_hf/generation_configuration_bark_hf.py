@@ -51,20 +51,25 @@ class _JsonConfig:
 
     def __post_init__(self) -> None:
         """Refuse sampling settings that would fail deep inside torch (a zero temperature divides by zero)."""
-        temperature = getattr(self, "temperature", 1.0)
-        if temperature is not None and not temperature > 0:
-            allowed = "None (argmax) or " if isinstance(self, BarkHfFineGenerationConfig) else ""
-            raise ValueError(f"temperature must be {allowed}a number > 0, got {temperature}; use top_k=1 for "
-                             "greedy decoding.")
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if hasattr(self, "temperature"):
+            argmax_allowed = isinstance(self, BarkHfFineGenerationConfig)
+            if not (self.temperature is None and argmax_allowed) and not (
+                is_number(self.temperature) and self.temperature > 0
+            ):
+                hint = "None (argmax) or a number > 0" if argmax_allowed else "a number > 0 (top_k=1 is greedy)"
+                raise ValueError(f"temperature must be {hint}, got {self.temperature!r}.")
         top_k = getattr(self, "top_k", None)
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-            raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}.")
+        if top_k is not None and not (is_number(top_k) and int(top_k) == top_k and top_k >= 1):
+            raise ValueError(f"top_k must be None or a whole number >= 1, got {top_k!r}.")
         top_p = getattr(self, "top_p", None)
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or within (0, 1], got {top_p}.")
+        if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
         min_eos_p = getattr(self, "min_eos_p", None)
-        if min_eos_p is not None and not 0 <= min_eos_p <= 1:
-            raise ValueError(f"min_eos_p must be None or within [0, 1], got {min_eos_p}.")
+        if min_eos_p is not None and not (is_number(min_eos_p) and 0 <= min_eos_p <= 1):
+            raise ValueError(f"min_eos_p must be None or a number within [0, 1], got {min_eos_p!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

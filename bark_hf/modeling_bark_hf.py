@@ -253,6 +253,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Weights, config and generation config; with `save_code=True` also the bark-hf source files, so
         that `from_pretrained(..., trust_remote_code=True)` and `pipeline(...)` work without the package.
         """
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "
+                             "card and code are written; call model.push_to_hub(repo_id) instead.")
         previous_auto_map = vars(self.config).get("auto_map")
         if save_code:
             self.config.auto_map = {
@@ -265,6 +268,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             vars(self.config).pop("auto_map", None)
             if previous_auto_map is not None:
                 self.config.auto_map = previous_auto_map
+        if not kwargs.get("is_main_process", True):  # another process writes the files beside the weights
+            return
         save_generation_config(self.generation_config, save_directory)
         if isinstance(self.config, BarkHfConfig):  # the composite's folder gets a README.md for the Hub
             save_model_card(bark_model_card(self.config, model_id=Path(save_directory).name), save_directory)

@@ -9,6 +9,7 @@ generation settings, seeds, and long-form text.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,9 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .longform import generate_long_form, needs_long_form
+from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, generate_long_form, needs_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor
-
-DEFAULT_BATCH_SIZE = 8
-"""Texts generated together when the caller names no batch size: one batch per eight texts."""
 
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
@@ -36,7 +34,7 @@ class BarkPipeline(Pipeline):
             with one per text (None for no preset).
         generate_kwargs: stage settings with their prefix, e.g. `{"semantic_temperature": 0.6,
             "coarse_top_k": 50, "fine_temperature": None}`. `forward_params` is merged under them.
-        batch_size: texts generated together (default 8).
+        batch_size: texts generated together (default 8); also chunks of a long text.
         long_form: split the text into sentences and join the chunks' audio; None (default) turns it
             on for texts longer than one generation holds.
         silence_s: the silence between long-form chunks, in seconds (default 0.25).
@@ -55,6 +53,20 @@ class BarkPipeline(Pipeline):
             processor = self._processor_for(model, tokenizer)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        device: int | str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **settings: Any,
+    ) -> BarkPipeline:
+        """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
+        `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
+        `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
+        bark = BarkHfModel.from_pretrained(model, dtype=dtype)
+        return cls(model=bark, processor=BarkHfProcessor.from_pretrained(model), device=device, **settings)
+
     @staticmethod
     def _processor_for(model: BarkHfModel, tokenizer: Any) -> BarkHfProcessor:
         """The processor saved beside the model (with its presets), else one around the given tokenizer."""
@@ -64,14 +76,11 @@ class BarkPipeline(Pipeline):
             if tokenizer is None:
                 raise ValueError(
                     f"No bark-hf processor found with the model ({model.name_or_path!r}). Pass one: "
-                    "pipeline('text-to-audio', model=model, processor=BarkHfProcessor.from_pretrained(folder))."
+                    "BarkPipeline(model=model, processor=BarkHfProcessor.from_pretrained(folder))."
                 ) from None
             return BarkHfProcessor(tokenizer)
 
     def _sanitize_parameters(self, **settings: Any) -> tuple[dict, dict, dict]:
-        batch_size = settings.pop("batch_size", None)
-        if batch_size is not None:
-            self._batch_size = batch_size
         unknown = sorted(set(settings) - set(_PREPROCESS_KEYS) - set(_FORWARD_KEYS))
         if unknown:
             raise TypeError(
@@ -84,6 +93,9 @@ class BarkPipeline(Pipeline):
 
     def __call__(self, text_inputs: str | Sequence[str], **settings: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """Audio for one text (a dict) or for a list of texts (a list of dicts, in order)."""
+        # A call's batch size holds for that call; Pipeline.__init__ keeps the one given at construction.
+        batch_size = settings.pop("batch_size", self._batch_size)
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _checked_batch_size(batch_size)
         preprocess, forward, _ = self._sanitize_parameters(**settings)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
@@ -101,13 +113,12 @@ class BarkPipeline(Pipeline):
             if long_form or (long_form is None and needs_long_form(text, self.processor.tokenizer)):
                 result = generate_long_form(
                     self.model, self.processor, text, voice_preset=presets[index],
-                    silence_s=forward.get("silence_s", 0.25), batch_size=self._batch_size or DEFAULT_BATCH_SIZE,
+                    silence_s=forward.get("silence_s", DEFAULT_SILENCE_S), batch_size=batch_size,
                     generate_kwargs=generate_kwargs, show_progress=show_progress,
                 )
                 outputs[index] = self.postprocess(result.audio)
             else:
                 short.append(index)
-        batch_size = self._batch_size or DEFAULT_BATCH_SIZE
         for start in range(0, len(short), batch_size):
             batch = short[start : start + batch_size]
             inputs = self.preprocess([texts[i] for i in batch], [presets[i] for i in batch])
@@ -130,6 +141,12 @@ class BarkPipeline(Pipeline):
 
     def postprocess(self, audio: np.ndarray) -> dict[str, Any]:
         return {"audio": np.asarray(audio, dtype=np.float32), "sampling_rate": self.model.sampling_rate}
+
+
+def _checked_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+    return batch_size
 
 
 def _checked_texts(text_inputs: Any) -> list[str]:

@@ -29,6 +29,7 @@ from bark_hf import BarkHfFineModel, BarkHfModel, BarkHfProcessor, BarkHfSemanti
 from bark_hf.configuration_bark_hf import BarkHfSemanticConfig
 from bark_hf.longform import generate_long_form
 from bark_hf.registration import register
+from bark_hf.tiny_random import tiny_random_bark
 
 GREEDY = {"semantic_top_k": 1, "coarse_top_k": 1, "fine_temperature": None, "semantic_max_new_tokens": 40}
 TEXTS = ["Hello there.", "A much longer sentence, spoken slowly, with several words in it.", "Hi!"]
@@ -164,7 +165,7 @@ def test_auto_classes_know_every_model(tiny_model_dir):
 
 
 def test_save_code_leaves_the_config_in_memory_unchanged(tmp_path):
-    model, _ = bark_hf.tiny_random.tiny_random_bark()
+    model, _ = tiny_random_bark()
     model.save_pretrained(tmp_path / "with_code", save_code=True)
     assert "auto_map" not in model.config.to_dict()
     saved = json.loads((tmp_path / "with_code" / "config.json").read_text())
@@ -233,3 +234,38 @@ def test_batch_items_of_different_lengths_each_equal_their_own_run(ours):
     for one, other in zip(batch, alone, strict=True):
         np.testing.assert_array_equal(one["audio"], other["audio"])
     assert len({output["audio"].shape[0] for output in batch}) > 1  # each trimmed to its own length
+
+
+def test_transformers_format_folder_keeps_their_pipeline_and_loads_in_ours(tmp_path):
+    from transformers import BarkProcessor
+
+    tiny = tiny_random_bark()[0].config  # real vocabularies: the processor offsets text ids past 10 048
+
+    def stage(config) -> dict:
+        return {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+
+    BarkModel(BarkConfig(semantic_config=stage(tiny.semantic_config), fine_acoustics_config=stage(
+        tiny.fine_acoustics_config), coarse_acoustics_config=stage(tiny.coarse_acoustics_config))
+    ).save_pretrained(tmp_path / "theirs")
+    BarkProcessor(BertTokenizer.from_pretrained(_tiny_bert_vocab(tmp_path))).save_pretrained(tmp_path / "theirs")
+    assert type(pipeline("text-to-audio", model=str(tmp_path / "theirs"), device="cpu")) is TextToAudioPipeline
+
+    ours = BarkPipeline.from_pretrained(tmp_path / "theirs", device="cpu", batch_size=2)
+    assert isinstance(ours.model, BarkHfModel)
+    output = ours("a b", generate_kwargs={**GREEDY, "semantic_max_new_tokens": 5})
+    assert output["sampling_rate"] == 24_000 and output["audio"].shape[0] > 0
+
+
+def test_pipeline_from_a_model_in_memory(pipe):
+    built = pipeline("text-to-audio", model=pipe.model, processor=pipe.processor, tokenizer=pipe.processor.tokenizer,
+                     device="cpu")
+    assert type(built) is BarkPipeline
+    np.testing.assert_array_equal(built("Hi!", generate_kwargs=GREEDY)["audio"],
+                                  pipe("Hi!", generate_kwargs=GREEDY)["audio"])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "2", 1.5, True])
+def test_bad_batch_size_is_refused_and_does_not_stick(pipe, batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe(["a", "b"], batch_size=batch_size)
+    assert pipe._batch_size is None

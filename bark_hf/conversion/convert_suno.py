@@ -21,6 +21,7 @@ import torch
 from transformers import BertTokenizer
 from transformers.utils import logging
 
+from ..atomic import default_mode
 from ..configuration_bark_hf import BarkHfConfig
 from ..model_card import bark_model_card
 from ..modeling_bark_hf import BarkHfModel
@@ -79,6 +80,7 @@ def convert_suno_checkpoint(
     processor = BarkHfProcessor(BertTokenizer.from_pretrained(tokenizer_dir), voice_presets=presets)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(default_mode(directory=True))  # mkdtemp's folder is owner-only
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

@@ -1231,20 +1231,22 @@ class BarkHfModel(BarkHfPreTrainedModel):
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
         stage_settings = self._split_stage_settings(kwargs)
-        self.offload_all_but(self.semantic)
-        semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
-                                          show_progress=show_progress, compile=compile,
-                                          **stage_settings["semantic"])
-        self.offload_all_but(self.coarse_acoustics)
-        coarse = self.coarse_acoustics.generate(semantic.sequences, semantic.lengths, history_prompt,
-                                                use_cache=use_cache, show_progress=show_progress, compile=compile,
-                                                **stage_settings["coarse"])
-        self.offload_all_but(self.fine_acoustics)
-        fine = self.fine_acoustics.generate(coarse.sequences, coarse.lengths, history_prompt,
-                                            **stage_settings["fine"])
-        self.offload_all_but(self.codec_model)
-        audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
-        self.offload_all_but(None)
+        try:
+            self.offload_all_but(self.semantic)
+            semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
+                                              show_progress=show_progress, compile=compile,
+                                              **stage_settings["semantic"])
+            self.offload_all_but(self.coarse_acoustics)
+            coarse = self.coarse_acoustics.generate(semantic.sequences, semantic.lengths, history_prompt,
+                                                    use_cache=use_cache, show_progress=show_progress,
+                                                    compile=compile, **stage_settings["coarse"])
+            self.offload_all_but(self.fine_acoustics)
+            fine = self.fine_acoustics.generate(coarse.sequences, coarse.lengths, history_prompt,
+                                                **stage_settings["fine"])
+            self.offload_all_but(self.codec_model)
+            audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
+        finally:  # an error or Ctrl-C must not leave a stage on the accelerator
+            self.offload_all_but(None)
         if not return_dict_in_generate:
             return audio
         return BarkHfGenerationOutput(

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1134,6 +1135,25 @@ class BarkHfModel(BarkHfPreTrainedModel):
             devices = {execution_device(module) for module in stage.modules() if hasattr(module, "_hf_hook")}
             if len(devices) > 1:
                 add_hook_to_module(stage, AlignDevicesHook(io_same_device=True, skip_keys=["cache"]), append=True)
+
+    def quantize_int8(self) -> BarkHfModel:
+        """Store the GPT stages' linear layers as int8 (dynamic quantisation), in place, for CPU inference.
+
+        One-token decoding reads every weight once per step, so a quarter of the bytes makes it about
+        3x faster on a CPU; activations are quantised per step and the codec stays float32. Greedy
+        tokens may differ from float32 ones (see docs/performance.md). A quantised model is for
+        generation only: it cannot be trained, moved to a GPU or saved with `save_pretrained`.
+        """
+        if self.device.type != "cpu" or getattr(self, "hf_device_map", None):
+            raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
+        if not all(parameter.dtype == torch.float32 for parameter in self.parameters()):
+            raise ValueError("quantize_int8() needs a float32 model; load it without dtype=.")
+        with warnings.catch_warnings():  # torch marks torch.ao deprecated; 2.13 still ships it, fast
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics):
+                torch.ao.quantization.quantize_dynamic(stage, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self.is_quantized_int8 = True
+        return self
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None) -> None:
         """Keep every stage on the CPU and move each to `accelerator_device` only while it runs.

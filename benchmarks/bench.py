@@ -36,7 +36,7 @@ from pathlib import Path
 
 import roofline
 import torch
-from peers import PEER_NAMES, SHAPES, build_peers, random_preset
+from peers import OPTIONAL_PEER_NAMES, PEER_NAMES, SHAPES, build_peers, random_preset
 
 import bark_hf
 from bark_hf import BarkHfModel, BarkHfSemanticGenerationConfig
@@ -276,7 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the three GPTs (the codec stays float32)")
     parser.add_argument("--peers", default=",".join(PEER_NAMES),
-                        help="comma-separated, from ours,transformers,original; the first is the speed-up reference")
+                        help="comma-separated, from ours,transformers,original (default) and ours-int8 (CPU); "
+                             "the first is the speed-up reference")
     parser.add_argument("--semantic-tokens", type=int, default=None,
                         help=f"semantic tokens per item (default {FULL_SEMANTIC_TOKENS}, 13 s of audio)")
     parser.add_argument("--preset", action="store_true",
@@ -289,9 +290,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.peers = [name.strip() for name in args.peers.split(",") if name.strip()]
-    unknown = sorted(set(args.peers) - set(PEER_NAMES))
+    unknown = sorted(set(args.peers) - set(PEER_NAMES) - set(OPTIONAL_PEER_NAMES))
     if unknown or not args.peers or len(set(args.peers)) != len(args.peers):
-        parser.error(f"--peers takes distinct names from {','.join(PEER_NAMES)}; got {','.join(args.peers) or 'none'}.")
+        parser.error(f"--peers takes distinct names from {','.join(PEER_NAMES + OPTIONAL_PEER_NAMES)}; "
+                     f"got {','.join(args.peers) or 'none'}.")
     try:
         args.batch = [int(size) for size in args.batch.split(",")]
     except ValueError:

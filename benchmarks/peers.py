@@ -17,6 +17,7 @@ default temperatures (read from our generation configs) in all three.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.machinery
 import sys
@@ -32,6 +33,7 @@ from bark_hf.conversion.suno_checkpoint import MODEL_ARG_NAMES, rename_state_dic
 from bark_hf.tiny_random import tiny_random_bark
 
 PEER_NAMES = ("ours", "transformers", "original")
+OPTIONAL_PEER_NAMES = ("ours-int8",)  # CPU only; not in the default set
 
 SHAPES = {
     # name: (hidden size, layers, heads) of each GPT stage
@@ -73,7 +75,7 @@ def build_peers(shape: str, names: list[str], device: torch.device, dtype: torch
     for stage in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
         stage.to(dtype)
     processor = tiny_random_bark(seed)[1]  # an ASCII vocabulary is enough to feed the text window
-    classes = {"ours": OursPeer, "transformers": TransformersPeer, "original": OriginalPeer}
+    classes = {"ours": OursPeer, "ours-int8": OursInt8Peer, "transformers": TransformersPeer, "original": OriginalPeer}
     return model, [classes[name](model, processor, preset) for name in names]
 
 
@@ -109,6 +111,15 @@ class OursPeer:
 
     def codec(self, fine: torch.Tensor) -> torch.Tensor:
         return self.model.codec_decode(fine.to(self.device))[0].cpu()
+
+
+class OursInt8Peer(OursPeer):
+    """bark-hf on a copy of the weights with int8 linear layers (`BarkHfModel.quantize_int8`, CPU only)."""
+
+    name = "ours-int8"
+
+    def __init__(self, model: BarkHfModel, processor, preset: Preset | None):
+        super().__init__(copy.deepcopy(model).quantize_int8(), processor, preset)
 
 
 class TransformersPeer:

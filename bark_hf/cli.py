@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging as stdlib_logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers.utils import logging
@@ -83,16 +85,38 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def run_say(args: argparse.Namespace) -> int:
+    with quiet_output(args.quiet):
+        return _say(args)
+
+
+@contextlib.contextmanager
+def quiet_output(enabled: bool) -> Iterator[None]:
+    """Silence progress bars and warnings (transformers' and ours) for one command, then restore them."""
+    if not enabled:
+        yield
+        return
+    bars_were_on, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    ours = stdlib_logging.getLogger("bark_hf")
+    our_level = ours.level
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    ours.setLevel(stdlib_logging.ERROR)
+    try:
+        yield
+    finally:
+        ours.setLevel(our_level)
+        logging.set_verbosity(verbosity)
+        if bars_were_on:
+            logging.enable_progress_bar()
+
+
+def _say(args: argparse.Namespace) -> int:
     import torch
 
     from .audio_io import check_output_path, write_wav
     from .loading import load_bark
     from .pipeline_bark_hf import BarkPipeline
 
-    if args.quiet:
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
-        stdlib_logging.getLogger("bark_hf").setLevel(stdlib_logging.ERROR)
     try:
         # Everything the user can get wrong is checked before a model (maybe gigabytes) is loaded.
         text = read_text(args)

@@ -32,7 +32,7 @@ import torch
 from transformers.utils import logging
 
 from .audio_io import check_output_path, write_wav
-from .cli import DTYPES
+from .cli import DTYPES, quiet_output
 from .loading import DEFAULT_MODEL, load_bark
 from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, chunk_text, generate_long_form
 from .processing_bark_hf import validate_voice_preset
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model folder or Hub id (default {DEFAULT_MODEL}); 'tiny-random' for a test model")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+    parser.add_argument("--dtype", choices=[dtype for dtype in DTYPES if dtype != "int8"], default="float32",
                         help="weights' precision for the GPT stages; the codec stays float32")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
     parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same file for any process count")
@@ -190,12 +190,15 @@ def join_chunks(results: list[tuple[int, np.ndarray]], n_chunks: int, silence_sa
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
 
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
-    if args.quiet or not state.is_main_process:
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
+    with quiet_output(args.quiet or not state.is_main_process):
+        return _run(args, state)
+
+
+def _run(args: argparse.Namespace, state: Any) -> int:
+    from accelerate.utils import broadcast_object_list, gather_object
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
     if args.silence < 0:

@@ -1262,7 +1262,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
                                                     compile=compile, **stage_settings["coarse"])
             self.offload_all_but(self.fine_acoustics)
             fine = self.fine_acoustics.generate(coarse.sequences, coarse.lengths, history_prompt,
-                                                **stage_settings["fine"])
+                                                show_progress=show_progress, **stage_settings["fine"])
             self.offload_all_but(self.codec_model)
             audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
         finally:  # an error or Ctrl-C must not leave a stage on the accelerator

@@ -13,6 +13,7 @@ from .generation_configuration_bark_hf import (
     BarkHfGenerationConfig,
     BarkHfSemanticGenerationConfig,
 )
+from .longform import LongFormOutput, chunk_text, generate_long_form, split_sentences
 from .model_card import bark_model_card
 from .modeling_bark_hf import (
     BarkHfCoarseModel,
@@ -48,6 +49,10 @@ __all__ = [
     "BarkHfSemanticModel",
     "BarkHfStageOutput",
     "BarkPipeline",
+    "LongFormOutput",
     "bark_model_card",
+    "chunk_text",
+    "generate_long_form",
     "register",
+    "split_sentences",
 ]

@@ -114,3 +114,15 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                              "--model", "tiny-random", "--quiet"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _wav_samples(tmp_path / "m.wav").shape[0] > 0
+
+
+def test_say_refuses_an_invalid_preset_file_and_names_close_preset_names(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, semantic_prompt=np.arange(5))
+    common = ["-o", str(tmp_path / "x.wav"), "--model", str(tiny_model_dir), "--quiet"]
+    assert main(["say", "Hi.", "--voice", str(bad), *common]) == 1
+    assert "coarse_prompt" in capsys.readouterr().err
+    assert main(["say", "Hi.", "--voice", "v2/en_speakr_1", *common]) == 1
+    error = capsys.readouterr().err
+    assert "v2/en_speaker_1" in error and "Traceback" not in error
+    assert not list(tmp_path.glob("*.wav"))

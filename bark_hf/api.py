@@ -194,10 +194,10 @@ def text_to_semantic(
     preset = _voice_preset(processor, history_prompt)
     inputs = processor(text)
     # Under enable_cpu_offload only the running stage sits on the accelerator, as in BarkHfModel.generate.
-    model.offload_all_but(model.semantic)
-    output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset, use_cache=True,
-                                     show_progress=not silent, temperature=temp)
-    model.offload_all_but(None)
+    with model.offload_scope():
+        model.offload_all_but(model.semantic)
+        output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset, use_cache=True,
+                                         show_progress=not silent, temperature=temp)
     return output.sequences[0, : output.lengths[0]].cpu().numpy()
 
 
@@ -219,15 +219,15 @@ def semantic_to_waveform(
     temp = _check_temperature("temp", temp)
     model, processor = loaded_model_and_processor()
     preset = _voice_preset(processor, history_prompt)
-    model.offload_all_but(model.coarse_acoustics)  # a no-op unless enable_cpu_offload is on
-    coarse = model.coarse_acoustics.generate(torch.from_numpy(tokens)[None], None, preset, use_cache=True,
-                                             show_progress=not silent, temperature=temp)  # [1, 2, T]
-    model.offload_all_but(model.fine_acoustics)
-    fine = model.fine_acoustics.generate(coarse.sequences, coarse.lengths, preset,
-                                         temperature=FINE_TEMPERATURE)  # [1, 8, T]
-    model.offload_all_but(model.codec_model)
-    audio, audio_lengths = model.codec_decode(fine.sequences, fine.lengths)
-    model.offload_all_but(None)
+    with model.offload_scope():  # offload_all_but is a no-op unless enable_cpu_offload is on
+        model.offload_all_but(model.coarse_acoustics)
+        coarse = model.coarse_acoustics.generate(torch.from_numpy(tokens)[None], None, preset, use_cache=True,
+                                                 show_progress=not silent, temperature=temp)  # [1, 2, T]
+        model.offload_all_but(model.fine_acoustics)
+        fine = model.fine_acoustics.generate(coarse.sequences, coarse.lengths, preset,
+                                             temperature=FINE_TEMPERATURE)  # [1, 8, T]
+        model.offload_all_but(model.codec_model)
+        audio, audio_lengths = model.codec_decode(fine.sequences, fine.lengths)
     audio = audio[0, : audio_lengths[0]].cpu().numpy()
     if not output_full:
         return audio

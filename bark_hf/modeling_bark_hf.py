@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1173,6 +1173,15 @@ class BarkHfModel(BarkHfPreTrainedModel):
         self.offload_device = torch.device(accelerator_device)
         self.to("cpu")
 
+    @contextlib.contextmanager
+    def offload_scope(self) -> Iterator[None]:
+        """Inside, move stages with `offload_all_but`; on leaving, even by an error or Ctrl-C, every stage
+        is back on the CPU (a no-op unless `enable_cpu_offload` is on)."""
+        try:
+            yield
+        finally:
+            self.offload_all_but(None)
+
     def offload_all_but(self, running: nn.Module | None) -> None:
         """Under `enable_cpu_offload`, move `running` to the accelerator and every other stage to the CPU."""
         if self.offload_device is None:
@@ -1251,7 +1260,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
         stage_settings = self._split_stage_settings(kwargs)
-        try:
+        with self.offload_scope():
             self.offload_all_but(self.semantic)
             semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
                                               show_progress=show_progress, compile=compile,
@@ -1265,8 +1274,6 @@ class BarkHfModel(BarkHfPreTrainedModel):
                                                 show_progress=show_progress, **stage_settings["fine"])
             self.offload_all_but(self.codec_model)
             audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
-        finally:  # an error or Ctrl-C must not leave a stage on the accelerator
-            self.offload_all_but(None)
         if not return_dict_in_generate:
             return audio
         return BarkHfGenerationOutput(

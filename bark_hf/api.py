@@ -8,7 +8,6 @@ default model on first use.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from transformers.utils import logging
 from . import loading
 from .atomic import atomic_path
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
-from .longform import DEFAULT_SILENCE_S, generate_long_form
+from .longform import DEFAULT_SILENCE_S, checked_seed, generate_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
 
@@ -139,11 +138,9 @@ def _check_temperature(name: str, value: Any) -> float:
 
 
 def _seed(seed: int | None) -> None:
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
-    torch.manual_seed(int(seed))
+    seed = checked_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
 
 
 def _voice_preset(processor: BarkHfProcessor, history_prompt: VoicePreset | None) -> dict[str, np.ndarray] | None:

@@ -12,6 +12,7 @@ See docs/long-form.md.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -347,6 +348,15 @@ def _usable_history(generation: dict[str, np.ndarray], index: int) -> dict[str, 
         return None
 
 
+def checked_seed(seed: Any) -> int | None:
+    """`seed` as an int (numpy integers too) or None; anything else is a TypeError naming it."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
+    return int(seed)
+
+
 def generate_long_form(
     model: Any,
     processor: Any,
@@ -386,8 +396,7 @@ def generate_long_form(
         raise ValueError(f"silence_s must be a number of seconds >= 0; got {silence_s!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
+    seed = checked_seed(seed)
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
     settings = _stage_settings(generate_kwargs)
     voice = None if voice_preset is None else processor.load_voice_preset(voice_preset)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, generate_long_form, needs_long_form
+from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, checked_seed, generate_long_form, needs_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor
 
@@ -104,8 +104,9 @@ class BarkPipeline(Pipeline):
         generate_kwargs = {**(forward.get("forward_params") or {}), **(forward.get("generate_kwargs") or {})}
         show_progress = forward.get("show_progress", False)
         long_form = forward.get("long_form")
-        if forward.get("seed") is not None:
-            torch.manual_seed(forward["seed"])
+        seed = checked_seed(forward.get("seed"))
+        if seed is not None:
+            torch.manual_seed(seed)
 
         outputs: list[dict[str, Any] | None] = [None] * len(texts)
         short = []

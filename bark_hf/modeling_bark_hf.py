@@ -89,16 +89,33 @@ class BarkHfKVCache:
     pair of views, as in a tuple cache. Forward passes extend the cache in place and return it.
 
     For compiled decoding (`BarkHfCausalModel._decode_step`) the shapes must not change from step
-    to step: with `write_position` set (a one-element tensor), `update` writes one position there
-    and returns the whole buffers, and the caller masks the positions not written yet.
+    to step: after `start_static_steps`, `update` writes one position at `write_position` (a
+    one-element tensor that the caller advances) and returns the whole buffers, and the caller
+    masks the positions not written yet. `allocations` counts buffer (re)allocations, so that a
+    CUDA graph captured over the buffers can tell whether they are still the ones it holds.
     """
 
     def __init__(self, num_layers: int, max_length: int = 0):
         self.max_length = max_length
-        self.write_position: torch.Tensor | None = None
+        self.static_steps = False
+        self.write_position: torch.Tensor | None = None  # [1], kept from window to window
+        self.allocations = 0
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
+
+    def start_static_steps(self) -> None:
+        """Decode from here on in static shapes, one position at a time from the current length."""
+        device = self._keys[0].device
+        if self.write_position is None or self.write_position.device != device:
+            self.write_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.write_position.fill_(self.length)
+        self.static_steps = True
+
+    def reset(self) -> None:
+        """Empty the cache but keep its buffers, for the next window or run of the same batch size."""
+        self.static_steps = False
+        self._lengths = [0] * len(self._lengths)
 
     @property
     def length(self) -> int:
@@ -119,22 +136,30 @@ class BarkHfKVCache:
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key` and `value` `[B, H, T, D]` to `layer`; return all of its keys and values so far."""
-        if self.write_position is not None:  # static shapes: the whole buffers, [B, H, max_length, D]
+        if self.static_steps:  # static shapes: the whole buffers, [B, H, max_length, D]
             self._keys[layer].index_copy_(2, self.write_position, key)
             self._values[layer].index_copy_(2, self.write_position, value)
             return self._keys[layer], self._values[layer]
         start = self._lengths[layer]
         end = start + key.shape[-2]
         buffer = self._keys[layer]
-        if buffer is None or end > buffer.shape[-2]:
+        fits = buffer is not None and (buffer.shape[0], buffer.dtype, buffer.device) == (key.shape[0], key.dtype,
+                                                                                      key.device)
+        if not fits or end > buffer.shape[-2]:
             capacity = max(end, self.max_length)
-            # Zeros, not garbage: the static path reads (masked) positions not written yet.
+            # Finite values, not garbage: the static path reads (masked) positions not written yet.
+            # (After `reset` those hold an earlier window's keys, which are finite too.)
             grown_keys = key.new_zeros(*key.shape[:2], capacity, key.shape[-1])  # [B, H, capacity, D]
             grown_values = value.new_zeros(*value.shape[:2], capacity, value.shape[-1])
+            if start > 0 and not fits:
+                raise ValueError(f"Layer {layer} of the KV cache holds a batch of {buffer.shape[0]} ({buffer.dtype}, "
+                                 f"{buffer.device}); call reset() before writing {tuple(key.shape)} {key.dtype} keys "
+                                 f"on {key.device}.")
             if start > 0:
                 grown_keys[:, :, :start] = self._keys[layer][:, :, :start]
                 grown_values[:, :, :start] = self._values[layer][:, :, :start]
             self._keys[layer], self._values[layer] = grown_keys, grown_values
+            self.allocations += 1
         self._keys[layer][:, :, start:end] = key
         self._values[layer][:, :, start:end] = value
         self._lengths[layer] = end
@@ -377,6 +402,27 @@ def sampling_probabilities(
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def sample_tokens(probs: torch.Tensor, saw_nan: torch.Tensor) -> torch.Tensor:
+    """One draw per row of `probs` `[B, V]`, as int64 `[B, 1]`.
+
+    The very draw of `torch.multinomial(probs, 1)`, from the same random numbers: PyTorch draws one
+    sample as argmax(probs / Exp(1) noise). multinomial also checks its input, which makes the host
+    wait for the device at every decoding step; here the NaN check is or-ed into the device flag
+    `saw_nan` (a bool scalar) instead, for `raise_if_nan` to read once per stage.
+    """
+    saw_nan |= probs.isnan().any()
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
+
+
+def raise_if_nan(saw_nan: torch.Tensor, stage: str) -> None:
+    """The clear error for NaN probabilities that `sample_tokens` saw during a stage."""
+    if bool(saw_nan):
+        raise FloatingPointError(
+            f"The {stage} stage produced NaN probabilities: its activations overflowed. This happens with "
+            "float16 weights; load the model with dtype=torch.bfloat16 or torch.float32 instead."
+        )
+
+
 def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[Mapping[str, Any] | None]:
     """One preset (or None) per batch item, from a single preset or a list of them."""
     if history_prompt is None or isinstance(history_prompt, Mapping):
@@ -419,9 +465,55 @@ def _compile_requested(compile: bool | None, use_cache: bool) -> bool:
 
 
 @functools.cache
-def _compiled_decode_step() -> Callable[..., torch.Tensor]:
-    """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process."""
-    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=True)
+def _compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
+    """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process and device type.
+    On CUDA it is then captured in CUDA graphs (`_CUDAGraphStep`); there, shapes start static.
+    """
+    dynamic = True if device_type == "cpu" else None
+    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=dynamic)
+
+
+class _CUDAGraphStep:
+    """A stage's compiled `_decode_step` captured as a CUDA graph: one replay launches the whole step.
+
+    A one-token step is hundreds of small kernels; launching them one by one from Python costs more
+    than running them. The graph holds the addresses of the stage's weights, of the cache's buffers
+    and write position, and of its own copies of the step's inputs, so it is captured again when
+    the cache reallocates its buffers (`matches`) and dropped when the weights move (`_new_cache`).
+    """
+
+    def __init__(self, model: BarkHfCausalModel, input_ids: torch.Tensor, pads: torch.Tensor, cache: BarkHfKVCache):
+        self.input_ids, self.pads = input_ids.clone(), pads.clone()  # [B, 1] each: the graph reads these
+        self.cache, self.cache_allocations = cache, cache.allocations
+        step = _compiled_decode_step("cuda")
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):  # compile and warm up outside the capture
+            step(model, self.input_ids, self.pads, cache)  # writes the position the replay writes again
+        torch.cuda.current_stream().wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(model, self.input_ids, self.pads, cache)  # [B, V], rewritten by every replay
+
+    def matches(self, input_ids: torch.Tensor, cache: BarkHfKVCache) -> bool:
+        same_buffers = cache is self.cache and cache.allocations == self.cache_allocations
+        return same_buffers and input_ids.shape == self.input_ids.shape
+
+    def __call__(self, input_ids: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        self.pads.copy_(pads)
+        self.graph.replay()
+        return self.logits
+
+
+@dataclass
+class _CUDAGraphDecoding:
+    """What a stage keeps between calls for CUDA graph decoding (see `BarkHfCausalModel._new_cache`)."""
+
+    cache: BarkHfKVCache
+    weight_addresses: tuple[int, ...]
+    step: _CUDAGraphStep | None = None
+    failed: bool = False  # the capture failed once: decode with the compiled step alone
 
 
 def _valid_items(tokens: torch.Tensor, lengths: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
@@ -498,7 +590,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         self.layernorm_final = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
         self.generation_config = self.generation_config_class()
+        self._cuda_graphs: _CUDAGraphDecoding | None = None  # see `_new_cache`
         self.post_init()
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfCausalModel:
+        """Moving or casting the weights (`.to`, CPU offload) also frees the CUDA graph and its cache."""
+        self._cuda_graphs = None
+        return super()._apply(fn, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
@@ -595,8 +693,22 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                       position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1)
         return output.logits[:, -1]
 
-    def _new_cache(self, max_length: int) -> BarkHfKVCache:
-        return BarkHfKVCache(len(self.layers), max_length=max_length)
+    def _new_cache(self, max_length: int, compile: bool) -> BarkHfKVCache:
+        """An empty cache for `max_length` positions.
+
+        Compiled decoding on CUDA replays CUDA graphs that hold the addresses of the cache's buffers
+        and of the weights, so there the stage keeps one cache and its graph from call to call, as
+        long as `max_length` and the weights' addresses stay the same (moving the stage, as CPU
+        offload does, moves them). Not where accelerate hooks move weights during a forward pass.
+        """
+        if not compile or self.device.type != "cuda" or any(hasattr(module, "_hf_hook") for module in self.modules()):
+            return BarkHfKVCache(len(self.layers), max_length=max_length)
+        weight_addresses = tuple(parameter.data_ptr() for parameter in self.parameters())
+        kept = self._cuda_graphs
+        if kept is None or kept.cache.max_length != max_length or kept.weight_addresses != weight_addresses:
+            self._cuda_graphs = kept = _CUDAGraphDecoding(BarkHfKVCache(len(self.layers), max_length), weight_addresses)
+        kept.cache.reset()
+        return kept.cache
 
     def _decode(
         self,
@@ -615,12 +727,33 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """
         if not compile:
             return self._next_logits(self.input_embeds_layer(input_ids), cache, attention_mask, position_ids)
-        if cache.write_position is None:  # the first step after the prefill
-            cache.write_position = torch.tensor([cache.length], device=input_ids.device)
+        if not cache.static_steps:  # the first step after the prefill
+            cache.start_static_steps()
         # A fresh dense copy: a column sliced out of a wider tensor has strides that change per window.
-        logits = _compiled_decode_step()(self, input_ids.clone(memory_format=torch.contiguous_format), pads, cache)
+        input_ids = input_ids.clone(memory_format=torch.contiguous_format)
+        graph_step = self._cuda_graph_step(input_ids, pads, cache)
+        if graph_step is not None:
+            logits = graph_step(input_ids, pads)  # [B, V], valid until the next step
+        else:
+            logits = _compiled_decode_step(input_ids.device.type)(self, input_ids, pads, cache)
         cache.write_position += 1
         return logits
+
+    def _cuda_graph_step(self, input_ids: torch.Tensor, pads: torch.Tensor,
+                         cache: BarkHfKVCache) -> _CUDAGraphStep | None:
+        """The captured step for `cache` (captured now if it has none that fits), or None without CUDA graphs."""
+        graphs = self._cuda_graphs
+        if graphs is None or cache is not graphs.cache or graphs.failed:
+            return None
+        if graphs.step is None or not graphs.step.matches(input_ids, cache):
+            graphs.step = None
+            try:
+                graphs.step = _CUDAGraphStep(self, input_ids, pads, cache)
+            except RuntimeError as error:
+                graphs.failed = True
+                logger.warning(f"Capturing the {self.base_model_prefix} stage's decoding step in a CUDA graph failed "
+                               f"({error}); decoding with the compiled step alone, which is slower.")
+        return graphs.step
 
     def _decode_step(self, input_ids: torch.Tensor, pads: torch.Tensor, cache: BarkHfKVCache) -> torch.Tensor:
         """Logits `[B, V]` for `input_ids` `[B, 1]` written at `cache.write_position`, in static shapes.
@@ -695,8 +828,9 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         generated = torch.empty((batch, 0), dtype=torch.long, device=device)
         lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1 while running
         # Room for the prompt (window + infer token) and every fed-back token but the last.
-        cache = self._new_cache(window + config.max_new_tokens) if use_cache else None
+        cache = self._new_cache(window + config.max_new_tokens, compile) if use_cache else None
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        saw_nan = torch.zeros((), dtype=torch.bool, device=device)
         duration_s = 0.0
         progress = logging.tqdm(total=config.max_new_tokens, disable=not show_progress, desc="semantic")
         for _ in range(config.max_new_tokens):
@@ -710,7 +844,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
                 eos_logit = logits[:, config.semantic_pad_token : config.semantic_pad_token + 1]
                 relevant = torch.cat([relevant, eos_logit], dim=1)  # [B, 10001]: the last entry is EOS
             probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
-            next_token = torch.multinomial(probs, num_samples=1)  # [B, 1]
+            next_token = sample_tokens(probs, saw_nan)  # [B, 1]
             if config.allow_early_stop:
                 stopped = next_token[:, 0] == config.semantic_vocab_size
                 if config.min_eos_p is not None:
@@ -724,6 +858,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
                 break
         progress.close()
+        raise_if_nan(saw_nan, "semantic")
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]
         generated = generated.masked_fill(positions >= lengths[:, None], config.semantic_pad_token)
@@ -776,14 +911,20 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         prompts = _per_item(history_prompt, len(semantic))
         items = [self._start_item(tokens, prompt, config) for tokens, prompt in zip(semantic, prompts, strict=True)]
         n_windows = max((math.ceil(item.n_steps / config.sliding_window_len) for item in items), default=0)
+        # One cache for every window, emptied between them. It has the size of the longest window, so a
+        # compiled step fits them all.
+        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
+        cache = self._new_cache(longest_window - 1, compile) if use_cache else None
+        saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
         for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse"):
             first_step = index * config.sliding_window_len  # every item still here has made this many steps
             active = [item for item in items if item.n_steps > first_step]
             contexts = [self._window_context(item, first_step, config) for item in active]
             counts = [min(config.sliding_window_len, item.n_steps - first_step) for item in active]
-            generated = self._generate_window(contexts, config, first_step, max(counts), use_cache, compile)
+            generated = self._generate_window(contexts, config, first_step, max(counts), cache, compile, saw_nan)
             for item, tokens, count in zip(active, generated, counts, strict=True):
                 item.coarse = torch.cat([item.coarse, tokens[:count]])
+        raise_if_nan(saw_nan, "coarse")
 
         n_codebooks = config.n_coarse_codebooks
         offsets = self._codebook_offsets(config)
@@ -850,15 +991,16 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         config: BarkHfCoarseGenerationConfig,
         first_step: int,
         n_steps: int,
-        use_cache: bool,
+        cache: BarkHfKVCache | None,
         compile: bool,
+        saw_nan: torch.Tensor,
     ) -> torch.Tensor:
         """`n_steps` new tokens `[B, n_steps]` after each of `contexts` (1-D, any lengths), from step `first_step`.
 
         The contexts are left-padded to the longest, with an attention mask and positions that start
-        at 0 at each item's first real token, as each item's own input would. One prefill, then one
-        token per step. Without padding (a batch of one, or equal lengths) there is no mask, and the
-        SDPA calls are the original's.
+        at 0 at each item's first real token, as each item's own input would. One prefill into the
+        emptied `cache` (None: no cache), then one token per step. Without padding (a batch of one, or
+        equal lengths) there is no mask, and the SDPA calls are the original's.
         """
         n_codebooks, codebook_size = config.n_coarse_codebooks, config.codebook_size
         longest = max(context.shape[0] for context in contexts)
@@ -871,9 +1013,8 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pads  # [B, longest + n_steps]
             positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, longest + n_steps]
 
-        # Every window's cache has the size of the longest window, so a compiled step fits them all.
-        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
-        cache = self._new_cache(longest_window - 1) if use_cache else None
+        if cache is not None:
+            cache.reset()
         for offset in range(n_steps):
             end = longest + offset  # the tokens known so far
             if cache is None or offset == 0:  # the whole input: the prefill, or every step without a cache
@@ -887,7 +1028,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
             relevant = logits[:, first_code : first_code + codebook_size]  # [B, 1024]: this step's codebook
             probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
-            ids[:, end] = torch.multinomial(probs, num_samples=1)[:, 0] + first_code
+            ids[:, end] = sample_tokens(probs, saw_nan)[:, 0] + first_code
         return ids[:, longest:]
 
 
@@ -1061,7 +1202,9 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
                 predicted = rows.argmax(dim=-1)
             else:
                 probs = torch.softmax(rows / config.temperature, dim=-1)
-                predicted = torch.multinomial(probs, num_samples=1)[:, 0]  # row by row, as the original
+                saw_nan = torch.zeros((), dtype=torch.bool, device=probs.device)
+                predicted = sample_tokens(probs, saw_nan)[:, 0]  # row by row, as the original
+                raise_if_nan(saw_nan, "fine")
             per_item = predicted.split([window - fill for fill in fill_starts])
             for row, (item_predicted, fill) in enumerate(zip(per_item, fill_starts, strict=True)):
                 buffer[row, fill:, codebook] = item_predicted

@@ -8,6 +8,8 @@ mix voice presets with none.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TEXTS, random_voice_preset
@@ -261,7 +263,7 @@ def test_static_decoding_step_equals_eager(ours, monkeypatch):
     """The compiled path's static-shape step, run uncompiled here (fast): same tokens as the eager path."""
     import bark_hf.modeling_bark_hf as modeling
 
-    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda: modeling.BarkHfCausalModel._decode_step)
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda device_type: modeling.BarkHfCausalModel._decode_step)
     _compiled_runs_equal_eager(*ours)
 
 
@@ -269,6 +271,42 @@ def test_static_decoding_step_equals_eager(ours, monkeypatch):
 def test_compiled_decoding_equals_eager(ours):
     """The same with torch.compile on the CPU (compiling takes a while the first time)."""
     _compiled_runs_equal_eager(*ours)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_equals_eager(ours, monkeypatch):
+    """On CUDA the compiled steps replay CUDA graphs over a cache the stage keeps. Equal tokens twice in a
+    row, with batches that shrink between coarse windows (new captures), and after the weights moved."""
+    import bark_hf.modeling_bark_hf as modeling
+
+    captures = []
+    capture = modeling._CUDAGraphStep.__init__
+
+    def counting(self, *args):
+        captures.append(args[1].shape[0])  # the batch size of the captured step
+        capture(self, *args)
+
+    monkeypatch.setattr(modeling._CUDAGraphStep, "__init__", counting)
+    model = copy.deepcopy(ours[0]).to("cuda")
+    _compiled_runs_equal_eager(model, ours[1])
+    first = len(captures)
+    assert first >= 3 and {1, 3} <= set(captures)
+    _compiled_runs_equal_eager(model, ours[1])
+    model.cpu()  # the weights move, as with CPU offload: the graphs and their caches go
+    assert model.semantic._cuda_graphs is None and model.coarse_acoustics._cuda_graphs is None
+    model.to("cuda")
+    _compiled_runs_equal_eager(model, ours[1])
+    assert len(captures) > first
+    for stage in (model.semantic, model.coarse_acoustics):
+        assert stage._cuda_graphs is not None and not stage._cuda_graphs.failed
+
+
+def test_moving_a_stage_frees_its_cuda_graph_state(ours):
+    """The captured graph and its cache hold the old weights' addresses (and GPU memory): a move drops them."""
+    stage = copy.deepcopy(ours[0].coarse_acoustics)
+    stage._cuda_graphs = "captured"
+    stage.to(torch.float64)
+    assert stage._cuda_graphs is None
 
 
 def test_compile_switches(ours, monkeypatch):
@@ -281,7 +319,7 @@ def test_compile_switches(ours, monkeypatch):
         calls.append(1)
         return step(*args)
 
-    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda: counting)
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda device_type: counting)
     coarse = ours[0].coarse_acoustics
     semantic = torch.randint(0, SEMANTIC_PAD, (1, 10))
     coarse.generate(semantic, top_k=1, **QUIET)

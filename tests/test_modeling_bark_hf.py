@@ -522,3 +522,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert any(grad.abs().sum() > 0 for grad in expected.values())
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_sample_tokens_draws_what_multinomial_draws(device):
+    """Same draws and same random numbers used as torch.multinomial(probs, 1), with top-k zeros too."""
+    for seed, (batch, vocab) in enumerate([(1, 10_001), (3, 1_024), (32, 1_024)]):
+        logits = torch.randn(batch, vocab, device=device) * 4
+        for probs in (torch.softmax(logits, dim=-1), modeling.sampling_probabilities(logits, 0.7, top_k=5)):
+            torch.manual_seed(seed)
+            expected, expected_next = torch.multinomial(probs, 1), torch.rand(4, device=device)
+            torch.manual_seed(seed)
+            saw_nan = torch.zeros((), dtype=torch.bool, device=device)
+            drawn, drawn_next = modeling.sample_tokens(probs, saw_nan), torch.rand(4, device=device)
+            assert torch.equal(drawn, expected) and torch.equal(drawn_next, expected_next)
+            assert drawn.dtype == torch.long and not saw_nan
+
+
+def test_nan_probabilities_raise_a_clear_error():
+    saw_nan = torch.zeros((), dtype=torch.bool)
+    modeling.sample_tokens(torch.tensor([[0.5, 0.5]]), saw_nan)
+    modeling.raise_if_nan(saw_nan, "coarse")  # nothing seen yet
+    modeling.sample_tokens(torch.tensor([[float("nan"), 0.5]]), saw_nan)
+    modeling.sample_tokens(torch.tensor([[0.5, 0.5]]), saw_nan)  # the flag stays set
+    with pytest.raises(FloatingPointError, match="coarse stage produced NaN.*bfloat16"):
+        modeling.raise_if_nan(saw_nan, "coarse")

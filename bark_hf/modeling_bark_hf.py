@@ -770,6 +770,62 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         return self.lm_head(self.layernorm_final(hidden_states))[:, -1]
 
 
+# --- token layouts: what each stage's GPT reads, shared by generation and the training collators ------
+
+
+def semantic_prompt_windows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    semantic_histories: Sequence[torch.Tensor | None],
+    config: BarkHfSemanticGenerationConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The semantic stage's two windows, `[B, 256]` each, which the model sums position-wise.
+
+    Text: tokenizer ids `[B, L]` shifted by `text_encoding_offset`, `text_pad_token` where
+    `attention_mask` is 0 and up to 256. History: the last 256 tokens of each item's semantic
+    history (or none), right-padded with `semantic_pad_token`.
+    """
+    window = config.max_input_semantic_length
+    input_ids, attention_mask = input_ids[:, :window], attention_mask[:, :window].bool()
+    text = torch.where(attention_mask, input_ids + config.text_encoding_offset, config.text_pad_token)
+    text = F.pad(text, (0, window - text.shape[1]), value=config.text_pad_token)  # [B, 256]
+    histories = []
+    for history in semantic_histories:
+        history = input_ids.new_zeros(0) if history is None else history[-window:].to(input_ids.device)
+        histories.append(F.pad(history, (0, window - history.shape[0]), value=config.semantic_pad_token))
+    return text, torch.stack(histories)  # [B, 256], [B, 256]
+
+
+def coarse_codebook_offsets(config: BarkHfCoarseGenerationConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Token id of code 0 in each coarse codebook, `[2]`: the coarse GPT's tokens follow the semantic ones."""
+    return config.semantic_vocab_size + config.codebook_size * torch.arange(config.n_coarse_codebooks, device=device)
+
+
+def coarse_flat_tokens(coarse_codes: torch.Tensor, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+    """Codes `[2, T]` as the coarse GPT's tokens `[2T]`: interleaved frame by frame, each codebook offset."""
+    offsets = coarse_codebook_offsets(config, coarse_codes.device)
+    return (coarse_codes + offsets[:, None]).T.reshape(-1)  # [T, 2] -> [2T]
+
+
+def coarse_window_prompt(semantic: torch.Tensor, semantic_index: int,
+                         config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+    """A coarse window's prompt `[257]`: the semantic window whose start is aligned with the coarse history
+    before `semantic[semantic_index]` (padded with `coarse_semantic_pad_token` to 256), then the infer token.
+    """
+    max_semantic_history = int(math.floor(config.max_coarse_history / config.semantic_to_coarse_ratio))
+    window = semantic[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
+    window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
+                   value=config.coarse_semantic_pad_token)  # [256]
+    return torch.cat([window, window.new_full((1,), config.coarse_infer_token)])
+
+
+def fine_window_count(n_frames: int, config: BarkHfFineGenerationConfig, n_history: int = 0) -> int:
+    """How many windows the fine stage runs over `n_frames` new frames after `n_history` frames of preset history."""
+    if n_frames <= 0:
+        return 0
+    return max(0, math.ceil((n_frames - (config.max_fine_input_length - n_history)) / config.fine_window_hop)) + 1
+
+
 class BarkHfSemanticModel(BarkHfCausalModel):
     """Text -> semantic tokens."""
 
@@ -808,19 +864,10 @@ class BarkHfSemanticModel(BarkHfCausalModel):
 
         if input_ids.shape[1] > window:
             logger.warning(f"Text of {input_ids.shape[1]} tokens is longer than {window}; keeping the first {window}.")
-        input_ids = input_ids[:, :window].to(device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask[:, :window].to(device).bool()
-        text = torch.where(attention_mask, input_ids + config.text_encoding_offset, config.text_pad_token)
-        text = F.pad(text, (0, window - text.shape[1]), value=config.text_pad_token)  # [B, 256]
-
-        histories = []
-        for prompt in _per_item(history_prompt, batch):
-            semantic = _prompt_tensor(prompt, "semantic_prompt", device)
-            semantic = semantic[-window:] if semantic is not None else _empty_tokens(device)
-            histories.append(F.pad(semantic, (0, window - semantic.shape[0]), value=config.semantic_pad_token))
-        history = torch.stack(histories)  # [B, 256]
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        histories = [_prompt_tensor(prompt, "semantic_prompt", device) for prompt in _per_item(history_prompt, batch)]
+        text, history = semantic_prompt_windows(input_ids, attention_mask, histories, config)  # [B, 256] each
 
         embed = self.input_embeds_layer
         prompt_embeds = embed(text) + embed(history)  # [B, 256, C]: the two windows share positions
@@ -927,16 +974,10 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         raise_if_nan(saw_nan, "coarse")
 
         n_codebooks = config.n_coarse_codebooks
-        offsets = self._codebook_offsets(config)
+        offsets = coarse_codebook_offsets(config, self.device)
         codes = [(item.coarse[item.n_coarse_history :].view(-1, n_codebooks).T - offsets[:, None]) for item in items]
         lengths = torch.tensor([code.shape[-1] for code in codes], dtype=torch.long, device=self.device)
         return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
-
-    def _codebook_offsets(self, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
-        """Token id of code 0 in each coarse codebook, `[2]`."""
-        return config.semantic_vocab_size + config.codebook_size * torch.arange(
-            config.n_coarse_codebooks, device=self.device
-        )
 
     def _start_item(
         self, semantic: torch.Tensor, prompt: Mapping[str, Any] | None, config: BarkHfCoarseGenerationConfig
@@ -952,8 +993,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             semantic_history = _empty_tokens(device)
             coarse_flat = _empty_tokens(device)
         else:
-            offsets = self._codebook_offsets(config)
-            coarse_flat = (coarse_history + offsets[:, None]).T.reshape(-1)  # [2m]: frame by frame
+            coarse_flat = coarse_flat_tokens(coarse_history, config)  # [2m]: frame by frame
             # Keep histories aligned in time: equal spans of semantic and coarse tokens.
             n_semantic = min(
                 int(math.floor(config.max_coarse_history / ratio)),
@@ -976,14 +1016,9 @@ class BarkHfCoarseModel(BarkHfCausalModel):
     @staticmethod
     def _window_context(item: _CoarseItem, step: int, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
         """The input of the window that starts at `step`: `[semantic window (256), infer, coarse history]`."""
-        ratio = config.semantic_to_coarse_ratio
-        max_semantic_history = int(math.floor(config.max_coarse_history / ratio))
-        semantic_index = item.n_semantic_history + int(round(step / ratio))
-        window = item.semantic[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
-        window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
-                       value=config.coarse_semantic_pad_token)  # [256]
-        infer = window.new_full((1,), config.coarse_infer_token)
-        return torch.cat([window, infer, item.coarse[-config.max_coarse_history :]])  # [257 + history]
+        semantic_index = item.n_semantic_history + int(round(step / config.semantic_to_coarse_ratio))
+        prompt = coarse_window_prompt(item.semantic, semantic_index, config)  # [257]
+        return torch.cat([prompt, item.coarse[-config.max_coarse_history :]])  # [257 + history]
 
     def _generate_window(
         self,
@@ -1175,7 +1210,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         """One item's codes `[L, 8]`: preset history, its coarse frames, padding up to one whole window."""
         device = coarse.device
         n_given, length = coarse.shape
-        n_total, window, hop = config.n_fine_codebooks, config.max_fine_input_length, config.fine_window_hop
+        n_total, window = config.n_fine_codebooks, config.max_fine_input_length
         codes = torch.cat([coarse, torch.full((n_total - n_given, length), config.codebook_size, device=device)])
         history = _prompt_tensor(prompt, "fine_prompt", device)
         n_history = 0
@@ -1185,8 +1220,8 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
             codes = torch.cat([history, codes], dim=1)  # [8, history + T]
         n_padding = max(0, window - codes.shape[1])  # the model is non-causal: fill one whole window
         codes = F.pad(codes, (0, n_padding), value=config.codebook_size).T.contiguous()  # [L, 8]
-        n_windows = max(0, math.ceil((length - (window - n_history)) / hop)) + 1 if length > 0 else 0
-        return _FineItem(codes=codes, n_history=n_history, length=length, n_windows=n_windows)
+        return _FineItem(codes=codes, n_history=n_history, length=length,
+                         n_windows=fine_window_count(length, config, n_history))
 
     def _fill_window(
         self, buffer: torch.Tensor, config: BarkHfFineGenerationConfig, n_given: int, fill_starts: list[int]

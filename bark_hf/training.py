@@ -37,7 +37,16 @@ from .generation_configuration_bark_hf import (
     BarkHfFineGenerationConfig,
     BarkHfSemanticGenerationConfig,
 )
-from .modeling_bark_hf import IGNORE_INDEX, BarkHfCoarseModel, BarkHfFineModel, BarkHfSemanticModel
+from .modeling_bark_hf import (
+    IGNORE_INDEX,
+    BarkHfCoarseModel,
+    BarkHfFineModel,
+    BarkHfSemanticModel,
+    coarse_flat_tokens,
+    coarse_window_prompt,
+    fine_window_count,
+    semantic_prompt_windows,
+)
 from .processing_bark_hf import BarkHfProcessor
 
 if TYPE_CHECKING:
@@ -63,29 +72,6 @@ def _long_tensor(values: Any) -> torch.Tensor:
 # --- token layouts -------------------------------------------------------------------------------
 
 
-def semantic_prompt_windows(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    semantic_histories: Sequence[torch.Tensor | None],
-    config: BarkHfSemanticGenerationConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The semantic stage's two windows, `[B, 256]` each, summed position-wise by the model.
-
-    Text: tokenizer ids `[B, L]` shifted by `text_encoding_offset`, `text_pad_token` where
-    `attention_mask` is 0 and up to 256. History: the last 256 tokens of each item's semantic
-    history (or none), right-padded with `semantic_pad_token`. Same as `BarkHfSemanticModel.generate`.
-    """
-    window = config.max_input_semantic_length
-    input_ids, attention_mask = input_ids[:, :window], attention_mask[:, :window].bool()
-    text = torch.where(attention_mask, input_ids + config.text_encoding_offset, config.text_pad_token)
-    text = F.pad(text, (0, window - text.shape[1]), value=config.text_pad_token)  # [B, 256]
-    histories = []
-    for history in semantic_histories:
-        history = torch.zeros(0, dtype=torch.long) if history is None else history[-window:]
-        histories.append(F.pad(history, (0, window - history.shape[0]), value=config.semantic_pad_token))
-    return text, torch.stack(histories)  # [B, 256], [B, 256]
-
-
 def semantic_training_sequence(
     text_window: torch.Tensor, semantic_tokens: torch.Tensor, config: BarkHfSemanticGenerationConfig, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,12 +88,6 @@ def semantic_training_sequence(
         targets = semantic_tokens[:room]
     labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), targets])
     return torch.cat([prompt, targets]), labels
-
-
-def coarse_flat_tokens(coarse_codes: torch.Tensor, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
-    """Codes `[2, T]` as the coarse GPT's tokens `[2T]`: interleaved frame by frame, each codebook offset."""
-    offsets = config.semantic_vocab_size + config.codebook_size * torch.arange(coarse_codes.shape[0])
-    return (coarse_codes + offsets[:, None]).T.reshape(-1)  # [T, 2] -> [2T]
 
 
 def coarse_window_count(n_frames: int, config: BarkHfCoarseGenerationConfig) -> int:
@@ -128,22 +108,11 @@ def coarse_training_window(
     coarse tokens of history, then the window's `sliding_window_len` tokens. Every coarse token is
     a target (history tokens too: their semantic context is aligned the same way); the prompt is -100.
     """
-    ratio = config.semantic_to_coarse_ratio
-    max_semantic_history = int(math.floor(config.max_coarse_history / ratio))
     step = window_index * config.sliding_window_len
-    semantic_index = int(round(step / ratio))
-    window = semantic_tokens[max(0, semantic_index - max_semantic_history) :][: config.max_coarse_input_length]
-    window = F.pad(window, (0, config.max_coarse_input_length - window.shape[0]),
-                   value=config.coarse_semantic_pad_token)  # [256]
+    prompt = coarse_window_prompt(semantic_tokens, int(round(step / config.semantic_to_coarse_ratio)), config)  # [257]
     coarse = coarse_flat_tokens(coarse_codes, config)
     coarse = coarse[max(0, step - config.max_coarse_history) : step + config.sliding_window_len]  # [<= 690]
-    prompt = torch.cat([window, torch.tensor([config.coarse_infer_token])])  # [257]
     return torch.cat([prompt, coarse]), torch.cat([torch.full_like(prompt, IGNORE_INDEX), coarse])
-
-
-def fine_window_count(n_frames: int, config: BarkHfFineGenerationConfig) -> int:
-    """How many windows generation runs over `n_frames` frames (without a voice preset)."""
-    return max(0, math.ceil((n_frames - config.max_fine_input_length) / config.fine_window_hop)) + 1
 
 
 def fine_training_window(

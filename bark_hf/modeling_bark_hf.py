@@ -515,6 +515,10 @@ class _CUDAGraphDecoding:
     step: _CUDAGraphStep | None = None
     failed: bool = False  # the capture failed once: decode with the compiled step alone
 
+    def __reduce__(self) -> tuple[type, tuple]:
+        """Copies and pickles of the stage get None: a graph cannot be copied, and a copy's weights are elsewhere."""
+        return type(None), ()
+
 
 def _valid_items(tokens: torch.Tensor, lengths: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
     """Each batch item's valid tokens, `tokens[i, ..., :lengths[i]]`, on `device`."""

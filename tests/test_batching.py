@@ -301,10 +301,18 @@ def test_cuda_graph_decoding_equals_eager(ours, monkeypatch):
         assert stage._cuda_graphs is not None and not stage._cuda_graphs.failed
 
 
-def test_moving_a_stage_frees_its_cuda_graph_state(ours):
-    """The captured graph and its cache hold the old weights' addresses (and GPU memory): a move drops them."""
+def test_moving_or_copying_a_stage_leaves_its_cuda_graph_state_behind(ours):
+    """The captured graph and its cache hold the weights' addresses (and GPU memory): a move frees them, and
+    copies (deepcopy, pickle) start without them."""
+    import pickle
+
+    import bark_hf.modeling_bark_hf as modeling
+
     stage = copy.deepcopy(ours[0].coarse_acoustics)
-    stage._cuda_graphs = "captured"
+    stage._cuda_graphs = modeling._CUDAGraphDecoding(BarkHfKVCache(len(stage.layers), 8), (0,), step=lambda: None)
+    assert copy.deepcopy(stage)._cuda_graphs is None
+    assert pickle.loads(pickle.dumps(stage))._cuda_graphs is None
+    assert stage._cuda_graphs is not None
     stage.to(torch.float64)
     assert stage._cuda_graphs is None
 

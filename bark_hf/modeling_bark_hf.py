@@ -78,11 +78,16 @@ def _mapped_device(device_map: Mapping[str, Any], name: str) -> Any:
     return device_map[max(prefixes, key=len)] if prefixes else None
 
 
+def _inference_mode() -> bool:
+    return torch.is_inference_mode_enabled()
+
+
 class BarkHfKVCache:
     """Keys and values of every causal layer, written in place into buffers `[B, H, max_length, D]`.
 
-    Generation sizes the cache for a whole run (semantic) or window (coarse) up front, so a decoding
-    step copies one position per layer instead of regrowing every layer's tensors with `torch.cat`.
+    Generation sizes the cache for a whole run (semantic) or the longest window (coarse, emptied with
+    `reset` between windows) up front, so a decoding step copies one position per layer instead of
+    regrowing every layer's tensors with `torch.cat`.
     A layer's buffer is allocated at its first write, on that layer's device and dtype (device maps
     work unchanged). A write past `max_length` grows the buffer to fit, which is what a plain
     `forward(use_cache=True)` relies on. `cache[layer]` is that layer's filled part as a `(key, value)`
@@ -107,7 +112,8 @@ class BarkHfKVCache:
     def start_static_steps(self) -> None:
         """Decode from here on in static shapes, one position at a time from the current length."""
         device = self._keys[0].device
-        if self.write_position is None or self.write_position.device != device:
+        position = self.write_position
+        if position is None or position.device != device or position.is_inference() != _inference_mode():
             self.write_position = torch.zeros(1, dtype=torch.long, device=device)
         self.write_position.fill_(self.length)
         self.static_steps = True
@@ -116,6 +122,13 @@ class BarkHfKVCache:
         """Empty the cache but keep its buffers, for the next window or run of the same batch size."""
         self.static_steps = False
         self._lengths = [0] * len(self._lengths)
+
+    def zero_(self) -> None:
+        """Zero the buffers in place (their addresses stay): a cache kept from an earlier call may hold
+        NaN or infinite values, which masked attention would still multiply by zero into NaN."""
+        for buffer in (*self._keys, *self._values):
+            if buffer is not None:
+                buffer.zero_()
 
     @property
     def length(self) -> int:
@@ -143,18 +156,19 @@ class BarkHfKVCache:
         start = self._lengths[layer]
         end = start + key.shape[-2]
         buffer = self._keys[layer]
-        fits = buffer is not None and (buffer.shape[0], buffer.dtype, buffer.device) == (key.shape[0], key.dtype,
-                                                                                      key.device)
+        # Buffers made inside torch.inference_mode cannot be written outside it, and the other way round.
+        fits = buffer is not None and (buffer.shape[0], buffer.dtype, buffer.device, buffer.is_inference()) == (
+            key.shape[0], key.dtype, key.device, _inference_mode())
+        if start > 0 and not fits:
+            raise ValueError(f"Layer {layer} of the KV cache holds a batch of {buffer.shape[0]} ({buffer.dtype}, "
+                             f"{buffer.device}); call reset() before writing {tuple(key.shape)} {key.dtype} keys "
+                             f"on {key.device}.")
         if not fits or end > buffer.shape[-2]:
             capacity = max(end, self.max_length)
             # Finite values, not garbage: the static path reads (masked) positions not written yet.
-            # (After `reset` those hold an earlier window's keys, which are finite too.)
+            # (After `reset` those hold an earlier window's keys, finite too; see `zero_` across calls.)
             grown_keys = key.new_zeros(*key.shape[:2], capacity, key.shape[-1])  # [B, H, capacity, D]
             grown_values = value.new_zeros(*value.shape[:2], capacity, value.shape[-1])
-            if start > 0 and not fits:
-                raise ValueError(f"Layer {layer} of the KV cache holds a batch of {buffer.shape[0]} ({buffer.dtype}, "
-                                 f"{buffer.device}); call reset() before writing {tuple(key.shape)} {key.dtype} keys "
-                                 f"on {key.device}.")
             if start > 0:
                 grown_keys[:, :, :start] = self._keys[layer][:, :, :start]
                 grown_values[:, :, :start] = self._values[layer][:, :, :start]
@@ -408,9 +422,9 @@ def sample_tokens(probs: torch.Tensor, saw_nan: torch.Tensor) -> torch.Tensor:
     The very draw of `torch.multinomial(probs, 1)`, from the same random numbers: PyTorch draws one
     sample as argmax(probs / Exp(1) noise). multinomial also checks its input, which makes the host
     wait for the device at every decoding step; here the NaN check is or-ed into the device flag
-    `saw_nan` (a bool scalar) instead, for `raise_if_nan` to read once per stage.
+    `saw_nan` (a bool scalar) instead, for `raise_if_nan` to read when the host waits anyway.
     """
-    saw_nan |= probs.isnan().any()
+    saw_nan |= probs.isnan().any().to(saw_nan.device)
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
 
 
@@ -467,7 +481,8 @@ def _compile_requested(compile: bool | None, use_cache: bool) -> bool:
 @functools.cache
 def _compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
     """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process and device type.
-    On CUDA it is then captured in CUDA graphs (`_CUDAGraphStep`); there, shapes start static.
+    Dynamic shapes on the CPU; elsewhere shapes start static (on CUDA the step is then captured in
+    CUDA graphs, `_CUDAGraphStep`) and torch.compile makes them dynamic if they change.
     """
     dynamic = True if device_type == "cpu" else None
     return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=dynamic)
@@ -484,7 +499,7 @@ class _CUDAGraphStep:
 
     def __init__(self, model: BarkHfCausalModel, input_ids: torch.Tensor, pads: torch.Tensor, cache: BarkHfKVCache):
         self.input_ids, self.pads = input_ids.clone(), pads.clone()  # [B, 1] each: the graph reads these
-        self.cache, self.cache_allocations = cache, cache.allocations
+        self.cache, self.cache_allocations, self.write_position = cache, cache.allocations, cache.write_position
         step = _compiled_decode_step("cuda")
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
@@ -497,7 +512,7 @@ class _CUDAGraphStep:
 
     def matches(self, input_ids: torch.Tensor, cache: BarkHfKVCache) -> bool:
         same_buffers = cache is self.cache and cache.allocations == self.cache_allocations
-        return same_buffers and input_ids.shape == self.input_ids.shape
+        return same_buffers and cache.write_position is self.write_position and input_ids.shape == self.input_ids.shape
 
     def __call__(self, input_ids: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
         self.input_ids.copy_(input_ids)
@@ -599,8 +614,17 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfCausalModel:
         """Moving or casting the weights (`.to`, CPU offload) also frees the CUDA graph and its cache."""
-        self._cuda_graphs = None
+        self.clear_cuda_graphs()
         return super()._apply(fn, *args, **kwargs)
+
+    def clear_cuda_graphs(self) -> None:
+        """Free the CUDA graph and KV cache that compiled decoding on CUDA keeps between calls.
+
+        They hold GPU memory (the cache: 2 x batch x layers x positions x width values) until the stage
+        moves or this is called. Call it too after changing the stage in place without moving it
+        (e.g. switching LoRA adapters): a graph replays what it captured.
+        """
+        self._cuda_graphs = None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
@@ -703,15 +727,20 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         Compiled decoding on CUDA replays CUDA graphs that hold the addresses of the cache's buffers
         and of the weights, so there the stage keeps one cache and its graph from call to call, as
         long as `max_length` and the weights' addresses stay the same (moving the stage, as CPU
-        offload does, moves them). Not where accelerate hooks move weights during a forward pass.
+        offload does, frees them: `clear_cuda_graphs`). Not in training mode or under autocast, and
+        not where accelerate hooks move weights during a forward pass.
         """
-        if not compile or self.device.type != "cuda" or any(hasattr(module, "_hf_hook") for module in self.modules()):
+        graphs_apply = compile and self.device.type == "cuda" and not self.training
+        # A graph would replay a capture made in another autocast state; hooks move weights mid-forward.
+        graphs_apply &= not torch.is_autocast_enabled("cuda")
+        if not graphs_apply or any(hasattr(module, "_hf_hook") for module in self.modules()):
             return BarkHfKVCache(len(self.layers), max_length=max_length)
         weight_addresses = tuple(parameter.data_ptr() for parameter in self.parameters())
         kept = self._cuda_graphs
         if kept is None or kept.cache.max_length != max_length or kept.weight_addresses != weight_addresses:
             self._cuda_graphs = kept = _CUDAGraphDecoding(BarkHfKVCache(len(self.layers), max_length), weight_addresses)
         kept.cache.reset()
+        kept.cache.zero_()
         return kept.cache
 
     def _decode(
@@ -901,7 +930,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
                 if config.min_eos_p is not None:
                     stopped |= probs[:, -1] >= config.min_eos_p
                 lengths = torch.where(stopped & (lengths < 0), generated.shape[1], lengths)
-                if bool((lengths >= 0).all()):
+                if bool((lengths >= 0).all() | saw_nan):  # the host waits here anyway: stop early on NaN too
                     break
             generated = torch.cat([generated, next_token], dim=1)
             progress.update(1)

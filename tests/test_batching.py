@@ -241,6 +241,32 @@ def test_cache_grows_past_its_size():
         BarkHfKVCache(num_layers=2)[1]
 
 
+def test_cache_reuse_keeps_buffers_and_reallocates_when_it_must():
+    """`reset` keeps the buffers for the same batch; another batch size, or buffers made under
+    torch.inference_mode and written outside it, get new ones; a mismatch mid-run is a clear error."""
+    cache = BarkHfKVCache(num_layers=1, max_length=6)
+    with torch.inference_mode():
+        cache.update(0, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+        cache.start_static_steps()
+    allocations = cache.allocations
+    cache.reset()
+    keys = torch.randn(2, 2, 3, 4)
+    key, _ = cache.update(0, keys, keys)  # outside inference mode now: new buffers
+    assert torch.equal(key, keys) and cache.allocations == allocations + 1 and not key.is_inference()
+    cache.start_static_steps()
+    assert not cache.write_position.is_inference() and cache.write_position.tolist() == [3]
+    cache.reset()
+    buffer = cache.update(0, keys, keys)[0].untyped_storage().data_ptr()
+    assert buffer == key.untyped_storage().data_ptr()  # same batch: the same buffers
+    cache.zero_()
+    assert not cache[0][0].any()  # zeroed in place
+    cache.reset()
+    cache.update(0, keys[:1], keys[:1])  # another batch size: new buffers
+    assert cache.allocations == allocations + 2
+    with pytest.raises(ValueError, match="holds a batch of 1 .* call reset"):
+        cache.update(0, keys, keys)  # mid-run, without reset
+
+
 # --- the compiled path ----------------------------------------------------------------------------
 
 

@@ -150,3 +150,24 @@ def test_stage_passes_follow_the_algorithm(modules):
     # Preset history in the first coarse window: 209 semantic tokens' worth (630 / 3.006 rounded down),
     # round(209 * 3.006) = 628 coarse tokens, less the frame the original drops.
     assert roofline.coarse_history_length(model, preset) == 626
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse"])
+def test_profile_decoding_smoke_run(stage, tmp_path):
+    """benchmarks/profile_decoding.py on a tiny model: it reports the step time, the operator table, a trace."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    trace = tmp_path / "trace.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_decoding.py"), "--shape", "tiny", "--device", "cpu",
+         "--stage", stage, "--steps", "70", "--rows", "5", "--trace", str(trace)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    steps = 69 if stage == "semantic" else 66  # coarse: 68 tokens in 2 windows, each opened by a prefill
+    assert f"for {steps} decoding steps" in completed.stdout and "ms per step" in completed.stdout
+    assert "By time on the host" in completed.stdout and "aten::" in completed.stdout
+    assert json.loads(trace.read_text())["traceEvents"]
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "profile_decoding.py"), "--trace", str(trace)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr

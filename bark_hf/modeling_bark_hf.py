@@ -78,10 +78,6 @@ def _mapped_device(device_map: Mapping[str, Any], name: str) -> Any:
     return device_map[max(prefixes, key=len)] if prefixes else None
 
 
-def _inference_mode() -> bool:
-    return torch.is_inference_mode_enabled()
-
-
 class BarkHfKVCache:
     """Keys and values of every causal layer, written in place into buffers `[B, H, max_length, D]`.
 
@@ -112,8 +108,8 @@ class BarkHfKVCache:
     def start_static_steps(self) -> None:
         """Decode from here on in static shapes, one position at a time from the current length."""
         device = self._keys[0].device
-        position = self.write_position
-        if position is None or position.device != device or position.is_inference() != _inference_mode():
+        position, inference = self.write_position, torch.is_inference_mode_enabled()
+        if position is None or position.device != device or position.is_inference() != inference:
             self.write_position = torch.zeros(1, dtype=torch.long, device=device)
         self.write_position.fill_(self.length)
         self.static_steps = True
@@ -158,7 +154,7 @@ class BarkHfKVCache:
         buffer = self._keys[layer]
         # Buffers made inside torch.inference_mode cannot be written outside it, and the other way round.
         fits = buffer is not None and (buffer.shape[0], buffer.dtype, buffer.device, buffer.is_inference()) == (
-            key.shape[0], key.dtype, key.device, _inference_mode())
+            key.shape[0], key.dtype, key.device, torch.is_inference_mode_enabled())
         if start > 0 and not fits:
             raise ValueError(f"Layer {layer} of the KV cache holds a batch of {buffer.shape[0]} ({buffer.dtype}, "
                              f"{buffer.device}); call reset() before writing {tuple(key.shape)} {key.dtype} keys "

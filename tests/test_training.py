@@ -140,20 +140,23 @@ def stage_batch(stage: str, processor, rows: int = 2) -> dict[str, torch.Tensor]
 # --- losses ---------------------------------------------------------------------------------------
 
 
+def _rows_and_next_targets(logits: torch.Tensor, labels: torch.Tensor):
+    """Each position's logits `[V]` with the label of the next position, where that label is not -100."""
+    for item in range(labels.shape[0]):
+        for position in range(labels.shape[1] - 1):
+            target = int(labels[item, position + 1])
+            if target != -100:
+                yield logits[item, position], target
+
+
 def test_semantic_loss_is_cross_entropy_over_semantic_tokens_and_eos(processor):
     model = tiny_stage("semantic")
     batch = stage_batch("semantic", processor)
     output = model(**batch)
-    logits, labels = output.logits.detach(), batch["labels"]
     terms = []
-    for item in range(labels.shape[0]):
-        for position in range(labels.shape[1] - 1):
-            target = int(labels[item, position + 1])
-            if target == -100:
-                continue
-            row = logits[item, position]
-            categories = torch.cat([row[:10_000], row[10_000:10_001]])  # semantic tokens, then EOS
-            terms.append(torch.logsumexp(categories, 0) - categories[target])
+    for row, target in _rows_and_next_targets(output.logits.detach(), batch["labels"]):
+        categories = torch.cat([row[:10_000], row[10_000:10_001]])  # semantic tokens, then EOS
+        terms.append(torch.logsumexp(categories, 0) - categories[target])
     assert len(terms) == 20 + 1 + 27 + 1  # every token and one EOS per row
     torch.testing.assert_close(output.loss.detach(), torch.stack(terms).mean())
 
@@ -162,16 +165,11 @@ def test_coarse_loss_is_cross_entropy_within_each_targets_codebook(processor):
     model = tiny_stage("coarse")
     batch = stage_batch("coarse", processor)
     output = model(**batch)
-    logits, labels = output.logits.detach(), batch["labels"]
     terms = []
-    for item in range(labels.shape[0]):
-        for position in range(labels.shape[1] - 1):
-            target = int(labels[item, position + 1])
-            if target == -100:
-                continue
-            codebook, code = divmod(target - 10_000, 1024)
-            row = logits[item, position, 10_000 + 1024 * codebook : 10_000 + 1024 * (codebook + 1)]
-            terms.append(torch.logsumexp(row, 0) - row[code])
+    for row, target in _rows_and_next_targets(output.logits.detach(), batch["labels"]):
+        codebook, code = divmod(target - 10_000, 1024)
+        row = row[10_000 + 1024 * codebook : 10_000 + 1024 * (codebook + 1)]
+        terms.append(torch.logsumexp(row, 0) - row[code])
     assert len(terms) == 2 * 30 + 2 * 41  # both rows fit in the first window: every coarse token is a target
     torch.testing.assert_close(output.loss.detach(), torch.stack(terms).mean())
 

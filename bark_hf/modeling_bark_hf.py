@@ -50,6 +50,7 @@ from .generation_configuration_bark_hf import (
     save_generation_config,
 )
 from .model_card import bark_model_card, save_model_card
+from .sage_attention import sage_attention_applies, sageattn
 
 logger = logging.get_logger(__name__)
 
@@ -221,12 +222,37 @@ class BarkHfAttention(nn.Module):
             total = key.shape[-2]
             attention_mask = torch.ones(length, total, dtype=torch.bool, device=key.device).tril(total - length)
         dropout = self.dropout if self.training else 0.0
+        if cache is not None and cache.static_steps:
+            attended = _one_query_attention(query, key, value, attention_mask, dropout)  # [B, H, 1, D]
+            return self._merge_heads(attended)
+        if attention_mask is None and not has_past and not self.training and sage_attention_applies(query):
+            attended = sageattn()(query, key, value, tensor_layout="HND", is_causal=self.is_causal)  # [B, H, T, D]
+            return self._merge_heads(attended)
         with sdpa_kernel(_CUDA_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
             attended = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
             )  # [B, H, T, D]
-        attended = attended.transpose(1, 2).contiguous().view(batch, length, width)  # [B, T, C]
+        return self._merge_heads(attended)
+
+    def _merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
+        batch, _, length, head_dim = attended.shape
+        attended = attended.transpose(1, 2).contiguous().view(batch, length, self.num_heads * head_dim)  # [B, T, C]
         return self.resid_dropout(self.out_proj(attended))
+
+
+def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                         dropout: float) -> torch.Tensor:
+    """Attention of one query `[B, H, 1, D]` over a static cache's keys and values `[B, H, S, D]`, where
+    `mask` `[B, 1, 1, S]` is True at the positions to attend, as plain products rather than SDPA.
+
+    The fused kernels give each (item, head) pair one block that walks all S keys in turn: with one
+    query that idles most of a GPU (bark, H200: 61 us per layer, two thirds of a decoding step).
+    torch.compile spreads plain products over the whole device (0.9 ms per step instead of 2.3).
+    """
+    scores = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5  # [B, H, 1, S]
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return weights.to(value.dtype) @ value  # [B, H, 1, D]
 
 
 class BarkHfMLP(nn.Module):
@@ -479,9 +505,13 @@ def _compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
     """`BarkHfCausalModel._decode_step` through `torch.compile`, built once per process and device type.
     Dynamic shapes on the CPU; elsewhere shapes start static (on CUDA the step is then captured in
     CUDA graphs, `_CUDAGraphStep`) and torch.compile makes them dynamic if they change.
+    On CUDA, inductor's coordinate-descent tuning of its kernels' launch settings made a step 7 %
+    faster (bark, H200) for about 30 s more compiling per stage.
     """
-    dynamic = True if device_type == "cpu" else None
-    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=dynamic)
+    if device_type == "cpu":
+        return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True, dynamic=True)
+    return torch.compile(BarkHfCausalModel._decode_step, fullgraph=True,
+                         options={"coordinate_descent_tuning": device_type == "cuda"})
 
 
 class _CUDAGraphStep:

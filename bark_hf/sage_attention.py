@@ -1,0 +1,56 @@
+"""SageAttention for the long attention passes on NVIDIA GPUs, used automatically when installed.
+
+SageAttention (`pip install sageattention`, https://github.com/thu-ml/SageAttention) computes
+attention with int8 queries and keys, which speeds up the compute-bound passes: the semantic
+prompt, the coarse window prefills and the fine stage's 1 024-frame windows. Its results differ
+slightly from PyTorch's, so with it the tokens are no longer bit-identical to the original's; set
+`BARK_HF_SAGE_ATTENTION=0` to turn it off. One-token decoding steps and padded (masked) batches
+never use it: it takes no mask, and a single query gains nothing from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SAGE_ATTENTION_ENV_VAR = "BARK_HF_SAGE_ATTENTION"
+"""Set to 0 to never use SageAttention, even where it is installed."""
+
+SAGE_HEAD_DIMS = (64, 96, 128)  # the head sizes its kernels are built for
+SAGE_MIN_CAPABILITY = (8, 0)  # Ampere and newer
+
+
+@functools.cache
+def sageattn() -> Callable[..., torch.Tensor] | None:
+    """`sageattention.sageattn`, or None where the package is missing or fails to import."""
+    if importlib.util.find_spec("sageattention") is None:
+        return None
+    try:
+        from sageattention import sageattn as kernel
+    except Exception as error:  # e.g. built for another CUDA or torch version
+        logger.warning(f"sageattention is installed but failed to import ({error}); using PyTorch's attention.")
+        return None
+    return kernel
+
+
+def device_supports_sage(query: torch.Tensor) -> bool:
+    """Whether SageAttention's kernels take `query` `[B, H, T, D]`: fp16 or bf16 on an Ampere or newer GPU."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return query.shape[-1] in SAGE_HEAD_DIMS and torch.cuda.get_device_capability(query.device) >= SAGE_MIN_CAPABILITY
+
+
+def sage_attention_applies(query: torch.Tensor) -> bool:
+    """Whether an unmasked, inference-only attention pass over `query` `[B, H, T, D]` should use SageAttention."""
+    if os.environ.get(SAGE_ATTENTION_ENV_VAR, "1") == "0" or query.requires_grad:
+        return False
+    if torch.compiler.is_compiling() or query.shape[-2] < 2:
+        return False
+    return device_supports_sage(query) and sageattn() is not None

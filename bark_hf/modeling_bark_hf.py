@@ -50,7 +50,7 @@ from .generation_configuration_bark_hf import (
     save_generation_config,
 )
 from .model_card import bark_model_card, save_model_card
-from .sage_attention import sage_attention_applies, sageattn
+from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
 
@@ -210,6 +210,7 @@ class BarkHfAttention(nn.Module):
         query = query.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         key = key.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         value = value.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
+        new_key, new_value = key, value  # not views of the cache: SageAttention 1.x shifts its keys in place
         if cache is not None:
             key, value = cache.update(self.layer_idx, key, value)  # [B, H, past + T, D] each
         has_past = key.shape[-2] > length
@@ -225,9 +226,10 @@ class BarkHfAttention(nn.Module):
         if cache is not None and cache.static_steps:
             attended = _one_query_attention(query, key, value, attention_mask, dropout)  # [B, H, 1, D]
             return self._merge_heads(attended)
-        if attention_mask is None and not has_past and not self.training and sage_attention_applies(query):
-            attended = sageattn()(query, key, value, tensor_layout="HND", is_causal=self.is_causal)  # [B, H, T, D]
-            return self._merge_heads(attended)
+        if attention_mask is None and not has_past and not self.training:
+            attended = sage_attention(query, new_key, new_value, is_causal)  # [B, H, T, D]; None: not here
+            if attended is not None:
+                return self._merge_heads(attended)
         with sdpa_kernel(_CUDA_SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext():
             attended = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
@@ -247,12 +249,14 @@ def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
     The fused kernels give each (item, head) pair one block that walks all S keys in turn: with one
     query that idles most of a GPU (bark, H200: 61 us per layer, two thirds of a decoding step).
-    torch.compile spreads plain products over the whole device (0.9 ms per step instead of 2.3).
+    With coordinate-descent tuning (`_compiled_decode_step`) torch.compile turns these one-row
+    products into reductions spread over the whole device (0.9 ms per step instead of 2.3). Scores
+    and sums are float32, as in the fused kernels; in that form the casts fuse into the reductions.
     """
-    scores = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5  # [B, H, 1, S]
+    scores = (query.float() * query.shape[-1] ** -0.5) @ key.float().transpose(-1, -2)  # [B, H, 1, S]
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     weights = F.dropout(weights, p=dropout, training=dropout > 0)
-    return weights.to(value.dtype) @ value  # [B, H, 1, D]
+    return (weights @ value.float()).to(value.dtype)  # [B, H, 1, D]
 
 
 class BarkHfMLP(nn.Module):

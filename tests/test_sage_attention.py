@@ -1,10 +1,10 @@
-"""SageAttention dispatch: which passes use it, which do not, and the switch that turns it off.
-
-SageAttention runs on NVIDIA GPUs only, so these tests install a stand-in `sageattention` module
-whose kernel records its calls and computes PyTorch's attention, and declare the CPU supported.
+"""SageAttention dispatch: which passes use it, which do not, the switch that turns it off, and the
+fallbacks. SageAttention runs on NVIDIA GPUs only, so these tests install a stand-in
+`sageattention` module whose kernel records its calls, and declare the CPU supported.
 """
 
 import importlib.machinery
+import logging
 import sys
 import types
 
@@ -13,33 +13,45 @@ import torch
 import torch.nn.functional as F
 
 from bark_hf import sage_attention
+from bark_hf.modeling_bark_hf import _one_query_attention
 from bark_hf.tiny_random import tiny_random_bark
 
 QUIET = dict(show_progress=False)
 
 
-def _install_stand_in(monkeypatch, module: types.ModuleType) -> None:
-    module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-    monkeypatch.setitem(sys.modules, module.__name__, module)
+def _install_stand_in(monkeypatch, kernel=None) -> None:
+    """A `sageattention` module with `kernel` as its `sageattn` (none: importing it fails)."""
+    module = types.ModuleType("sageattention")
+    module.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
+    if kernel is not None:
+        module.sageattn = kernel
+    monkeypatch.setitem(sys.modules, "sageattention", module)
     monkeypatch.setattr(sage_attention, "device_supports_sage", lambda query: True)
-    sage_attention.sageattn.cache_clear()
+    monkeypatch.setattr(sage_attention, "_kernel_failed", False)
+    sage_attention.load_sage_kernel.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_cache():
+    yield
+    sage_attention.load_sage_kernel.cache_clear()
 
 
 @pytest.fixture
 def sage_calls(monkeypatch):
-    """The (query length, key length, is_causal) of every call to the stand-in kernel."""
+    """The (query length, key length, is_causal) of every call to a stand-in kernel that, like
+    SageAttention 1.x, shifts its keys in place, and otherwise computes PyTorch's attention."""
     calls = []
 
     def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
         assert tensor_layout == "HND" and q.dim() == 4
         calls.append((q.shape[-2], k.shape[-2], is_causal))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        output = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        k -= k.mean(dim=2, keepdim=True)  # softmax does not see the shift; a cache holding these keys would
+        return output
 
-    module = types.ModuleType("sageattention")
-    module.sageattn = sageattn
-    _install_stand_in(monkeypatch, module)
-    yield calls
-    sage_attention.sageattn.cache_clear()
+    _install_stand_in(monkeypatch, sageattn)
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +87,24 @@ def test_prompt_prefill_and_fine_windows_use_sage_and_decoding_steps_do_not(tiny
                                                     **QUIET).sequences, fine.sequences)
 
 
+def test_the_kv_cache_keeps_the_keys_a_kernel_shifts_in_place(tiny, sage_calls, monkeypatch):
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        with_sage = tiny.semantic(ids, use_cache=True).cache
+        assert sage_calls
+        monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, "0")
+        without = tiny.semantic(ids, use_cache=True).cache
+    for (key, value), (expected_key, expected_value) in zip(with_sage, without, strict=True):
+        assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
+
+
 def test_the_switch_turns_sage_off(tiny, sage_calls, monkeypatch):
     monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, "0")
     _semantic(tiny)
     assert sage_calls == []
 
 
-def test_padded_batches_and_gradients_do_not_use_sage(tiny, sage_calls):
+def test_padded_batches_and_passes_that_need_gradients_do_not_use_sage(tiny, sage_calls):
     # Two coarse items, one with a voice preset: contexts of different lengths, left-padded with a mask.
     fine_prompt = torch.randint(0, 1024, (8, 40))
     preset = {"semantic_prompt": torch.randint(0, 10_000, (27,)), "coarse_prompt": fine_prompt[:2],
@@ -90,8 +113,9 @@ def test_padded_batches_and_gradients_do_not_use_sage(tiny, sage_calls):
     tiny.coarse_acoustics.generate(semantic, None, [preset, None], top_k=1, **QUIET)
     assert sage_calls == []
 
-    # A forward pass that needs gradients (training): SageAttention has no backward.
+    # In eval mode, but with gradients (SageAttention has no backward pass), and in training mode.
     ids = torch.randint(0, 100, (1, 8))
+    tiny.semantic(ids, use_cache=False).logits.sum().backward()
     tiny.semantic.train()
     try:
         tiny.semantic(ids, use_cache=False).logits.sum().backward()
@@ -101,13 +125,27 @@ def test_padded_batches_and_gradients_do_not_use_sage(tiny, sage_calls):
     assert sage_calls == []
 
 
-def test_an_install_that_fails_to_import_falls_back_to_pytorch(tiny, monkeypatch):
-    _install_stand_in(monkeypatch, types.ModuleType("sageattention"))  # has no `sageattn`: the import fails
-    try:
-        assert sage_attention.sageattn() is None
-        assert _semantic(tiny).sequences.shape == (1, 6)
-    finally:
-        sage_attention.sageattn.cache_clear()
+def test_an_install_that_fails_to_import_falls_back_to_pytorch(tiny, monkeypatch, caplog):
+    expected = _semantic(tiny).sequences
+    _install_stand_in(monkeypatch)  # the module has no `sageattn`: the import fails
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_semantic(tiny).sequences, expected)
+    assert "failed to import" in caplog.text
+
+
+def test_a_kernel_that_refuses_the_gpu_warns_once_and_is_not_tried_again(tiny, monkeypatch, caplog):
+    expected = _semantic(tiny).sequences
+    calls = []
+
+    def refusing(q, k, v, **settings):
+        calls.append(q.shape)
+        raise ValueError("Unsupported CUDA architecture: sm100")
+
+    _install_stand_in(monkeypatch, refusing)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(_semantic(tiny).sequences, expected)
+        assert torch.equal(_semantic(tiny).sequences, expected)
+    assert len(calls) == 1 and caplog.text.count("Unsupported CUDA architecture") == 1
 
 
 def test_device_support_needs_a_half_precision_cuda_tensor():
@@ -118,3 +156,17 @@ def test_device_support_needs_a_half_precision_cuda_tensor():
         expected = torch.cuda.get_device_capability() >= sage_attention.SAGE_MIN_CAPABILITY
         assert sage_attention.device_supports_sage(query) == expected
         assert not sage_attention.device_supports_sage(query[..., :48])  # no kernel for head size 48
+
+
+def test_one_query_attention_equals_sdpa_with_a_padding_mask():
+    """The compiled steps' attention over a static cache: positions left of each item's padding and
+    right of the last written one are masked out."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    columns = torch.arange(10)[None]  # [1, S]
+    mask = ((columns >= torch.tensor([[0], [4]])) & (columns <= 6))[:, None, None, :]  # [B, 1, 1, S]
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(_one_query_attention(query, key, value, mask, dropout=0.0), expected)
+    half = _one_query_attention(query.bfloat16(), key.bfloat16(), value.bfloat16(), mask, dropout=0.0)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=2e-2, rtol=2e-2)

@@ -40,6 +40,7 @@ from .configuration_bark_hf import (
     BarkHfFineConfig,
     BarkHfSemanticConfig,
 )
+from .cpu_features import cpu_has_native_bfloat16
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
     BarkHfCoarseGenerationConfig,
@@ -656,6 +657,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """
         self._cuda_graphs = None
 
+    def _warn_if_bfloat16_is_emulated(self) -> None:
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_has_native_bfloat16() is False:
+            logger.warning_once(
+                "This CPU has no bfloat16 instructions (avx512_bf16, AMX or Arm bf16), so bfloat16 runs slower "
+                "than float32 here. On this CPU use float32, or int8 for speed (`quantize_int8()`, CLI `--dtype int8`)."
+            )
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
 
@@ -921,6 +929,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         compile = _compile_requested(compile, use_cache)
+        self._warn_if_bfloat16_is_emulated()
         device = self.device
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
@@ -1017,6 +1026,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         compile = _compile_requested(compile, use_cache)
+        self._warn_if_bfloat16_is_emulated()
         semantic = _valid_items(semantic_tokens, semantic_lengths, self.device)
         prompts = _per_item(history_prompt, len(semantic))
         items = [self._start_item(tokens, prompt, config) for tokens, prompt in zip(semantic, prompts, strict=True)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import pytest
@@ -559,3 +560,14 @@ def test_a_stage_whose_logits_turn_nan_raises_a_clear_error(model, stage):
     with pytest.raises(FloatingPointError, match=f"{stage.split('_')[0]} stage produced NaN"):
         broken.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=8, semantic_allow_early_stop=False,
                         **QUIET)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns_once(model, native, monkeypatch, caplog):
+    monkeypatch.setattr(modeling, "cpu_has_native_bfloat16", lambda: native)
+    logging.Logger.warning_once.cache_clear()  # the warning is shown once per process
+    semantic = copy.deepcopy(model.semantic).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2, show_progress=False)
+    assert caplog.text.count("no bfloat16 instructions") == (0 if native else 1)

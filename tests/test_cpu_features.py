@@ -5,8 +5,18 @@ import pytest
 from bark_hf import cpu_features
 
 
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    """A stand-in /proc/cpuinfo at the returned path (missing until written); the cached answer is dropped."""
+    path = tmp_path / "cpuinfo"
+    monkeypatch.setattr(cpu_features, "CPUINFO", path)
+    cpu_features.cpu_has_native_bfloat16.cache_clear()
+    yield path
+    cpu_features.cpu_has_native_bfloat16.cache_clear()
+
+
 @pytest.mark.parametrize(
-    ("cpuinfo", "expected"),
+    ("text", "expected"),
     [
         ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n", False),
         ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n", True),
@@ -16,21 +26,10 @@ from bark_hf import cpu_features
         ("processor\t: 0\n", None),  # no flags line: unknown
     ],
 )
-def test_native_bfloat16_is_read_from_the_flags(cpuinfo, expected, tmp_path, monkeypatch):
-    path = tmp_path / "cpuinfo"
-    path.write_text(cpuinfo, encoding="utf-8")
-    monkeypatch.setattr(cpu_features, "CPUINFO", path)
-    cpu_features.cpu_has_native_bfloat16.cache_clear()
-    try:
-        assert cpu_features.cpu_has_native_bfloat16() is expected
-    finally:
-        cpu_features.cpu_has_native_bfloat16.cache_clear()
+def test_native_bfloat16_is_read_from_the_flags(cpuinfo, text, expected):
+    cpuinfo.write_text(text, encoding="utf-8")
+    assert cpu_features.cpu_has_native_bfloat16() is expected
 
 
-def test_an_unreadable_cpuinfo_means_unknown(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_features, "CPUINFO", tmp_path / "missing")
-    cpu_features.cpu_has_native_bfloat16.cache_clear()
-    try:
-        assert cpu_features.cpu_has_native_bfloat16() is None
-    finally:
-        cpu_features.cpu_has_native_bfloat16.cache_clear()
+def test_an_unreadable_cpuinfo_means_unknown(cpuinfo):
+    assert cpu_features.cpu_has_native_bfloat16() is None

@@ -8,6 +8,7 @@ in-process); the other cases fail before anything is written or convert without 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from transformers import BertTokenizer
 
 from bark_hf.cli import main as cli_main
-from bark_hf.conversion.convert_suno import convert_suno_checkpoint
+from bark_hf.conversion.convert_suno import convert_suno_checkpoint, load_bark_tokenizer
 from bark_hf.conversion.suno_checkpoint import (
     STAGES,
     CheckpointError,
@@ -417,6 +418,65 @@ def test_tokenizer_folder_without_vocab(original_checkpoint_dir, original_codec_
     code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer, output))
     _assert_one_line_error(code, err, "vocab.txt")
     assert list(parent.iterdir()) == []
+
+
+def test_a_bare_vocab_txt_loads_as_the_cased_tokenizer(tokenizer_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tokenizer_dir / "vocab.txt", bare / "vocab.txt")  # no tokenizer_config.json saying "cased"
+    text = "Hello THE END hello the"
+    expected = BertTokenizer.from_pretrained(tokenizer_dir).encode(text, add_special_tokens=False)
+    assert load_bark_tokenizer(bare).encode(text, add_special_tokens=False) == expected
+    assert BertTokenizer.from_pretrained(bare).encode(text, add_special_tokens=False) != expected  # lowercases
+
+
+def _without_unk(folder: Path) -> None:
+    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    (folder / "vocab.txt").write_text("\n".join(token for token in vocab if token != "[UNK]"), encoding="utf-8")
+
+
+UNUSABLE_TOKENIZERS = {
+    "empty-vocab": (lambda folder: (folder / "vocab.txt").write_text(""), "has no [UNK] token (0 tokens in all)"),
+    "vocab-without-unk": (_without_unk, "has no [UNK] token"),
+    "too-large-vocab": (lambda folder: (folder / "vocab.txt").write_text(
+        "\n".join(["[UNK]", *map(str, range(119_547))])), "holds 119548 tokens, more than Bark's 119547 text ids"),
+    "broken-tokenizer-json": (lambda folder: (folder / "tokenizer.json").write_text('{"version": "1.0"}'),
+                              "cannot be read (KeyError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE_TOKENIZERS))
+def test_unusable_tokenizers_are_refused_and_leave_nothing(case, original_checkpoint_dir, original_codec_path,
+                                                           tokenizer_dir, tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, tokenizer)
+    spoil, message = UNUSABLE_TOKENIZERS[case]
+    spoil(tokenizer)
+    parent = tmp_path / "models"
+    parent.mkdir()
+    code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer, parent / "bark"))
+    _assert_one_line_error(code, err, message, "bert-base-multilingual-cased")
+    assert list(parent.iterdir()) == []
+
+
+def test_an_output_dir_holding_an_input_is_refused_even_with_overwrite(original_checkpoint_dir, original_codec_path,
+                                                                      tokenizer_dir, tmp_path, capsys):
+    release = tmp_path / "release"
+    shutil.copytree(original_checkpoint_dir, release)
+    before = sorted(path.name for path in release.iterdir())
+    for output in (release, tmp_path):  # the inputs' own folder, and a folder above them
+        code, _, err = _run_cli(capsys, *_flags(release, original_codec_path, tokenizer_dir, output, "--overwrite"))
+        _assert_one_line_error(code, err, f"--output-dir {output} holds an input of the conversion")
+    assert sorted(path.name for path in release.iterdir()) == before
+
+
+def test_attention_dropout_in_a_checkpoint_is_warned_about(originals, tmp_path, caplog):
+    path = tmp_path / "coarse.pt"
+    torch.save({**originals["coarse"], "model_args": {**originals["coarse"]["model_args"], "dropout": 0.1}}, path)
+    with caplog.at_level(logging.WARNING):
+        model = convert_stage("coarse", path)
+    assert model.config.dropout == 0.1
+    assert "applies it even when generating" in caplog.text
 
 
 MISSING_INPUTS = {

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ..atomic import default_mode
 from ..configuration_bark_hf import BarkHfConfig
+from ..generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
 from ..model_card import bark_model_card
 from ..modeling_bark_hf import BarkHfModel
 from ..processing_bark_hf import BarkHfProcessor
@@ -55,9 +56,15 @@ def convert_suno_checkpoint(
         raise FileNotFoundError(f"The voice preset folder {voice_presets} does not exist.")
     if not output_dir.parent.is_dir():
         raise FileNotFoundError(f"The parent folder of {output_dir} does not exist; create it first.")
+
+    inputs = [Path(path).resolve() for path in (checkpoint_dir, codec, tokenizer, voice_presets) if path is not None]
+    if any(path == output_dir.resolve() or output_dir.resolve() in path.parents for path in inputs):
+        raise ValueError(f"--output-dir {output_dir} holds an input of the conversion, which writing it would "
+                         "destroy; choose a folder outside the inputs.")
     tokenizer_dir = Path(tokenizer)
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise FileNotFoundError(f"{tokenizer_dir} must be a folder holding the tokenizer's vocab.txt.")
+    bark_tokenizer = load_bark_tokenizer(tokenizer_dir)
 
     files = find_stage_files(checkpoint_dir, size)
     stages = {}
@@ -77,7 +84,7 @@ def convert_suno_checkpoint(
     for stage, attribute in COMPOSITE_ATTRIBUTES.items():
         getattr(model, attribute).load_state_dict(stages[stage].state_dict())
     model.codec_model.load_state_dict(codec_model.state_dict())
-    processor = BarkHfProcessor(BertTokenizer.from_pretrained(tokenizer_dir), voice_presets=presets)
+    processor = BarkHfProcessor(bark_tokenizer, voice_presets=presets)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     staging.chmod(default_mode(directory=True))  # mkdtemp's folder is owner-only
@@ -94,6 +101,31 @@ def convert_suno_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def load_bark_tokenizer(folder: Path) -> BertTokenizer:
+    """Bark's tokenizer, bert-base-multilingual-cased, from `folder`, checked to fit Bark's text ids.
+
+    Always cased: a folder with only `vocab.txt` would otherwise load as a lowercasing tokenizer,
+    which gives other ids than the original's.
+    """
+    vocab_file = folder / "vocab.txt"
+    vocab = [line for line in vocab_file.read_text(encoding="utf-8").splitlines() if line]
+    text = BarkHfSemanticGenerationConfig()
+    room = text.text_pad_token - text.text_encoding_offset  # text ids sit between the offset and the pad token
+    fix = "give bert-base-multilingual-cased's vocab.txt (119 547 tokens)"
+    if "[UNK]" not in vocab:
+        raise ValueError(f"{vocab_file} has no [UNK] token ({len(vocab)} tokens in all); {fix}.")
+    if len(vocab) > room:
+        raise ValueError(f"{vocab_file} holds {len(vocab)} tokens, more than Bark's {room} text ids; {fix}.")
+    try:
+        tokenizer = BertTokenizer.from_pretrained(folder, do_lower_case=False)
+        tokenizer("Hello")  # some broken files fail only when used
+    except Exception as error:  # a malformed tokenizer.json or config fails in many ways inside tokenizers
+        reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line, for the CLI
+        raise ValueError(f"The tokenizer in {folder} cannot be read ({reason}); {fix}, and its other tokenizer "
+                         "files, if any, unchanged.") from error
+    return tokenizer
 
 
 def _verify_folder(folder: Path, stages: dict, codec_model: torch.nn.Module, processor: BarkHfProcessor) -> None:

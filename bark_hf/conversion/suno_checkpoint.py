@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..configuration_bark_hf import BarkHfCoarseConfig, BarkHfFineConfig, BarkHfSemanticConfig
 from ..modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfPreTrainedModel, BarkHfSemanticModel
 from .safe_load import load_torch_file
+
+logger = logging.get_logger(__name__)
 
 STAGES = ("text", "coarse", "fine")
 """The original's names for the semantic, coarse and fine stages (and their file names)."""
@@ -148,6 +151,10 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
         raise CheckpointError(f"{path} has tensors of the wrong shape for its model_args: {'; '.join(wrong[:8])}.")
     model.load_state_dict(weights, strict=True)
     verify_weights(model, weights, source=str(path))
+    if stage != "fine" and config.dropout > 0:
+        logger.warning(f"{path} has dropout {config.dropout}. The original's causal attention applies it even when "
+                       "generating, so its outputs are random there; bark-hf applies dropout in training only, and "
+                       "its tokens will not equal the original's. Suno's released checkpoints have dropout 0.")
     return model.eval()
 
 

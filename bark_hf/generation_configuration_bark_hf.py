@@ -67,6 +67,9 @@ class _JsonConfig:
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
+        max_new_tokens = getattr(self, "max_new_tokens", 1)
+        if not (is_number(max_new_tokens) and int(max_new_tokens) == max_new_tokens and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
         min_eos_p = getattr(self, "min_eos_p", None)
         if min_eos_p is not None and not (is_number(min_eos_p) and 0 <= min_eos_p <= 1):
             raise ValueError(f"min_eos_p must be None or a number within [0, 1], got {min_eos_p!r}.")

@@ -297,6 +297,16 @@ class BarkHfBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.layernorm_2(hidden_states))
 
 
+def holds_int8_layers(module: nn.Module) -> bool:
+    """Whether `module` holds linear layers that `BarkHfModel.quantize_int8` made int8."""
+    return any(isinstance(child, torch.ao.nn.quantized.dynamic.Linear) for child in module.modules())
+
+
+_INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they run on the CPU only, beside float32 "
+                  "activations, and cannot be saved. {action} the float32 model before quantising, then quantise "
+                  "again.")
+
+
 class BarkHfPreTrainedModel(PreTrainedModel):
     """Shared loading and saving: weights through transformers, generation configs alongside."""
 
@@ -315,11 +325,21 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Where this model computes, and so where `generate` builds its tensors: see `execution_device`."""
         return execution_device(self)
 
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfPreTrainedModel:
+        """Refuse to move or cast int8 layers: torch would move them half-way and fail at the next step."""
+        if holds_int8_layers(self):
+            probe = fn(torch.zeros(()))  # what the move or cast does to a float32 CPU tensor
+            if probe.dtype != torch.float32 or probe.device.type != "cpu":
+                raise ValueError(_INT8_IS_FINAL.format(action="Move or cast"))
+        return super()._apply(fn, *args, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_code: bool = False,
                         **kwargs: Any) -> None:
         """Weights, config and generation config; with `save_code=True` also the bark-hf source files, so
         that `from_pretrained(..., trust_remote_code=True)` and `pipeline(...)` work without the package.
         """
+        if holds_int8_layers(self):
+            raise ValueError(_INT8_IS_FINAL.format(action="Save"))
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "
                              "card and code are written; call model.push_to_hub(repo_id) instead.")
@@ -426,7 +446,9 @@ def sampling_probabilities(
     """Softmax of `logits` ([B, V]) after the original's top-p, then top-k filtering.
 
     Follows bark/generation.py: top-p is judged on the untempered distribution, top-k keeps
-    ties with the k-th value, and the temperature divides the surviving logits.
+    ties with the k-th value, and the temperature divides the surviving logits. One exception:
+    `top_k=1` keeps only the first largest logit, so that greedy decoding stays deterministic where
+    logits tie exactly (common in half precision); the original would draw among the tied tokens.
     """
     logits = logits.float()
     if top_p is not None:
@@ -437,7 +459,10 @@ def sampling_probabilities(
         remove_sorted[..., 0] = False
         remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)  # back to vocabulary order
         logits = logits.masked_fill(remove, -float("inf"))
-    if top_k is not None:
+    if top_k == 1:
+        best = logits.argmax(dim=-1, keepdim=True)  # [B, 1]: the first of any tied maxima
+        logits = torch.full_like(logits, -float("inf")).scatter(-1, best, logits.gather(-1, best))
+    elif top_k is not None:
         kth_value = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth_value, -float("inf"))
     return torch.softmax(logits / temperature, dim=-1)
@@ -494,15 +519,6 @@ def _empty_tokens(device: torch.device) -> torch.Tensor:
 
 COMPILE_ENV_VAR = "BARK_HF_COMPILE"
 """Set to 1 to make `compile=True` the default of the causal stages' `generate`."""
-
-
-def _compile_requested(compile: bool | None, use_cache: bool) -> bool:
-    """Whether to decode with the compiled step: `compile`, or when None the environment variable."""
-    if compile is None:
-        return use_cache and os.environ.get(COMPILE_ENV_VAR, "0") == "1"
-    if compile and not use_cache:
-        raise ValueError("compile=True compiles the cached one-token step; it needs use_cache=True.")
-    return compile
 
 
 @functools.cache
@@ -664,6 +680,40 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                 "than float32 here. On this CPU use float32, or int8 for speed (`quantize_int8()`, CLI `--dtype int8`)."
             )
 
+    def _check_positions(self, needed: int, settings: str) -> None:
+        """Refuse, before any work, settings whose sequences outgrow the position embeddings."""
+        if needed > self.config.block_size:
+            raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
+                             f"{self.config.block_size} (block_size); lower the setting.")
+
+    def _use_compiled_step(self, compile: bool | None, use_cache: bool) -> bool:
+        """Whether to decode with the compiled step: `compile`, or when None the environment variable.
+
+        torch.compile traces the whole step (`fullgraph=True`), so stages it cannot trace decode eagerly:
+        with `compile=True` that is an error, with the environment variable a one-time warning.
+        """
+        if compile is None:
+            requested = use_cache and os.environ.get(COMPILE_ENV_VAR, "0") == "1"
+        elif compile and not use_cache:
+            raise ValueError("compile=True compiles the cached one-token step; it needs use_cache=True.")
+        else:
+            requested = compile
+        if not requested:
+            return False
+        if holds_int8_layers(self):
+            reason = "its linear layers are int8 (quantize_int8()), which torch.compile cannot trace"
+        elif any(hasattr(module, "_hf_hook") for module in self.modules()):
+            reason = ("accelerate's hooks (a device map) move its weights during the step, which torch.compile "
+                      "cannot trace")
+        else:
+            return True
+        if compile:
+            raise ValueError(f"compile=True cannot decode the {self.base_model_prefix} stage: {reason}. "
+                             "Leave compile unset to decode eagerly.")
+        logger.warning_once(f"{COMPILE_ENV_VAR}=1 is ignored for the {self.base_model_prefix} stage: {reason}; "
+                            "decoding eagerly.")
+        return False
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
 
@@ -765,13 +815,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         Compiled decoding on CUDA replays CUDA graphs that hold the addresses of the cache's buffers
         and of the weights, so there the stage keeps one cache and its graph from call to call, as
         long as `max_length` and the weights' addresses stay the same (moving the stage, as CPU
-        offload does, frees them: `clear_cuda_graphs`). Not in training mode or under autocast, and
-        not where accelerate hooks move weights during a forward pass.
+        offload does, frees them: `clear_cuda_graphs`). Not in training mode or under autocast (a graph
+        would replay a capture made in another autocast state). Stages with accelerate hooks never
+        get here compiled (`_use_compiled_step`).
         """
         graphs_apply = compile and self.device.type == "cuda" and not self.training
-        # A graph would replay a capture made in another autocast state; hooks move weights mid-forward.
         graphs_apply &= not torch.is_autocast_enabled("cuda")
-        if not graphs_apply or any(hasattr(module, "_hf_hook") for module in self.modules()):
+        if not graphs_apply:
             return BarkHfKVCache(len(self.layers), max_length=max_length)
         weight_addresses = tuple(parameter.data_ptr() for parameter in self.parameters())
         kept = self._cuda_graphs
@@ -928,12 +978,15 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         """
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        compile = _compile_requested(compile, use_cache)
+        compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         device = self.device
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
 
+        # The prompt (window + infer token), then every generated token but the last is fed back.
+        self._check_positions(window + config.max_new_tokens,
+                              f"max_new_tokens={config.max_new_tokens} after the {window + 1}-token prompt")
         if input_ids.shape[1] > window:
             logger.warning(f"Text of {input_ids.shape[1]} tokens is longer than {window}; keeping the first {window}.")
         input_ids = input_ids.to(device)
@@ -946,7 +999,6 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         infer = torch.full((batch, 1), config.semantic_infer_token, dtype=torch.long, device=device)
         generated = torch.empty((batch, 0), dtype=torch.long, device=device)
         lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1 while running
-        # Room for the prompt (window + infer token) and every fed-back token but the last.
         cache = self._new_cache(window + config.max_new_tokens, compile) if use_cache else None
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         saw_nan = torch.zeros((), dtype=torch.bool, device=device)
@@ -1025,15 +1077,18 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         """
         config = (generation_config or self.generation_config).updated(**settings)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        compile = _compile_requested(compile, use_cache)
+        compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
+        # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).
+        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
+        self._check_positions(longest_window - 1, f"max_coarse_history={config.max_coarse_history} with "
+                                                  f"sliding_window_len={config.sliding_window_len}")
         semantic = _valid_items(semantic_tokens, semantic_lengths, self.device)
         prompts = _per_item(history_prompt, len(semantic))
         items = [self._start_item(tokens, prompt, config) for tokens, prompt in zip(semantic, prompts, strict=True)]
         n_windows = max((math.ceil(item.n_steps / config.sliding_window_len) for item in items), default=0)
         # One cache for every window, emptied between them. It has the size of the longest window, so a
         # compiled step fits them all.
-        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
         cache = self._new_cache(longest_window - 1, compile) if use_cache else None
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
         for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse"):
@@ -1392,8 +1447,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
 
         One-token decoding reads every weight once per step, so a quarter of the bytes makes it about
         3x faster on a CPU; activations are quantised per step and the codec stays float32. Greedy
-        tokens may differ from float32 ones (see docs/performance.md). A quantised model is for
-        generation only: it cannot be trained, moved to a GPU or saved with `save_pretrained`.
+        tokens may differ from float32 ones (see docs/performance.md), and in a batch an item's tokens
+        depend on the other items (one activation scale per layer input). A quantised model is for
+        eager generation only: moving, casting or saving it raises an error, and it cannot be compiled.
         """
         if self.device.type != "cpu" or getattr(self, "hf_device_map", None):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
@@ -1403,7 +1459,6 @@ class BarkHfModel(BarkHfPreTrainedModel):
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics):
                 torch.ao.quantization.quantize_dynamic(stage, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        self.is_quantized_int8 = True
         return self
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None) -> None:

@@ -115,6 +115,14 @@ def test_device_map_gives_the_plain_tokens(model_dir, reference, tmp_path, name)
     _assert_same_output(_generate(model), _plain_output_on(model.device, model_dir, reference))
 
 
+def test_compiled_decoding_with_a_device_map_is_refused_or_falls_back(model_dir, reference, tmp_path, monkeypatch):
+    model = BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path, device_map=LAYERS_ON_DISK)
+    with pytest.raises(ValueError, match="compile=True cannot decode the semantic stage: accelerate's hooks"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, history_prompt=HISTORY, compile=True, **GREEDY)
+    monkeypatch.setenv("BARK_HF_COMPILE", "1")  # the default then: decode eagerly
+    _assert_same_output(_generate(model), reference)
+
+
 def test_disk_offload_keeps_weights_on_disk_and_loads_the_codec(model_dir, tmp_path):
     model = BarkHfModel.from_pretrained(model_dir, device_map=STAGES_ON_DISK, offload_folder=tmp_path)
     assert all(p.device.type == "meta" for p in model.coarse_acoustics.parameters())

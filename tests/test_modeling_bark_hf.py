@@ -543,6 +543,34 @@ def test_sample_tokens_draws_what_multinomial_draws(device):
             assert drawn.dtype == torch.long and not saw_nan
 
 
+def test_top_k_1_takes_the_first_of_tied_logits_whatever_the_random_numbers():
+    """Exact ties are common in half precision; greedy decoding must not draw among them."""
+    logits = torch.tensor([[1.0, 3.0, 0.5, 3.0], [3.0, 3.0, 3.0, 3.0], [0.0, 1.0, 2.0, -1.0]]).to(torch.bfloat16)
+    probs = modeling.sampling_probabilities(logits, 0.7, top_k=1)
+    assert torch.equal(probs, torch.eye(4)[[1, 0, 2]])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        drawn = modeling.sample_tokens(probs, torch.zeros((), dtype=torch.bool))
+        assert drawn[:, 0].tolist() == [1, 0, 2]
+    # Elsewhere top-k keeps ties with the k-th value, as the original does.
+    assert (modeling.sampling_probabilities(logits, 0.7, top_k=2)[0] > 0).tolist() == [False, True, False, True]
+
+
+def test_settings_that_outgrow_the_position_embeddings_are_refused_before_any_work(model):
+    block = model.semantic.config.block_size
+    with pytest.raises(ValueError, match=f"max_new_tokens={block - 255} after the 257-token prompt needs "
+                                         f"{block + 1} positions, but the semantic stage has {block}"):
+        model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=block - 255, **QUIET)
+    model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2, **QUIET)  # within the limit: fine
+    coarse = copy.deepcopy(model.coarse_acoustics)
+    coarse.config.block_size = 900  # fewer positions than the default windows need (946)
+    with pytest.raises(ValueError, match="max_coarse_history=630 with sliding_window_len=60 needs 946 positions"):
+        coarse.generate(torch.zeros(1, 5, dtype=torch.long), **QUIET)
+    coarse.generate(torch.zeros(1, 5, dtype=torch.long), max_coarse_history=580, **QUIET)
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 1"):
+        model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=0, **QUIET)
+
+
 def test_nan_probabilities_raise_a_clear_error():
     saw_nan = torch.zeros((), dtype=torch.bool)
     modeling.sample_tokens(torch.tensor([[0.5, 0.5]]), saw_nan)

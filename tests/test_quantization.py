@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -30,3 +32,32 @@ def test_int8_needs_a_float32_cpu_model():
     model.semantic.to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         model.quantize_int8()
+
+
+def test_int8_model_refuses_to_be_saved_moved_or_cast(tmp_path):
+    model, _ = tiny_random_bark()
+    model.quantize_int8()
+    with pytest.raises(ValueError, match="int8.*Save the float32 model"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    for move in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("meta"),
+                 lambda m: m.semantic.to(torch.float16)):
+        with pytest.raises(ValueError, match="int8.*Move or cast"):
+            move(model)
+    assert model.semantic.input_embeds_layer.weight.dtype == torch.float32  # nothing was half-moved
+    model.to("cpu").float()  # no change: allowed
+
+
+def test_compile_with_int8_is_refused_and_the_environment_variable_falls_back(monkeypatch, caplog):
+    model, processor = tiny_random_bark()
+    model.quantize_int8()
+    inputs = processor("Hello there.")
+    with pytest.raises(ValueError, match="compile=True cannot decode the semantic stage: .*int8"):
+        model.semantic.generate(inputs["input_ids"], compile=True, max_new_tokens=3, show_progress=False)
+    eager = model.semantic.generate(inputs["input_ids"], top_k=1, max_new_tokens=5, show_progress=False)
+    monkeypatch.setenv("BARK_HF_COMPILE", "1")
+    logging.Logger.warning_once.cache_clear()  # the warning is shown once per process
+    with caplog.at_level(logging.WARNING):
+        output = model.semantic.generate(inputs["input_ids"], top_k=1, max_new_tokens=5, show_progress=False)
+    assert torch.equal(output.sequences, eager.sequences)
+    assert "BARK_HF_COMPILE=1 is ignored for the semantic stage" in caplog.text

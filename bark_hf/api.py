@@ -20,8 +20,9 @@ from transformers.utils import logging
 
 from . import loading
 from .atomic import atomic_path
+from .checks import checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
-from .longform import DEFAULT_SILENCE_S, checked_seed, generate_long_form
+from .longform import DEFAULT_SILENCE_S, generate_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
 
@@ -132,9 +133,7 @@ def _check_text(text: Any) -> str:
 
 
 def _check_temperature(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number (0.7 is the default); got {value!r}.")
-    return float(value)
+    return checked_positive_number(value, name, hint=" (0.7 is the default)")
 
 
 def _seed(seed: int | None) -> None:

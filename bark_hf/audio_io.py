@@ -13,7 +13,11 @@ from .atomic import atomic_path
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early, before any generation, on an output path that cannot be written."""
+    if not str(path).strip():
+        raise ValueError("The output path is empty; give a file name such as out.wav.")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path such as {path / 'out.wav'}.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
     if path.exists() and not overwrite:

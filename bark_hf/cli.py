@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .checks import checked_seconds
 from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
@@ -80,7 +81,10 @@ def read_text(args: argparse.Namespace) -> str:
     if args.text is None or args.text == "-":
         if sys.stdin.isatty():
             raise ValueError("No text given: pass it as an argument, with --file, or through standard input.")
-        return sys.stdin.read()
+        try:  # strictly: under a C.UTF-8 locale sys.stdin would keep undecodable bytes as surrogates
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("The text on standard input is not UTF-8 text.") from None
     return args.text
 
 
@@ -123,8 +127,7 @@ def _say(args: argparse.Namespace) -> int:
         if not text.strip():
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite)
-        if args.silence < 0:
-            raise ValueError(f"--silence must be 0 or more seconds, got {args.silence}.")
+        checked_seconds(args.silence, "--silence")
         generate_kwargs = {}
         if args.text_temp is not None:
             BarkHfSemanticGenerationConfig(temperature=args.text_temp)
@@ -133,6 +136,8 @@ def _say(args: argparse.Namespace) -> int:
             BarkHfCoarseGenerationConfig(temperature=args.waveform_temp)
             generate_kwargs["coarse_temperature"] = args.waveform_temp
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
         if args.offload and device == "cpu":
             raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
         if args.dtype == "int8" and (device != "cpu" or args.offload):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -52,7 +53,7 @@ class _JsonConfig:
     def __post_init__(self) -> None:
         """Refuse sampling settings that would fail deep inside torch (a zero temperature divides by zero)."""
         def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
 
         if hasattr(self, "temperature"):
             argmax_allowed = isinstance(self, BarkHfFineGenerationConfig)

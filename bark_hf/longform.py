@@ -11,8 +11,6 @@ See docs/long-form.md.
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import logging
 
+from .checks import checked_seconds, checked_seed, checked_whole_number
 from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
 from .processing_bark_hf import validate_voice_preset
 
@@ -262,10 +261,8 @@ def chunk_text(
     marks (`,;:—，、；：`), then between words, then anywhere.
     """
     normalized = _normalized_text(text)
-    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not 0 < max_seconds < math.inf:
-        raise ValueError(f"max_seconds must be a positive number of seconds; got {max_seconds!r}.")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer; got {max_tokens!r}.")
+    max_seconds = checked_seconds(max_seconds, "max_seconds", allow_zero=False)
+    max_tokens = checked_whole_number(max_tokens, "max_tokens")
     if isinstance(tokenizer, ProcessorMixin):
         tokenizer = tokenizer.tokenizer
     if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -294,8 +291,9 @@ class LongFormOutput:
     generations: list[dict[str, np.ndarray]]
 
 
-# Arguments of `model.generate` that generate_long_form sets itself.
-_SET_BY_LONG_FORM = ("input_ids", "attention_mask", "history_prompt", "return_dict_in_generate", "show_progress")
+# Arguments of `model.generate` that generate_long_form and the pipeline set from their own arguments.
+_SET_FROM_CALL_ARGUMENTS = ("input_ids", "attention_mask", "history_prompt", "return_dict_in_generate",
+                            "show_progress")
 
 
 def _checked_chunks(chunks: Any) -> list[str]:
@@ -313,19 +311,24 @@ def _checked_chunks(chunks: Any) -> list[str]:
     return checked
 
 
-def _stage_settings(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The caller's stage settings on top of the long-form default `semantic_min_eos_p`."""
+def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's `model.generate` settings, refusing those that are set from other arguments."""
     if generate_kwargs is None:
-        generate_kwargs = {}
+        return {}
     if not isinstance(generate_kwargs, Mapping):
         raise TypeError(f"generate_kwargs must be a dict of stage settings; got {type(generate_kwargs).__name__}.")
-    reserved = [name for name in _SET_BY_LONG_FORM if name in generate_kwargs]
+    reserved = [name for name in _SET_FROM_CALL_ARGUMENTS if name in generate_kwargs]
     if reserved:
         raise ValueError(
-            f"generate_kwargs may not set {', '.join(reserved)}: generate_long_form sets them. Pass the voice as "
-            "voice_preset= and progress bars as show_progress=."
+            f"generate_kwargs may not set {', '.join(reserved)}: they come from the call's own arguments. Pass the "
+            "voice as voice_preset= and progress bars as show_progress=."
         )
-    return {"semantic_min_eos_p": LONG_FORM_MIN_EOS_P, **generate_kwargs}
+    return dict(generate_kwargs)
+
+
+def _stage_settings(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The caller's stage settings on top of the long-form default `semantic_min_eos_p`."""
+    return {"semantic_min_eos_p": LONG_FORM_MIN_EOS_P, **checked_generate_kwargs(generate_kwargs)}
 
 
 def _full_generation(output: Any, row: int) -> dict[str, np.ndarray]:
@@ -346,15 +349,6 @@ def _usable_history(generation: dict[str, np.ndarray], index: int) -> dict[str, 
         logger.warning(f"Chunk {index}'s generation cannot serve as the voice history of later chunks, skipping it: "
                        f"{error}")
         return None
-
-
-def checked_seed(seed: Any) -> int | None:
-    """`seed` as an int (numpy integers too) or None; anything else is a TypeError naming it."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer or None; got {type(seed).__name__}.")
-    return int(seed)
 
 
 def generate_long_form(
@@ -392,10 +386,8 @@ def generate_long_form(
         raise ValueError("Pass exactly one of text= (split into chunks here) or chunks= (your own, used as given).")
     if history not in HISTORY_MODES:
         raise ValueError(f"history must be one of {', '.join(map(repr, HISTORY_MODES))}; got {history!r}.")
-    if isinstance(silence_s, bool) or not isinstance(silence_s, (int, float)) or not 0 <= silence_s < math.inf:
-        raise ValueError(f"silence_s must be a number of seconds >= 0; got {silence_s!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    silence_s = checked_seconds(silence_s, "silence_s")
+    batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
     settings = _stage_settings(generate_kwargs)

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, checked_seed, generate_long_form, needs_long_form
+from .checks import checked_seconds, checked_seed, checked_whole_number
+from .longform import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SILENCE_S,
+    checked_generate_kwargs,
+    generate_long_form,
+    needs_long_form,
+)
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor
 
@@ -67,6 +74,14 @@ class BarkPipeline(Pipeline):
         bark = BarkHfModel.from_pretrained(model, dtype=dtype)
         return cls(model=bark, processor=BarkHfProcessor.from_pretrained(model), device=device, **settings)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The model (`kwargs`, e.g. `save_code=True`, go to its `save_pretrained`) and the processor: the
+        tokenizer and the voice presets, which transformers' `Pipeline.save_pretrained` would leave out."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save the pipeline to a folder.")
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
     @staticmethod
     def _processor_for(model: BarkHfModel, tokenizer: Any) -> BarkHfProcessor:
         """The processor saved beside the model (with its presets), else one around the given tokenizer."""
@@ -95,15 +110,19 @@ class BarkPipeline(Pipeline):
         """Audio for one text (a dict) or for a list of texts (a list of dicts, in order)."""
         # A call's batch size holds for that call; Pipeline.__init__ keeps the one given at construction.
         batch_size = settings.pop("batch_size", self._batch_size)
-        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _checked_batch_size(batch_size)
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else checked_whole_number(batch_size, "batch_size")
         preprocess, forward, _ = self._sanitize_parameters(**settings)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
         texts = _checked_texts(text_inputs)
         presets = _presets_per_text(preprocess.get("voice_preset"), len(texts))
-        generate_kwargs = {**(forward.get("forward_params") or {}), **(forward.get("generate_kwargs") or {})}
+        generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params")),
+                           **checked_generate_kwargs(forward.get("generate_kwargs"))}
         show_progress = forward.get("show_progress", False)
         long_form = forward.get("long_form")
+        if long_form is not None and not isinstance(long_form, bool):
+            raise ValueError(f"long_form must be True, False or None (on when the text needs it); got {long_form!r}.")
+        silence_s = checked_seconds(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s")
         seed = checked_seed(forward.get("seed"))
         if seed is not None:
             torch.manual_seed(seed)
@@ -114,7 +133,7 @@ class BarkPipeline(Pipeline):
             if long_form or (long_form is None and needs_long_form(text, self.processor.tokenizer)):
                 result = generate_long_form(
                     self.model, self.processor, text, voice_preset=presets[index],
-                    silence_s=forward.get("silence_s", DEFAULT_SILENCE_S), batch_size=batch_size,
+                    silence_s=silence_s, batch_size=batch_size,
                     generate_kwargs=generate_kwargs, show_progress=show_progress,
                 )
                 outputs[index] = self.postprocess(result.audio)
@@ -142,12 +161,6 @@ class BarkPipeline(Pipeline):
 
     def postprocess(self, audio: np.ndarray) -> dict[str, Any]:
         return {"audio": np.asarray(audio, dtype=np.float32), "sampling_rate": self.model.sampling_rate}
-
-
-def _checked_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-    return batch_size
 
 
 def _checked_texts(text_inputs: Any) -> list[str]:

@@ -142,11 +142,11 @@ def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No voice preset file at {path!r}.")
+    if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle, and its error advises loading that
+        raise ValueError(f"Voice preset file {path!r} is not an .npz archive; a Bark preset is an .npz of "
+                         "semantic_prompt, coarse_prompt and fine_prompt.")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("it holds a single array; expected an .npz archive of the three prompt arrays")
-        with loaded:
+        with np.load(path, allow_pickle=False) as loaded:
             arrays = {key: loaded[key] for key in loaded.files}
         return validate_voice_preset(arrays)
     except ValueError as error:
@@ -320,6 +320,9 @@ class BarkHfProcessor(ProcessorMixin):
             arrays = {}
             for key, path in files.items():
                 try:
+                    with open(path, "rb") as file:  # else numpy takes any other file for a pickle
+                        if file.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                            raise ValueError("it is not a NumPy .npy file")
                     arrays[key] = np.load(path, allow_pickle=False)
                 except FileNotFoundError as error:
                     raise FileNotFoundError(f"Voice preset {name!r}: its {key} file {path} is missing.") from error

@@ -182,7 +182,7 @@ def test_save_as_prompt_bad_input(tmp_path, name, full, error, match):
     (lambda: api.generate_audio(123), TypeError, "text must be a string"),
     (lambda: api.generate_audio(["a", "b"]), TypeError, "text must be a string"),
     (lambda: api.generate_audio("  \n "), ValueError, "empty"),
-    (lambda: api.generate_audio(TEXT, text_temp=0), ValueError, "text_temp must be a positive number"),
+    (lambda: api.generate_audio(TEXT, text_temp=0), ValueError, "text_temp must be a finite number > 0"),
     (lambda: api.generate_audio(TEXT, waveform_temp=-1.0), ValueError, "waveform_temp"),
     (lambda: api.generate_audio(TEXT, seed="1"), TypeError, "seed must be an integer"),
     (lambda: api.generate_audio(TEXT, "v2/en_speakr_1"), ValueError, "Close matches: v2/en_speaker_1"),

@@ -9,6 +9,7 @@ import wave
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_PRESET_NAMES
 
 from bark_hf.cli import main
@@ -69,7 +70,7 @@ def test_say_reads_a_file_and_stdin(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "text.txt").write_text("Hello there.", encoding="utf-8")
     common = ["--model", str(tiny_model_dir), "--seed", "1", "--quiet"]
     assert main(["say", "--file", str(tmp_path / "text.txt"), "-o", str(tmp_path / "file.wav"), *common]) == 0
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there."))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello there.")))
     assert main(["say", "-", "-o", str(tmp_path / "stdin.wav"), *common]) == 0
     assert main(["say", "Hello there.", "-o", str(tmp_path / "arg.wav"), *common]) == 0
     np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "stdin.wav"))
@@ -97,9 +98,16 @@ def test_voices_lists_the_presets(tiny_model_dir, capsys):
     assert capsys.readouterr().out.split() == sorted(TINY_PRESET_NAMES)
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
+
+
 @pytest.mark.parametrize("arguments,message", [
     (["--file", "{dir}/missing.txt"], "missing.txt"),
     (["Hi.", "--text-temp", "0"], "temperature"),
+    *[(["Hi.", "--silence", value], "--silence must be a finite number of seconds >= 0") for value in
+      ("-1", "nan", "inf")],
+    pytest.param(["Hi.", "--device", "cuda"], "sees no CUDA GPU", marks=NO_CUDA),
+    pytest.param(["Hi.", "--device", "cuda:0", "--offload"], "sees no CUDA GPU", marks=NO_CUDA),
 ])
 def test_say_more_bad_input(tmp_path, capsys, arguments, message):
     arguments = [a.format(dir=tmp_path) for a in arguments]
@@ -107,6 +115,24 @@ def test_say_more_bad_input(tmp_path, capsys, arguments, message):
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.wav"))
+
+
+def test_say_refuses_non_utf8_standard_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait"), errors="surrogateescape"))
+    assert main(["say", "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "standard input is not UTF-8" in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("output,message", [("{dir}", "is a folder"), ("", "output path is empty")])
+def test_say_refuses_an_output_path_that_is_no_file_before_generating(tmp_path, capsys, output, message):
+    for extra in ([], ["--overwrite"]):
+        assert main(["say", "Hi.", "-o", output.format(dir=tmp_path), "--model", "tiny-random", "--quiet",
+                     *extra]) == 1
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

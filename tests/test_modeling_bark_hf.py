@@ -11,6 +11,7 @@ import json
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_
@@ -599,3 +600,12 @@ def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns_once(model, nativ
         for _ in range(2):
             semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2, show_progress=False)
     assert caplog.text.count("no bfloat16 instructions") == (0 if native else 1)
+
+
+def test_numpy_scalars_are_accepted_as_settings(model):
+    torch.manual_seed(0)
+    expected = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=5, temperature=0.5, max_new_tokens=4, **QUIET)
+    torch.manual_seed(0)
+    output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=np.int64(5), temperature=np.float32(0.5),
+                                     max_new_tokens=np.int32(4), **QUIET)
+    assert torch.equal(output.sequences, expected.sequences)

@@ -125,6 +125,15 @@ def test_long_text_turns_long_form_on_by_default(pipe, monkeypatch):
     (lambda p: p("Hi", generate_kwargs={"temperature": 0.5}), ValueError, "stage prefix"),
     (lambda p: p("Hi", generate_kwargs={"semantic_tempreature": 0.5}), ValueError, "semantic"),
     (lambda p: p("Hi", voice="x"), TypeError, "Unknown BarkPipeline setting"),
+    # Checked for every text, not only where long-form runs.
+    (lambda p: p("Hi", silence_s=-1), ValueError, "silence_s must be a finite number of seconds >= 0"),
+    (lambda p: p("Hi", silence_s=float("inf")), ValueError, "silence_s"),
+    (lambda p: p("Hi", long_form="no"), ValueError, "long_form must be True, False or None"),
+    (lambda p: p("Hi", seed=2**70), ValueError, "seed must be within"),
+    # Set from the call's own arguments, on the plain path too.
+    (lambda p: p("Hi", generate_kwargs={"history_prompt": "v2/en_speaker_1"}), ValueError, "voice_preset="),
+    (lambda p: p("Hi", generate_kwargs={"return_dict_in_generate": True}), ValueError, "may not set"),
+    (lambda p: p("Hi", forward_params={"show_progress": True}), ValueError, "show_progress="),
 ])
 def test_bad_input_gets_a_clear_error(pipe, call, error, message):
     with pytest.raises(error, match=message):
@@ -262,6 +271,26 @@ def test_pipeline_from_a_model_in_memory(pipe):
     assert type(built) is BarkPipeline
     np.testing.assert_array_equal(built("Hi!", generate_kwargs=GREEDY)["audio"],
                                   pipe("Hi!", generate_kwargs=GREEDY)["audio"])
+
+
+def test_a_saved_pipeline_keeps_its_voice_presets(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = pipeline("text-to-audio", model=str(tmp_path / "saved"))
+    assert reloaded.processor.available_voice_presets == pipe.processor.available_voice_presets != []
+    expected = pipe("Hi!", voice_preset="v2/en_speaker_0", generate_kwargs=GREEDY)["audio"]
+    np.testing.assert_array_equal(reloaded("Hi!", voice_preset="v2/en_speaker_0", generate_kwargs=GREEDY)["audio"],
+                                  expected)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        pipe.save_pretrained(tmp_path / "file")
+
+
+def test_numpy_numbers_are_numbers(pipe):
+    expected = pipe(["a", "b"], generate_kwargs=GREEDY, batch_size=2, silence_s=0.5, seed=3)
+    output = pipe(["a", "b"], generate_kwargs=GREEDY, batch_size=np.int64(2), silence_s=np.float32(0.5),
+                  seed=np.uint8(3))
+    for item, reference in zip(output, expected, strict=True):
+        np.testing.assert_array_equal(item["audio"], reference["audio"])
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, "2", 1.5, True])

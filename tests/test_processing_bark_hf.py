@@ -304,6 +304,10 @@ def test_presets_read_lazily(processor, tmp_path):
     assert_presets_equal(loaded.load_voice_preset("v2/en_speaker_1"), make_preset(seed=1))
     with pytest.raises(FileNotFoundError, match="announcer.*coarse_prompt"):
         loaded("Hello", voice_preset="announcer")
+    (tmp_path / "speaker_embeddings" / "v2" / "en_speaker_1_fine_prompt.npy").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match="v2/en_speaker_1.*not a NumPy .npy file") as info:
+        BarkHfProcessor.from_pretrained(tmp_path).load_voice_preset("v2/en_speaker_1")
+    assert "allow_pickle" not in str(info.value)
 
 
 def test_folder_without_presets(tokenizer, tmp_path):
@@ -383,9 +387,11 @@ def test_read_original_presets_errors(tmp_path):
     np.savez(tmp_path / "v2" / "bad.npz", **{**make_preset(), "coarse_prompt": np.zeros((2, 3), np.int64)})
     with pytest.raises(ValueError, match=r"bad\.npz.*fine_prompt"):
         read_original_presets(tmp_path)
-    (tmp_path / "v2" / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match=r"bad\.npz': "):
-        read_original_presets(tmp_path)
+    for not_an_npz in (b"not a zip", b"\x80\x04K\x01.", b"\x93NUMPY"):  # text, a pickle, a bare .npy header
+        (tmp_path / "v2" / "bad.npz").write_bytes(not_an_npz)
+        with pytest.raises(ValueError, match=r"bad\.npz' is not an \.npz archive") as info:
+            read_original_presets(tmp_path)
+        assert "allow_pickle" not in str(info.value)
     (tmp_path / "v2" / "bad.npz").unlink()
     assert list(read_original_presets(tmp_path)) == ["v2/good"]
 

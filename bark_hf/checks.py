@@ -1,0 +1,52 @@
+"""Checks of the plain numbers users pass (counts, seconds, temperatures, seeds), in one place.
+
+Any real or integral number is accepted, numpy scalars included; booleans are not numbers here.
+Each check returns the value as a Python number or raises a `ValueError` (`TypeError` for seeds)
+that names the setting and what it takes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+# The seeds torch.manual_seed accepts.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def checked_whole_number(value: Any, name: str, minimum: int = 1) -> int:
+    """`value` as an int >= `minimum`."""
+    if not _is_number(value, numbers.Real) or not math.isfinite(value) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def checked_seconds(value: Any, name: str, allow_zero: bool = True) -> float:
+    """`value` as a finite float, >= 0 (or > 0 with `allow_zero=False`)."""
+    if not _is_number(value, numbers.Real) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0; got {value!r}.")
+    return float(value)
+
+
+def checked_positive_number(value: Any, name: str, hint: str = "") -> float:
+    """`value` as a finite float > 0."""
+    if not _is_number(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0{hint}; got {value!r}.")
+    return float(value)
+
+
+def checked_seed(value: Any) -> int | None:
+    """`value` as an int that torch can seed with, or None."""
+    if value is None:
+        return None
+    if not _is_number(value, numbers.Integral):
+        raise TypeError(f"seed must be an integer or None; got {type(value).__name__}.")
+    low, high = _SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"seed must be within [{low}, {high}] (what torch can seed with); got {value}.")
+    return int(value)

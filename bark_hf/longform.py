@@ -48,15 +48,20 @@ DEFAULT_BATCH_SIZE = 8
 HISTORY_MODES = ("first", "previous")
 """What chunks after the first are conditioned on; see `generate_long_form`."""
 
-ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "e.g", "i.e", "a.m", "p.m"})
-"""Words (lower case, without their last period) whose period does not end a sentence."""
+ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc"})
+"""Words (lower case, without their period) whose period does not end a sentence; initialisms are found by shape."""
 
 _LATIN_MARKS = ".?!…"
-_CJK_MARKS = "。！？．"
-_OPENERS = "\"'“‘«([{「『（【〈《〔"
+# Marks that end a sentence with or without a space after them: CJK full stops, question and exclamation
+# marks (full- and half-width), and Hindi's danda and double danda.
+_UNSPACED_MARKS = "。！？．｡।॥"
+_OPENERS = "\"'“‘«([{「『（【〈《〔¿¡"
 _CLOSERS = "\"'”’»)]}」』）】〉》〕"
-# A run of sentence marks ("?!", "...", "。") and the closing quotes or brackets right after it.
-_SENTENCE_END = re.compile(f"[{re.escape(_LATIN_MARKS + _CJK_MARKS)}]+[{re.escape(_CLOSERS)}]*")
+# A run of sentence marks ("?!", "...", "。") and the closing quotes or brackets right after it, or after a
+# space a French closing guillemet ("« Oui. »"; a » before a word opens a German quotation instead).
+_SENTENCE_END = re.compile(f"[{re.escape(_LATIN_MARKS + _UNSPACED_MARKS)}]+(?:[{re.escape(_CLOSERS)}]| »(?!\\S))*")
+# Letters in groups of one or two joined by periods, the last period left out: U.S, Ph.D, e.g, a.m, z.B.
+_INITIALISM = re.compile(r"[^\W\d_]{1,2}(?:\.[^\W\d_]{1,2})+")
 # Bark cues that must not be cut: [laughs], [MAN], and ♪ lyrics ♪ (the latter only into sentences).
 _BRACKET_CUE = re.compile(r"\[[^\[\]]*\]")
 _CUE = re.compile(rf"{_BRACKET_CUE.pattern}|♪[^♪]*♪")
@@ -96,11 +101,11 @@ def _inside(position: int, spans: list[Span]) -> bool:
 
 def _ends_sentence(text: str, match: re.Match) -> bool:
     """Whether the marks in `match` end a sentence (and are not a number, an abbreviation, an initial...)."""
-    marks = match.group().rstrip(_CLOSERS)
+    marks = match.group().rstrip(_CLOSERS + " ")
     quoted = marks != match.group()  # the marks end a quotation, which the sentence may go on after
     following = text[match.end() : match.end() + 1]
-    if any(mark in _CJK_MARKS for mark in marks):
-        # CJK text has no spaces between sentences: 「…。」と言った goes on, 「…。」「…」 and 。X do not.
+    if any(mark in _UNSPACED_MARKS for mark in marks):
+        # No space needed (CJK text has none between sentences): 「…。」と言った goes on, 「…。」「…」 and 。X do not.
         if quoted:
             return following in ("", " ") or following in _OPENERS
         preceding = text[match.start() - 1 : match.start()]
@@ -109,7 +114,8 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
         return False
     if marks == ".":
         word = text[: match.start()].rsplit(" ", 1)[-1].lstrip(_OPENERS)
-        if word.lower() in ABBREVIATIONS or (len(word) == 1 and word.isupper()):
+        # Even before a capital: "Dr. Who", "the U.S. Navy". Missing a cut is safer than cutting a sentence in two.
+        if word.lower() in ABBREVIATIONS or _INITIALISM.fullmatch(word) or (len(word) == 1 and word.isupper()):
             return False
     if quoted or (marks != "." and set(marks) <= {".", "…"}):
         # After a quotation or an ellipsis, a lower-case word continues the sentence: '"Why?" she asked.'
@@ -145,10 +151,11 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`, whitespace normalised, none empty.
 
     Ends at `.`, `?`, `!`, `…` and "..." followed by a space (closing quotes and brackets stay with
-    the sentence), and at `。！？．` without one. Does not end after abbreviations (`ABBREVIATIONS`),
-    single capital initials ("J. R. R."), inside numbers ("3.5", "v2.0"), at an ellipsis or a closing
-    quote followed by a lower-case word (or, in CJK text, by any word), or inside Bark cues
-    (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:
+    the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one.
+    Does not end after abbreviations (`ABBREVIATIONS`), initialisms ("U.S.", "Ph.D.", "e.g.") or single
+    capital initials ("J. R. R."), even before a capitalised word; nor inside numbers ("3.5", "v2.0"),
+    at an ellipsis or a closing quote followed by a lower-case word (or, in CJK text, by any word), or
+    inside Bark cues (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:
     `[laughs]` right after a sentence end belongs to that sentence, `[MAN]` and `♪` to the next.
     """
     normalized = _normalized_text(text)

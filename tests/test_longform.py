@@ -112,6 +112,35 @@ def test_split_sentences_abbreviations_and_initials():
     ]
 
 
+def test_split_sentences_initialisms():
+    assert split_sentences("The U.S. is big. She has a Ph.D. in physics.") == [
+        "The U.S. is big.", "She has a Ph.D. in physics."
+    ]
+    # Before a capitalised word too, as after "Dr."; a dotted word with longer letter groups is no initialism.
+    text = "We met the U.K. Prime Minister at 5 P.M. sharp. Er kam, d.h. er war da. Visit example.com. It works."
+    assert split_sentences(text) == [
+        "We met the U.K. Prime Minister at 5 P.M. sharp.", "Er kam, d.h. er war da.", "Visit example.com.", "It works."
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ("यह अच्छा है। वह आया॥ ठीक है।", ["यह अच्छा है।", "वह आया॥", "ठीक है।"]),
+        ("मैं ठीक हूँ।तुम कैसे हो?", ["मैं ठीक हूँ।", "तुम कैसे हो?"]),
+        ("半角の文｡次の文｡", ["半角の文｡", "次の文｡"]),
+        ("¿Sr. López, usted? ¡Sí! Bien.", ["¿Sr. López, usted?", "¡Sí!", "Bien."]),
+        ("Il a dit « Bonjour. » Puis il est parti. « Oui ! » répond-elle.",
+         ["Il a dit « Bonjour. »", "Puis il est parti.", "« Oui ! » répond-elle."]),
+        ("Er ging. »Hallo«, sagte sie.", ["Er ging.", "»Hallo«, sagte sie."]),
+        ("Я знаю, т.е. он знает. Хорошо.", ["Я знаю, т.е. он знает.", "Хорошо."]),
+    ],
+    ids=["hindi", "hindi-unspaced", "japanese-half-width", "spanish", "french", "german", "russian"],
+)
+def test_split_sentences_in_barks_languages(text, sentences):
+    assert split_sentences(text) == sentences
+
+
 def test_split_sentences_numbers_and_versions():
     text = "Pi is 3.14 and the bill was 1,000.25 dollars. Install v2.0 now! Is 2.5 more than 2? Yes."
     assert split_sentences(text) == [

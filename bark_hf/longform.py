@@ -12,8 +12,10 @@ See docs/long-form.md.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -66,8 +68,9 @@ _INITIALISM = re.compile(r"[^\W\d_]{1,2}(?:\.[^\W\d_]{1,2})+")
 _BRACKET_CUE = re.compile(r"\[[^\[\]]*\]")
 _CUE = re.compile(rf"{_BRACKET_CUE.pattern}|♪[^♪]*♪")
 # Lower-case cues right after a sentence end ("Great. [laughs]") react to that sentence and stay with it;
-# upper-case speaker tags ([MAN], [WOMAN]) and ♪ introduce the next one.
-_REACTION_CUES = re.compile(r"(?: ?\[[^\[\]]*[a-z][^\[\]]*\])+")
+# upper-case speaker tags ([MAN], [WOMAN]) and ♪ introduce the next one. The first letter class leaves out
+# a-z so that an unclosed "[" is read once, not once per lower-case letter after it.
+_REACTION_CUES = re.compile(r"(?: ?\[[^\[\]a-z]*[a-z][^\[\]]*\])+")
 # Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts), then between words.
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|—|[，、；：]")
 _WORD_END = re.compile(r" ")
@@ -95,12 +98,17 @@ def _trimmed(text: str, start: int, end: int) -> Span | None:
     return (start, end) if start < end else None
 
 
-def _inside(position: int, spans: list[Span]) -> bool:
-    return any(start < position < end for start, end in spans)
+def _inside(position: int, cues: list[Span]) -> bool:
+    """Whether `position` lies strictly inside one of `cues` (in order, not overlapping): a binary search."""
+    index = bisect_left(cues, position, key=itemgetter(0)) - 1
+    return index >= 0 and position < cues[index][1]
 
 
 def _ends_sentence(text: str, match: re.Match) -> bool:
-    """Whether the marks in `match` end a sentence (and are not a number, an abbreviation, an initial...)."""
+    """Whether the marks in `match` end a sentence (and are not a number, an abbreviation, an initial...).
+
+    `text` is normalised, so one space at most separates the marks from the next word.
+    """
     marks = match.group().rstrip(_CLOSERS + " ")
     quoted = marks != match.group()  # the marks end a quotation, which the sentence may go on after
     following = text[match.end() : match.end() + 1]
@@ -113,13 +121,13 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
     if following and following != " ":  # "3.5", "v2.0", "e.g.," and "example.com" go on
         return False
     if marks == ".":
-        word = text[: match.start()].rsplit(" ", 1)[-1].lstrip(_OPENERS)
+        word = text[text.rfind(" ", 0, match.start()) + 1 : match.start()].lstrip(_OPENERS)
         # Even before a capital: "Dr. Who", "the U.S. Navy". Missing a cut is safer than cutting a sentence in two.
         if word.lower() in ABBREVIATIONS or _INITIALISM.fullmatch(word) or (len(word) == 1 and word.isupper()):
             return False
     if quoted or (marks != "." and set(marks) <= {".", "…"}):
         # After a quotation or an ellipsis, a lower-case word continues the sentence: '"Why?" she asked.'
-        return not text[match.end() :].lstrip()[:1].islower()
+        return not text[match.end() + 1 : match.end() + 2].islower()
     return True
 
 

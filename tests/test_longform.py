@@ -188,6 +188,12 @@ def test_split_sentences_keeps_cues_with_their_sentence():
     assert split_sentences("[laughs.] Oh. [wait. what] Yes.") == ["[laughs.] Oh. [wait. what]", "Yes."]
 
 
+def test_split_sentences_many_cues_and_unclosed_brackets():
+    assert split_sentences("Hi. [laughs] " * 1000) == ["Hi. [laughs]"] * 1000
+    # An unclosed "[" is no cue: the sentences after it still end.
+    assert split_sentences("Hi. [laughs Bye. Go. [sighs") == ["Hi.", "[laughs Bye.", "Go.", "[sighs"]
+
+
 def test_split_sentences_normalises_whitespace_and_drops_empty_pieces():
     assert split_sentences("  One.\n\n\tTwo!   ... ?  Three  ") == ["One.", "Two! ... ?", "Three"]
     assert split_sentences("No end mark at all") == ["No end mark at all"]
@@ -252,6 +258,10 @@ def test_chunk_text_cuts_a_long_sentence_at_clauses_then_words_then_anywhere():
     assert chunk_text("It cost 1,000 dollars [clears throat] ok", max_seconds=1.2) == [
         "It cost 1,000", "dollars", "[clears throat]", "ok"
     ]
+
+
+def test_chunk_text_cuts_between_many_cues_never_inside_one():
+    assert chunk_text("[a b] " * 200, max_seconds=1.0) == ["[a b] [a b]"] * 100
 
 
 def test_estimate_counts_cjk_characters_slower_than_latin_letters():

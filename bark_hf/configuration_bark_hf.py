@@ -129,9 +129,11 @@ class BarkHfConfig(PretrainedConfig):
     # Loaded as remote code (`trust_remote_code=True` without the bark_hf package installed), the config
     # tells `pipeline()` to build the folder's BarkPipeline. With the package imported, registration.py
     # routes the task instead, so a folder saved with its code needs no trust there. A class attribute:
-    # never written to config.json.
+    # never written to config.json. transformers resolves no task aliases for custom pipelines, so
+    # "text-to-speech" is named too.
     custom_pipelines = (
-        {"text-to-audio": {"impl": "pipeline_bark_hf.BarkPipeline", "pt": ["AutoModelForTextToWaveform"]}}
+        {task: {"impl": "pipeline_bark_hf.BarkPipeline", "pt": ["AutoModelForTextToWaveform"]}
+         for task in ("text-to-audio", "text-to-speech")}
         if __name__.startswith("transformers_modules.")
         else {}
     )

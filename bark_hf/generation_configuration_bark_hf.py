@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .atomic import atomic_path
+
 # Facts shared by several stages. Each appears here once and feeds the fields below.
 SEMANTIC_VOCAB_SIZE = 10_000
 """Number of semantic (HuBERT-cluster) tokens; token 10 000 is the semantic pad and EOS."""
@@ -82,12 +84,6 @@ class _JsonConfig:
     def from_dict(cls, values: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_model_config(cls, model_config: Any):
-        """Defaults: our model configs hold no decoding settings. transformers calls this when it loads
-        the model as remote code (it then treats the model as a `GenerationMixin` one)."""
-        return cls()
 
     def updated(self, **overrides: Any):
         """A copy with `overrides` applied; unknown names raise a `ValueError` listing valid ones."""
@@ -215,12 +211,25 @@ class BarkHfGenerationConfig(_JsonConfig):
         return cls(**stages, sample_rate=values.get("sample_rate", SAMPLE_RATE))
 
 
+def check_generation_config(config: _JsonConfig) -> None:
+    """Run the checks again before saving: a field set by assignment skipped them, and a folder must not
+    hold a config that cannot be loaded."""
+    for part in (config, *(value for value in vars(config).values() if isinstance(value, _JsonConfig))):
+        dataclasses.replace(part)  # runs __post_init__
+
+
 def save_generation_config(config: _JsonConfig, save_directory: str | os.PathLike) -> None:
     """Write `config` as `generation_config.json` in `save_directory`."""
-    path = os.path.join(save_directory, GENERATION_CONFIG_NAME)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(config.to_dict(), handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    with atomic_path(os.path.join(save_directory, GENERATION_CONFIG_NAME)) as path:
+        path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_number) + "\n",
+                        encoding="utf-8")
+
+
+def _json_number(value: Any) -> Any:
+    """A numpy scalar, which the configs accept as a number, as the Python number JSON can hold."""
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"A generation setting of type {type(value).__name__} cannot be saved as JSON.")
 
 
 def load_generation_config(config_cls: type, directory: str | os.PathLike):

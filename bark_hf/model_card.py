@@ -104,17 +104,19 @@ def bark_model_card(
     provenance: str = "",
     training_data: Sequence[str] = (),
     base_model: str | None = None,
+    tags: Sequence[str] = (),
 ) -> ModelCard:
     """The card for a bark-hf model folder: metadata the Hub reads, usage snippets and training data.
 
-    `training_data` names Hub datasets (`"user/name"`); `base_model` the model that was fine-tuned.
+    `training_data` names Hub datasets (`"user/name"`); `base_model` the model that was fine-tuned;
+    `tags` are added to bark-hf's own.
     """
     data = ModelCardData(
         library_name="bark-hf",
         pipeline_tag="text-to-audio",
         language=BARK_LANGUAGES,
         license="mit",
-        tags=["bark", "bark-hf", "text-to-speech", "audio"],
+        tags=list(dict.fromkeys(["bark", "bark-hf", "text-to-speech", "audio", *tags])),
         datasets=list(training_data) or None,
         base_model=base_model,
     )

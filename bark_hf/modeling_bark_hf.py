@@ -15,7 +15,6 @@ import functools
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
@@ -47,9 +45,11 @@ from .generation_configuration_bark_hf import (
     BarkHfFineGenerationConfig,
     BarkHfGenerationConfig,
     BarkHfSemanticGenerationConfig,
+    check_generation_config,
     load_generation_config,
     save_generation_config,
 )
+from .hub import push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
 from .sage_attention import sage_attention
 
@@ -325,6 +325,12 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Where this model computes, and so where `generate` builds its tensors: see `execution_device`."""
         return execution_device(self)
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False: each stage's `generate` is its own, not transformers' `GenerationMixin` one. transformers adds
+        that mixin to classes loaded as remote code, and would then save and load a `GenerationConfig`."""
+        return False
+
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfPreTrainedModel:
         """Refuse to move or cast int8 layers: torch would move them half-way and fail at the next step."""
         if holds_int8_layers(self):
@@ -340,6 +346,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """
         if holds_int8_layers(self):
             raise ValueError(_INT8_IS_FINAL.format(action="Save"))
+        check_generation_config(self.generation_config)
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "
                              "card and code are written; call model.push_to_hub(repo_id) instead.")
@@ -359,38 +366,28 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             return
         save_generation_config(self.generation_config, save_directory)
         if isinstance(self.config, BarkHfConfig):  # the composite's folder gets a README.md for the Hub
-            save_model_card(bark_model_card(self.config, model_id=Path(save_directory).name), save_directory)
+            save_model_card(bark_model_card(self.config, model_id=Path(save_directory).resolve().name), save_directory)
         if save_code:
-            # The pipeline module imports (relatively) every module a remote-code user needs.
-            pipeline_module = Path(__file__).with_name("pipeline_bark_hf.py")
-            for source in (pipeline_module, *map(Path, get_relative_import_files(pipeline_module))):
+            # The pipeline module imports (relatively) every module a remote-code user needs. It is imported here,
+            # as it imports this module; the line also makes transformers copy it along with this module's remote
+            # code, so that a model loaded as remote code can save its code again.
+            from .pipeline_bark_hf import __file__ as pipeline_module
+            for source in (Path(pipeline_module), *map(Path, get_relative_import_files(pipeline_module))):
                 shutil.copyfile(source, Path(save_directory) / source.name)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        save_code: bool = False,
-        **save_kwargs: Any,
-    ) -> Any:
-        """Upload what `save_pretrained` writes (the model card included) to the Hub repo `repo_id`.
-
-        transformers' own `push_to_hub` replaces README.md with a generic card; this keeps ours.
-        Returns the Hub's commit info.
+    def push_to_hub(self, repo_id: str, *, tags: Sequence[str] = (), save_code: bool = False,
+                    **hub_options: Any) -> Any:
+        """Upload what `save_pretrained(save_code=...)` writes to the Hub repo `repo_id`, with bark-hf's model
+        card (naming the repo and `tags`) where transformers' own `push_to_hub` would write a generic one.
+        `hub_options`: `commit_message`, `commit_description`, `private`, `token`, `revision`, `create_pr`
+        (see `bark_hf.hub.push_folder_to_hub`). Returns the Hub's commit info.
         """
-        hub = HfApi(token=token)
-        hub.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, save_code=save_code, **save_kwargs)
+        def write(folder: Path, full_repo_id: str) -> None:
+            self.save_pretrained(folder, save_code=save_code)
             if isinstance(self.config, BarkHfConfig):
-                save_model_card(bark_model_card(self.config, model_id=repo_id), folder, overwrite=True)
-            return hub.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                                     commit_message=commit_message or f"Upload {type(self).__name__}")
+                save_model_card(bark_model_card(self.config, model_id=full_repo_id, tags=tags), folder, overwrite=True)
+
+        return push_folder_to_hub(repo_id, write, type(self).__name__, **hub_options)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
@@ -1476,7 +1473,15 @@ class BarkHfModel(BarkHfPreTrainedModel):
             if not torch.cuda.is_available():
                 raise ValueError("enable_cpu_offload() found no CUDA device; pass accelerator_device, e.g. 'mps'.")
             accelerator_device = torch.device("cuda", torch.cuda.current_device())
-        self.offload_device = torch.device(accelerator_device)
+        try:
+            device = torch.device(accelerator_device)
+            torch.empty(0, device=device)  # here, not at the first generate: is the device there?
+        except (RuntimeError, AssertionError) as error:  # torch without CUDA asserts
+            raise ValueError(f"enable_cpu_offload({accelerator_device!r}): this torch cannot use that device "
+                             f"({error}).") from None
+        if device.type == "meta":
+            raise ValueError("enable_cpu_offload('meta'): the meta device holds no weights; pass one that computes.")
+        self.offload_device = device
         self.to("cpu")
 
     @contextlib.contextmanager

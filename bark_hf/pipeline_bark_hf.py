@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from transformers import Pipeline
 
 from .checks import checked_seconds, checked_seed, checked_whole_number
+from .hub import push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
@@ -25,6 +27,7 @@ from .longform import (
     generate_long_form,
     needs_long_form,
 )
+from .model_card import bark_model_card, save_model_card
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor
 
@@ -81,6 +84,18 @@ class BarkPipeline(Pipeline):
             raise ValueError(f"{save_directory} is a file; save the pipeline to a folder.")
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
+
+    def push_to_hub(self, repo_id: str, *, tags: Sequence[str] = (), save_code: bool = False,
+                    **hub_options: Any) -> Any:
+        """Upload what `save_pretrained` writes (model, tokenizer, presets) to the Hub repo `repo_id`, with
+        bark-hf's model card listing the presets. Options as for `BarkHfModel.push_to_hub`."""
+        def write(folder: Path, full_repo_id: str) -> None:
+            self.save_pretrained(folder, save_code=save_code)
+            card = bark_model_card(self.model.config, model_id=full_repo_id, tags=tags,
+                                   voice_presets=self.processor.available_voice_presets)
+            save_model_card(card, folder, overwrite=True)
+
+        return push_folder_to_hub(repo_id, write, type(self).__name__, **hub_options)
 
     @staticmethod
     def _processor_for(model: BarkHfModel, tokenizer: Any) -> BarkHfProcessor:

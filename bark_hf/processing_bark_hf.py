@@ -34,6 +34,7 @@ from .generation_configuration_bark_hf import (
     SEMANTIC_VOCAB_SIZE,
     BarkHfSemanticGenerationConfig,
 )
+from .hub import push_folder_to_hub
 
 logger = logging.getLogger(__name__)
 
@@ -231,17 +232,18 @@ def _looks_like_local_path(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
 
 
-def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> str:
-    """A local folder for `name_or_path`, downloading only the processor's files from the Hub."""
+def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], subfolder: str = "") -> str:
+    """A local folder for `name_or_path` (its `subfolder`), downloading only the processor's files from the Hub."""
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
-        return path
+        return os.path.join(path, subfolder)
     if os.path.exists(path):
         raise ValueError(f"{path!r} is a file; pass the folder that holds the tokenizer and presets.")
     if _looks_like_local_path(path):
         raise FileNotFoundError(f"No folder at {path!r}; pass a folder saved with `save_pretrained`.")
     try:
-        return snapshot_download(path, allow_patterns=_HUB_ALLOW_PATTERNS, **hub_kwargs)
+        patterns = [f"{subfolder}/{pattern}" if subfolder else pattern for pattern in _HUB_ALLOW_PATTERNS]
+        return os.path.join(snapshot_download(path, allow_patterns=patterns, **hub_kwargs), subfolder)
     except RepositoryNotFoundError as error:
         raise OSError(
             f"{path!r} is neither a local folder nor a repository on the Hugging Face Hub (or it is private: "
@@ -429,10 +431,7 @@ class BarkHfProcessor(ProcessorMixin):
         transformers' `BarkProcessor` needs to find them), so the folder can be moved or uploaded.
         """
         if kwargs.pop("push_to_hub", False):
-            raise ValueError(
-                "push_to_hub is not supported; save to a folder, then upload it with "
-                "`huggingface_hub.upload_folder`."
-            )
+            raise ValueError("save_pretrained(push_to_hub=True) is not supported; call processor.push_to_hub(repo_id).")
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         index: dict[str, Any] = {_REPO_OR_PATH_KEY: "."}
@@ -452,6 +451,17 @@ class BarkHfProcessor(ProcessorMixin):
             handle.write("\n")
         return [*super().save_pretrained(save_directory, **kwargs), index_path]
 
+    def push_to_hub(self, repo_id: str, **hub_options: Any) -> Any:
+        """Upload what `save_pretrained` writes, presets included, to the Hub repo `repo_id` (transformers'
+        own `push_to_hub` misses the presets' subfolders). `hub_options` as for `BarkHfModel.push_to_hub`."""
+        return push_folder_to_hub(repo_id, lambda folder, _: self.save_pretrained(folder), type(self).__name__,
+                                  **hub_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """processor_config.json: also names this class for `AutoProcessor`, so that a folder saved with its
+        code (`save_pretrained(..., save_code=True)`) gives this processor to `trust_remote_code=True`."""
+        return {**super().to_dict(), "auto_map": {"AutoProcessor": f"processing_bark_hf.{type(self).__name__}"}}
+
     @classmethod
     def from_pretrained(
         cls,
@@ -467,7 +477,7 @@ class BarkHfProcessor(ProcessorMixin):
         """
         hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
         hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs)
+        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", ""))
         processor = cls(BertTokenizer.from_pretrained(folder, **kwargs))
         processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
         return processor

@@ -215,8 +215,15 @@ def test_cpu_offload_refuses_a_device_mapped_model(model_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_cpu_offload_without_cuda_asks_for_a_device(model_dir):
+    model = BarkHfModel.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="pass accelerator_device"):
-        BarkHfModel.from_pretrained(model_dir).enable_cpu_offload()
+        model.enable_cpu_offload()
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"enable_cpu_offload\\('{device}'\\): this torch cannot use"):
+            model.enable_cpu_offload(device)
+    with pytest.raises(ValueError, match="meta device holds no weights"):
+        model.enable_cpu_offload("meta")
+    assert model.offload_device is None  # nothing was turned on
 
 
 @pytest.mark.slow  # six fresh interpreters, one per mode: about 90 s on two cores

@@ -1,41 +1,129 @@
-"""`push_to_hub` uploads what `save_pretrained` writes, with our model card (no network: a fake Hub)."""
+"""`push_to_hub` of the model, the processor and the pipeline: what `save_pretrained` writes, presets in
+subfolders included, with our model card, to the repo the Hub resolves (no network: a fake Hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+from conftest import random_voice_preset
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
-import bark_hf.modeling_bark_hf as modeling
+import bark_hf.hub
+from bark_hf import BarkPipeline
+from bark_hf.model_card import GENERATED_CARD_MARKER
 from bark_hf.tiny_random import tiny_random_bark
 
 
 class FakeHub:
-    """Records what would be uploaded."""
+    """Records what would be uploaded; a bare repo name gets the namespace "me", as the Hub gives the user's."""
+
+    readme_on_hub: str | None = None
 
     def __init__(self, token=None):
-        self.uploads: dict[str, bytes] = {}
-        self.repos: list[tuple] = []
+        self.token, self.branches, self.uploads = token, [], {}
         FakeHub.last = self
 
     def create_repo(self, repo_id, private=None, exist_ok=False):
-        self.repos.append((repo_id, private, exist_ok))
+        self.repo = (repo_id, private, exist_ok)
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
 
-    def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=None):
-        self.uploads = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
-        self.commit = (repo_id, revision, create_pr, commit_message)
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        self.branches.append((repo_id, branch, exist_ok))
+
+    def hf_hub_download(self, repo_id, filename, revision=None):
+        if self.readme_on_hub is None:
+            raise RemoteEntryNotFoundError(f"{filename} not in {repo_id}", response=SimpleNamespace(headers={},
+                                                                                                 request=None))
+        path = Path(self.folder) / "hub-readme.md"
+        path.write_text(self.readme_on_hub, encoding="utf-8")
+        return str(path)
+
+    def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=None,
+                      commit_description=None, ignore_patterns=None):
+        files = [path for path in Path(folder_path).rglob("*") if path.is_file()]
+        skipped = set(ignore_patterns or ())
+        self.uploads = {path.relative_to(folder_path).as_posix(): path.read_bytes() for path in files
+                        if path.name not in skipped}
+        self.commit = dict(repo_id=repo_id, revision=revision, create_pr=create_pr, message=commit_message,
+                           description=commit_description)
         return "commit-info"
 
 
-def test_push_to_hub_uploads_weights_configs_and_our_card(monkeypatch):
-    monkeypatch.setattr(modeling, "HfApi", FakeHub)
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    monkeypatch.setattr(bark_hf.hub, "HfApi", FakeHub)
+    monkeypatch.setattr(FakeHub, "folder", tmp_path, raising=False)
+    monkeypatch.setattr(FakeHub, "readme_on_hub", None)
+    return FakeHub
+
+
+def _card(upload: dict[str, bytes]) -> ModelCard:
+    return ModelCard(upload["README.md"].decode())
+
+
+def test_model_push_uploads_weights_configs_code_and_our_card(hub):
     model, _ = tiny_random_bark()
-    assert model.push_to_hub("someone/tiny-bark", private=True, save_code=True) == "commit-info"
-    hub = FakeHub.last
-    assert hub.repos == [("someone/tiny-bark", True, True)]
+    assert model.push_to_hub("someone/tiny-bark", private=True, save_code=True, tags=["my-voice"],
+                             commit_description="first upload") == "commit-info"
+    pushed = hub.last
+    assert pushed.repo == ("someone/tiny-bark", True, True) and pushed.branches == []
     assert {"config.json", "generation_config.json", "model.safetensors", "README.md",
-            "modeling_bark_hf.py", "pipeline_bark_hf.py"} <= set(hub.uploads)
-    card = ModelCard(hub.uploads["README.md"].decode())
+            "modeling_bark_hf.py", "pipeline_bark_hf.py"} <= set(pushed.uploads)
+    card = _card(pushed.uploads)
     assert card.data.library_name == "bark-hf" and card.data.pipeline_tag == "text-to-audio"
+    assert "my-voice" in card.data.tags and "bark-hf" in card.data.tags
     assert "someone/tiny-bark" in card.text
-    assert hub.commit[0] == "someone/tiny-bark" and hub.commit[3] == "Upload BarkHfModel"
+    assert pushed.commit == dict(repo_id="someone/tiny-bark", revision=None, create_pr=False,
+                                 message="Upload BarkHfModel", description="first upload")
+
+
+def test_a_bare_repo_name_and_a_new_branch_are_resolved_before_the_card_is_written(hub):
+    model, _ = tiny_random_bark()
+    model.push_to_hub("tiny-bark", revision="dev")
+    pushed = hub.last
+    assert pushed.branches == [("me/tiny-bark", "dev", True)]
+    assert pushed.commit["repo_id"] == "me/tiny-bark" and pushed.commit["revision"] == "dev"
+    assert 'from_pretrained("me/tiny-bark")' in _card(pushed.uploads).text
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_card_the_author_wrote_on_the_hub_is_kept(hub, ours):
+    hub.readme_on_hub = f"# Bark\n{GENERATED_CARD_MARKER if ours else 'My own words.'}\n"
+    model, _ = tiny_random_bark()
+    model.push_to_hub("someone/tiny-bark")
+    assert ("README.md" in hub.last.uploads) == ours and "model.safetensors" in hub.last.uploads
+
+
+def test_processor_push_uploads_the_presets_in_their_subfolders(hub):
+    _, processor = tiny_random_bark()
+    processor.add_voice_preset("v2/en_test", random_voice_preset(0))
+    processor.push_to_hub("someone/tiny-bark", revision="presets")
+    uploads = hub.last.uploads
+    assert "speaker_embeddings_path.json" in uploads and "tokenizer.json" in uploads
+    assert {f"speaker_embeddings/v2/en_test_{key}.npy" for key in ("semantic_prompt", "coarse_prompt",
+                                                                     "fine_prompt")} <= set(uploads)
+    assert hub.last.commit["message"] == "Upload BarkHfProcessor"
+    assert hub.last.branches == [("someone/tiny-bark", "presets", True)]
+
+
+def test_pipeline_push_uploads_model_processor_and_a_card_with_the_presets(hub):
+    model, processor = tiny_random_bark()
+    processor.add_voice_preset("v2/en_test", random_voice_preset(0))
+    BarkPipeline(model=model, processor=processor, device="cpu").push_to_hub("tiny-bark", tags=["demo"])
+    uploads = hub.last.uploads
+    assert {"model.safetensors", "config.json", "tokenizer.json", "speaker_embeddings_path.json"} <= set(uploads)
+    assert any(name.startswith("speaker_embeddings/") for name in uploads)
+    card = _card(uploads)
+    assert "me/tiny-bark" in card.text and "demo" in card.data.tags
+    assert "v2/en_test" in card.text
+
+
+def test_a_folder_saved_as_dot_is_named_in_its_card(tmp_path, monkeypatch):
+    model, _ = tiny_random_bark()
+    (tmp_path / "my-bark").mkdir()
+    monkeypatch.chdir(tmp_path / "my-bark")
+    model.save_pretrained(".")
+    assert 'from_pretrained("my-bark")' in (tmp_path / "my-bark" / "README.md").read_text()

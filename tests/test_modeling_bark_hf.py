@@ -456,6 +456,20 @@ def test_composite_generation_config_round_trip(model, tmp_path):
     assert reloaded.fine_acoustics.generation_config.temperature == 0.3
 
 
+def test_generation_configs_with_numpy_numbers_save_and_bad_fields_are_refused_before_writing(model, tmp_path):
+    model = copy.deepcopy(model)
+    model.semantic.generation_config = model.semantic.generation_config.updated(top_k=np.int64(5),
+                                                                                temperature=np.float32(0.5))
+    model.save_pretrained(tmp_path)
+    reloaded = BarkHfModel.from_pretrained(tmp_path).semantic.generation_config
+    assert (reloaded.top_k, reloaded.temperature) == (5, 0.5) and type(reloaded.top_k) is int
+    written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    model.coarse_acoustics.generation_config.temperature = 0  # assigned: no check ran
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        model.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # refused before writing
+
+
 @pytest.mark.parametrize("config_cls", [BarkHfSemanticGenerationConfig, BarkHfCoarseGenerationConfig,
                                         BarkHfFineGenerationConfig, BarkHfGenerationConfig])
 def test_updated_rejects_unknown_names(config_cls):

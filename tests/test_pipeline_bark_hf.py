@@ -194,11 +194,19 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
                 raise ImportError("bark_hf must not be imported in this process")
     sys.meta_path.insert(0, NoBarkHf())
 
-    from transformers import pipeline
+    from transformers import AutoProcessor, pipeline
     folder, preset, settings, output = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     pipe = pipeline("text-to-audio", model=folder, trust_remote_code=True, device="cpu")
     result = pipe("Hello there.", voice_preset=preset, generate_kwargs=settings)
     np.save(output, result["audio"])
+    # A model loaded as remote code saves itself, its code and its processor again; that folder works the same.
+    pipe.save_pretrained(folder + "-again", save_code=True)
+    again = pipeline("text-to-speech", model=folder + "-again", trust_remote_code=True, device="cpu")
+    assert type(again).__name__ == "BarkPipeline", type(again)
+    result_again = again("Hello there.", voice_preset=preset, generate_kwargs=settings)
+    assert np.array_equal(result_again["audio"], result["audio"])
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert preset in processor.available_voice_presets, type(processor)
     print(type(pipe).__name__, type(pipe.model).__module__, result["sampling_rate"])
 """)
 

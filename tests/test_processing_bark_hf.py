@@ -297,6 +297,12 @@ def test_save_load_round_trip(processor, tmp_path):
         assert torch.equal(loaded(TEXTS["en"])[key], processor(TEXTS["en"])[key])
 
 
+def test_a_subfolder_gives_its_own_presets(processor, tmp_path):
+    processor.save_pretrained(tmp_path / "repo" / "voices")
+    loaded = BarkHfProcessor.from_pretrained(tmp_path / "repo", subfolder="voices")
+    assert loaded.available_voice_presets == processor.available_voice_presets != []
+
+
 def test_presets_read_lazily(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = BarkHfProcessor.from_pretrained(tmp_path)
@@ -336,8 +342,8 @@ def test_index_names_checked(processor, tmp_path):
         BarkHfProcessor.from_pretrained(tmp_path)
 
 
-def test_push_to_hub_refused(processor, tmp_path):
-    with pytest.raises(ValueError, match="upload_folder"):
+def test_save_pretrained_with_push_to_hub_points_to_push_to_hub(processor, tmp_path):
+    with pytest.raises(ValueError, match=r"call processor.push_to_hub\(repo_id\)"):
         processor.save_pretrained(tmp_path, push_to_hub=True)
 
 

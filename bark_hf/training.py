@@ -155,11 +155,32 @@ def _random_index(count: int, random: bool) -> int:
 
 def _column(feature: Mapping[str, Any], name: str) -> Any:
     if name not in feature:
-        raise KeyError(
-            f"A dataset row has no {name!r} column (it has {sorted(feature)}). Make rows with "
-            "bark_hf.training.prepare_dataset, and pass remove_unused_columns=False to TrainingArguments."
+        source = (
+            "prepare_dataset adds it only from semantic_column= or semantic_tokenizer=: bark-hf cannot make semantic "
+            "tokens from audio (see docs/training.md)" if name == SEMANTIC_TOKENS_COLUMN
+            else "Make rows with bark_hf.training.prepare_dataset"
         )
+        raise KeyError(f"A dataset row has no {name!r} column (it has {sorted(feature)}). {source}. Pass "
+                       "remove_unused_columns=False to TrainingArguments, or the Trainer drops it.")
     return feature[name]
+
+
+def _text(feature: Mapping[str, Any], position: int) -> str:
+    text = _column(feature, TEXT_COLUMN)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"Item {position} of this batch has no text to speak ({text!r}). Drop such rows before "
+                         "training, e.g. dataset.filter(lambda row: (row['text'] or '').strip()).")
+    return text
+
+
+def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int) -> torch.Tensor:
+    """A row's `fine_tokens` `[codebooks, frames]`, of which the stage reads the first `n_codebooks`."""
+    codes = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))
+    if codes.ndim != 2 or not n_codebooks <= codes.shape[0] <= N_FINE_CODEBOOKS:
+        raise ValueError(f"Item {position} of this batch: fine_tokens must be EnCodec codes [{N_FINE_CODEBOOKS}, "
+                         f"frames] (this stage reads the first {n_codebooks}), got shape {tuple(codes.shape)}. "
+                         "prepare_dataset makes them.")
+    return codes
 
 
 @dataclass
@@ -177,7 +198,7 @@ class BarkHfSemanticCollator:
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
-        encoding = self.processor([_column(feature, TEXT_COLUMN) for feature in features])
+        encoding = self.processor([_text(feature, position) for position, feature in enumerate(features)])
         histories = [feature.get(SEMANTIC_PROMPT_COLUMN) for feature in features]
         histories = [None if history is None else _long_tensor(history) for history in histories]
         text, history = semantic_prompt_windows(encoding["input_ids"], encoding["attention_mask"], histories, config)
@@ -206,8 +227,8 @@ class BarkHfCoarseCollator:
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
         windows = []
-        for feature in features:
-            coarse = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))[: config.n_coarse_codebooks]  # [2, T]
+        for position, feature in enumerate(features):
+            coarse = _codes(feature, position, config.n_coarse_codebooks)[: config.n_coarse_codebooks]  # [2, T]
             index = _random_index(coarse_window_count(coarse.shape[1], config), self.random_windows)
             windows.append(coarse_training_window(_long_tensor(_column(feature, SEMANTIC_TOKENS_COLUMN)), coarse,
                                                   index, config))
@@ -231,13 +252,20 @@ class BarkHfFineCollator:
     codebooks: Sequence[int] | None = None
     random_windows: bool = True
 
+    def __post_init__(self) -> None:
+        # Codebook 0 always comes from the coarse stage; the model has a head for each of the others.
+        predicted = range(1, self.generation_config.n_fine_codebooks)
+        if self.codebooks is not None and (not self.codebooks or any(k not in predicted for k in self.codebooks)):
+            raise ValueError(f"codebooks must be a non-empty list of 1..{predicted[-1]} (generation predicts "
+                             f"{N_COARSE_CODEBOOKS}..{predicted[-1]}), got {list(self.codebooks)}.")
+
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
-        codebooks = list(self.codebooks or range(N_COARSE_CODEBOOKS, config.n_fine_codebooks))
+        codebooks = range(N_COARSE_CODEBOOKS, config.n_fine_codebooks) if self.codebooks is None else self.codebooks
         codebook_idx = codebooks[_random_index(len(codebooks), random=True)]
         windows = []
-        for feature in features:
-            codes = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))  # [8, T]
+        for position, feature in enumerate(features):
+            codes = _codes(feature, position, config.n_fine_codebooks)  # [8, T]
             index = _random_index(fine_window_count(codes.shape[1], config), self.random_windows)
             windows.append(fine_training_window(codes, codebook_idx, index, config))
         return {
@@ -282,6 +310,8 @@ class SemanticTokenizer(Protocol):
 
 def resample_audio(audio: np.ndarray, sampling_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 audio at `target_rate`, by polyphase filtering (`scipy.signal.resample_poly`)."""
+    if sampling_rate < 1 or target_rate < 1:
+        raise ValueError(f"Sampling rates must be positive, got {sampling_rate} Hz -> {target_rate} Hz.")
     if sampling_rate == target_rate:
         return audio
     try:
@@ -293,27 +323,71 @@ def resample_audio(audio: np.ndarray, sampling_rate: int, target_rate: int = SAM
     return resample_poly(audio, target_rate // divisor, sampling_rate // divisor).astype(np.float32)
 
 
-def decode_audio(value: Any) -> tuple[np.ndarray, int]:
-    """Mono float32 samples and their rate from a dataset cell.
+_MAX_CHANNELS = 8  # 7.1 sound
 
-    Takes `{"array", "sampling_rate"}` (a 2-D array is channels first, as `datasets` decodes it) or
-    an undecoded `Audio` cell `{"bytes", "path"}`, read with `soundfile`. Channels are averaged.
+
+def _float_samples(array: np.ndarray) -> np.ndarray:
+    """Float32 samples; integer PCM (int16, int32 or uint8, as scipy.io.wavfile reads it) scaled to [-1, 1]."""
+    if array.dtype.kind not in "iu":
+        return array.astype(np.float32)
+    if array.dtype.itemsize > 4:
+        raise ValueError(f"Integer samples must be 8, 16 or 32-bit PCM, got {array.dtype} (what a list of Python ints "
+                         "becomes, so its range is unknown): give an int16/int32/uint8 array, or floats in [-1, 1].")
+    info = np.iinfo(array.dtype)
+    half_range = (int(info.max) - int(info.min) + 1) / 2  # 32 768 for int16; uint8 centres on 128
+    return ((array - (int(info.min) + half_range)) / half_range).astype(np.float32)
+
+
+def _mono(array: np.ndarray) -> np.ndarray:
+    """Channels averaged. `datasets` puts them first, soundfile and scipy last: they are the shorter axis."""
+    if array.ndim == 1 or array.size == 0:
+        return array.reshape(-1)
+    if array.ndim == 2 and array.shape[0] != array.shape[1] and min(array.shape) <= _MAX_CHANNELS:
+        return array.mean(axis=int(np.argmin(array.shape)))
+    raise ValueError(f"Audio must be mono [samples], or [channels, samples] or [samples, channels] with up to "
+                     f"{_MAX_CHANNELS} channels on the shorter axis; got an array of shape {array.shape}. Give one "
+                     "clip per row.")
+
+
+def decode_audio(value: Any, sample_dtype: Any = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and their rate from a dataset cell; empty, NaN or infinite audio is refused.
+
+    Takes `{"array", "sampling_rate"}` (a 2-D array's channels are its shorter axis, first or last;
+    integer PCM is scaled to [-1, 1]) or an undecoded `Audio` cell `{"bytes", "path"}`, read with
+    `soundfile`. Channels are averaged. `sample_dtype` is the dtype the array was stored in, which
+    rows of a `datasets.Dataset` lose: they hold lists of Python numbers.
     """
     if isinstance(value, Mapping) and value.get("array") is not None:
-        if value.get("sampling_rate") is None:
+        rate = value.get("sampling_rate")
+        if rate is None:
             raise ValueError("An audio cell has an 'array' but no 'sampling_rate'; give both.")
-        array = np.asarray(value["array"], dtype=np.float32)
-        return (array.mean(axis=0) if array.ndim == 2 else array), int(value["sampling_rate"])
-    if isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
+        if not (float(rate) >= 1 and float(rate).is_integer()):
+            raise ValueError(f"An audio cell's sampling_rate must be a whole number of Hz above 0, got {rate}.")
+        samples = _mono(_float_samples(np.asarray(value["array"], dtype=sample_dtype)))
+    elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
         import soundfile
 
         source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
         array, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [samples, channels]
-        return array.mean(axis=1), int(rate)
-    raise TypeError(
-        "An audio cell must be {'array': samples, 'sampling_rate': Hz} or an audio file as {'bytes': ..., "
-        f"'path': ...}} (a datasets Audio column); got {type(value).__name__}."
-    )
+        samples = array.mean(axis=1)
+    else:
+        raise TypeError(
+            "An audio cell must be {'array': samples, 'sampling_rate': Hz} or an audio file as {'bytes': ..., "
+            f"'path': ...}} (a datasets Audio column); got {type(value).__name__}."
+        )
+    if samples.size == 0:
+        raise ValueError("The audio is empty.")
+    if not np.isfinite(samples).all():
+        raise ValueError("The audio holds NaN or infinite samples; repair or drop the clip.")
+    return samples, int(rate)
+
+
+def _stored_sample_dtype(feature: Any) -> str | None:
+    """The dtype an audio column of `{"array", "sampling_rate"}` stores its samples in, or None."""
+    samples = feature.get("array") if isinstance(feature, dict) else None
+    while hasattr(samples, "feature"):  # List(List(Value("int16"))) for [channels, samples]
+        samples = samples.feature
+    return getattr(samples, "dtype", None)
 
 
 @torch.no_grad()
@@ -396,6 +470,7 @@ def prepare_dataset(
     for column in (audio_column, semantic_column):
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"The dataset has no column {column!r}; its columns are {dataset.column_names}.")
+    sample_dtype = _stored_sample_dtype(dataset.features[audio_column])  # an int16 clip reads back as Python ints
     if isinstance(dataset.features[audio_column], datasets.Audio):
         # Decoding an Audio column needs torchcodec; reading its bytes with soundfile does not.
         dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
@@ -403,10 +478,10 @@ def prepare_dataset(
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         encoded: dict[str, list] = {FINE_TOKENS_COLUMN: [], SEMANTIC_TOKENS_COLUMN: []}
         for position, row in enumerate(indices):
-            audio, rate = decode_audio(batch[audio_column][position])
-            if audio.size == 0:
-                raise ValueError(f"Row {row}: the audio is empty.")
-            audio = resample_audio(audio, rate)
+            try:
+                audio = resample_audio(*decode_audio(batch[audio_column][position], sample_dtype))
+            except ValueError as error:
+                raise ValueError(f"Row {row}: {error}") from error
             codes = encode_audio(codec_model, audio)
             encoded[FINE_TOKENS_COLUMN].append(codes)
             if semantic_column is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
+import re
 from pathlib import Path
 
 import datasets
@@ -36,6 +37,7 @@ from bark_hf.training import (
     coarse_training_window,
     coarse_window_count,
     collator_for,
+    decode_audio,
     encode_audio,
     fine_training_window,
     fine_window_count,
@@ -377,13 +379,87 @@ def test_prepare_refuses_bad_input():
         prepare_dataset(raw, model.codec_model, semantic_column="tokens")
 
 
+def test_decode_audio_finds_the_channels_axis_either_side():
+    left, right = tone(300), tone(500)
+    channels_first, rate = decode_audio({"array": np.stack([left, right]), "sampling_rate": 24_000})
+    channels_last, _ = decode_audio({"array": np.stack([left, right], axis=1), "sampling_rate": 24_000})  # soundfile
+    np.testing.assert_allclose(channels_first, (left + right) / 2)
+    np.testing.assert_array_equal(channels_last, channels_first)
+    assert rate == 24_000
+    for shape in [(2, 2), (16, 9600), (1, 2, 9600), ()]:  # no shorter axis; too many channels; a batch; a number
+        with pytest.raises(ValueError, match=rf"got an array of shape {re.escape(str(shape))}"):
+            decode_audio({"array": np.zeros(shape, np.float32), "sampling_rate": 24_000})
+
+
+def test_decode_audio_scales_integer_pcm_by_its_range():
+    clip = tone(300)
+    for dtype, scale, offset in [(np.int16, 32_768, 0), (np.int32, 2**31, 0), (np.uint8, 128, 128)]:
+        pcm = np.round(clip * scale + offset).astype(dtype)  # as scipy.io.wavfile reads it
+        decoded, _ = decode_audio({"array": pcm, "sampling_rate": 24_000})
+        assert decoded.dtype == np.float32
+        np.testing.assert_allclose(decoded, clip, atol=1 / scale)
+    int8, _ = decode_audio({"array": np.array([-128, 0, 127], np.int8), "sampling_rate": 8})
+    assert int8.tolist() == [-1, 0, 127 / 128]
+    with pytest.raises(ValueError, match="int64.*Python ints"):  # a list of ints: its range is unknown
+        decode_audio({"array": [0, 1000, -1000], "sampling_rate": 24_000})
+
+
+def test_prepare_reads_int16_channels_last_columns_as_stored():
+    model, _ = tiny_random_bark()
+    clip = tone(300)
+    pcm = np.round(clip * 32_768).astype(np.int16)
+    raw = datasets.Dataset.from_dict({"audio": [{"array": np.stack([pcm, pcm], axis=1), "sampling_rate": 24_000}]})
+    assert raw.features["audio"]["array"].feature.feature.dtype == "int16"  # rows come back as lists of ints
+    prepared = prepare_dataset(raw, model.codec_model)
+    expected = encode_audio(model.codec_model, pcm.astype(np.float32) / 32_768)
+    np.testing.assert_array_equal(np.array(prepared[0]["fine_tokens"]), expected)
+
+
+def test_prepare_names_the_row_of_a_bad_rate_or_unusable_audio():
+    model, _ = tiny_random_bark()
+    noisy = tone(300)
+    noisy[100] = np.nan
+    for bad_cell, message in [({"array": tone(300), "sampling_rate": 0}, "sampling_rate must be a whole number of "
+                                                                          "Hz above 0, got 0"),
+                              ({"array": tone(300), "sampling_rate": -16_000}, "got -16000"),
+                              ({"array": noisy, "sampling_rate": 24_000}, "NaN or infinite samples"),
+                              ({"array": np.full(960, np.inf, np.float32), "sampling_rate": 24_000}, "NaN or infinite"),
+                              ({"array": np.zeros(0, np.float32), "sampling_rate": 24_000}, "The audio is empty")]:
+        raw = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000}, bad_cell]})
+        with pytest.raises(ValueError, match=rf"^Row 1: .*{message}"):
+            prepare_dataset(raw, model.codec_model)
+    with pytest.raises(ValueError, match="Sampling rates must be positive"):
+        resample_audio(tone(300), 0)
+
+
 def test_collators_explain_missing_columns_and_wrong_models(processor):
     with pytest.raises(KeyError, match="no 'fine_tokens' column.*remove_unused_columns=False"):
         BarkHfCoarseCollator()([{"semantic_tokens": [1, 2]}])
+    with pytest.raises(KeyError, match="no 'semantic_tokens' column.*semantic_tokenizer="):  # not made from audio
+        BarkHfCoarseCollator()([{"fine_tokens": np.zeros((8, 30), np.int64)}])
     with pytest.raises(ValueError, match="pass the processor"):
         collator_for(tiny_stage("semantic"))
     with pytest.raises(TypeError, match="takes a stage"):
         collator_for(tiny_random_bark()[0])
+
+
+def test_collators_refuse_rows_they_cannot_train_on(processor):
+    rows = [{"text": "hi", "semantic_tokens": [1, 2]}, {"text": " ", "semantic_tokens": [1, 2]}]
+    with pytest.raises(ValueError, match=r"Item 1 of this batch has no text to speak \(' '\)"):
+        BarkHfSemanticCollator(processor)(rows)
+    coarse_only = {"semantic_tokens": [1, 2], "fine_tokens": np.zeros((2, 30), np.int64)}
+    with pytest.raises(ValueError, match=r"Item 0 of this batch: fine_tokens must be .* got shape \(2, 30\)"):
+        BarkHfFineCollator()([coarse_only])
+    assert BarkHfCoarseCollator()([coarse_only])["input_ids"].shape == (1, 257 + 60)  # the coarse stage reads two
+    with pytest.raises(ValueError, match=r"got shape \(30, 8\)"):  # transposed: would train on garbage
+        BarkHfFineCollator()([{"fine_tokens": np.zeros((30, 8), np.int64)}])
+    with pytest.raises(ValueError, match=r"got shape \(1, 30\)"):
+        BarkHfCoarseCollator()([{**coarse_only, "fine_tokens": np.zeros((1, 30), np.int64)}])
+    for codebooks in ([], [0], [8], (2, 9)):
+        with pytest.raises(ValueError, match=r"codebooks must be a non-empty list of 1..7"):
+            BarkHfFineCollator(codebooks=codebooks)
+    first_head = BarkHfFineCollator(codebooks=(1,))([{"fine_tokens": np.zeros((8, 30), np.int64)}])
+    assert int(first_head["codebook_idx"]) == 1
 
 
 # --- Trainer, LoRA, the example script ------------------------------------------------------------

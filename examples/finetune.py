@@ -7,9 +7,10 @@
 --dataset is a folder written by `datasets.Dataset.save_to_disk` or a Hub dataset id. Rows need the
 columns of `bark_hf.training.prepare_dataset` (`text`, `semantic_tokens`, `fine_tokens`); a dataset
 with an audio column instead is prepared here first (semantic tokens then come from
---semantic-column). The output folder holds the whole model (the trained stage, the others as
-loaded), the processor and its voice presets, and a model card: `BarkHfModel.from_pretrained` and
-`pipeline("text-to-audio", model=...)` load it. See docs/training.md.
+--semantic-column: bark-hf cannot make them from audio; --stage fine needs none). The output folder
+holds the whole model (the trained stage, the others as loaded), the processor and its voice
+presets, and a model card: `BarkHfModel.from_pretrained` and `pipeline("text-to-audio", model=...)`
+load it. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available
 
 from bark_hf.loading import DEFAULT_MODEL, load_bark
 from bark_hf.model_card import bark_model_card, save_model_card
 from bark_hf.tiny_random import TINY_RANDOM
-from bark_hf.training import FINE_TOKENS_COLUMN, collator_for, prepare_dataset
+from bark_hf.training import FINE_TOKENS_COLUMN, SEMANTIC_TOKENS_COLUMN, TEXT_COLUMN, collator_for, prepare_dataset
 
 STAGE_ATTRIBUTES = {"semantic": "semantic", "coarse": "coarse_acoustics", "fine": "fine_acoustics"}
 LORA_TARGETS = "att_proj,in_proj,out_proj"
@@ -68,6 +71,29 @@ def load_training_data(name: str, split: str):
     return datasets.load_dataset(name, split=split)
 
 
+def check_training_data(dataset, args: argparse.Namespace) -> None:
+    """Refuse, before loading the model or preparing anything, data that the stage cannot train on."""
+    columns = dataset.column_names
+    prepared = FINE_TOKENS_COLUMN in columns
+    if args.stage != "fine" and SEMANTIC_TOKENS_COLUMN not in columns and (prepared or not args.semantic_column):
+        given = (f"a prepared dataset (it has {FINE_TOKENS_COLUMN!r}) without {SEMANTIC_TOKENS_COLUMN!r}" if prepared
+                 else "an audio dataset without --semantic-column")
+        raise SystemExit(
+            f"--stage {args.stage} trains on semantic tokens, and this is {given}. bark-hf cannot make semantic "
+            "tokens from audio (Suno's tokenizer was never released): add a column of tokens made beforehand (e.g. "
+            "by a HuBERT tokenizer) to the audio dataset and pass --semantic-column, or prepare it in Python with "
+            "bark_hf.training.prepare_dataset(..., semantic_tokenizer=...). See docs/training.md. --stage fine "
+            "needs none."
+        )
+    if args.stage == "semantic":
+        if TEXT_COLUMN not in columns:
+            raise SystemExit(f"--stage semantic needs a {TEXT_COLUMN!r} column; the dataset has {columns}.")
+        blank = [row for row, text in enumerate(dataset[TEXT_COLUMN]) if not isinstance(text, str) or not text.strip()]
+        if blank:
+            raise SystemExit(f"Rows {blank[:10]}{' and more' if len(blank) > 10 else ''} have no text to speak; drop "
+                             "them first, e.g. dataset.filter(lambda row: (row['text'] or '').strip()).")
+
+
 def with_lora(stage, args: argparse.Namespace):
     """`stage` with LoRA adapters on `--lora-targets`; only the adapters train."""
     try:
@@ -80,13 +106,16 @@ def with_lora(stage, args: argparse.Namespace):
 
 
 def write_model_folder(model, processor, output_dir: Path, overwrite: bool, training_data: list[str],
-                       base_model: str | None) -> Path:
-    """Save model, processor and card into a temporary folder beside `output_dir`, then rename it."""
+                       base_model: str | None, model_id: str) -> Path:
+    """Save model, processor and card into a temporary folder beside `output_dir`, then rename it.
+
+    The card's snippets load `model_id`: the Hub repo when the folder is pushed, else the folder's name.
+    """
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        card = bark_model_card(model.config, model_id=output_dir.name, voice_presets=processor.available_voice_presets,
+        card = bark_model_card(model.config, model_id=model_id, voice_presets=processor.available_voice_presets,
                                training_data=training_data, base_model=base_model)
         save_model_card(card, staging, overwrite=True)
         replaced = output_dir.with_name(staging.name + ".old") if output_dir.exists() and overwrite else None
@@ -109,8 +138,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not output_dir.parent.is_dir():
         raise SystemExit(f"The folder {output_dir.parent} does not exist; create it first.")
 
-    model, processor = load_bark(args.model)
     dataset = load_training_data(args.dataset, args.split)
+    check_training_data(dataset, args)
+    model, processor = load_bark(args.model)
     if FINE_TOKENS_COLUMN not in dataset.column_names:
         dataset = prepare_dataset(dataset, model.codec_model, semantic_column=args.semantic_column,
                                   audio_column=args.audio_column)
@@ -130,6 +160,9 @@ def main(argv: list[str] | None = None) -> Path:
             learning_rate=args.learning_rate,
             activation_checkpointing=args.gradient_checkpointing,
             bf16=args.bf16,
+            # transformers refuses bf16 without a bf16 accelerator unless told to use the CPU (pre-Ampere CUDA
+            # keeps that error rather than training on the CPU unasked).
+            use_cpu=args.bf16 and not torch.cuda.is_available() and not is_torch_bf16_gpu_available(),
             seed=args.seed,
             remove_unused_columns=False,  # the collator reads columns that are not forward arguments
             report_to="none",
@@ -142,7 +175,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     training_data = [] if os.path.isdir(args.dataset) else [args.dataset]
     base_model = None if args.model == TINY_RANDOM or os.path.isdir(args.model) else args.model
-    folder = write_model_folder(model, processor, output_dir, args.overwrite, training_data, base_model)
+    folder = write_model_folder(model, processor, output_dir, args.overwrite, training_data, base_model,
+                                model_id=args.push_to_hub or output_dir.name)
     print(f"Wrote the fine-tuned model to {folder}")
     if args.push_to_hub:
         from huggingface_hub import create_repo, upload_folder

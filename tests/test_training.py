@@ -524,18 +524,27 @@ def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
     assert changed and all(name.endswith(("att_proj.weight", "in_proj.weight", "out_proj.weight")) for name in changed)
 
 
-def test_example_script_prepares_trains_with_lora_and_writes_a_loadable_folder(tmp_path):
+@pytest.fixture(scope="module")
+def finetune():
     spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE_SCRIPT)
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
-    raw = datasets.Dataset.from_dict({
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tone_dataset(folder: Path, **columns) -> Path:
+    datasets.Dataset.from_dict({
         "text": ["a low tone", "a high tone"],
         "audio": [{"array": tone(220), "sampling_rate": 24_000}, {"array": tone(440), "sampling_rate": 24_000}],
-        "tokens": [list(range(19)), list(range(100, 119))],
-    })
-    raw.save_to_disk(tmp_path / "data")
+        **columns,
+    }).save_to_disk(folder)
+    return folder
+
+
+def test_example_script_prepares_trains_with_lora_and_writes_a_loadable_folder(finetune, tmp_path):
+    data = save_tone_dataset(tmp_path / "data", tokens=[list(range(19)), list(range(100, 119))])
     output = tmp_path / "bark-tones"
-    argv = ["--model", "tiny-random", "--dataset", str(tmp_path / "data"), "--stage", "coarse", "--semantic-column",
+    argv = ["--model", "tiny-random", "--dataset", str(data), "--stage", "coarse", "--semantic-column",
             "tokens", "--output-dir", str(output), "--max-steps", "2", "--batch-size", "2", "--lora-rank", "4",
             "--learning-rate", "1e-2"]
     assert finetune.main(argv) == output
@@ -556,6 +565,53 @@ def test_example_script_prepares_trains_with_lora_and_writes_a_loadable_folder(t
     assert speech["sampling_rate"] == 24_000 and speech["audio"].size > 0
     with pytest.raises(SystemExit, match="already exists"):
         finetune.main(argv)
+
+
+def test_example_script_pushes_a_card_that_names_the_hub_repo(finetune, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda repo_id, folder_path, **kwargs: uploaded.update(
+        repo_id=repo_id, card=ModelCard.load(Path(folder_path) / "README.md")))
+    data = save_tone_dataset(tmp_path / "data")
+    finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
+                   "--output-dir", str(tmp_path / "bark-tones"), "--push-to-hub", "me/bark-tones"])
+    assert uploaded["repo_id"] == "me/bark-tones"
+    assert 'pipeline("text-to-audio", model="me/bark-tones")' in uploaded["card"].text
+    assert '"bark-tones"' not in uploaded["card"].text  # the local folder's name
+
+
+def test_example_script_trains_in_bf16_without_cuda(finetune, tmp_path):
+    data = save_tone_dataset(tmp_path / "data")
+    output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
+                            "--bf16", "--output-dir", str(tmp_path / "bark-tones")])
+    assert BarkHfModel.from_pretrained(output).fine_acoustics.dtype == torch.float32  # mixed precision: fp32 weights
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse"])
+def test_example_script_refuses_data_without_semantic_tokens_before_preparing(finetune, stage, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the script loaded the model or prepared data before refusing")
+
+    monkeypatch.setattr(finetune, "load_bark", fail)
+    monkeypatch.setattr(finetune, "prepare_dataset", fail)
+    audio = save_tone_dataset(tmp_path / "audio")
+    argv = ["--model", "tiny-random", "--stage", stage, "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"an audio dataset without --semantic-column.*semantic_tokenizer="):
+        finetune.main([*argv, "--dataset", str(audio)])
+    prepared = datasets.Dataset.from_dict({"text": ["a", "b"], "fine_tokens": np.zeros((2, 8, 30), np.int16)})
+    prepared.save_to_disk(tmp_path / "prepared")
+    with pytest.raises(SystemExit, match=r"a prepared dataset \(it has 'fine_tokens'\) without 'semantic_tokens'"):
+        finetune.main([*argv, "--dataset", str(tmp_path / "prepared"), "--semantic-column", "tokens"])
+
+
+def test_example_script_names_rows_without_text_before_training(finetune, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
+    data = save_tone_dataset(tmp_path / "data", text=["a low tone", " "], tokens=[[1, 2], [3, 4]])
+    with pytest.raises(SystemExit, match=r"Rows \[1\] have no text to speak"):
+        finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "semantic",
+                       "--semantic-column", "tokens", "--output-dir", str(tmp_path / "out")])
 
 
 # --- model card -----------------------------------------------------------------------------------

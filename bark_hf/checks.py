@@ -19,23 +19,27 @@ def _is_number(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    return isinstance(value, numbers.Integral) or math.isfinite(value)  # isfinite overflows on huge ints
+
+
 def checked_whole_number(value: Any, name: str, minimum: int = 1) -> int:
     """`value` as an int >= `minimum`."""
-    if not _is_number(value, numbers.Real) or not math.isfinite(value) or int(value) != value or value < minimum:
+    if not _is_number(value, numbers.Real) or not _is_finite(value) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
     return int(value)
 
 
 def checked_seconds(value: Any, name: str, allow_zero: bool = True) -> float:
     """`value` as a finite float, >= 0 (or > 0 with `allow_zero=False`)."""
-    if not _is_number(value, numbers.Real) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if not _is_number(value, numbers.Real) or not _is_finite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0; got {value!r}.")
     return float(value)
 
 
 def checked_positive_number(value: Any, name: str, hint: str = "") -> float:
     """`value` as a finite float > 0."""
-    if not _is_number(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    if not _is_number(value, numbers.Real) or not _is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0{hint}; got {value!r}.")
     return float(value)
 

@@ -81,8 +81,11 @@ def read_text(args: argparse.Namespace) -> str:
     if args.text is None or args.text == "-":
         if sys.stdin.isatty():
             raise ValueError("No text given: pass it as an argument, with --file, or through standard input.")
+        raw = getattr(sys.stdin, "buffer", None)  # None where stdin is text only (a notebook, a test)
+        if raw is None:
+            return sys.stdin.read()
         try:  # strictly: under a C.UTF-8 locale sys.stdin would keep undecodable bytes as surrogates
-            return sys.stdin.buffer.read().decode("utf-8")
+            return raw.read().decode("utf-8-sig")
         except UnicodeDecodeError:
             raise ValueError("The text on standard input is not UTF-8 text.") from None
     return args.text

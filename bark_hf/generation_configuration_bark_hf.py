@@ -67,12 +67,16 @@ class _JsonConfig:
         top_k = getattr(self, "top_k", None)
         if top_k is not None and not (is_number(top_k) and int(top_k) == top_k and top_k >= 1):
             raise ValueError(f"top_k must be None or a whole number >= 1, got {top_k!r}.")
+        if top_k is not None:
+            self.top_k = int(top_k)  # torch.topk takes an int, not 2.0
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
         max_new_tokens = getattr(self, "max_new_tokens", 1)
         if not (is_number(max_new_tokens) and int(max_new_tokens) == max_new_tokens and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
+        if hasattr(self, "max_new_tokens"):
+            self.max_new_tokens = int(max_new_tokens)
         min_eos_p = getattr(self, "min_eos_p", None)
         if min_eos_p is not None and not (is_number(min_eos_p) and 0 <= min_eos_p <= 1):
             raise ValueError(f"min_eos_p must be None or a number within [0, 1], got {min_eos_p!r}.")
@@ -211,25 +215,27 @@ class BarkHfGenerationConfig(_JsonConfig):
         return cls(**stages, sample_rate=values.get("sample_rate", SAMPLE_RATE))
 
 
-def check_generation_config(config: _JsonConfig) -> None:
-    """Run the checks again before saving: a field set by assignment skipped them, and a folder must not
-    hold a config that cannot be loaded."""
+def generation_config_json(config: _JsonConfig) -> str:
+    """`config` as JSON, checked first: a field set by assignment skipped the checks, and a folder must not
+    hold a config that cannot be loaded (or written)."""
     for part in (config, *(value for value in vars(config).values() if isinstance(value, _JsonConfig))):
         dataclasses.replace(part)  # runs __post_init__
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_scalar) + "\n"
 
 
 def save_generation_config(config: _JsonConfig, save_directory: str | os.PathLike) -> None:
     """Write `config` as `generation_config.json` in `save_directory`."""
+    text = generation_config_json(config)
     with atomic_path(os.path.join(save_directory, GENERATION_CONFIG_NAME)) as path:
-        path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_number) + "\n",
-                        encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
 
 
-def _json_number(value: Any) -> Any:
-    """A numpy scalar, which the configs accept as a number, as the Python number JSON can hold."""
-    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+def _json_scalar(value: Any) -> Any:
+    """A numpy scalar (number or bool), which the configs accept, as the Python value JSON can hold."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         return value.item()
-    raise TypeError(f"A generation setting of type {type(value).__name__} cannot be saved as JSON.")
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(f"A generation setting of type {kind} ({value!r}) cannot be saved as JSON; use a plain number.")
 
 
 def load_generation_config(config_cls: type, directory: str | os.PathLike):

@@ -41,7 +41,7 @@ def push_folder_to_hub(
     commit_message = commit_message or f"Upload {what}"
     hub = HfApi(token=token)
     repo_id = hub.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None:
+    if revision is not None and not revision.startswith("refs/pr/"):  # a pull request's ref is no branch to make
         hub.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         write(Path(folder), repo_id)

@@ -45,7 +45,7 @@ from .generation_configuration_bark_hf import (
     BarkHfFineGenerationConfig,
     BarkHfGenerationConfig,
     BarkHfSemanticGenerationConfig,
-    check_generation_config,
+    generation_config_json,
     load_generation_config,
     save_generation_config,
 )
@@ -346,7 +346,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """
         if holds_int8_layers(self):
             raise ValueError(_INT8_IS_FINAL.format(action="Save"))
-        check_generation_config(self.generation_config)
+        generation_config_json(self.generation_config)  # refuse a config that cannot be saved, before writing
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "
                              "card and code are written; call model.push_to_hub(repo_id) instead.")
@@ -376,14 +376,15 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                 shutil.copyfile(source, Path(save_directory) / source.name)
 
     def push_to_hub(self, repo_id: str, *, tags: Sequence[str] = (), save_code: bool = False,
-                    **hub_options: Any) -> Any:
-        """Upload what `save_pretrained(save_code=...)` writes to the Hub repo `repo_id`, with bark-hf's model
-        card (naming the repo and `tags`) where transformers' own `push_to_hub` would write a generic one.
-        `hub_options`: `commit_message`, `commit_description`, `private`, `token`, `revision`, `create_pr`
-        (see `bark_hf.hub.push_folder_to_hub`). Returns the Hub's commit info.
+                    max_shard_size: int | str | None = None, **hub_options: Any) -> Any:
+        """Upload what `save_pretrained(save_code=..., max_shard_size=...)` writes to the Hub repo `repo_id`, with
+        bark-hf's model card (naming the repo and `tags`) where transformers' own `push_to_hub` would write a
+        generic one. `hub_options`: `commit_message`, `commit_description`, `private`, `token`, `revision`,
+        `create_pr` (see `bark_hf.hub.push_folder_to_hub`). Returns the Hub's commit info.
         """
         def write(folder: Path, full_repo_id: str) -> None:
-            self.save_pretrained(folder, save_code=save_code)
+            shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            self.save_pretrained(folder, save_code=save_code, **shards)
             if isinstance(self.config, BarkHfConfig):
                 save_model_card(bark_model_card(self.config, model_id=full_repo_id, tags=tags), folder, overwrite=True)
 
@@ -981,9 +982,12 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
 
+        most_tokens, limit = config.max_new_tokens, f"max_new_tokens={config.max_new_tokens}"
+        if config.max_gen_duration_s is not None:  # the loop stops once the tokens last longer (+1: float sums)
+            most_tokens = min(most_tokens, math.floor(config.max_gen_duration_s * config.semantic_rate_hz) + 2)
+            limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
         # The prompt (window + infer token), then every generated token but the last is fed back.
-        self._check_positions(window + config.max_new_tokens,
-                              f"max_new_tokens={config.max_new_tokens} after the {window + 1}-token prompt")
+        self._check_positions(window + most_tokens, f"{limit} after the {window + 1}-token prompt")
         if input_ids.shape[1] > window:
             logger.warning(f"Text of {input_ids.shape[1]} tokens is longer than {window}; keeping the first {window}.")
         input_ids = input_ids.to(device)
@@ -996,7 +1000,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         infer = torch.full((batch, 1), config.semantic_infer_token, dtype=torch.long, device=device)
         generated = torch.empty((batch, 0), dtype=torch.long, device=device)
         lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1 while running
-        cache = self._new_cache(window + config.max_new_tokens, compile) if use_cache else None
+        cache = self._new_cache(window + most_tokens, compile) if use_cache else None
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         saw_nan = torch.zeros((), dtype=torch.bool, device=device)
         duration_s = 0.0

@@ -135,7 +135,7 @@ class BarkPipeline(Pipeline):
                            **checked_generate_kwargs(forward.get("generate_kwargs"))}
         show_progress = forward.get("show_progress", False)
         long_form = forward.get("long_form")
-        if long_form is not None and not isinstance(long_form, bool):
+        if long_form is not None and not isinstance(long_form, (bool, np.bool_)):
             raise ValueError(f"long_form must be True, False or None (on when the text needs it); got {long_form!r}.")
         silence_s = checked_seconds(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s")
         seed = checked_seed(forward.get("seed"))

@@ -477,7 +477,7 @@ class BarkHfProcessor(ProcessorMixin):
         """
         hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
         hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", ""))
+        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", None) or "")
         processor = cls(BertTokenizer.from_pretrained(folder, **kwargs))
         processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
         return processor

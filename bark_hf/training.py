@@ -255,9 +255,12 @@ class BarkHfFineCollator:
     def __post_init__(self) -> None:
         # Codebook 0 always comes from the coarse stage; the model has a head for each of the others.
         predicted = range(1, self.generation_config.n_fine_codebooks)
-        if self.codebooks is not None and (not self.codebooks or any(k not in predicted for k in self.codebooks)):
+        if self.codebooks is None:
+            return
+        if not isinstance(self.codebooks, Sequence) or not self.codebooks or any(
+                k not in predicted for k in self.codebooks):
             raise ValueError(f"codebooks must be a non-empty list of 1..{predicted[-1]} (generation predicts "
-                             f"{N_COARSE_CODEBOOKS}..{predicted[-1]}), got {list(self.codebooks)}.")
+                             f"{N_COARSE_CODEBOOKS}..{predicted[-1]}), got {self.codebooks!r}.")
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config

@@ -22,9 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from transformers import Trainer, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
+from bark_hf.hub import push_folder_to_hub
 from bark_hf.loading import DEFAULT_MODEL, load_bark
 from bark_hf.model_card import bark_model_card, save_model_card
 from bark_hf.tiny_random import TINY_RANDOM
@@ -105,18 +107,12 @@ def with_lora(stage, args: argparse.Namespace):
     return get_peft_model(stage, config)
 
 
-def write_model_folder(model, processor, output_dir: Path, overwrite: bool, training_data: list[str],
-                       base_model: str | None, model_id: str) -> Path:
-    """Save model, processor and card into a temporary folder beside `output_dir`, then rename it.
-
-    The card's snippets load `model_id`: the Hub repo when the folder is pushed, else the folder's name.
-    """
+def write_model_folder(model, processor, output_dir: Path, overwrite: bool, card: ModelCard) -> Path:
+    """Save model, processor and `card` into a temporary folder beside `output_dir`, then rename it."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        card = bark_model_card(model.config, model_id=model_id, voice_presets=processor.available_voice_presets,
-                               training_data=training_data, base_model=base_model)
         save_model_card(card, staging, overwrite=True)
         replaced = output_dir.with_name(staging.name + ".old") if output_dir.exists() and overwrite else None
         if replaced is not None:
@@ -175,14 +171,18 @@ def main(argv: list[str] | None = None) -> Path:
 
     training_data = [] if os.path.isdir(args.dataset) else [args.dataset]
     base_model = None if args.model == TINY_RANDOM or os.path.isdir(args.model) else args.model
-    folder = write_model_folder(model, processor, output_dir, args.overwrite, training_data, base_model,
-                                model_id=args.push_to_hub or output_dir.name)
+    def card(model_id: str) -> ModelCard:
+        return bark_model_card(model.config, model_id=model_id, voice_presets=processor.available_voice_presets,
+                               training_data=training_data, base_model=base_model)
+
+    folder = write_model_folder(model, processor, output_dir, args.overwrite, card(args.push_to_hub or output_dir.name))
     print(f"Wrote the fine-tuned model to {folder}")
     if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
+        def write(staging: Path, repo_id: str) -> None:  # the folder, with a card that names the repo as resolved
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            save_model_card(card(repo_id), staging, overwrite=True)
 
-        create_repo(args.push_to_hub, exist_ok=True)
-        upload_folder(repo_id=args.push_to_hub, folder_path=folder)
+        push_folder_to_hub(args.push_to_hub, write, "fine-tuned Bark")
     return folder
 
 

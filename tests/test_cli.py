@@ -70,8 +70,11 @@ def test_say_reads_a_file_and_stdin(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "text.txt").write_text("Hello there.", encoding="utf-8")
     common = ["--model", str(tiny_model_dir), "--seed", "1", "--quiet"]
     assert main(["say", "--file", str(tmp_path / "text.txt"), "-o", str(tmp_path / "file.wav"), *common]) == 0
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello there.")))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffHello there.".encode())))  # with a BOM
     assert main(["say", "-", "-o", str(tmp_path / "stdin.wav"), *common]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there."))  # text only, as in a notebook
+    assert main(["say", "-", "-o", str(tmp_path / "stdin-text.wav"), *common]) == 0
+    np.testing.assert_array_equal(_wav_samples(tmp_path / "stdin.wav"), _wav_samples(tmp_path / "stdin-text.wav"))
     assert main(["say", "Hello there.", "-o", str(tmp_path / "arg.wav"), *common]) == 0
     np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "stdin.wav"))
     np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "arg.wav"))

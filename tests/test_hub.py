@@ -127,3 +127,10 @@ def test_a_folder_saved_as_dot_is_named_in_its_card(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "my-bark")
     model.save_pretrained(".")
     assert 'from_pretrained("my-bark")' in (tmp_path / "my-bark" / "README.md").read_text()
+
+
+def test_shards_and_pull_request_refs_pass_through(hub):
+    model, _ = tiny_random_bark()
+    model.push_to_hub("someone/tiny-bark", max_shard_size="1MB", revision="refs/pr/3")
+    assert "model.safetensors.index.json" in hub.last.uploads
+    assert hub.last.branches == [] and hub.last.commit["revision"] == "refs/pr/3"  # a PR's ref is not created

@@ -459,13 +459,18 @@ def test_composite_generation_config_round_trip(model, tmp_path):
 def test_generation_configs_with_numpy_numbers_save_and_bad_fields_are_refused_before_writing(model, tmp_path):
     model = copy.deepcopy(model)
     model.semantic.generation_config = model.semantic.generation_config.updated(top_k=np.int64(5),
-                                                                                temperature=np.float32(0.5))
+                                                                                temperature=np.float32(0.5),
+                                                                                allow_early_stop=np.bool_(True))
     model.save_pretrained(tmp_path)
     reloaded = BarkHfModel.from_pretrained(tmp_path).semantic.generation_config
     assert (reloaded.top_k, reloaded.temperature) == (5, 0.5) and type(reloaded.top_k) is int
     written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     model.coarse_acoustics.generation_config.temperature = 0  # assigned: no check ran
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        model.save_pretrained(tmp_path)
+    model.coarse_acoustics.generation_config.temperature = 0.7
+    model.fine_acoustics.generation_config.fine_window_hop = object()  # no check covers it, and JSON cannot hold it
+    with pytest.raises(TypeError, match="builtins.object .* cannot be saved as JSON"):
         model.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # refused before writing
 
@@ -584,6 +589,12 @@ def test_settings_that_outgrow_the_position_embeddings_are_refused_before_any_wo
     coarse.generate(torch.zeros(1, 5, dtype=torch.long), max_coarse_history=580, **QUIET)
     with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 1"):
         model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=0, **QUIET)
+    # A duration limit that stops the loop in time is enough.
+    output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2000, max_gen_duration_s=0.1,
+                                     allow_early_stop=False, **QUIET)
+    assert output.sequences.shape[1] == 5  # 0.1 s at 49.9 Hz
+    with pytest.raises(ValueError, match="max_new_tokens=2000 with max_gen_duration_s=20"):
+        model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2000, max_gen_duration_s=20, **QUIET)
 
 
 def test_nan_probabilities_raise_a_clear_error():
@@ -622,4 +633,8 @@ def test_numpy_scalars_are_accepted_as_settings(model):
     torch.manual_seed(0)
     output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=np.int64(5), temperature=np.float32(0.5),
                                      max_new_tokens=np.int32(4), **QUIET)
+    assert torch.equal(output.sequences, expected.sequences)
+    torch.manual_seed(0)
+    output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=5.0, temperature=0.5, max_new_tokens=4.0,
+                                     **QUIET)
     assert torch.equal(output.sequences, expected.sequences)

@@ -296,7 +296,7 @@ def test_a_saved_pipeline_keeps_its_voice_presets(pipe, tmp_path):
 def test_numpy_numbers_are_numbers(pipe):
     expected = pipe(["a", "b"], generate_kwargs=GREEDY, batch_size=2, silence_s=0.5, seed=3)
     output = pipe(["a", "b"], generate_kwargs=GREEDY, batch_size=np.int64(2), silence_s=np.float32(0.5),
-                  seed=np.uint8(3))
+                  seed=np.uint8(3), long_form=np.bool_(False))
     for item, reference in zip(output, expected, strict=True):
         np.testing.assert_array_equal(item["audio"], reference["audio"])
 

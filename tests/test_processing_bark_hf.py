@@ -301,6 +301,7 @@ def test_a_subfolder_gives_its_own_presets(processor, tmp_path):
     processor.save_pretrained(tmp_path / "repo" / "voices")
     loaded = BarkHfProcessor.from_pretrained(tmp_path / "repo", subfolder="voices")
     assert loaded.available_voice_presets == processor.available_voice_presets != []
+    assert BarkHfProcessor.from_pretrained(tmp_path / "repo" / "voices", subfolder=None).available_voice_presets
 
 
 def test_presets_read_lazily(processor, tmp_path):

@@ -9,6 +9,7 @@ import io
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import soundfile
 import torch
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import Trainer, TrainingArguments, pipeline
 
 from bark_hf import (
@@ -455,7 +457,7 @@ def test_collators_refuse_rows_they_cannot_train_on(processor):
         BarkHfFineCollator()([{"fine_tokens": np.zeros((30, 8), np.int64)}])
     with pytest.raises(ValueError, match=r"got shape \(1, 30\)"):
         BarkHfCoarseCollator()([{**coarse_only, "fine_tokens": np.zeros((1, 30), np.int64)}])
-    for codebooks in ([], [0], [8], (2, 9)):
+    for codebooks in ([], [0], [8], (2, 9), {2, 3}, 3):
         with pytest.raises(ValueError, match=r"codebooks must be a non-empty list of 1..7"):
             BarkHfFineCollator(codebooks=codebooks)
     first_head = BarkHfFineCollator(codebooks=(1,))([{"fine_tokens": np.zeros((8, 30), np.int64)}])
@@ -568,18 +570,32 @@ def test_example_script_prepares_trains_with_lora_and_writes_a_loadable_folder(f
 
 
 def test_example_script_pushes_a_card_that_names_the_hub_repo(finetune, tmp_path, monkeypatch):
-    import huggingface_hub
+    import bark_hf.hub
 
     uploaded = {}
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: None)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda repo_id, folder_path, **kwargs: uploaded.update(
-        repo_id=repo_id, card=ModelCard.load(Path(folder_path) / "README.md")))
+
+    class FakeHub:  # a bare name gains the user's namespace, as on the Hub
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"me/{repo_id}")
+
+        def hf_hub_download(self, repo_id, filename, revision=None):
+            raise RemoteEntryNotFoundError("no card yet", response=SimpleNamespace(headers={}, request=None))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update(repo_id=repo_id, files={path.name for path in Path(folder_path).rglob("*")},
+                            card=ModelCard.load(Path(folder_path) / "README.md"))
+
+    monkeypatch.setattr(bark_hf.hub, "HfApi", FakeHub)
     data = save_tone_dataset(tmp_path / "data")
-    finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
-                   "--output-dir", str(tmp_path / "bark-tones"), "--push-to-hub", "me/bark-tones"])
+    output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
+                            "--output-dir", str(tmp_path / "bark-tones"), "--push-to-hub", "bark-tones"])
     assert uploaded["repo_id"] == "me/bark-tones"
+    assert {"model.safetensors", "tokenizer.json"} <= uploaded["files"]
     assert 'pipeline("text-to-audio", model="me/bark-tones")' in uploaded["card"].text
-    assert '"bark-tones"' not in uploaded["card"].text  # the local folder's name
+    assert 'model="me/bark-tones"' not in (output / "README.md").read_text()  # the local card: the name given
 
 
 def test_example_script_trains_in_bf16_without_cuda(finetune, tmp_path):

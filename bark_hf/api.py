@@ -36,7 +36,7 @@ FINE_TEMPERATURE = BarkHfFineGenerationConfig().temperature
 """The original API always samples the fine stage at this temperature (0.5)."""
 
 # The stage modules of `BarkHfModel`, in the order the `*_use_gpu` flags of `preload_models` name them.
-_STAGES = ("semantic", "coarse_acoustics", "fine_acoustics", "codec_model")
+_STAGES = BarkHfModel.STAGE_MODULES
 
 
 @dataclass
@@ -83,6 +83,9 @@ def preload_models(
     again with the same request keeps the loaded model unless `force_reload=True`.
     """
     global _loaded
+    if isinstance(model, bool):  # the original's first positional argument is text_use_gpu
+        raise TypeError("preload_models takes the original's flags by keyword here (text_use_gpu=..., "
+                        "text_use_small=..., ...); its first positional argument is the model folder or Hub id.")
     if model is not None and path is not None and os.fspath(model) != os.fspath(path):
         raise ValueError(f"Got both model={model!r} and path={path!r}; pass only one of them (path is an alias).")
     name = model if model is not None else path
@@ -106,9 +109,10 @@ def preload_models(
 
     _loaded = None  # free the previous model before loading the next one
     bark, processor = loading.load_bark(name, dtype=dtype)
-    accelerator = next((stage_device for stage_device in stage_devices if stage_device.type != "cpu"), None)
-    if offload and accelerator is not None:
-        bark.enable_cpu_offload(accelerator)
+    on_gpu = {stage: stage_device for stage, stage_device in zip(_STAGES, stage_devices, strict=True)
+              if stage_device.type != "cpu"}
+    if offload and on_gpu:  # stages whose *_use_gpu is False stay on the CPU, as in the original
+        bark.enable_cpu_offload(next(iter(on_gpu.values())), stages=list(on_gpu))
     else:
         if offload:
             logger.info(f"{OFFLOAD_CPU_ENV} has no effect: every stage runs on the CPU.")

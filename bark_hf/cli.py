@@ -60,7 +60,7 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
                               "random model whose audio is noise")
     command.add_argument("--device", default="auto", help="torch device: auto (default: cuda if present), cpu, cuda")
     command.add_argument("--dtype", choices=DTYPES, default="float32",
-                         help="weights' precision for the GPT stages (int8: CPU only, about 2-3x faster there); "
+                         help="weights' precision for the GPT stages (int8: CPU only, about 2x faster there); "
                               "the codec stays float32")
     command.add_argument("--offload", action="store_true",
                          help="keep the model on the CPU and move each stage to the GPU only while it runs "

@@ -1,6 +1,6 @@
 """Long-form generation: split text into pieces Bark can speak, generate them, join the audio.
 
-One Bark generation reads at most 256 text tokens and speaks at most about 13-14 s (the semantic
+One Bark generation reads at most 256 text tokens and speaks at most about 15 s (the semantic
 stage stops at 768 tokens). Longer text is cut into sentences, the sentences are grouped into
 chunks that fit one generation each, and the chunks' audio is joined with short silences.
 

@@ -1382,6 +1382,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
     main_input_name = "input_ids"
     generation_config_class = BarkHfGenerationConfig
     STAGE_PREFIXES = ("semantic", "coarse", "fine")
+    STAGE_MODULES = ("semantic", "coarse_acoustics", "fine_acoustics", "codec_model")
+    """The four stages in the order `generate` runs them, by attribute name."""
     # Device maps keep these whole. EnCodec is small (about 60 MB) and decoded through its submodules,
     # outside `forward`, where accelerate's offload hooks never run (see `_ready_for_device_map`). The fine
     # stage's heads are tied to its embeddings, and transformers' device-map planner fails
@@ -1395,6 +1397,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         self.fine_acoustics = BarkHfFineModel(config.fine_acoustics_config)
         self.codec_model = AutoModel.from_config(config.codec_config, dtype=torch.float32)
         self.offload_device: torch.device | None = None  # set by enable_cpu_offload
+        self.offload_stages: tuple[str, ...] = ()
         self.post_init()
 
     @classmethod
@@ -1447,10 +1450,11 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Store the GPT stages' linear layers as int8 (dynamic quantisation), in place, for CPU inference.
 
         One-token decoding reads every weight once per step, so a quarter of the bytes makes it about
-        3x faster on a CPU; activations are quantised per step and the codec stays float32. Greedy
-        tokens may differ from float32 ones (see docs/performance.md), and in a batch an item's tokens
-        depend on the other items (one activation scale per layer input). A quantised model is for
-        eager generation only: moving, casting or saving it raises an error, and it cannot be compiled.
+        2x faster on a CPU (the float32 keys and values are read as before); activations are quantised
+        per step and the codec stays float32. Greedy tokens may differ from float32 ones (see
+        docs/performance.md), and in a batch an item's tokens depend on the other items (one activation
+        scale per layer input). A quantised model is for eager generation only: moving, casting or saving
+        it raises an error, and it cannot be compiled.
         """
         if self.device.type != "cpu" or getattr(self, "hf_device_map", None):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
@@ -1462,14 +1466,19 @@ class BarkHfModel(BarkHfPreTrainedModel):
                 torch.ao.quantization.quantize_dynamic(stage, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return self
 
-    def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None) -> None:
-        """Keep every stage on the CPU and move each to `accelerator_device` only while it runs.
+    def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None,
+                           stages: Sequence[str] = STAGE_MODULES) -> None:
+        """Keep every stage on the CPU and move each of `stages` to `accelerator_device` only while it runs.
 
         `generate` then holds one stage at a time on the accelerator (semantic, coarse, fine, then the
         codec), as the original's `SUNO_OFFLOAD_CPU`: peak accelerator memory is the largest stage plus
         its activations, at the price of a host-to-device copy per stage and call. The default device is
-        the current CUDA device. Outputs stay on the accelerator.
+        the current CUDA device. Stages left out of `stages` (names from `STAGE_MODULES`) run on the CPU,
+        as the original's stages with `use_gpu=False` do. Outputs stay where the last stage ran.
         """
+        unknown = sorted(set(stages) - set(self.STAGE_MODULES))
+        if unknown:
+            raise ValueError(f"enable_cpu_offload: unknown stages {unknown}; choose from {list(self.STAGE_MODULES)}.")
         if getattr(self, "hf_device_map", None):
             raise ValueError("This model was loaded with a device_map, which already places (and offloads) its "
                              "weights; load it without device_map to use enable_cpu_offload().")
@@ -1485,7 +1494,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
                              f"({error}).") from None
         if device.type == "meta":
             raise ValueError("enable_cpu_offload('meta'): the meta device holds no weights; pass one that computes.")
-        self.offload_device = device
+        self.offload_device, self.offload_stages = device, tuple(stages)
         self.to("cpu")
 
     @contextlib.contextmanager
@@ -1501,10 +1510,10 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Under `enable_cpu_offload`, move `running` to the accelerator and every other stage to the CPU."""
         if self.offload_device is None:
             return
-        for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics, self.codec_model):
-            if stage is not running:
-                stage.to("cpu")  # first, so the accelerator never holds two stages
-        if running is not None:
+        for name in self.STAGE_MODULES:
+            if getattr(self, name) is not running:
+                getattr(self, name).to("cpu")  # first, so the accelerator never holds two stages
+        if any(running is getattr(self, name) for name in self.offload_stages):
             running.to(self.offload_device)
 
     @property

@@ -21,6 +21,7 @@ See docs/devices.md, also for several machines.
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from transformers.utils import logging
 
 from .audio_io import check_output_path, write_wav
+from .checks import checked_seconds, checked_whole_number
 from .cli import DTYPES, quiet_output
 from .loading import DEFAULT_MODEL, load_bark
 from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, chunk_text, generate_long_form
@@ -199,11 +201,13 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, state: Any) -> int:
     from accelerate.utils import broadcast_object_list, gather_object
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}.")
-    if args.silence < 0:
-        raise ValueError(f"--silence must be >= 0 seconds; got {args.silence}.")
+    checked_whole_number(args.batch_size, "--batch-size")
+    checked_seconds(args.silence, "--silence")
+    if args.seed is not None and args.seed < 0:  # SeedSequence takes no negative seeds
+        raise ValueError(f"--seed must be a whole number >= 0; got {args.seed}.")
     if args.loudness is not None:
+        if not math.isfinite(args.loudness):
+            raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")
         _import_pyloudnorm()  # before any generation
     if state.is_main_process:
         text = read_script(args.input)

@@ -100,10 +100,12 @@ def _checked_codes(key: str, value: Any) -> np.ndarray:
 
 
 def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Check a voice preset the way the original's three stages do, and return int64 copies.
+    """Check a voice preset as the original's three stages do, and return int64 copies.
 
     The original checks each array only when the stage that reads it runs (with asserts);
     checking all of them up front turns a late crash deep in generation into one message here.
+    Two checks are stricter than the original's: exactly the three keys, and as many fine frames
+    as coarse frames (a preset the original saves always has both).
     """
     if not isinstance(preset, Mapping):
         raise TypeError(

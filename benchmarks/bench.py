@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from peers import OPTIONAL_PEER_NAMES, PEER_NAMES, SHAPES, build_peers, random_p
 
 import bark_hf
 from bark_hf import BarkHfModel, BarkHfSemanticGenerationConfig
+from bark_hf.atomic import atomic_path
 from bark_hf.generation_configuration_bark_hf import N_COARSE_CODEBOOKS, N_FINE_CODEBOOKS
 
 logger = logging.getLogger("bench")
@@ -318,6 +318,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "one thread: use --device cpu and set OMP_NUM_THREADS=1.")
     if args.json is not None and args.json.exists():
         parser.error(f"{args.json} exists; choose a new path for --json (results are never overwritten).")
+    if args.json is not None and any(folder.is_file() for folder in args.json.parents):
+        parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
+    if "ours-int8" in args.peers and (args.device != "cpu" or args.dtype != "float32"):
+        parser.error("the ours-int8 peer quantises float32 weights for the CPU: use --device cpu --dtype float32.")
     args.shape_name = "tiny" if args.quick else args.shape
     return args
 
@@ -325,9 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_json(path: Path, results: dict) -> None:
     """Write to a temporary file beside `path`, then rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(handle.name, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> dict:

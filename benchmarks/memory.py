@@ -38,7 +38,11 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 from peers import SHAPES, bark_config, random_preset
+
+from bark_hf import BarkHfSemanticGenerationConfig
+from bark_hf.atomic import atomic_path
 
 logger = logging.getLogger("memory")
 
@@ -75,10 +79,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.modes = "tiny", args.modes or "all"
-        args.semantic_tokens = args.semantic_tokens or QUICK_SEMANTIC_TOKENS
+        args.semantic_tokens = QUICK_SEMANTIC_TOKENS if args.semantic_tokens is None else args.semantic_tokens
         args.budget = args.budget or QUICK_BUDGET
     args.budget = args.budget or DEFAULT_BUDGET
-    args.semantic_tokens = args.semantic_tokens or DEFAULT_SEMANTIC_TOKENS
+    args.semantic_tokens = DEFAULT_SEMANTIC_TOKENS if args.semantic_tokens is None else args.semantic_tokens
+    most = BarkHfSemanticGenerationConfig().max_new_tokens
+    if not 1 <= args.semantic_tokens <= most:
+        parser.error(f"--semantic-tokens must be in 1..{most} (the semantic stage's cap); got {args.semantic_tokens}.")
+    try:
+        convert_file_size_to_int(args.budget)
+    except ValueError:
+        parser.error(f"--budget takes a size such as 1GiB or 500MB; got {args.budget!r}.")
     args.shapes = args.shapes.split(",")
     if args.modes in (None, ""):
         args.modes = list(DEFAULT_MODES[args.device])
@@ -91,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.json is not None and args.json.exists():
         parser.error(f"{args.json} exists; choose a new file")
+    if args.json is not None and any(folder.is_file() for folder in args.json.parents):
+        parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
     return args
 
 
@@ -253,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(shape, parameters, results) + "\n")
         report["shapes"][shape] = {"parameters": parameters, "results": results}
         if args.json is not None:  # after every shape, so a run cut short keeps what it measured
-            args.json.write_text(json.dumps({**report, "failures": failures}, indent=1), encoding="utf-8")
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(args.json) as temporary:
+                temporary.write_text(json.dumps({**report, "failures": failures}, indent=1), encoding="utf-8")
     print(f"Device: {device_name}; {args.semantic_tokens} semantic tokens, greedy; device-map budget {args.budget}.")
     for failure in failures:
         print(f"FAILED {failure}")

@@ -46,10 +46,10 @@ class FakeBark:
     def __init__(self):
         for stage in api._STAGES:
             setattr(self, stage, torch.nn.Linear(1, 1))
-        self.offloaded_to = None
+        self.offloaded_to, self.offloaded_stages = None, None
 
-    def enable_cpu_offload(self, accelerator_device=None):
-        self.offloaded_to = torch.device(accelerator_device)
+    def enable_cpu_offload(self, accelerator_device=None, stages=api._STAGES):
+        self.offloaded_to, self.offloaded_stages = torch.device(accelerator_device), list(stages)
 
 
 @pytest.fixture
@@ -261,8 +261,13 @@ def test_offload_env_flag_enables_cpu_offload(fake_loader, monkeypatch):
     monkeypatch.setenv(api.OFFLOAD_CPU_ENV, "True")
     api.preload_models("tiny-random")  # a changed flag is a new request: reloads
     assert api._loaded.model.offloaded_to == torch.device("cuda") and len(fake_loader) == 2
+    assert api._loaded.model.offloaded_stages == list(api._STAGES)
+    api.preload_models("tiny-random", text_use_gpu=False, codec_use_gpu=False)  # these stay on the CPU
+    assert api._loaded.model.offloaded_stages == ["coarse_acoustics", "fine_acoustics"]
     api.preload_models("tiny-random", device="cpu")  # nothing to offload to: the flag is ignored
     assert api._loaded.model.offloaded_to is None
+    with pytest.raises(TypeError, match="flags by keyword here"):
+        api.preload_models(True, False)  # the original's positional text_use_gpu, text_use_small
 
 
 def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):

@@ -89,10 +89,28 @@ def modules():
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--warmup", "-1"], "--warmup must be 0 or more"),
     (["--semantic-tokens", "769"], "--semantic-tokens must be in 1..768"),
+    (["--peers", "ours,ours-int8", "--dtype", "bfloat16"], "use --device cpu --dtype float32"),
+    (["--json", "{file}/results.json"], "a folder on that path is a file"),
 ])
-def test_bad_arguments_are_refused_with_the_fix(modules, capsys, argv, message):
+def test_bad_arguments_are_refused_with_the_fix(modules, capsys, tmp_path, argv, message):
+    (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as raised:
-        modules.bench.parse_args(["--device", "cpu", *argv])
+        modules.bench.parse_args(["--device", "cpu", *[arg.format(file=tmp_path / "file") for arg in argv]])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--semantic-tokens", "0"], "--semantic-tokens must be in 1..768"),
+    (["--budget", "lots"], "--budget takes a size such as 1GiB"),
+    (["--json", "{file}/memory.json"], "a folder on that path is a file"),
+])
+def test_memory_benchmark_refuses_bad_arguments_before_measuring(modules, capsys, tmp_path, argv, message):
+    import memory
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as raised:
+        memory.parse_args(["--device", "cpu", "--quick", *[arg.format(file=tmp_path / "file") for arg in argv]])
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -223,7 +223,30 @@ def test_cpu_offload_without_cuda_asks_for_a_device(model_dir):
             model.enable_cpu_offload(device)
     with pytest.raises(ValueError, match="meta device holds no weights"):
         model.enable_cpu_offload("meta")
+    with pytest.raises(ValueError, match=r"unknown stages \['vocoder'\]"):
+        model.enable_cpu_offload("cpu", stages=["semantic", "vocoder"])
     assert model.offload_device is None  # nothing was turned on
+
+
+def test_cpu_offload_moves_only_the_stages_asked_for(model_dir, reference, monkeypatch):
+    model = BarkHfModel.from_pretrained(model_dir)
+    accelerator = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu", 0)
+    model.enable_cpu_offload(accelerator, stages=["coarse_acoustics"])
+    moved = []
+
+    def record_moves(name: str, stage: torch.nn.Module) -> None:
+        move = stage.to
+
+        def recording_to(device, *args, **kwargs):
+            moved.append((name, torch.device(device)))
+            return move(device, *args, **kwargs)
+
+        monkeypatch.setattr(stage, "to", recording_to)
+
+    for name in model.STAGE_MODULES:
+        record_moves(name, getattr(model, name))
+    _generate(model)
+    assert {name for name, device in moved if device == accelerator} == {"coarse_acoustics"}
 
 
 @pytest.mark.slow  # six fresh interpreters, one per mode: about 90 s on two cores

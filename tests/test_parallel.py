@@ -122,6 +122,11 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
         (["--input", str(script), "-o", str(existing)], "pass --overwrite"),
         (["--input", str(script), "-o", str(tmp_path / "b.wav"), "--batch-size", "0"], "--batch-size"),
         (["--input", str(script), "-o", str(tmp_path / "c.wav"), "--voice", "v2/xx_speaker_9"], "Unknown voice"),
+        *[(["--input", str(script), "-o", str(tmp_path / "a.wav"), "--silence", value], "--silence must be a finite")
+          for value in ("nan", "inf", "-1")],
+        *[(["--input", str(script), "-o", str(tmp_path / "a.wav"), f"--loudness={value}"], "--loudness must be finite")
+          for value in ("nan", "inf", "-inf")],
+        (["--input", str(script), "-o", str(tmp_path / "a.wav"), "--seed", "-1"], "--seed must be a whole number"),
     ]
     for arguments, message in cases:
         assert main([*arguments, "--model", str(short_model_dir), "--cpu", "--quiet"]) == 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .atomic import atomic_path
+from .checks import checked_whole_number
 
 # Facts shared by several stages. Each appears here once and feeds the fields below.
 SEMANTIC_VOCAB_SIZE = 10_000
@@ -64,19 +65,14 @@ class _JsonConfig:
             ):
                 hint = "None (argmax) or a number > 0" if argmax_allowed else "a number > 0 (top_k=1 is greedy)"
                 raise ValueError(f"temperature must be {hint}, got {self.temperature!r}.")
-        top_k = getattr(self, "top_k", None)
-        if top_k is not None and not (is_number(top_k) and int(top_k) == top_k and top_k >= 1):
-            raise ValueError(f"top_k must be None or a whole number >= 1, got {top_k!r}.")
-        if top_k is not None:
-            self.top_k = int(top_k)  # torch.topk takes an int, not 2.0
+        # As Python ints: torch.topk and range() take no 2.0 or numpy integers.
+        if getattr(self, "top_k", None) is not None:
+            self.top_k = checked_whole_number(self.top_k, "top_k (None for no top-k filter)")
+        if hasattr(self, "max_new_tokens"):
+            self.max_new_tokens = checked_whole_number(self.max_new_tokens, "max_new_tokens")
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
-        max_new_tokens = getattr(self, "max_new_tokens", 1)
-        if not (is_number(max_new_tokens) and int(max_new_tokens) == max_new_tokens and max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
-        if hasattr(self, "max_new_tokens"):
-            self.max_new_tokens = int(max_new_tokens)
         min_eos_p = getattr(self, "min_eos_p", None)
         if min_eos_p is not None and not (is_number(min_eos_p) and 0 <= min_eos_p <= 1):
             raise ValueError(f"min_eos_p must be None or a number within [0, 1], got {min_eos_p!r}.")

@@ -203,8 +203,8 @@ def _run(args: argparse.Namespace, state: Any) -> int:
 
     checked_whole_number(args.batch_size, "--batch-size")
     checked_seconds(args.silence, "--silence")
-    if args.seed is not None and args.seed < 0:  # SeedSequence takes no negative seeds
-        raise ValueError(f"--seed must be a whole number >= 0; got {args.seed}.")
+    if args.seed is not None:  # SeedSequence takes no negative seeds
+        checked_whole_number(args.seed, "--seed", minimum=0)
     if args.loudness is not None:
         if not math.isfinite(args.loudness):
             raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import numbers
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -204,6 +205,30 @@ class BarkHfGenerationConfig(_JsonConfig):
         "coarse_acoustics_config": BarkHfCoarseGenerationConfig,
         "fine_acoustics_config": BarkHfFineGenerationConfig,
     }
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Stage configs must be of their stage's class; on a composite model's view (`view_of`) assigning
+        one also sets that stage's own config, so `model.generation_config.semantic_config = ...` holds."""
+        stage_cls = self.STAGE_CLASSES.get(name)
+        if stage_cls is not None and not isinstance(value, stage_cls):
+            raise TypeError(f"{name} must be a {stage_cls.__name__}, got {type(value).__name__}.")
+        super().__setattr__(name, value)
+        model = self.__dict__.get("_model", lambda: None)()
+        if stage_cls is not None and model is not None:
+            getattr(model, name.removesuffix("_config")).generation_config = value
+
+    @classmethod
+    def view_of(cls, model: Any) -> BarkHfGenerationConfig:
+        """The stage configs of the composite `model` (its `semantic`, `coarse_acoustics` and `fine_acoustics`
+        stages), not copied: changing a field or assigning a stage config changes the model's."""
+        view = cls(**{name: getattr(model, name.removesuffix("_config")).generation_config
+                      for name in cls.STAGE_CLASSES})
+        object.__setattr__(view, "_model", weakref.ref(model))
+        return view
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles are plain configs, tied to no model."""
+        return {name: value for name, value in self.__dict__.items() if name != "_model"}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BarkHfGenerationConfig:

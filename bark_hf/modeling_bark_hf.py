@@ -1518,20 +1518,19 @@ class BarkHfModel(BarkHfPreTrainedModel):
 
     @property
     def generation_config(self) -> BarkHfGenerationConfig:
-        """The stages' own generation configs, viewed together (no copy)."""
-        return BarkHfGenerationConfig(
-            semantic_config=self.semantic.generation_config,
-            coarse_acoustics_config=self.coarse_acoustics.generation_config,
-            fine_acoustics_config=self.fine_acoustics.generation_config,
-        )
+        """The stages' own generation configs, viewed together (no copy): see `BarkHfGenerationConfig.view_of`."""
+        return BarkHfGenerationConfig.view_of(self)
 
     @generation_config.setter
     def generation_config(self, value: BarkHfGenerationConfig) -> None:
         if "semantic" not in self._modules:  # set by PreTrainedModel before the stages exist
             return
-        self.semantic.generation_config = value.semantic_config
-        self.coarse_acoustics.generation_config = value.coarse_acoustics_config
-        self.fine_acoustics.generation_config = value.fine_acoustics_config
+        if not isinstance(value, BarkHfGenerationConfig):
+            raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got {type(value).__name__}; "
+                            "a stage's own config is set on the stage (e.g. model.semantic.generation_config).")
+        view = self.generation_config
+        for name in value.STAGE_CLASSES:
+            setattr(view, name, getattr(value, name))
 
     @property
     def sampling_rate(self) -> int:

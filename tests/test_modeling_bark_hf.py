@@ -456,6 +456,27 @@ def test_composite_generation_config_round_trip(model, tmp_path):
     assert reloaded.fine_acoustics.generation_config.temperature == 0.3
 
 
+def test_composite_generation_config_view_writes_stage_configs_through(model):
+    model = copy.deepcopy(model)
+    view = model.generation_config
+    detached = copy.deepcopy(view)
+    view.semantic_config = BarkHfSemanticGenerationConfig(top_k=7)  # a whole stage config, assigned on the view
+    model.generation_config.coarse_acoustics_config = BarkHfCoarseGenerationConfig(max_coarse_history=120)
+    assert model.semantic.generation_config.top_k == 7
+    assert model.coarse_acoustics.generation_config.max_coarse_history == 120
+    view.fine_acoustics_config.temperature = 0.25  # a field of a stage config: the stage's own object
+    assert model.fine_acoustics.generation_config.temperature == 0.25
+
+    detached.semantic_config = BarkHfSemanticGenerationConfig(top_k=3)  # a copy is tied to no model
+    assert model.semantic.generation_config.top_k == 7
+    with pytest.raises(TypeError, match="semantic_config must be a BarkHfSemanticGenerationConfig, got "
+                                        "BarkHfCoarseGenerationConfig"):
+        view.semantic_config = BarkHfCoarseGenerationConfig()
+    with pytest.raises(TypeError, match="must be a BarkHfGenerationConfig, got BarkHfSemanticGenerationConfig"):
+        model.generation_config = BarkHfSemanticGenerationConfig()
+    assert model.semantic.generation_config.top_k == 7  # nothing changed by the refused assignments
+
+
 def test_generation_configs_with_numpy_numbers_save_and_bad_fields_are_refused_before_writing(model, tmp_path):
     model = copy.deepcopy(model)
     model.semantic.generation_config = model.semantic.generation_config.updated(top_k=np.int64(5),

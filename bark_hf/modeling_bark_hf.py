@@ -684,6 +684,14 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
                              f"{self.config.block_size} (block_size); lower the setting.")
 
+    @staticmethod
+    def _generation_uses_cache(use_cache: bool | None) -> bool:
+        """Whether `generate` decodes with the KV cache: unless `use_cache=False`. Not `config.use_cache`, which
+        is `forward`'s default: transformers' Trainer sets it to False (`TrainingArguments.use_cache`), and a
+        stage trained and saved would otherwise generate without a cache, several times slower.
+        """
+        return True if use_cache is None else use_cache
+
     def _use_compiled_step(self, compile: bool | None, use_cache: bool) -> bool:
         """Whether to decode with the compiled step: `compile`, or when None the environment variable.
 
@@ -975,7 +983,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         Follows bark/generation.py `generate_text_semantic`.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         device = self.device
@@ -1077,7 +1085,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).

@@ -502,6 +502,26 @@ def test_trainer_memorises_fine_tokens_and_generation_reproduces_them(tone_rows,
         assert torch.equal(fine.generate(codes[None, :2], temperature=None).sequences[0], codes)
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
+def test_a_stage_saved_after_trainer_still_generates_with_the_kv_cache(stage, tone_rows, tmp_path, monkeypatch):
+    model, processor = tiny_random_bark(seed=1)
+    trained = getattr(model, stage).train()
+    Trainer(model=trained, args=trainer_arguments(tmp_path, steps=1), train_dataset=tone_rows,
+            data_collator=collator_for(trained, processor)).train()
+    trained.save_pretrained(tmp_path / "stage")
+    reloaded = type(trained).from_pretrained(tmp_path / "stage").eval()
+    assert reloaded.config.use_cache is False  # what TrainingArguments.use_cache set: forward's default
+    sizes = []
+    new_cache = type(trained)._new_cache
+    monkeypatch.setattr(type(trained), "_new_cache", lambda self, size, compile: sizes.append(size)
+                        or new_cache(self, size, compile))
+    if stage == "semantic":
+        reloaded.generate(**processor(["a tone"]), max_new_tokens=5, show_progress=False)
+    else:
+        reloaded.generate(torch.arange(20)[None], show_progress=False)
+    assert len(sizes) == 1
+
+
 def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
     from peft import LoraConfig, get_peft_model
 

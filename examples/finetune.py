@@ -131,8 +131,15 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = args.output_dir.resolve()
     if output_dir.exists() and not args.overwrite:
         raise SystemExit(f"{output_dir} already exists; pass --overwrite to replace it.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"{output_dir} is a file, not a model folder; choose another --output-dir.")
     if not output_dir.parent.is_dir():
         raise SystemExit(f"The folder {output_dir.parent} does not exist; create it first.")
+    # The folder is written whole at the end, replacing what is there: nothing the run reads or keeps may be inside.
+    kept = [Path(path) for path in (args.dataset if os.path.isdir(args.dataset) else None, args.checkpoint_dir) if path]
+    if any(path.resolve() == output_dir or output_dir in path.resolve().parents for path in kept):
+        raise SystemExit(f"--output-dir {output_dir} holds the dataset or --checkpoint-dir, which writing the model "
+                         "folder would destroy or collide with; choose a folder outside them.")
 
     dataset = load_training_data(args.dataset, args.split)
     check_training_data(dataset, args)

@@ -642,6 +642,20 @@ def test_example_script_refuses_data_without_semantic_tokens_before_preparing(fi
         finetune.main([*argv, "--dataset", str(tmp_path / "prepared"), "--semantic-column", "tokens"])
 
 
+def test_example_script_refuses_an_output_dir_it_would_destroy_or_collide_with(finetune, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
+    output = tmp_path / "out"
+    argv = ["--model", "tiny-random", "--stage", "fine", "--overwrite"]
+    with pytest.raises(SystemExit, match="holds the dataset or --checkpoint-dir"):  # else: deleted after training
+        finetune.main([*argv, "--output-dir", str(output), "--dataset", str(save_tone_dataset(output / "data"))])
+    data = str(save_tone_dataset(tmp_path / "data"))
+    with pytest.raises(SystemExit, match="holds the dataset or --checkpoint-dir"):  # else: the rename fails at the end
+        finetune.main([*argv, "--output-dir", str(output), "--dataset", data, "--checkpoint-dir", str(output / "ckpt")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a model folder"):
+        finetune.main([*argv, "--output-dir", str(tmp_path / "file"), "--dataset", data])
+
+
 def test_example_script_names_rows_without_text_before_training(finetune, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
     data = save_tone_dataset(tmp_path / "data", text=["a low tone", " "], tokens=[[1, 2], [3, 4]])

@@ -720,6 +720,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                             "decoding eagerly.")
         return False
 
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Not used: `generate` lays out each stage's inputs itself. It exists because peft's
+        `PeftModelForCausalLM` (`LoraConfig(task_type="CAUSAL_LM")`) reads it when it wraps a model.
+        """
+        raise NotImplementedError(f"The {self.base_model_prefix} stage's generate builds its own inputs; call "
+                                  "generate instead.")
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
 
@@ -738,6 +745,8 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         return_dict: bool | None = None,
         history_input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0) for `input_ids` `[B, T]`
         or `inputs_embeds` `[B, T, C]`, after the positions held in `cache` (a `BarkHfKVCache`, extended
@@ -746,8 +755,12 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         `history_input_ids` `[B, W]` are embedded and added to the first W positions: the semantic
         stage's history window, which shares its positions with the text window. `labels` `[B, T]`,
         aligned with the inputs (-100 where there is no target), add the stage's loss (`semantic_loss`
-        or `coarse_loss`); `bark_hf.training` builds both from token sequences.
+        or `coarse_loss`); `bark_hf.training` builds both from token sequences. `output_attentions` and
+        `output_hidden_states` are accepted as peft's `PeftModelForCausalLM` passes them, but only as None or False.
         """
+        if output_attentions or output_hidden_states:
+            raise ValueError("Bark's stages return neither attentions nor hidden states; leave output_attentions "
+                             "and output_hidden_states unset.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         use_cache = self.config.use_cache if use_cache is None else use_cache

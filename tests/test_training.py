@@ -546,6 +546,24 @@ def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
     assert changed and all(name.endswith(("att_proj.weight", "in_proj.weight", "out_proj.weight")) for name in changed)
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
+def test_lora_with_the_causal_lm_task_type_gives_the_loss_and_generates(stage, tone_rows, processor):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_random_bark(seed=1)
+    causal = getattr(model, stage)
+    batch = collator_for(causal, processor)(list(tone_rows))
+    plain = causal(**batch).loss
+    lora = get_peft_model(causal, LoraConfig(r=4, target_modules=["att_proj"], task_type="CAUSAL_LM"))
+    torch.testing.assert_close(lora(**batch).loss, plain)  # the adapters start at zero
+    inputs = ([*processor(["a tone"]).values()], dict(max_new_tokens=5)) if stage == "semantic" else (
+        [torch.tensor(tone_rows[0]["semantic_tokens"])[None]], {})
+    generated = lora.eval().generate(*inputs[0], top_k=1, show_progress=False, **inputs[1]).sequences
+    assert torch.equal(generated, causal.generate(*inputs[0], top_k=1, show_progress=False, **inputs[1]).sequences)
+    with pytest.raises(ValueError, match="neither attentions nor hidden states"):
+        causal(**batch, output_hidden_states=True)
+
+
 @pytest.fixture(scope="module")
 def finetune():
     spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE_SCRIPT)

@@ -483,8 +483,8 @@ def prepare_dataset(
         for position, row in enumerate(indices):
             try:
                 audio = resample_audio(*decode_audio(batch[audio_column][position], sample_dtype))
-            except ValueError as error:
-                raise ValueError(f"Row {row}: {error}") from error
+            except (TypeError, ValueError) as error:  # TypeError: a missing (None) or unreadable cell
+                raise type(error)(f"Row {row}: {error}") from error
             codes = encode_audio(codec_model, audio)
             encoded[FINE_TOKENS_COLUMN].append(codes)
             if semantic_column is not None:

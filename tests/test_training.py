@@ -430,6 +430,9 @@ def test_prepare_names_the_row_of_a_bad_rate_or_unusable_audio():
         raw = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000}, bad_cell]})
         with pytest.raises(ValueError, match=rf"^Row 1: .*{message}"):
             prepare_dataset(raw, model.codec_model)
+    missing = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000}, None]})
+    with pytest.raises(TypeError, match=r"^Row 1: An audio cell must be .* got NoneType"):
+        prepare_dataset(missing, model.codec_model)
     with pytest.raises(ValueError, match="Sampling rates must be positive"):
         resample_audio(tone(300), 0)
 

@@ -16,11 +16,21 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """`path` as a Path, refusing one that exists but is no regular file: the rename of `atomic_path` would put
+    a plain file in place of a device or pipe (`-o /dev/null` run as root replaced /dev/null itself)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file (it is a folder, device or pipe) and cannot be replaced; "
+                         "write to a file path instead.")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` to write into; it replaces `path` when the block succeeds and is
     removed when it fails. The file gets ordinary permissions (mkstemp's own are owner-only)."""
-    path = Path(path)
+    path = check_replaceable(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:

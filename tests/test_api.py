@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +163,14 @@ def test_save_as_prompt_refuses_to_overwrite_unless_asked(tmp_path):
     with np.load(path, allow_pickle=False) as saved:
         np.testing.assert_array_equal(saved["semantic_prompt"], second["semantic_prompt"])
     assert [p.name for p in tmp_path.iterdir()] == ["voice.npz"]
+
+
+def test_save_as_prompt_leaves_a_pipe_in_place(tmp_path):
+    pipe = tmp_path / "voice.npz"
+    os.mkfifo(pipe)  # as a device such as /dev/null would be, the rename must not replace it with a plain file
+    with pytest.raises(ValueError, match="not a regular file"):
+        api.save_as_prompt(pipe, random_voice_preset(0), overwrite=True)
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["voice.npz"]
 
 
 @pytest.mark.parametrize("name,full,error,match", [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import subprocess
 import sys
 import wave
@@ -136,6 +138,15 @@ def test_say_refuses_an_output_path_that_is_no_file_before_generating(tmp_path, 
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_say_leaves_a_device_or_pipe_output_in_place(tmp_path, capsys):
+    pipe = tmp_path / "out.wav"
+    os.mkfifo(pipe)  # stands in for /dev/null, which the rename replaced with a plain file when run as root
+    assert main(["say", "Hi.", "-o", str(pipe), "--model", "tiny-random", "--quiet", "--overwrite"]) == 1
+    error = capsys.readouterr().err
+    assert "not a regular file" in error and len(error.strip().splitlines()) == 1
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["out.wav"]
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

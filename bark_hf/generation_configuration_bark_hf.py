@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 from .atomic import atomic_path
 from .checks import checked_whole_number
@@ -66,11 +69,19 @@ class _JsonConfig:
             ):
                 hint = "None (argmax) or a number > 0" if argmax_allowed else "a number > 0 (top_k=1 is greedy)"
                 raise ValueError(f"temperature must be {hint}, got {self.temperature!r}.")
-        # As Python ints: torch.topk and range() take no 2.0 or numpy integers.
+        # As Python ints: torch.topk, slices and range() take no 2.0 or numpy integers. Every int field is a
+        # count, a length, a hop or a token id, so >= 1: a window of 0 divides by zero, a history of 0 slices all.
         if getattr(self, "top_k", None) is not None:
             self.top_k = checked_whole_number(self.top_k, "top_k (None for no top-k filter)")
-        if hasattr(self, "max_new_tokens"):
-            self.max_new_tokens = checked_whole_number(self.max_new_tokens, "max_new_tokens")
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if item.type == "int":
+                setattr(self, item.name, checked_whole_number(value, item.name))
+            elif item.type == "bool" and not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{item.name} must be True or False, got {value!r}.")
+        max_gen_duration_s = getattr(self, "max_gen_duration_s", None)
+        if max_gen_duration_s is not None and not (is_number(max_gen_duration_s) and 0 < max_gen_duration_s < math.inf):
+            raise ValueError(f"max_gen_duration_s must be None or a number of seconds > 0, got {max_gen_duration_s!r}.")
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
@@ -189,6 +200,16 @@ class BarkHfFineGenerationConfig(_JsonConfig):
     codebook_size: int = CODEBOOK_SIZE
     """Also the input id that marks a code not predicted yet."""
     n_fine_codebooks: int = N_FINE_CODEBOOKS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Window i fills from history + i * hop; the next one starts filling a hop later, within this window.
+        if self.max_fine_history_length + self.fine_window_hop > self.max_fine_input_length:
+            raise ValueError(
+                f"max_fine_history_length + fine_window_hop must be at most max_fine_input_length "
+                f"({self.max_fine_input_length}), got {self.max_fine_history_length} + {self.fine_window_hop}: "
+                "frames between two windows would never be predicted."
+            )
 
 
 @dataclass

@@ -393,6 +393,35 @@ def test_bad_coarse_settings(model, settings, match):
         model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, **settings, **QUIET)
 
 
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(coarse_sliding_window_len=0), "sliding_window_len must be a whole number >= 1; got 0"),  # divided by 0
+    (dict(coarse_sliding_window_len=-5), "sliding_window_len must be a whole number >= 1; got -5"),  # no audio
+    (dict(coarse_max_coarse_history=100.5), "max_coarse_history must be a whole number >= 1; got 100.5"),
+    (dict(fine_fine_window_hop=0), "fine_window_hop must be a whole number >= 1; got 0"),
+    (dict(fine_max_fine_history_length=0), "max_fine_history_length must be a whole number >= 1"),  # [-0:]: all
+    (dict(fine_max_fine_input_length=100), r"max_fine_history_length \+ fine_window_hop must be at most "
+                                           r"max_fine_input_length \(100\), got 512 \+ 512"),
+    (dict(fine_fine_window_hop=2000), r"got 512 \+ 2000: frames between two windows would never be predicted"),
+    (dict(semantic_max_gen_duration_s="2"), "max_gen_duration_s must be None or a number of seconds > 0, got '2'"),
+    (dict(semantic_max_gen_duration_s=math.inf), "max_gen_duration_s must be None or a number of seconds > 0"),
+    (dict(semantic_allow_early_stop="no"), "allow_early_stop must be True or False, got 'no'"),
+])
+def test_bad_stage_setting_values_are_refused_before_generating(model, monkeypatch, settings, match):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("generation started before the settings were checked")
+
+    monkeypatch.setattr(BarkHfSemanticModel, "generate", must_not_run)
+    with pytest.raises(ValueError, match=match):
+        model.generate(INPUT_IDS, ATTENTION_MASK, **settings, **QUIET)
+
+
+def test_whole_number_settings_become_ints(model):
+    output = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, coarse_max_coarse_history=120.0,
+                            fine_max_fine_input_length=np.int64(100), fine_max_fine_history_length=50,
+                            fine_fine_window_hop=50, return_dict_in_generate=True, **QUIET)
+    assert output.audio.shape[0] == INPUT_IDS.shape[0]
+
+
 def test_use_cache_off_gives_the_same_tokens(model):
     """Greedy settings: the KV cache changes nothing (semantic and coarse stages, batch of two)."""
     outputs = {}
@@ -490,7 +519,7 @@ def test_generation_configs_with_numpy_numbers_save_and_bad_fields_are_refused_b
     with pytest.raises(ValueError, match="temperature must be a number > 0"):
         model.save_pretrained(tmp_path)
     model.coarse_acoustics.generation_config.temperature = 0.7
-    model.fine_acoustics.generation_config.fine_window_hop = object()  # no check covers it, and JSON cannot hold it
+    model.coarse_acoustics.generation_config.coarse_rate_hz = object()  # no check covers it, nor can JSON hold it
     with pytest.raises(TypeError, match="builtins.object .* cannot be saved as JSON"):
         model.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # refused before writing

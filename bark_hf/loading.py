@@ -8,7 +8,7 @@ import torch
 from transformers.utils import logging
 
 from .modeling_bark_hf import BarkHfModel
-from .processing_bark_hf import BarkHfProcessor
+from .processing_bark_hf import BarkHfProcessor, _looks_like_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -20,7 +20,7 @@ LARGE_MODEL = "suno/bark"
 def load_bark(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[BarkHfModel, BarkHfProcessor]:
     """Model (in eval mode) and processor from a folder, a Hub id, or `"tiny-random"`.
 
@@ -32,9 +32,16 @@ def load_bark(
     if name == TINY_RANDOM:
         logger.warning("Using the tiny random model: its audio is noise, not speech.")
         bark, processor = tiny_random_bark()
-        if dtype is not None:
+        if isinstance(dtype, str) and dtype != "auto":  # as from_pretrained takes them: "float16", ...
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
+            dtype = getattr(torch, dtype)
+        if dtype not in (None, "auto"):
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
+    elif _looks_like_local_path(name) and not os.path.isdir(name):  # else the error is about Hub repo id syntax
+        raise FileNotFoundError(f"No model folder at {name!r}; pass a folder made with `bark-hf convert` or "
+                                "`save_pretrained`, a Hub id, or 'tiny-random'.")
     else:
         try:
             bark = BarkHfModel.from_pretrained(name, dtype=dtype)

@@ -253,6 +253,18 @@ def test_named_model_or_path_wins(fake_loader, monkeypatch, tmp_path):
         api.preload_models("tiny-random", path=tmp_path)
 
 
+def test_preload_takes_dtype_names_for_tiny_random_as_for_a_folder(tmp_path):
+    api.preload_models("tiny-random", dtype="bfloat16")  # a folder's from_pretrained takes the name too
+    model = api._loaded.model
+    assert model.semantic.dtype == torch.bfloat16 and model.codec_model.dtype == torch.float32
+    api.preload_models("tiny-random", dtype="auto")
+    assert api._loaded.model.semantic.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'float17' is not a torch dtype"):
+        api.preload_models("tiny-random", dtype="float17")
+    with pytest.raises(FileNotFoundError, match="No model folder at"):  # not the Hub's repo id syntax
+        api.preload_models(tmp_path / "missing")
+
+
 def test_preload_keeps_the_loaded_model_unless_forced(fake_loader):
     api.preload_models("tiny-random")
     model = api._loaded.model

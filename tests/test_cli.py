@@ -55,6 +55,13 @@ def test_unreachable_model_names_the_fix(tmp_path, capsys, monkeypatch):
     assert "--model" in capsys.readouterr().err
 
 
+def test_missing_model_folder_is_named(tmp_path, capsys):
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path / "bark-small"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"No model folder at '{tmp_path / 'bark-small'}'" in error and "Repo id" not in error
+    assert not list(tmp_path.iterdir())
+
+
 def _wav_samples(path) -> np.ndarray:
     with wave.open(str(path)) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24_000, 1, 2)

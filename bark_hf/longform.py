@@ -229,11 +229,21 @@ def _pack(text: str, spans: list[Span], fits: Callable[[str], bool]) -> list[Spa
 
 
 def _hard_split(text: str, span: Span, fits: Callable[[str], bool]) -> list[Span]:
-    """Cut a piece with no clause or word boundary into the longest prefixes that fit (at least one character)."""
+    """Cut a piece with no clause or word boundary into the longest prefixes that fit (at least one character).
+
+    Each prefix's length is doubled until it no longer fits, then bisected: finding it costs about its own
+    length, not the rest of the piece's (a 40,000-character word took seconds, quadratic in its length).
+    """
     start, end = span
     pieces = []
     while start < end:
         low, high = start + 1, end  # the longest fitting stop lies in [low, high]
+        while low < high:
+            probe = min(high, 2 * low - start)
+            if not fits(text[start:probe]):
+                high = probe - 1
+                break
+            low = probe
         while low < high:
             middle = (low + high + 1) // 2
             if fits(text[start:middle]):

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from bark_hf import longform
 from bark_hf.longform import (
     DEFAULT_MAX_CHUNK_SECONDS,
     LONG_FORM_MIN_EOS_P,
@@ -258,6 +259,16 @@ def test_chunk_text_cuts_a_long_sentence_at_clauses_then_words_then_anywhere():
     assert chunk_text("It cost 1,000 dollars [clears throat] ok", max_seconds=1.2) == [
         "It cost 1,000", "dollars", "[clears throat]", "ok"
     ]
+
+
+def test_cutting_a_long_word_reads_each_character_a_few_times(monkeypatch):
+    read = []
+    monkeypatch.setattr(longform, "estimate_speech_seconds",
+                        lambda piece: read.append(len(piece)) or estimate_speech_seconds(piece))
+    word = "a" * 20_000  # or CJK text without any punctuation
+    chunks = chunk_text(word)
+    assert "".join(chunks) == word and len(chunks) == 143  # 140 characters: 10 s at 14 per second
+    assert sum(read) < 40 * len(word)  # about 20x; bisecting each prefix over the whole rest read 87x (quadratic)
 
 
 def test_chunk_text_cuts_between_many_cues_never_inside_one():

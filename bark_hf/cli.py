@@ -123,6 +123,7 @@ def _say(args: argparse.Namespace) -> int:
     from .audio_io import check_output_path, write_wav
     from .loading import load_bark
     from .pipeline_bark_hf import BarkPipeline
+    from .processing_bark_hf import read_voice_preset_file
 
     try:
         # Everything the user can get wrong is checked before a model (maybe gigabytes) is loaded.
@@ -131,6 +132,8 @@ def _say(args: argparse.Namespace) -> int:
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite)
         checked_seconds(args.silence, "--silence")
+        if args.voice is not None and args.voice.endswith(".npz"):
+            read_voice_preset_file(args.voice)  # a preset file, unlike a name, needs no processor to check
         generate_kwargs = {}
         if args.text_temp is not None:
             BarkHfSemanticGenerationConfig(temperature=args.text_temp)

@@ -163,6 +163,15 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert _wav_samples(tmp_path / "m.wav").shape[0] > 0
 
 
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: np.savez(path, semantic_prompt=np.arange(5))])
+def test_say_checks_a_preset_file_before_loading_the_model(tmp_path, capsys, monkeypatch, make):
+    make(tmp_path / "voice.npz")
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--voice", str(tmp_path / "voice.npz"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "voice.npz" in error and len(error.strip().splitlines()) == 1
+
+
 def test_say_refuses_an_invalid_preset_file_and_names_close_preset_names(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, semantic_prompt=np.arange(5))

@@ -19,6 +19,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path such as {path / 'out.wav'}.")
     check_replaceable(path)
+    if path.suffix.lower() not in ("", ".wav"):
+        raise ValueError(f"{path}: bark-hf writes WAV files only; give the output a .wav name.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
     if path.exists() and not overwrite:

@@ -141,9 +141,10 @@ def _say(args: argparse.Namespace) -> int:
         if args.waveform_temp is not None:
             BarkHfCoarseGenerationConfig(temperature=args.waveform_temp)
             generate_kwargs["coarse_temperature"] = args.waveform_temp
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        if args.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = _checked_device(args.device)
         if args.offload and device == "cpu":
             raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
         if args.dtype == "int8" and (device != "cpu" or args.offload):
@@ -187,6 +188,27 @@ def run_voices(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(names))
     return 0
+
+
+def _checked_device(name: str) -> str:
+    """`--device` checked before the model loads: a torch device this machine has, that can hold weights."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "meta":
+        raise ValueError("--device meta holds no data and cannot generate; use auto, cpu or cuda.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu (or auto).")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             "numbered from 0.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this torch has no usable MPS device; use --device cpu (or auto).")
+    return name
 
 
 def _one_line(error: BaseException) -> str:

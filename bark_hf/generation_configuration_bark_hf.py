@@ -65,9 +65,10 @@ class _JsonConfig:
         if hasattr(self, "temperature"):
             argmax_allowed = isinstance(self, BarkHfFineGenerationConfig)
             if not (self.temperature is None and argmax_allowed) and not (
-                is_number(self.temperature) and self.temperature > 0
+                is_number(self.temperature) and 0 < self.temperature < math.inf
             ):
-                hint = "None (argmax) or a number > 0" if argmax_allowed else "a number > 0 (top_k=1 is greedy)"
+                hint = ("None (argmax) or a finite number > 0" if argmax_allowed
+                        else "a finite number > 0 (top_k=1 is greedy)")
                 raise ValueError(f"temperature must be {hint}, got {self.temperature!r}.")
         # As Python ints: torch.topk, slices and range() take no 2.0 or numpy integers. Every int field is a
         # count, a length, a hop or a token id, so >= 1: a window of 0 divides by zero, a history of 0 slices all.

@@ -9,8 +9,9 @@ generation settings, seeds, and long-form text.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +122,18 @@ class BarkPipeline(Pipeline):
         forward = {key: settings[key] for key in _FORWARD_KEYS if key in settings}
         return preprocess, forward, {}
 
-    def __call__(self, text_inputs: str | Sequence[str], **settings: Any) -> dict[str, Any] | list[dict[str, Any]]:
-        """Audio for one text (a dict) or for a list of texts (a list of dicts, in order)."""
+    def __call__(
+        self, text_inputs: str | Sequence[str] | Iterable[str], **settings: Any
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Audio for one text (a dict), for a list of texts (a list of dicts, in order), or for any other
+        iterable of texts, such as a generator or `KeyDataset(dataset, "text")`, an iterator of dicts that
+        generates `batch_size` texts at a time, as transformers' pipelines stream datasets."""
         # A call's batch size holds for that call; Pipeline.__init__ keeps the one given at construction.
         batch_size = settings.pop("batch_size", self._batch_size)
         batch_size = DEFAULT_BATCH_SIZE if batch_size is None else checked_whole_number(batch_size, "batch_size")
+        stream = _text_stream(text_inputs)
+        if stream is not None:
+            return self._stream(stream, batch_size, settings)
         preprocess, forward, _ = self._sanitize_parameters(**settings)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
@@ -162,6 +170,23 @@ class BarkPipeline(Pipeline):
                 outputs[index] = self.postprocess(audio)
         return outputs[0] if isinstance(text_inputs, str) else outputs
 
+    def _stream(self, texts: Iterator[Any], batch_size: int, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Outputs for a stream of texts, `batch_size` texts per call. Settings are checked now, not at the first
+        item; a seed seeds once, before the first batch, so the stream is repeatable as a whole."""
+        self._sanitize_parameters(**settings)
+        if isinstance(settings.get("voice_preset", self._preprocess_params.get("voice_preset")), (list, tuple)):
+            raise ValueError("A list of voice presets (one per text) needs a list of texts; for a stream of texts, "
+                             "pass one preset for all.")
+        seed = checked_seed(settings.pop("seed", self._forward_params.get("seed")))
+
+        def outputs() -> Iterator[dict[str, Any]]:
+            if seed is not None:
+                torch.manual_seed(seed)
+            while batch := list(itertools.islice(texts, batch_size)):
+                yield from self(batch, batch_size=batch_size, seed=None, **settings)
+
+        return outputs()
+
     def preprocess(self, texts: list[str], presets: list[Any]) -> dict[str, Any]:
         single_preset = all(preset is presets[0] for preset in presets)
         return self.processor(texts, voice_preset=presets[0] if single_preset else presets)
@@ -178,13 +203,28 @@ class BarkPipeline(Pipeline):
         return {"audio": np.asarray(audio, dtype=np.float32), "sampling_rate": self.model.sampling_rate}
 
 
+def _text_stream(text_inputs: Any) -> Iterator[Any] | None:
+    """An iterator over `text_inputs` when they are neither a text nor a list-like of texts (a generator, a
+    `KeyDataset`, a `datasets.Dataset`); else None."""
+    if isinstance(text_inputs, (str, bytes, bytearray, Sequence, np.ndarray)):
+        return None
+    try:
+        return iter(text_inputs)  # also datasets that only index (torch's Dataset has no __iter__)
+    except TypeError:
+        return None
+
+
 def _checked_texts(text_inputs: Any) -> list[str]:
     texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
+    if isinstance(texts, np.ndarray) and texts.ndim == 1:
+        texts = texts.tolist()
     if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)) or len(texts) == 0:
-        raise TypeError(
-            f"BarkPipeline takes a string or a non-empty list of strings, got {type(text_inputs).__name__}."
-        )
+        raise TypeError(f"BarkPipeline takes a string, a non-empty list of strings or an iterable of strings, got "
+                        f"{type(text_inputs).__name__}.")
     for index, text in enumerate(texts):
+        if isinstance(text, Mapping):  # a row of a datasets.Dataset
+            raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; for a dataset, pass its text "
+                            "column, e.g. KeyDataset(dataset, 'text') (transformers.pipelines.pt_utils).")
         if not isinstance(text, str):
             raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; pass text as str.")
         if not text.strip():

@@ -120,6 +120,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch w
       ("-1", "nan", "inf")],
     pytest.param(["Hi.", "--device", "cuda"], "sees no CUDA GPU", marks=NO_CUDA),
     pytest.param(["Hi.", "--device", "cuda:0", "--offload"], "sees no CUDA GPU", marks=NO_CUDA),
+    (["Hi.", "--device", "meta"], "--device meta holds no data"),
+    (["Hi.", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    (["Hi.", "--text-temp", "inf"], "temperature must be a finite number > 0"),
 ])
 def test_say_more_bad_input(tmp_path, capsys, arguments, message):
     arguments = [a.format(dir=tmp_path) for a in arguments]
@@ -127,6 +130,13 @@ def test_say_more_bad_input(tmp_path, capsys, arguments, message):
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.wav"))
+
+
+def test_say_refuses_an_output_that_is_not_a_wav_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.mp3"), "--model", "tiny-random", "--quiet"]) == 1
+    assert "bark-hf writes WAV files only; give the output a .wav name" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_say_refuses_non_utf8_standard_input(tmp_path, monkeypatch, capsys):

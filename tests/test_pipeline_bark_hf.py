@@ -75,6 +75,42 @@ def test_one_preset_for_a_batch_and_batches_smaller_than_the_input(pipe):
         np.testing.assert_array_equal(output["audio"], alone["audio"])
 
 
+def test_streams_of_texts_give_an_iterator_of_outputs_batch_by_batch(pipe, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    alone = [pipe(text, voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY)["audio"] for text in TEXTS]
+    calls = []
+    generate = pipe.model.generate
+    monkeypatch.setattr(pipe.model, "generate", lambda **kwargs: calls.append(len(kwargs["input_ids"])) or
+                        generate(**kwargs))
+    dataset = datasets.Dataset.from_dict({"text": TEXTS})
+    for stream in ((text for text in TEXTS), KeyDataset(dataset, "text"), np.array(TEXTS)):
+        calls.clear()
+        outputs = pipe(stream, voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY, batch_size=2)
+        if not isinstance(stream, np.ndarray):  # an array is a list of texts: a list back
+            assert not isinstance(outputs, list) and calls == []  # lazy: nothing generated before iterating
+        outputs = list(outputs)
+        assert calls == [2, 1]
+        for output, expected in zip(outputs, alone, strict=True):
+            np.testing.assert_array_equal(output["audio"], expected)
+
+    with pytest.raises(TypeError, match=r"KeyDataset\(dataset, 'text'\)"):
+        list(pipe(dataset))  # rows are dicts
+    with pytest.raises(ValueError, match="a stream of texts, pass one preset for all"):
+        pipe(iter(TEXTS), voice_preset=["v2/en_speaker_1"] * 3)
+    with pytest.raises(TypeError, match="Unknown BarkPipeline setting"):
+        pipe(iter(TEXTS), voice="x")  # checked at the call, before any item is read
+
+
+def test_a_seeded_stream_is_seeded_once(pipe):
+    settings = {"semantic_max_new_tokens": 20}
+    streamed = [out["audio"] for out in pipe(iter(["Hi.", "Hi."]), seed=5, generate_kwargs=settings, batch_size=1)]
+    listed = [out["audio"] for out in pipe(["Hi.", "Hi."], seed=5, generate_kwargs=settings, batch_size=1)]
+    for first, second in zip(streamed, listed, strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
 def test_seed_makes_sampling_repeatable(pipe):
     settings = {"semantic_max_new_tokens": 30}
     first = pipe("Hello there.", seed=11, generate_kwargs=settings)["audio"]

@@ -312,6 +312,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
 
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # The Trainer then passes `num_items_in_batch` to `forward`, for exact losses under gradient accumulation.
+    accepts_loss_kwargs = True
     _no_split_modules = ["BarkHfBlock"]
     # transformers' Bark checkpoints carry the causal-mask buffers; SDPA needs none.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]
@@ -608,9 +610,21 @@ def _check_label_range(labels: torch.Tensor, low: int, high: int, what: str) -> 
         )
 
 
-def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfSemanticGenerationConfig) -> torch.Tensor:
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+                   ) -> torch.Tensor:
+    """Mean cross-entropy of `logits` `[N, C]` over `targets` `[N]` (-100: none), in float32. With
+    `num_items_in_batch`, the Trainer's count of targets in all micro-batches of one optimizer step, the sum
+    over it instead, so that gradient accumulation over labels of uneven lengths equals one large batch."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
+
+
+def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfSemanticGenerationConfig,
+                  num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over what the semantic stage samples: the semantic vocabulary plus
-    end of speech (`semantic_pad_token` as a label). `logits` `[B, T, V]`, `labels` `[B, T]` aligned with the inputs.
+    end of speech (`semantic_pad_token` as a label). `logits` `[B, T, V]`, `labels` `[B, T]` aligned with the inputs;
+    `num_items_in_batch` as for `_cross_entropy`.
     """
     logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts the token at t + 1
     vocab = config.semantic_vocab_size
@@ -618,10 +632,11 @@ def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfSema
     sampled = torch.cat([logits[..., :vocab], eos], dim=-1)  # [B, T - 1, vocab + 1]: the last category is EOS
     targets = torch.where(labels == config.semantic_pad_token, vocab, labels)
     _check_label_range(targets, 0, vocab + 1, f"semantic tokens (0..{vocab - 1}) or end of speech ({vocab})")
-    return F.cross_entropy(sampled.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return _cross_entropy(sampled.flatten(0, 1), targets.flatten(), num_items_in_batch)
 
 
-def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfCoarseGenerationConfig) -> torch.Tensor:
+def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfCoarseGenerationConfig,
+                num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over what the coarse stage samples: each label's own codebook (1 024 codes).
 
     `labels` `[B, T]` hold coarse tokens (`semantic_vocab_size + codebook * codebook_size + code`),
@@ -637,7 +652,7 @@ def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfCoarse
     codebook = torch.where(kept, offset_labels // size, 0)[..., None, None].expand(*labels.shape, 1, size)
     sampled = per_codebook.gather(-2, codebook).squeeze(-2)  # [B, T - 1, N]: the target's codebook
     targets = torch.where(kept, offset_labels % size, IGNORE_INDEX)
-    return F.cross_entropy(sampled.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return _cross_entropy(sampled.flatten(0, 1), targets.flatten(), num_items_in_batch)
 
 
 class BarkHfCausalModel(BarkHfPreTrainedModel):
@@ -747,6 +762,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0) for `input_ids` `[B, T]`
         or `inputs_embeds` `[B, T, C]`, after the positions held in `cache` (a `BarkHfKVCache`, extended
@@ -757,6 +773,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         aligned with the inputs (-100 where there is no target), add the stage's loss (`semantic_loss`
         or `coarse_loss`); `bark_hf.training` builds both from token sequences. `output_attentions` and
         `output_hidden_states` are accepted as peft's `PeftModelForCausalLM` passes them, but only as None or False.
+        `num_items_in_batch` comes from the Trainer (see `_cross_entropy`).
         """
         if output_attentions or output_hidden_states:
             raise ValueError("Bark's stages return neither attentions nor hidden states; leave output_attentions "
@@ -809,7 +826,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if labels is not None:
             config = self.generation_config
             stage_loss = coarse_loss if isinstance(config, BarkHfCoarseGenerationConfig) else semantic_loss
-            loss = stage_loss(logits, labels.to(logits.device), config)
+            loss = stage_loss(logits, labels.to(logits.device), config, num_items_in_batch)
         if return_dict is False:
             return (logits, cache) if loss is None else (loss, logits, cache)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
@@ -1217,13 +1234,14 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         return ids[:, longest:]
 
 
-def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGenerationConfig) -> torch.Tensor:
+def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGenerationConfig,
+              num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over the codes the fine stage reads (the first `codebook_size` logits), every frame
     on its own: `logits` `[B, T, V]`, `labels` `[B, T]` (the model is non-causal, so nothing is shifted).
     """
     size = config.codebook_size
     _check_label_range(labels, 0, size, f"codes (0..{size - 1})")
-    return F.cross_entropy(logits[..., :size].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return _cross_entropy(logits[..., :size].flatten(0, 1), labels.flatten(), num_items_in_batch)
 
 
 @dataclass
@@ -1277,6 +1295,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> MaskedLMOutput | tuple:
         """Logits `[B, T, V]` for codebook `codebook_idx`, given codes `[B, T, 8]`: codebooks
         `0..codebook_idx - 1` are known, and codebook `codebook_idx` holds `codebook_size` ("not
@@ -1284,6 +1303,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
 
         `labels` `[B, T]` (codes of codebook `codebook_idx`, -100 where there is no target) add
         `fine_loss`; `bark_hf.training.BarkHfFineCollator` builds inputs, labels and `codebook_idx`.
+        `num_items_in_batch` comes from the Trainer (see `_cross_entropy`).
         """
         codebook_idx = int(codebook_idx)  # a collator passes a 0-d tensor, which the Trainer can count
         if not self.config.n_codes_given <= codebook_idx < self.config.n_codes_total:
@@ -1309,7 +1329,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         if labels is not None:
             if labels.shape != input_ids.shape[:2]:
                 raise ValueError(f"labels must be [B, T] = {tuple(input_ids.shape[:2])}, got {tuple(labels.shape)}.")
-            loss = fine_loss(logits, labels.to(logits.device), self.generation_config)
+            loss = fine_loss(logits, labels.to(logits.device), self.generation_config, num_items_in_batch)
         if return_dict is False:
             return (logits,) if loss is None else (loss, logits)
         return MaskedLMOutput(loss=loss, logits=logits)

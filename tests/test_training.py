@@ -505,6 +505,29 @@ def test_trainer_memorises_fine_tokens_and_generation_reproduces_them(tone_rows,
         assert torch.equal(fine.generate(codes[None, :2], temperature=None).sequences[0], codes)
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_gradient_accumulation_over_uneven_labels_equals_one_large_batch(stage, processor, tmp_path):
+    generator = np.random.default_rng(3)
+    rows = datasets.Dataset.from_dict({  # targets per row differ about sixfold
+        "text": ["short", "a much longer row of text"],
+        "semantic_tokens": [generator.integers(0, 10_000, n).tolist() for n in (8, 50)],
+        "fine_tokens": [generator.integers(0, 1024, (8, n)).tolist() for n in (12, 75)],
+    })
+    collator = {"semantic": BarkHfSemanticCollator(processor), "coarse": BarkHfCoarseCollator(random_windows=False),
+                "fine": BarkHfFineCollator(codebooks=[3], random_windows=False)}[stage]
+    weights = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        model = tiny_stage(stage).train()
+        arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
+                                      gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
+                                      lr_scheduler_type="constant", save_strategy="no", report_to="none",
+                                      use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)
+        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collator).train()
+        weights.append({name: parameter.detach().clone() for name, parameter in model.named_parameters()})
+    for name, weight in weights[0].items():
+        torch.testing.assert_close(weights[1][name], weight, msg=name)
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
 def test_a_stage_saved_after_trainer_still_generates_with_the_kv_cache(stage, tone_rows, tmp_path, monkeypatch):
     model, processor = tiny_random_bark(seed=1)

@@ -60,7 +60,7 @@ def _env_flag(name: str) -> bool:
 def preload_models(
     model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     *,
     text_use_gpu: bool = True,
     text_use_small: bool = False,
@@ -196,7 +196,7 @@ def text_to_semantic(
     # Under enable_cpu_offload only the running stage sits on the accelerator, as in BarkHfModel.generate.
     with model.offload_scope():
         model.offload_all_but(model.semantic)
-        output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset, use_cache=True,
+        output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset,
                                          show_progress=not silent, temperature=temp)
     return output.sequences[0, : output.lengths[0]].cpu().numpy()
 
@@ -221,7 +221,7 @@ def semantic_to_waveform(
     preset = _voice_preset(processor, history_prompt)
     with model.offload_scope():  # offload_all_but is a no-op unless enable_cpu_offload is on
         model.offload_all_but(model.coarse_acoustics)
-        coarse = model.coarse_acoustics.generate(torch.from_numpy(tokens)[None], None, preset, use_cache=True,
+        coarse = model.coarse_acoustics.generate(torch.from_numpy(tokens)[None], None, preset,
                                                  show_progress=not silent, temperature=temp)  # [1, 2, T]
         model.offload_all_but(model.fine_acoustics)
         fine = model.fine_acoustics.generate(coarse.sequences, coarse.lengths, preset,

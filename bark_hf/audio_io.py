@@ -10,6 +10,10 @@ import numpy as np
 
 from .atomic import atomic_path, check_replaceable
 
+# Names that promise another format than the WAV data written (any other name is taken as given).
+_OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff", ".wma",
+                         ".webm")
+
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early, before any generation, on an output path that cannot be written."""
@@ -19,7 +23,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path such as {path / 'out.wav'}.")
     check_replaceable(path)
-    if path.suffix.lower() not in ("", ".wav"):
+    if path.suffix.lower() in _OTHER_AUDIO_SUFFIXES:
         raise ValueError(f"{path}: bark-hf writes WAV files only; give the output a .wav name.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from transformers.utils import logging
 
 from .checks import checked_seconds
@@ -118,8 +119,6 @@ def quiet_output(enabled: bool) -> Iterator[None]:
 
 
 def _say(args: argparse.Namespace) -> int:
-    import torch
-
     from .audio_io import check_output_path, write_wav
     from .loading import load_bark
     from .pipeline_bark_hf import BarkPipeline
@@ -142,12 +141,12 @@ def _say(args: argparse.Namespace) -> int:
             BarkHfCoarseGenerationConfig(temperature=args.waveform_temp)
             generate_kwargs["coarse_temperature"] = args.waveform_temp
         if args.device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = _checked_device(args.device)
-        if args.offload and device == "cpu":
+        if args.offload and device.type == "cpu":
             raise ValueError("--offload moves stages to a GPU one at a time; none was found (or --device cpu).")
-        if args.dtype == "int8" and (device != "cpu" or args.offload):
+        if args.dtype == "int8" and (device.type != "cpu" or args.offload):
             raise ValueError("--dtype int8 runs on the CPU only; add --device cpu (and no --offload).")
         dtype = torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype)
         model, processor = load_bark(args.model, device=None if args.offload else device, dtype=dtype)
@@ -190,10 +189,8 @@ def run_voices(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_device(name: str) -> str:
+def _checked_device(name: str) -> torch.device:
     """`--device` checked before the model loads: a torch device this machine has, that can hold weights."""
-    import torch
-
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -208,7 +205,7 @@ def _checked_device(name: str) -> str:
                              "numbered from 0.")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: this torch has no usable MPS device; use --device cpu (or auto).")
-    return name
+    return device
 
 
 def _one_line(error: BaseException) -> str:

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from .atomic import atomic_path
-from .checks import checked_whole_number
+from .checks import checked_positive_number, checked_whole_number
+
+if TYPE_CHECKING:
+    from .modeling_bark_hf import BarkHfModel
 
 # Facts shared by several stages. Each appears here once and feeds the fields below.
 SEMANTIC_VOCAB_SIZE = 10_000
@@ -58,31 +60,27 @@ class _JsonConfig:
     """
 
     def __post_init__(self) -> None:
-        """Refuse sampling settings that would fail deep inside torch (a zero temperature divides by zero)."""
+        """Refuse settings that would fail deep inside torch or silently do something else: a zero temperature
+        divides by zero, a window of 0 tokens too, a history of 0 frames slices them all, a rate of -75 runs."""
         def is_number(value: Any) -> bool:
             return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
 
-        if hasattr(self, "temperature"):
-            argmax_allowed = isinstance(self, BarkHfFineGenerationConfig)
-            if not (self.temperature is None and argmax_allowed) and not (
-                is_number(self.temperature) and 0 < self.temperature < math.inf
-            ):
-                hint = ("None (argmax) or a finite number > 0" if argmax_allowed
-                        else "a finite number > 0 (top_k=1 is greedy)")
-                raise ValueError(f"temperature must be {hint}, got {self.temperature!r}.")
-        # As Python ints: torch.topk, slices and range() take no 2.0 or numpy integers. Every int field is a
-        # count, a length, a hop or a token id, so >= 1: a window of 0 divides by zero, a history of 0 slices all.
-        if getattr(self, "top_k", None) is not None:
-            self.top_k = checked_whole_number(self.top_k, "top_k (None for no top-k filter)")
+        # Stored as Python numbers: torch.topk, slices and range() take no 2.0 or numpy integers. Every whole-number
+        # field is a count, a length, a hop or a token id, and every float field a temperature or a rate: all > 0.
         for item in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, item.name)
-            if item.type == "int":
+            if item.type in ("int", int):
                 setattr(self, item.name, checked_whole_number(value, item.name))
-            elif item.type == "bool" and not isinstance(value, (bool, np.bool_)):
+            elif item.type in ("float", float):
+                hint = " (top_k=1 is greedy)" if item.name == "temperature" else ""
+                setattr(self, item.name, checked_positive_number(value, item.name, hint))
+            elif item.type in ("bool", bool) and not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{item.name} must be True or False, got {value!r}.")
-        max_gen_duration_s = getattr(self, "max_gen_duration_s", None)
-        if max_gen_duration_s is not None and not (is_number(max_gen_duration_s) and 0 < max_gen_duration_s < math.inf):
-            raise ValueError(f"max_gen_duration_s must be None or a number of seconds > 0, got {max_gen_duration_s!r}.")
+        if getattr(self, "top_k", None) is not None:
+            self.top_k = checked_whole_number(self.top_k, "top_k (None for no top-k filter)")
+        for name, hint in (("max_gen_duration_s", ", or None"), ("temperature", ", or None (argmax)")):
+            if getattr(self, name, None) is not None:  # the float | None fields above
+                setattr(self, name, checked_positive_number(getattr(self, name), name, hint))
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
@@ -229,20 +227,25 @@ class BarkHfGenerationConfig(_JsonConfig):
     }
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Stage configs must be of their stage's class; on a composite model's view (`view_of`) assigning
-        one also sets that stage's own config, so `model.generation_config.semantic_config = ...` holds."""
+        """Stage configs must be of their stage's class. On a composite model's view (`view_of`), assigning one
+        also sets that stage's own config; the other fields are the model's and cannot be set there."""
         stage_cls = self.STAGE_CLASSES.get(name)
         if stage_cls is not None and not isinstance(value, stage_cls):
             raise TypeError(f"{name} must be a {stage_cls.__name__}, got {type(value).__name__}.")
+        model_reference = self.__dict__.get("_model")
+        model = None if model_reference is None else model_reference()
+        if model is not None and stage_cls is None:
+            raise AttributeError(f"{name} of a model's generation_config cannot be set: the audio's sample rate is the "
+                                 "codec's. Set the stage configs (semantic_config, ...) or their fields.")
         super().__setattr__(name, value)
-        model = self.__dict__.get("_model", lambda: None)()
-        if stage_cls is not None and model is not None:
+        if model is not None:
             getattr(model, name.removesuffix("_config")).generation_config = value
 
     @classmethod
-    def view_of(cls, model: Any) -> BarkHfGenerationConfig:
+    def view_of(cls, model: BarkHfModel) -> BarkHfGenerationConfig:
         """The stage configs of the composite `model` (its `semantic`, `coarse_acoustics` and `fine_acoustics`
-        stages), not copied: changing a field or assigning a stage config changes the model's."""
+        stages), not copied: changing a field or assigning a stage config changes the model's. A deep copy
+        (or a pickle) is a plain config again, tied to no model."""
         view = cls(**{name: getattr(model, name.removesuffix("_config")).generation_config
                       for name in cls.STAGE_CLASSES})
         object.__setattr__(view, "_model", weakref.ref(model))

@@ -8,7 +8,7 @@ import torch
 from transformers.utils import logging
 
 from .modeling_bark_hf import BarkHfModel
-from .processing_bark_hf import BarkHfProcessor, _looks_like_local_path
+from .processing_bark_hf import BarkHfProcessor, looks_like_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -28,7 +28,7 @@ def load_bark(
     """
     from .tiny_random import TINY_RANDOM, tiny_random_bark
 
-    name = os.fspath(model)
+    name = os.path.expanduser(os.fspath(model))
     if name == TINY_RANDOM:
         logger.warning("Using the tiny random model: its audio is noise, not speech.")
         bark, processor = tiny_random_bark()
@@ -39,7 +39,7 @@ def load_bark(
         if dtype not in (None, "auto"):
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
-    elif _looks_like_local_path(name) and not os.path.isdir(name):  # else the error is about Hub repo id syntax
+    elif looks_like_local_path(name) and not os.path.isdir(name):  # else the error is about Hub repo id syntax
         raise FileNotFoundError(f"No model folder at {name!r}; pass a folder made with `bark-hf convert` or "
                                 "`save_pretrained`, a Hub id, or 'tiny-random'.")
     else:

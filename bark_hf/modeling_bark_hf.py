@@ -670,6 +670,9 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.output_vocab_size, bias=False)
         self.generation_config = self.generation_config_class()
         self._cuda_graphs: _CUDAGraphDecoding | None = None  # see `_new_cache`
+        # Next-token losses, as transformers' causal LMs: the Trainer then counts the targets of
+        # `num_items_in_batch` from the second position on, as `semantic_loss` and `coarse_loss` use them.
+        self.loss_type = "ForCausalLM"
         self.post_init()
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfCausalModel:
@@ -698,14 +701,6 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if needed > self.config.block_size:
             raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
                              f"{self.config.block_size} (block_size); lower the setting.")
-
-    @staticmethod
-    def _generation_uses_cache(use_cache: bool | None) -> bool:
-        """Whether `generate` decodes with the KV cache: unless `use_cache=False`. Not `config.use_cache`, which
-        is `forward`'s default: transformers' Trainer sets it to False (`TrainingArguments.use_cache`), and a
-        stage trained and saved would otherwise generate without a cache, several times slower.
-        """
-        return True if use_cache is None else use_cache
 
     def _use_compiled_step(self, compile: bool | None, use_cache: bool) -> bool:
         """Whether to decode with the compiled step: `compile`, or when None the environment variable.
@@ -998,7 +993,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         attention_mask: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         generation_config: BarkHfSemanticGenerationConfig | None = None,
-        use_cache: bool | None = None,
+        use_cache: bool = True,
         show_progress: bool = True,
         compile: bool | None = None,
         **settings: Any,
@@ -1009,11 +1004,12 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         real tokens; `history_prompt` a voice preset (or one per item); `settings` override fields
         of the generation config (`temperature`, `top_k`, `min_eos_p`, ...). Returns int64 tokens
         `[B, S]` padded with `semantic_pad_token`, and their lengths. `compile=True` (default: the
-        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps.
+        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps. The KV cache is on
+        unless `use_cache=False`, whatever `config.use_cache` (forward's default) says: transformers'
+        Trainer sets that to False, and a stage trained and saved would otherwise decode several times slower.
         Follows bark/generation.py `generate_text_semantic`.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         device = self.device
@@ -1101,21 +1097,20 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         semantic_lengths: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         generation_config: BarkHfCoarseGenerationConfig | None = None,
-        use_cache: bool | None = None,
+        use_cache: bool = True,
         show_progress: bool = True,
         compile: bool | None = None,
         **settings: Any,
     ) -> BarkHfStageOutput:
         """Coarse codes `[B, 2, T]` (padded with `codebook_size`) and lengths for semantic tokens
         `[B, S]` (each item valid up to `semantic_lengths`). `compile=True` (default: the
-        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps.
-        Follows bark/generation.py `generate_coarse`.
+        `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps; `use_cache` as for the
+        semantic stage's `generate`. Follows bark/generation.py `generate_coarse`.
 
         The items go through their sliding windows together: window `w` of every item that has one
         is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
         config = (generation_config or self.generation_config).updated(**settings)
-        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).
@@ -1569,9 +1564,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
         if not isinstance(value, BarkHfGenerationConfig):
             raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got {type(value).__name__}; "
                             "a stage's own config is set on the stage (e.g. model.semantic.generation_config).")
-        view = self.generation_config
-        for name in value.STAGE_CLASSES:
-            setattr(view, name, getattr(value, name))
+        self.semantic.generation_config = value.semantic_config
+        self.coarse_acoustics.generation_config = value.coarse_acoustics_config
+        self.fine_acoustics.generation_config = value.fine_acoustics_config
 
     @property
     def sampling_rate(self) -> int:
@@ -1609,7 +1604,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         return_dict_in_generate: bool = False,
-        use_cache: bool | None = None,
+        use_cache: bool = True,
         show_progress: bool = True,
         compile: bool | None = None,
         **kwargs: Any,
@@ -1623,7 +1618,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         `torch.compile`d one-token steps. Returns audio `[B, samples]` float32,
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
-        stage_settings = self._split_stage_settings(kwargs)
+        stage_settings = self.split_stage_settings(kwargs)
         with self.offload_scope():
             self.offload_all_but(self.semantic)
             semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
@@ -1651,8 +1646,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
             fine_lengths=fine.lengths,
         )
 
-    def _split_stage_settings(self, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Route `semantic_x=...` to the semantic stage as `x=...`, and so on; refuse anything else."""
+    def split_stage_settings(self, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Route `semantic_x=...` to the semantic stage as `x=...`, and so on; refuse anything else, and values
+        the stage's generation config refuses. `generate` calls it; callers may, to check settings early."""
         settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
         for name, value in kwargs.items():
             prefix, _, setting = name.partition("_")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,26 @@ from .processing_bark_hf import BarkHfProcessor
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
 _FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "silence_s", "seed", "show_progress")
+# generate_kwargs that BarkHfModel.generate takes itself, not as a stage's setting.
+_MODEL_GENERATE_KEYS = ("use_cache", "compile")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The checked settings of one pipeline call."""
+
+    voice_preset: Any
+    generate_kwargs: dict[str, Any]
+    batch_size: int
+    long_form: bool | None
+    silence_s: float
+    seed: int | None
+    show_progress: bool
 
 
 class BarkPipeline(Pipeline):
-    """Text (a string or a list) to `{"audio": float32 [samples], "sampling_rate": 24000}` per text.
+    """Text (a string, a list or a stream of strings) to `{"audio": float32 [samples], "sampling_rate": 24000}`
+    per text.
 
     Call settings (also accepted when the pipeline is built, as defaults):
         voice_preset: a preset name, an `.npz` path or a dict of arrays; one for all texts or a list
@@ -128,64 +145,81 @@ class BarkPipeline(Pipeline):
         """Audio for one text (a dict), for a list of texts (a list of dicts, in order), or for any other
         iterable of texts, such as a generator or `KeyDataset(dataset, "text")`, an iterator of dicts that
         generates `batch_size` texts at a time, as transformers' pipelines stream datasets."""
+        call = self._checked_call(settings)
+        stream = _text_stream(text_inputs)
+        if stream is not None:
+            return self._stream(stream, call)
+        texts = _checked_texts(text_inputs)
+        presets = _presets_per_text(call.voice_preset, len(texts))
+        if call.seed is not None:
+            torch.manual_seed(call.seed)
+        outputs = self._generate(texts, presets, call)
+        return outputs[0] if isinstance(text_inputs, str) else outputs
+
+    def _checked_call(self, settings: dict[str, Any]) -> _Call:
+        """A call's settings over the pipeline's defaults, every one checked before any text is read."""
         # A call's batch size holds for that call; Pipeline.__init__ keeps the one given at construction.
         batch_size = settings.pop("batch_size", self._batch_size)
         batch_size = DEFAULT_BATCH_SIZE if batch_size is None else checked_whole_number(batch_size, "batch_size")
-        stream = _text_stream(text_inputs)
-        if stream is not None:
-            return self._stream(stream, batch_size, settings)
         preprocess, forward, _ = self._sanitize_parameters(**settings)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
-        texts = _checked_texts(text_inputs)
-        presets = _presets_per_text(preprocess.get("voice_preset"), len(texts))
-        generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params")),
-                           **checked_generate_kwargs(forward.get("generate_kwargs"))}
-        show_progress = forward.get("show_progress", False)
         long_form = forward.get("long_form")
         if long_form is not None and not isinstance(long_form, (bool, np.bool_)):
             raise ValueError(f"long_form must be True, False or None (on when the text needs it); got {long_form!r}.")
-        silence_s = checked_seconds(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s")
-        seed = checked_seed(forward.get("seed"))
-        if seed is not None:
-            torch.manual_seed(seed)
+        generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params")),
+                           **checked_generate_kwargs(forward.get("generate_kwargs"))}
+        self.model.split_stage_settings({name: value for name, value in generate_kwargs.items()
+                                         if name not in _MODEL_GENERATE_KEYS})
+        return _Call(
+            voice_preset=preprocess.get("voice_preset"),
+            generate_kwargs=generate_kwargs,
+            batch_size=batch_size,
+            long_form=long_form,
+            silence_s=checked_seconds(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
+            seed=checked_seed(forward.get("seed")),
+            show_progress=forward.get("show_progress", False),
+        )
 
+    def _stream(self, texts: Iterator[Any], call: _Call) -> Iterator[dict[str, Any]]:
+        """Outputs for a stream of texts, `batch_size` texts at a time. The one preset is loaded now, so a
+        bad one fails at the call; a seed seeds once, before the first batch, so the stream repeats as a whole."""
+        if isinstance(call.voice_preset, (list, tuple)):
+            raise ValueError("A list of voice presets (one per text) needs a list of texts; for a stream of texts, "
+                             "pass one preset for all.")
+        preset = None if call.voice_preset is None else self.processor.load_voice_preset(call.voice_preset)
+
+        def outputs() -> Iterator[dict[str, Any]]:
+            if call.seed is not None:
+                torch.manual_seed(call.seed)
+            done = 0
+            while batch := list(itertools.islice(texts, call.batch_size)):
+                yield from self._generate(_checked_texts(batch, first_index=done), [preset] * len(batch), call)
+                done += len(batch)
+
+        return outputs()
+
+    def _generate(self, texts: list[str], presets: list[Any], call: _Call) -> list[dict[str, Any]]:
+        """One output per text: long texts through long-form generation, the others in batches."""
         outputs: list[dict[str, Any] | None] = [None] * len(texts)
         short = []
         for index, text in enumerate(texts):
-            if long_form or (long_form is None and needs_long_form(text, self.processor.tokenizer)):
+            if call.long_form or (call.long_form is None and needs_long_form(text, self.processor.tokenizer)):
                 result = generate_long_form(
                     self.model, self.processor, text, voice_preset=presets[index],
-                    silence_s=silence_s, batch_size=batch_size,
-                    generate_kwargs=generate_kwargs, show_progress=show_progress,
+                    silence_s=call.silence_s, batch_size=call.batch_size,
+                    generate_kwargs=call.generate_kwargs, show_progress=call.show_progress,
                 )
                 outputs[index] = self.postprocess(result.audio)
             else:
                 short.append(index)
-        for start in range(0, len(short), batch_size):
-            batch = short[start : start + batch_size]
+        for start in range(0, len(short), call.batch_size):
+            batch = short[start : start + call.batch_size]
             inputs = self.preprocess([texts[i] for i in batch], [presets[i] for i in batch])
-            audios = self.forward(inputs, generate_kwargs=generate_kwargs, show_progress=show_progress)
+            audios = self.forward(inputs, generate_kwargs=call.generate_kwargs, show_progress=call.show_progress)
             for index, audio in zip(batch, audios, strict=True):
                 outputs[index] = self.postprocess(audio)
-        return outputs[0] if isinstance(text_inputs, str) else outputs
-
-    def _stream(self, texts: Iterator[Any], batch_size: int, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Outputs for a stream of texts, `batch_size` texts per call. Settings are checked now, not at the first
-        item; a seed seeds once, before the first batch, so the stream is repeatable as a whole."""
-        self._sanitize_parameters(**settings)
-        if isinstance(settings.get("voice_preset", self._preprocess_params.get("voice_preset")), (list, tuple)):
-            raise ValueError("A list of voice presets (one per text) needs a list of texts; for a stream of texts, "
-                             "pass one preset for all.")
-        seed = checked_seed(settings.pop("seed", self._forward_params.get("seed")))
-
-        def outputs() -> Iterator[dict[str, Any]]:
-            if seed is not None:
-                torch.manual_seed(seed)
-            while batch := list(itertools.islice(texts, batch_size)):
-                yield from self(batch, batch_size=batch_size, seed=None, **settings)
-
-        return outputs()
+        return outputs
 
     def preprocess(self, texts: list[str], presets: list[Any]) -> dict[str, Any]:
         single_preset = all(preset is presets[0] for preset in presets)
@@ -206,6 +240,11 @@ class BarkPipeline(Pipeline):
 def _text_stream(text_inputs: Any) -> Iterator[Any] | None:
     """An iterator over `text_inputs` when they are neither a text nor a list-like of texts (a generator, a
     `KeyDataset`, a `datasets.Dataset`); else None."""
+    if isinstance(text_inputs, Mapping):
+        raise TypeError(f"BarkPipeline takes texts, not a {type(text_inputs).__name__}; for a dataset's column, "
+                        "pass e.g. KeyDataset(dataset, 'text') (transformers.pipelines.pt_utils).")
+    if isinstance(text_inputs, (set, frozenset)):
+        raise TypeError("A set of texts has no order, so its outputs could not be matched to it; pass a list.")
     if isinstance(text_inputs, (str, bytes, bytearray, Sequence, np.ndarray)):
         return None
     try:
@@ -214,14 +253,15 @@ def _text_stream(text_inputs: Any) -> Iterator[Any] | None:
         return None
 
 
-def _checked_texts(text_inputs: Any) -> list[str]:
+def _checked_texts(text_inputs: Any, first_index: int = 0) -> list[str]:
+    """The texts as a list; errors number them from `first_index` (a batch's place in a stream)."""
     texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
     if isinstance(texts, np.ndarray) and texts.ndim == 1:
         texts = texts.tolist()
     if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)) or len(texts) == 0:
         raise TypeError(f"BarkPipeline takes a string, a non-empty list of strings or an iterable of strings, got "
                         f"{type(text_inputs).__name__}.")
-    for index, text in enumerate(texts):
+    for index, text in enumerate(texts, start=first_index):
         if isinstance(text, Mapping):  # a row of a datasets.Dataset
             raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; for a dataset, pass its text "
                             "column, e.g. KeyDataset(dataset, 'text') (transformers.pipelines.pt_utils).")

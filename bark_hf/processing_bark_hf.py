@@ -230,18 +230,19 @@ def _read_preset_index(folder: str, index_name: str) -> dict[str, dict[str, str]
     return files
 
 
-def _looks_like_local_path(path: str) -> bool:
+def looks_like_local_path(path: str) -> bool:
+    """Whether `path` can only mean a local path, never a Hub id (`user/name`), so a missing one is named as such."""
     return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
 
 
 def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], subfolder: str = "") -> str:
     """A local folder for `name_or_path` (its `subfolder`), downloading only the processor's files from the Hub."""
-    path = os.fspath(name_or_path)
+    path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.isdir(path):
         return os.path.join(path, subfolder)
     if os.path.exists(path):
         raise ValueError(f"{path!r} is a file; pass the folder that holds the tokenizer and presets.")
-    if _looks_like_local_path(path):
+    if looks_like_local_path(path):
         raise FileNotFoundError(f"No folder at {path!r}; pass a folder saved with `save_pretrained`.")
     try:
         patterns = [f"{subfolder}/{pattern}" if subfolder else pattern for pattern in _HUB_ALLOW_PATTERNS]

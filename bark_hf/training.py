@@ -483,8 +483,11 @@ def prepare_dataset(
         for position, row in enumerate(indices):
             try:
                 audio = resample_audio(*decode_audio(batch[audio_column][position], sample_dtype))
-            except (TypeError, ValueError) as error:  # TypeError: a missing (None) or unreadable cell
-                raise type(error)(f"Row {row}: {error}") from error
+            except (TypeError, ValueError) as error:  # TypeError: a missing (None) cell or one of another type
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"Row {row}: {error}") from error
+            except RuntimeError as error:  # soundfile's error: bytes or a file that are no audio it can read
+                raise ValueError(f"Row {row}: the audio cannot be read as a sound file ({error}).") from error
             codes = encode_audio(codec_model, audio)
             encoded[FINE_TOKENS_COLUMN].append(codes)
             if semantic_column is not None:

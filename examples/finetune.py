@@ -129,17 +129,19 @@ def write_model_folder(model, processor, output_dir: Path, overwrite: bool, card
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     output_dir = args.output_dir.resolve()
-    if output_dir.exists() and not args.overwrite:
-        raise SystemExit(f"{output_dir} already exists; pass --overwrite to replace it.")
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"{output_dir} is a file, not a model folder; choose another --output-dir.")
+    if output_dir.exists() and not args.overwrite:
+        raise SystemExit(f"{output_dir} already exists; pass --overwrite to replace it.")
     if not output_dir.parent.is_dir():
         raise SystemExit(f"The folder {output_dir.parent} does not exist; create it first.")
     # The folder is written whole at the end, replacing what is there: nothing the run reads or keeps may be inside.
-    kept = [Path(path) for path in (args.dataset if os.path.isdir(args.dataset) else None, args.checkpoint_dir) if path]
-    if any(path.resolve() == output_dir or output_dir in path.resolve().parents for path in kept):
-        raise SystemExit(f"--output-dir {output_dir} holds the dataset or --checkpoint-dir, which writing the model "
-                         "folder would destroy or collide with; choose a folder outside them.")
+    kept = [Path(path).resolve() for path in (args.dataset, args.model) if os.path.isdir(path)]
+    if args.checkpoint_dir is not None:  # the run makes it, so it may not exist yet
+        kept.append(args.checkpoint_dir.resolve())
+    if any(path == output_dir or output_dir in path.parents for path in kept):
+        raise SystemExit(f"--output-dir {output_dir} holds the dataset, the --model folder or --checkpoint-dir, which "
+                         "writing the model folder would destroy or collide with; choose a folder outside them.")
 
     dataset = load_training_data(args.dataset, args.split)
     check_training_data(dataset, args)

@@ -7,6 +7,7 @@ vocabularies (its token layout needs them) with tiny widths and a tiny EnCodec.
 from __future__ import annotations
 
 import copy
+import fractions
 import json
 import logging
 import math
@@ -402,8 +403,11 @@ def test_bad_coarse_settings(model, settings, match):
     (dict(fine_max_fine_input_length=100), r"max_fine_history_length \+ fine_window_hop must be at most "
                                            r"max_fine_input_length \(100\), got 512 \+ 512"),
     (dict(fine_fine_window_hop=2000), r"got 512 \+ 2000: frames between two windows would never be predicted"),
-    (dict(semantic_max_gen_duration_s="2"), "max_gen_duration_s must be None or a number of seconds > 0, got '2'"),
-    (dict(semantic_max_gen_duration_s=math.inf), "max_gen_duration_s must be None or a number of seconds > 0"),
+    (dict(semantic_max_gen_duration_s="2"), "max_gen_duration_s must be a finite number > 0, or None; got '2'"),
+    (dict(semantic_max_gen_duration_s=math.inf), "max_gen_duration_s must be a finite number > 0, or None; got inf"),
+    (dict(coarse_coarse_rate_hz=-75), "coarse_rate_hz must be a finite number > 0; got -75"),  # ran without an error
+    (dict(semantic_semantic_rate_hz=0), "semantic_rate_hz must be a finite number > 0; got 0"),  # divided by 0
+    (dict(fine_temperature=math.inf), r"temperature must be a finite number > 0, or None \(argmax\); got inf"),
     (dict(semantic_allow_early_stop="no"), "allow_early_stop must be True or False, got 'no'"),
 ])
 def test_bad_stage_setting_values_are_refused_before_generating(model, monkeypatch, settings, match):
@@ -503,6 +507,8 @@ def test_composite_generation_config_view_writes_stage_configs_through(model):
         view.semantic_config = BarkHfCoarseGenerationConfig()
     with pytest.raises(TypeError, match="must be a BarkHfGenerationConfig, got BarkHfSemanticGenerationConfig"):
         model.generation_config = BarkHfSemanticGenerationConfig()
+    with pytest.raises(AttributeError, match="sample rate is the codec's"):
+        view.sample_rate = 16_000  # it would be lost: the audio's rate is the codec's
     assert model.semantic.generation_config.top_k == 7  # nothing changed by the refused assignments
 
 
@@ -519,8 +525,8 @@ def test_generation_configs_with_numpy_numbers_save_and_bad_fields_are_refused_b
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         model.save_pretrained(tmp_path)
     model.coarse_acoustics.generation_config.temperature = 0.7
-    model.coarse_acoustics.generation_config.coarse_rate_hz = object()  # no check covers it, nor can JSON hold it
-    with pytest.raises(TypeError, match="builtins.object .* cannot be saved as JSON"):
+    model.coarse_acoustics.generation_config.top_p = fractions.Fraction(1, 2)  # a valid number JSON cannot hold
+    with pytest.raises(TypeError, match="fractions.Fraction .* cannot be saved as JSON"):
         model.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # refused before writing
 

@@ -97,10 +97,24 @@ def test_streams_of_texts_give_an_iterator_of_outputs_batch_by_batch(pipe, monke
 
     with pytest.raises(TypeError, match=r"KeyDataset\(dataset, 'text'\)"):
         list(pipe(dataset))  # rows are dicts
-    with pytest.raises(ValueError, match="a stream of texts, pass one preset for all"):
-        pipe(iter(TEXTS), voice_preset=["v2/en_speaker_1"] * 3)
-    with pytest.raises(TypeError, match="Unknown BarkPipeline setting"):
-        pipe(iter(TEXTS), voice="x")  # checked at the call, before any item is read
+    with pytest.raises(TypeError, match=r"not a dict; .*KeyDataset"):
+        pipe({"text": "Hello."})
+    with pytest.raises(TypeError, match="A set of texts has no order"):
+        pipe({"Hello.", "Hi."})
+    # Settings are checked at the call, before any text is read or generated.
+    for settings, error, message in [
+        ({"voice_preset": ["v2/en_speaker_1"] * 3}, ValueError, "a stream of texts, pass one preset for all"),
+        ({"voice": "x"}, TypeError, "Unknown BarkPipeline setting"),
+        ({"voice_preset": "v2/en_speakr_1"}, ValueError, "v2/en_speaker_1"),
+        ({"silence_s": -1}, ValueError, "silence_s"),
+        ({"long_form": "yes"}, ValueError, "long_form must be"),
+        ({"generate_kwargs": {"semantic_temperature": 0}}, ValueError, "temperature must be a finite number > 0"),
+        ({"generate_kwargs": {"semantic_temp": 0.5}}, ValueError, "Unknown or invalid semantic setting"),
+    ]:
+        with pytest.raises(error, match=message):
+            pipe((pytest.fail("read a text") for _ in range(1)), **settings)
+    with pytest.raises(ValueError, match="Text 3 is empty"):  # numbered within the whole stream
+        list(pipe(iter(["Hi.", "Bye.", "Ok.", " "]), generate_kwargs=GREEDY, batch_size=2))
 
 
 def test_a_seeded_stream_is_seeded_once(pipe):

@@ -433,6 +433,10 @@ def test_prepare_names_the_row_of_a_bad_rate_or_unusable_audio():
     missing = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000}, None]})
     with pytest.raises(TypeError, match=r"^Row 1: An audio cell must be .* got NoneType"):
         prepare_dataset(missing, model.codec_model)
+    garbage = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000},
+                                                    {"bytes": b"not a sound file", "path": None}]})
+    with pytest.raises(ValueError, match=r"^Row 1: the audio cannot be read as a sound file"):
+        prepare_dataset(garbage, model.codec_model)
     with pytest.raises(ValueError, match="Sampling rates must be positive"):
         resample_audio(tone(300), 0)
 
@@ -515,17 +519,26 @@ def test_gradient_accumulation_over_uneven_labels_equals_one_large_batch(stage, 
     })
     collator = {"semantic": BarkHfSemanticCollator(processor), "coarse": BarkHfCoarseCollator(random_windows=False),
                 "fine": BarkHfFineCollator(codebooks=[3], random_windows=False)}[stage]
-    weights = []
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collator(features)
+        if stage != "fine":  # a label at the first position, which a next-token loss never predicts
+            batch["labels"][:, 0] = 0
+        return batch
+
+    reference = tiny_stage(stage).train()  # one plain SGD step on the mean loss of both rows
+    reference(**collate(list(rows))).loss.backward()
+    expected = {name: (parameter - parameter.grad).detach() for name, parameter in reference.named_parameters()}
     for batch_size, accumulation in ((2, 1), (1, 2)):
         model = tiny_stage(stage).train()
         arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
                                       gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
-                                      lr_scheduler_type="constant", save_strategy="no", report_to="none",
-                                      use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)
-        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collator).train()
-        weights.append({name: parameter.detach().clone() for name, parameter in model.named_parameters()})
-    for name, weight in weights[0].items():
-        torch.testing.assert_close(weights[1][name], weight, msg=name)
+                                      max_grad_norm=0, lr_scheduler_type="constant", save_strategy="no",
+                                      report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+                                      seed=0)
+        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collate).train()
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(parameter.detach(), expected[name], msg=f"{name}, batch {batch_size}")
 
 
 @pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
@@ -690,14 +703,19 @@ def test_example_script_refuses_an_output_dir_it_would_destroy_or_collide_with(f
     monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
     output = tmp_path / "out"
     argv = ["--model", "tiny-random", "--stage", "fine", "--overwrite"]
-    with pytest.raises(SystemExit, match="holds the dataset or --checkpoint-dir"):  # else: deleted after training
+    holds = "holds the dataset, the --model folder or --checkpoint-dir"
+    with pytest.raises(SystemExit, match=holds):  # else: deleted after training
         finetune.main([*argv, "--output-dir", str(output), "--dataset", str(save_tone_dataset(output / "data"))])
     data = str(save_tone_dataset(tmp_path / "data"))
-    with pytest.raises(SystemExit, match="holds the dataset or --checkpoint-dir"):  # else: the rename fails at the end
+    with pytest.raises(SystemExit, match=holds):  # else: the rename fails at the end
         finetune.main([*argv, "--output-dir", str(output), "--dataset", data, "--checkpoint-dir", str(output / "ckpt")])
+    (output / "base").mkdir()
+    with pytest.raises(SystemExit, match=holds):  # else: the base model is deleted with the old folder
+        finetune.main(["--model", str(output / "base"), "--stage", "fine", "--overwrite", "--output-dir", str(output),
+                       "--dataset", data])
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="is a file, not a model folder"):
-        finetune.main([*argv, "--output-dir", str(tmp_path / "file"), "--dataset", data])
+    with pytest.raises(SystemExit, match="is a file, not a model folder"):  # said first, not "pass --overwrite"
+        finetune.main([*argv[:-1], "--output-dir", str(tmp_path / "file"), "--dataset", data])
 
 
 def test_example_script_names_rows_without_text_before_training(finetune, tmp_path, monkeypatch):

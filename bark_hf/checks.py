@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
+_LARGEST_FLOAT = sys.float_info.max  # a larger int has no float
 # The seeds torch.manual_seed accepts.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -39,7 +41,7 @@ def checked_seconds(value: Any, name: str, allow_zero: bool = True) -> float:
 
 def checked_positive_number(value: Any, name: str, hint: str = "") -> float:
     """`value` as a finite float > 0."""
-    if not _is_number(value, numbers.Real) or not _is_finite(value) or value <= 0:
+    if not _is_number(value, numbers.Real) or not _is_finite(value) or value <= 0 or value > _LARGEST_FLOAT:
         raise ValueError(f"{name} must be a finite number > 0{hint}; got {value!r}.")
     return float(value)
 

@@ -66,21 +66,19 @@ class _JsonConfig:
             return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
 
         # Stored as Python numbers: torch.topk, slices and range() take no 2.0 or numpy integers. Every whole-number
-        # field is a count, a length, a hop or a token id, and every float field a temperature or a rate: all > 0.
+        # field is a count, a length, a hop or a token id, every float field a temperature, a rate or a duration:
+        # all > 0. Optional fields may be None; top_p and min_eos_p have ranges of their own, below.
         for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, item.name)
-            if item.type in ("int", int):
-                setattr(self, item.name, checked_whole_number(value, item.name))
-            elif item.type in ("float", float):
-                hint = " (top_k=1 is greedy)" if item.name == "temperature" else ""
-                setattr(self, item.name, checked_positive_number(value, item.name, hint))
-            elif item.type in ("bool", bool) and not isinstance(value, (bool, np.bool_)):
+            value, type_name = getattr(self, item.name), str(item.type)  # annotations are strings here
+            if (value is None and type_name.endswith(" | None")) or item.name in ("top_p", "min_eos_p"):
+                continue
+            name = f"{item.name} (or None)" if type_name.endswith(" | None") else item.name
+            if type_name.startswith("int"):
+                setattr(self, item.name, checked_whole_number(value, name))
+            elif type_name.startswith("float"):
+                setattr(self, item.name, checked_positive_number(value, name))
+            elif type_name == "bool" and not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{item.name} must be True or False, got {value!r}.")
-        if getattr(self, "top_k", None) is not None:
-            self.top_k = checked_whole_number(self.top_k, "top_k (None for no top-k filter)")
-        for name, hint in (("max_gen_duration_s", ", or None"), ("temperature", ", or None (argmax)")):
-            if getattr(self, name, None) is not None:  # the float | None fields above
-                setattr(self, name, checked_positive_number(getattr(self, name), name, hint))
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
@@ -228,17 +226,17 @@ class BarkHfGenerationConfig(_JsonConfig):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Stage configs must be of their stage's class. On a composite model's view (`view_of`), assigning one
-        also sets that stage's own config; the other fields are the model's and cannot be set there."""
+        also sets that stage's own config, and `sample_rate`, which is the codec's, cannot be set."""
         stage_cls = self.STAGE_CLASSES.get(name)
         if stage_cls is not None and not isinstance(value, stage_cls):
             raise TypeError(f"{name} must be a {stage_cls.__name__}, got {type(value).__name__}.")
         model_reference = self.__dict__.get("_model")
         model = None if model_reference is None else model_reference()
-        if model is not None and stage_cls is None:
-            raise AttributeError(f"{name} of a model's generation_config cannot be set: the audio's sample rate is the "
+        if model is not None and name == "sample_rate":
+            raise AttributeError("A model's generation_config.sample_rate cannot be set: the audio's rate is the "
                                  "codec's. Set the stage configs (semantic_config, ...) or their fields.")
         super().__setattr__(name, value)
-        if model is not None:
+        if model is not None and stage_cls is not None:
             getattr(model, name.removesuffix("_config")).generation_config = value
 
     @classmethod
@@ -247,7 +245,7 @@ class BarkHfGenerationConfig(_JsonConfig):
         stages), not copied: changing a field or assigning a stage config changes the model's. A deep copy
         (or a pickle) is a plain config again, tied to no model."""
         view = cls(**{name: getattr(model, name.removesuffix("_config")).generation_config
-                      for name in cls.STAGE_CLASSES})
+                      for name in cls.STAGE_CLASSES}, sample_rate=model.sampling_rate)
         object.__setattr__(view, "_model", weakref.ref(model))
         return view
 

@@ -11,6 +11,7 @@ See docs/long-form.md.
 
 from __future__ import annotations
 
+import inspect
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
@@ -336,8 +337,9 @@ def _checked_chunks(chunks: Any) -> list[str]:
     return checked
 
 
-def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The caller's `model.generate` settings, refusing those that are set from other arguments."""
+def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None, model: Any) -> dict[str, Any]:
+    """The caller's `model.generate` settings, checked before anything is generated: those set from other
+    arguments are refused, and so are stage settings that the stage's generation config refuses."""
     if generate_kwargs is None:
         return {}
     if not isinstance(generate_kwargs, Mapping):
@@ -348,12 +350,14 @@ def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None) -> dict[s
             f"generate_kwargs may not set {', '.join(reserved)}: they come from the call's own arguments. Pass the "
             "voice as voice_preset= and progress bars as show_progress=."
         )
+    own = inspect.signature(type(model).generate).parameters  # use_cache, compile, ...; the rest are stages'
+    model.split_stage_settings({name: value for name, value in generate_kwargs.items() if name not in own})
     return dict(generate_kwargs)
 
 
-def _stage_settings(generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _stage_settings(generate_kwargs: Mapping[str, Any] | None, model: Any) -> dict[str, Any]:
     """The caller's stage settings on top of the long-form default `semantic_min_eos_p`."""
-    return {"semantic_min_eos_p": LONG_FORM_MIN_EOS_P, **checked_generate_kwargs(generate_kwargs)}
+    return {"semantic_min_eos_p": LONG_FORM_MIN_EOS_P, **checked_generate_kwargs(generate_kwargs, model)}
 
 
 def _full_generation(output: Any, row: int) -> dict[str, np.ndarray]:
@@ -415,7 +419,7 @@ def generate_long_form(
     batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
-    settings = _stage_settings(generate_kwargs)
+    settings = _stage_settings(generate_kwargs, model)
     voice = None if voice_preset is None else processor.load_voice_preset(voice_preset)
 
     audios: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(pieces)

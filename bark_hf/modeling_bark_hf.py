@@ -393,7 +393,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         return push_folder_to_hub(repo_id, write, type(self).__name__, **hub_options)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        # transformers would take a "~/..." folder for a Hub id.
+        pretrained_model_name_or_path = os.path.expanduser(pretrained_model_name_or_path)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         config_file = cached_file(
@@ -702,6 +704,15 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
                              f"{self.config.block_size} (block_size); lower the setting.")
 
+    @staticmethod
+    def _generation_uses_cache(use_cache: bool | None) -> bool:
+        """Whether `generate` decodes with the KV cache: unless `use_cache=False` (None, transformers' usual
+        "default", means on). Not `config.use_cache`, which is `forward`'s default: transformers' Trainer sets it
+        to False, and a stage trained and saved would otherwise decode several times slower."""
+        if use_cache is not None and not isinstance(use_cache, (bool, np.bool_)):
+            raise ValueError(f"use_cache must be True, False or None (on), got {use_cache!r}.")
+        return use_cache is None or bool(use_cache)
+
     def _use_compiled_step(self, compile: bool | None, use_cache: bool) -> bool:
         """Whether to decode with the compiled step: `compile`, or when None the environment variable.
 
@@ -993,7 +1004,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         attention_mask: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         generation_config: BarkHfSemanticGenerationConfig | None = None,
-        use_cache: bool = True,
+        use_cache: bool | None = None,
         show_progress: bool = True,
         compile: bool | None = None,
         **settings: Any,
@@ -1005,11 +1016,10 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         of the generation config (`temperature`, `top_k`, `min_eos_p`, ...). Returns int64 tokens
         `[B, S]` padded with `semantic_pad_token`, and their lengths. `compile=True` (default: the
         `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps. The KV cache is on
-        unless `use_cache=False`, whatever `config.use_cache` (forward's default) says: transformers'
-        Trainer sets that to False, and a stage trained and saved would otherwise decode several times slower.
-        Follows bark/generation.py `generate_text_semantic`.
+        unless `use_cache=False` (see `_generation_uses_cache`). Follows bark/generation.py `generate_text_semantic`.
         """
         config = (generation_config or self.generation_config).updated(**settings)
+        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         device = self.device
@@ -1097,7 +1107,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         semantic_lengths: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         generation_config: BarkHfCoarseGenerationConfig | None = None,
-        use_cache: bool = True,
+        use_cache: bool | None = None,
         show_progress: bool = True,
         compile: bool | None = None,
         **settings: Any,
@@ -1111,6 +1121,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
         config = (generation_config or self.generation_config).updated(**settings)
+        use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).
@@ -1564,6 +1575,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
         if not isinstance(value, BarkHfGenerationConfig):
             raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got {type(value).__name__}; "
                             "a stage's own config is set on the stage (e.g. model.semantic.generation_config).")
+        if value.sample_rate != self.sampling_rate:
+            raise ValueError(f"generation_config.sample_rate is {value.sample_rate}, but this model's codec makes "
+                             f"{self.sampling_rate} Hz audio; the rate is the codec's.")
         self.semantic.generation_config = value.semantic_config
         self.coarse_acoustics.generation_config = value.coarse_acoustics_config
         self.fine_acoustics.generation_config = value.fine_acoustics_config
@@ -1604,7 +1618,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         history_prompt: HistoryPrompt = None,
         return_dict_in_generate: bool = False,
-        use_cache: bool = True,
+        use_cache: bool | None = None,
         show_progress: bool = True,
         compile: bool | None = None,
         **kwargs: Any,

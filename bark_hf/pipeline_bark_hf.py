@@ -36,8 +36,6 @@ from .processing_bark_hf import BarkHfProcessor
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
 _FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "silence_s", "seed", "show_progress")
-# generate_kwargs that BarkHfModel.generate takes itself, not as a stage's setting.
-_MODEL_GENERATE_KEYS = ("use_cache", "compile")
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ class BarkPipeline(Pipeline):
         if stream is not None:
             return self._stream(stream, call)
         texts = _checked_texts(text_inputs)
-        presets = _presets_per_text(call.voice_preset, len(texts))
+        presets = self._loaded_presets(_presets_per_text(call.voice_preset, len(texts)))
         if call.seed is not None:
             torch.manual_seed(call.seed)
         outputs = self._generate(texts, presets, call)
@@ -167,10 +165,8 @@ class BarkPipeline(Pipeline):
         long_form = forward.get("long_form")
         if long_form is not None and not isinstance(long_form, (bool, np.bool_)):
             raise ValueError(f"long_form must be True, False or None (on when the text needs it); got {long_form!r}.")
-        generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params")),
-                           **checked_generate_kwargs(forward.get("generate_kwargs"))}
-        self.model.split_stage_settings({name: value for name, value in generate_kwargs.items()
-                                         if name not in _MODEL_GENERATE_KEYS})
+        generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params"), self.model),
+                           **checked_generate_kwargs(forward.get("generate_kwargs"), self.model)}
         return _Call(
             voice_preset=preprocess.get("voice_preset"),
             generate_kwargs=generate_kwargs,
@@ -187,7 +183,7 @@ class BarkPipeline(Pipeline):
         if isinstance(call.voice_preset, (list, tuple)):
             raise ValueError("A list of voice presets (one per text) needs a list of texts; for a stream of texts, "
                              "pass one preset for all.")
-        preset = None if call.voice_preset is None else self.processor.load_voice_preset(call.voice_preset)
+        preset = self._loaded_presets([call.voice_preset])[0]
 
         def outputs() -> Iterator[dict[str, Any]]:
             if call.seed is not None:
@@ -198,6 +194,15 @@ class BarkPipeline(Pipeline):
                 done += len(batch)
 
         return outputs()
+
+    def _loaded_presets(self, presets: list[Any]) -> list[dict[str, np.ndarray] | None]:
+        """The texts' presets read now, so that a bad one fails before anything is generated; an object given
+        for several texts is read once."""
+        loaded: dict[int, dict[str, np.ndarray]] = {}
+        for preset in presets:
+            if preset is not None and id(preset) not in loaded:
+                loaded[id(preset)] = self.processor.load_voice_preset(preset)
+        return [None if preset is None else loaded[id(preset)] for preset in presets]
 
     def _generate(self, texts: list[str], presets: list[Any], call: _Call) -> list[dict[str, Any]]:
         """One output per text: long texts through long-form generation, the others in batches."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -371,7 +372,12 @@ def decode_audio(value: Any, sample_dtype: Any = None) -> tuple[np.ndarray, int]
         import soundfile
 
         source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        array, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [samples, channels]
+        if isinstance(source, str) and not os.path.isfile(source):
+            raise FileNotFoundError(f"The audio file {source} does not exist.")
+        try:
+            array, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [samples, channels]
+        except soundfile.SoundFileError as error:
+            raise ValueError(f"The audio cannot be read as a sound file ({error}).") from error
         samples = array.mean(axis=1)
     else:
         raise TypeError(
@@ -483,11 +489,9 @@ def prepare_dataset(
         for position, row in enumerate(indices):
             try:
                 audio = resample_audio(*decode_audio(batch[audio_column][position], sample_dtype))
-            except (TypeError, ValueError) as error:  # TypeError: a missing (None) cell or one of another type
-                kind = TypeError if isinstance(error, TypeError) else ValueError
+            except (TypeError, ValueError, FileNotFoundError) as error:  # decode_audio's refusals, with the row
+                kind = next(kind for kind in (TypeError, FileNotFoundError, ValueError) if isinstance(error, kind))
                 raise kind(f"Row {row}: {error}") from error
-            except RuntimeError as error:  # soundfile's error: bytes or a file that are no audio it can read
-                raise ValueError(f"Row {row}: the audio cannot be read as a sound file ({error}).") from error
             codes = encode_audio(codec_model, audio)
             encoded[FINE_TOKENS_COLUMN].append(codes)
             if semantic_column is not None:

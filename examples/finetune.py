@@ -37,13 +37,20 @@ LORA_TARGETS = "att_proj,in_proj,out_proj"
 """The attention and MLP projections of every block (`out_proj` names both)."""
 
 
+def _user_path(value: str) -> Path:
+    """A path argument with "~" expanded (the shell leaves it in `--output-dir=~/out`)."""
+    return Path(value).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"folder, Hub id or 'tiny-random' ({DEFAULT_MODEL})")
-    parser.add_argument("--dataset", required=True, help="save_to_disk folder or Hub dataset id")
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=os.path.expanduser,
+                        help=f"folder, Hub id or 'tiny-random' ({DEFAULT_MODEL})")
+    parser.add_argument("--dataset", required=True, type=os.path.expanduser,
+                        help="save_to_disk folder or Hub dataset id")
     parser.add_argument("--split", default="train", help="split of a Hub dataset (default train)")
     parser.add_argument("--stage", required=True, choices=sorted(STAGE_ATTRIBUTES), help="the stage to train")
-    parser.add_argument("--output-dir", required=True, type=Path, help="model folder to write")
+    parser.add_argument("--output-dir", required=True, type=_user_path, help="model folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--audio-column", default="audio", help="audio column of an unprepared dataset")
     parser.add_argument("--semantic-column", help="column of semantic tokens of an unprepared dataset")
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", type=Path, help="write Trainer checkpoints here (default: none)")
+    parser.add_argument("--checkpoint-dir", type=_user_path, help="write Trainer checkpoints here (default: none)")
     parser.add_argument("--save-steps", type=int, default=500, help="steps between checkpoints (with --checkpoint-dir)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")

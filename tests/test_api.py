@@ -11,7 +11,7 @@ import torch
 from conftest import TEXTS, random_voice_preset
 from test_parity_original import original  # noqa: F401  (the original `bark.generation`, models filled)
 
-from bark_hf import api, loading
+from bark_hf import BarkHfModel, api, loading
 from bark_hf.tiny_random import tiny_random_bark
 
 TEXT = "Hello world."
@@ -251,6 +251,15 @@ def test_named_model_or_path_wins(fake_loader, monkeypatch, tmp_path):
     assert fake_loader == ["tiny-random", str(tmp_path)]
     with pytest.raises(ValueError, match="only one"):
         api.preload_models("tiny-random", path=tmp_path)
+
+
+def test_home_relative_model_folders_load(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_model_dir.parent))  # transformers alone took "~/..." for a Hub id
+    home_path = f"~/{tiny_model_dir.name}"
+    model, processor = loading.load_bark(home_path)
+    assert processor.available_voice_presets and isinstance(BarkHfModel.from_pretrained(home_path), BarkHfModel)
+    with pytest.raises(FileNotFoundError, match="No model folder at"):
+        loading.load_bark("~/no-such-folder")
 
 
 def test_preload_takes_dtype_names_for_tiny_random_as_for_a_folder(tmp_path):

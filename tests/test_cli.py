@@ -99,6 +99,13 @@ def test_say_long_text_is_one_wav_of_joined_chunks(tmp_path, tiny_model_dir):
     assert samples.shape[0] > 3 * 24_000 and silence.shape[0] >= 12_000  # at least one 0.5 s gap
 
 
+def test_say_in_int8_on_a_numbered_cpu_device(tmp_path):
+    output = tmp_path / "int8.wav"
+    arguments = ["say", "Hi.", "-o", str(output), "--model", "tiny-random", "--device", "cpu:0", "--dtype", "int8"]
+    assert main([*arguments, "--quiet"]) == 0
+    assert _wav_samples(output).shape[0] > 0
+
+
 def test_say_in_bfloat16(tmp_path):
     output = tmp_path / "bf16.wav"
     assert main(["say", "Hi.", "-o", str(output), "--model", "tiny-random", "--dtype", "bfloat16", "--quiet"]) == 0

@@ -7,6 +7,7 @@ vocabularies (its token layout needs them) with tiny widths and a tiny EnCodec.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fractions
 import json
 import logging
@@ -403,12 +404,13 @@ def test_bad_coarse_settings(model, settings, match):
     (dict(fine_max_fine_input_length=100), r"max_fine_history_length \+ fine_window_hop must be at most "
                                            r"max_fine_input_length \(100\), got 512 \+ 512"),
     (dict(fine_fine_window_hop=2000), r"got 512 \+ 2000: frames between two windows would never be predicted"),
-    (dict(semantic_max_gen_duration_s="2"), "max_gen_duration_s must be a finite number > 0, or None; got '2'"),
-    (dict(semantic_max_gen_duration_s=math.inf), "max_gen_duration_s must be a finite number > 0, or None; got inf"),
+    (dict(semantic_max_gen_duration_s="2"), r"max_gen_duration_s \(or None\) must be a finite number > 0; got '2'"),
+    (dict(semantic_max_gen_duration_s=math.inf), r"max_gen_duration_s \(or None\) must be a finite number > 0; got in"),
     (dict(coarse_coarse_rate_hz=-75), "coarse_rate_hz must be a finite number > 0; got -75"),  # ran without an error
     (dict(semantic_semantic_rate_hz=0), "semantic_rate_hz must be a finite number > 0; got 0"),  # divided by 0
-    (dict(fine_temperature=math.inf), r"temperature must be a finite number > 0, or None \(argmax\); got inf"),
+    (dict(fine_temperature=math.inf), r"temperature \(or None\) must be a finite number > 0; got inf"),
     (dict(semantic_allow_early_stop="no"), "allow_early_stop must be True or False, got 'no'"),
+    (dict(semantic_temperature=10**400), "temperature must be a finite number > 0; got 1000"),  # float() overflowed
 ])
 def test_bad_stage_setting_values_are_refused_before_generating(model, monkeypatch, settings, match):
     def must_not_run(*args, **kwargs):
@@ -507,8 +509,12 @@ def test_composite_generation_config_view_writes_stage_configs_through(model):
         view.semantic_config = BarkHfCoarseGenerationConfig()
     with pytest.raises(TypeError, match="must be a BarkHfGenerationConfig, got BarkHfSemanticGenerationConfig"):
         model.generation_config = BarkHfSemanticGenerationConfig()
-    with pytest.raises(AttributeError, match="sample rate is the codec's"):
-        view.sample_rate = 16_000  # it would be lost: the audio's rate is the codec's
+    assert view.sample_rate == model.sampling_rate
+    with pytest.raises(AttributeError, match="sample_rate cannot be set: the audio's rate is the codec's"):
+        view.sample_rate = 16_000  # it would be lost
+    with pytest.raises(ValueError, match="but this model's codec makes 24000 Hz audio"):
+        model.generation_config = dataclasses.replace(detached, sample_rate=16_000)
+    view._from_model_config = False  # other attributes, as transformers' trainers set, stay settable
     assert model.semantic.generation_config.top_k == 7  # nothing changed by the refused assignments
 
 

@@ -435,8 +435,11 @@ def test_prepare_names_the_row_of_a_bad_rate_or_unusable_audio():
         prepare_dataset(missing, model.codec_model)
     garbage = datasets.Dataset.from_dict({"audio": [{"array": tone(220), "sampling_rate": 24_000},
                                                     {"bytes": b"not a sound file", "path": None}]})
-    with pytest.raises(ValueError, match=r"^Row 1: the audio cannot be read as a sound file"):
+    with pytest.raises(ValueError, match=r"^Row 1: The audio cannot be read as a sound file"):
         prepare_dataset(garbage, model.codec_model)
+    with pytest.raises(FileNotFoundError, match=r"^Row 0: The audio file /nowhere/clip.wav does not exist"):
+        prepare_dataset(datasets.Dataset.from_dict({"audio": [{"bytes": None, "path": "/nowhere/clip.wav"}]}),
+                        model.codec_model)
     with pytest.raises(ValueError, match="Sampling rates must be positive"):
         resample_audio(tone(300), 0)
 
@@ -559,6 +562,11 @@ def test_a_stage_saved_after_trainer_still_generates_with_the_kv_cache(stage, to
     else:
         reloaded.generate(torch.arange(20)[None], show_progress=False)
     assert len(sizes) == 1
+    if stage == "semantic":  # None is transformers' usual "default": on, too
+        reloaded.generate(**processor(["a tone"]), max_new_tokens=5, use_cache=None, show_progress=False)
+        assert len(sizes) == 2
+        with pytest.raises(ValueError, match="use_cache must be True, False or None"):
+            reloaded.generate(**processor(["a tone"]), max_new_tokens=5, use_cache="no", show_progress=False)
 
 
 def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):

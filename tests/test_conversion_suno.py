@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,23 @@ def test_checkpoint_variants_convert_to_the_same_model(variant, originals, origi
     assert set(state) == set(expected)
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
+
+
+def test_numpy_scalars_of_the_released_checkpoints_load(originals, original_checkpoint_dir, tmp_path):
+    """Suno's files hold a numpy float64 pickled under numpy 1 (`numpy.core.multiarray.scalar`); they were refused
+    as a pickle payload, so the real release did not convert."""
+    staged, path = tmp_path / "staged.pt", tmp_path / "text.pt"
+    torch.save({**originals["text"], "best_val_loss": np.float64(1.25)}, staged)
+    with zipfile.ZipFile(staged) as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("/data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(item, data)
+    assert b"numpy.core.multiarray\nscalar" in zipfile.ZipFile(path).read("staged/data.pkl")
+    converted, reference = convert_stage("text", path), convert_stage("text", original_checkpoint_dir / "text.pt")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
 
 
 @pytest.fixture(scope="module")

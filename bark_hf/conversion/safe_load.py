@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from typing import Any
 
+import numpy as np
 import torch
+from transformers.utils.import_utils import is_torch_greater_or_equal
+
+
+def _numpy_scalar_globals() -> contextlib.AbstractContextManager:
+    """Allow the numpy scalars (`best_val_loss`) that Suno's released checkpoints carry: plain numbers, no code.
+
+    The files were pickled under numpy 1 (`numpy.core.multiarray.scalar`); numpy 2 names the same function
+    `numpy._core.multiarray.scalar`, so both names are listed. Naming a global needs torch 2.6.
+    """
+    if not is_torch_greater_or_equal("2.6"):
+        return contextlib.nullcontext()
+    scalar = np.float64(0).__reduce__()[0]
+    codes = "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]
+    dtype_classes = {type(np.dtype(code)) for code in codes}
+    names = [(scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")]
+    return torch.serialization.safe_globals([*names, np.dtype, *dtype_classes])
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
@@ -14,7 +32,8 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _numpy_scalar_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):
             raise ValueError(

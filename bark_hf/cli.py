@@ -74,7 +74,7 @@ def read_text(args: argparse.Namespace) -> str:
         if args.text is not None:
             raise ValueError("Give the text either as an argument or with --file, not both.")
         try:
-            return Path(args.file).read_text(encoding="utf-8")
+            return Path(args.file).read_text(encoding="utf-8-sig")  # as from standard input: without a BOM
         except FileNotFoundError:
             raise FileNotFoundError(f"The text file {args.file} does not exist.") from None
         except UnicodeDecodeError:

@@ -24,9 +24,10 @@ import argparse
 import math
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,10 @@ logger = logging.get_logger(__name__)
 
 LOUDNESS_EXTRA = "loudness"
 """The optional extra that installs pyloudnorm for `--loudness`."""
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+"""Errors that end the command with one line on stderr (exit status 1), not a traceback."""
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -120,7 +125,7 @@ def _import_pyloudnorm() -> Any:
 
 def read_script(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is no part of the words
     except FileNotFoundError:
         raise FileNotFoundError(f"The script {path} does not exist.") from None
     except UnicodeDecodeError:
@@ -198,8 +203,32 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, state)
 
 
+def on_main_process(state: Any, make: Callable[[], T]) -> T:
+    """`make()` run on process 0, its result given to every process.
+
+    A user error there is raised on process 0 and ends the other processes with exit status 1: left
+    waiting in the next collective, they would fail with a traceback ("Connection reset by peer").
+    """
+    from accelerate.utils import broadcast_object_list
+
+    shared: list[Any] = [None]
+    error = None
+    if state.is_main_process:
+        try:
+            shared = [(True, make())]
+        except USER_ERRORS as caught:
+            error, shared = caught, [(False, None)]
+    broadcast_object_list(shared)
+    if error is not None:
+        raise error
+    succeeded, value = shared[0]
+    if not succeeded:
+        raise SystemExit(1)  # process 0 reports the error
+    return value
+
+
 def _run(args: argparse.Namespace, state: Any) -> int:
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
     checked_whole_number(args.batch_size, "--batch-size")
     checked_seconds(args.silence, "--silence")
@@ -209,20 +238,11 @@ def _run(args: argparse.Namespace, state: Any) -> int:
         if not math.isfinite(args.loudness):
             raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")
         _import_pyloudnorm()  # before any generation
-    if state.is_main_process:
-        text = read_script(args.input)
-        check_output_path(args.output, args.overwrite)
-
+    text = on_main_process(state, lambda: _script_and_output(args))
     model, processor = load_bark(args.model, device=state.device, dtype=getattr(torch, args.dtype))
-    shared: list[Job | None] = [None]
-    if state.is_main_process:
-        voice = None if args.voice is None else processor.load_voice_preset(args.voice)
-        seed = secrets.randbits(32) if args.seed is None else args.seed
-        shared = [Job(chunks=chunk_text(text, processor.tokenizer), voice=voice, seed=seed)]
-        if not args.quiet:
-            print(f"{len(shared[0].chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)
-    broadcast_object_list(shared)
-    job = shared[0]
+    job = on_main_process(state, lambda: _job(args, text, processor))
+    if state.is_main_process and not args.quiet:
+        print(f"{len(job.chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)
 
     results = generate_chunks(model, processor, job, args.batch_size, show_progress=not args.quiet)
     results = gather_object(results)
@@ -237,11 +257,24 @@ def _run(args: argparse.Namespace, state: Any) -> int:
     return 0
 
 
+def _script_and_output(args: argparse.Namespace) -> str:
+    """The script's text, once the output path is known to be writable."""
+    text = read_script(args.input)
+    check_output_path(args.output, args.overwrite)
+    return text
+
+
+def _job(args: argparse.Namespace, text: str, processor: Any) -> Job:
+    voice = None if args.voice is None else processor.load_voice_preset(args.voice)
+    seed = secrets.randbits(32) if args.seed is None else args.seed
+    return Job(chunks=chunk_text(text, processor.tokenizer), voice=voice, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, TypeError, OSError, ImportError) as error:
+    except USER_ERRORS as error:
         print(f"bark_hf.parallel: error: {error}", file=sys.stderr)
         return 1
 

@@ -89,6 +89,14 @@ def test_say_reads_a_file_and_stdin(tmp_path, tiny_model_dir, monkeypatch):
     np.testing.assert_array_equal(_wav_samples(tmp_path / "file.wav"), _wav_samples(tmp_path / "arg.wav"))
 
 
+def test_say_drops_the_bom_of_a_file(tmp_path, capsys):
+    """A file of only a BOM is empty, as on standard input (it was spoken as the text '\ufeff', which has no tokens)."""
+    (tmp_path / "bom.txt").write_bytes("\ufeff\r\n".encode())
+    assert main(["say", "--file", str(tmp_path / "bom.txt"), "-o", str(tmp_path / "x.wav"), "--model", "tiny-random",
+                 "--quiet"]) == 1
+    assert "The text is empty" in capsys.readouterr().err
+
+
 def test_say_long_text_is_one_wav_of_joined_chunks(tmp_path, tiny_model_dir):
     text = " ".join(f"Sentence number {i} is here, and it goes on for a while." for i in range(8))
     output = tmp_path / "long.wav"

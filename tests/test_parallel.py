@@ -86,6 +86,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of bark_hf.parallel on two CPU processes (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "bark_hf.parallel"]
+    return subprocess.run([*launch, *arguments], capture_output=True, text=True, env=env, timeout=600)
+
+
 @pytest.mark.slow  # two fresh interpreters load torch and the model: about 40 s on two cores
 def test_two_processes_write_the_single_process_file(short_model_dir, script, tmp_path):
     """No voice (process 0 makes it from chunk 0), batches of 2, loudness normalised: same bytes either way."""
@@ -100,13 +110,7 @@ def test_two_processes_write_the_single_process_file(short_model_dir, script, tm
     finally:
         torch.set_num_threads(threads)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "bark_hf.parallel"]
-    completed = subprocess.run([*launch, *arguments, "-o", str(double)], capture_output=True, text=True, env=env,
-                               timeout=600)
+    completed = launch_two_processes([*arguments, "-o", str(double)])
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert double.read_bytes() == single.read_bytes()
 
@@ -117,6 +121,8 @@ def test_two_processes_write_the_single_process_file(short_model_dir, script, tm
 def test_user_errors_are_one_line_before_any_generation(short_model_dir, script, tmp_path, capsys, monkeypatch):
     existing = tmp_path / "taken.wav"
     existing.write_bytes(b"")
+    bom_only = tmp_path / "bom.txt"
+    bom_only.write_bytes("\ufeff \r\n".encode())
     cases = [
         (["--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.wav")], "script"),
         (["--input", str(script), "-o", str(existing)], "pass --overwrite"),
@@ -127,6 +133,7 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
         *[(["--input", str(script), "-o", str(tmp_path / "a.wav"), f"--loudness={value}"], "--loudness must be finite")
           for value in ("nan", "inf", "-inf")],
         (["--input", str(script), "-o", str(tmp_path / "a.wav"), "--seed", "-1"], "--seed must be a whole number"),
+        (["--input", str(bom_only), "-o", str(tmp_path / "a.wav")], "is empty"),
     ]
     for arguments, message in cases:
         assert main([*arguments, "--model", str(short_model_dir), "--cpu", "--quiet"]) == 1
@@ -138,3 +145,15 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
     assert main(["--input", str(script), "-o", str(tmp_path / "d.wav"), "--loudness", "-16", "--cpu"]) == 1
     assert "pip install 'bark-hf[loudness]'" in capsys.readouterr().err
     assert not any(tmp_path.glob("[abcd].wav"))
+
+
+@pytest.mark.slow  # two fresh interpreters load torch and the model: about 20 s on two cores
+def test_a_user_error_on_process_0_ends_the_others_without_a_traceback(short_model_dir, script, tmp_path):
+    """An unknown --voice is found on process 0 after loading; the other process waited in a collective and died
+    with gloo's "Connection reset by peer" traceback."""
+    completed = launch_two_processes(["--input", str(script), "-o", str(tmp_path / "out.wav"), "--model",
+                                      str(short_model_dir), "--cpu", "--voice", "v2/xx_speaker_9", "--quiet"])
+    assert completed.returncode != 0
+    assert "bark_hf.parallel: error: Unknown voice preset 'v2/xx_speaker_9'" in completed.stderr
+    assert "[rank1]" not in completed.stderr and "Connection reset" not in completed.stderr, completed.stderr[-4000:]
+    assert not (tmp_path / "out.wav").exists()

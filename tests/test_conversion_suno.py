@@ -537,6 +537,17 @@ def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, o
     assert [path.name for path in tmp_path.iterdir()] == ["bark"]
 
 
+def test_output_dir_dot_is_the_current_folder(monkeypatch, tiny_codec, original_checkpoint_dir, original_codec_path,
+                                              tokenizer_dir, tmp_path):
+    """`--output-dir . --overwrite` failed after converting with "PosixPath('.') has an empty name"."""
+    output = tmp_path / "bark"
+    output.mkdir()
+    monkeypatch.chdir(output)
+    convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer_dir, ".", overwrite=True)
+    assert (output / "config.json").is_file()
+    assert [path.name for path in tmp_path.iterdir()] == ["bark"]
+
+
 def test_failed_overwrite_keeps_the_old_folder(originals, original_checkpoint_dir, original_codec_path, tokenizer_dir,
                                                tmp_path):
     checkpoint_dir = _checkpoint_dir(tmp_path, original_checkpoint_dir, omit=("coarse",))

@@ -47,7 +47,7 @@ def convert_suno_checkpoint(
     size: str | None = None,
 ) -> Path:
     """Convert and write the model folder; returns its path. See the module docstring."""
-    output_dir = Path(output_dir)
+    output_dir = Path(os.path.abspath(output_dir))  # '.' or 'x/..' have no name to stage and rename by
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
     if output_dir.exists() and not output_dir.is_dir():

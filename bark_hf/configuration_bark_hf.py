@@ -6,6 +6,7 @@ Field names equal those of transformers' Bark configs, so a `config.json` writte
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, EncodecConfig, PretrainedConfig
@@ -155,6 +156,16 @@ class BarkHfConfig(PretrainedConfig):
         self.codec_config = codec_config if codec_config is not None else bark_codec_config()
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The folder's config dict; transformers' own Bark configs (`model_type: "bark"`) read as ours, without
+        transformers' warning that a `bark` checkpoint "is otherwise not supported" by this class."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "bark":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

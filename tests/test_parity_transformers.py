@@ -22,7 +22,14 @@ from torch.testing import assert_close
 from transformers import BarkConfig, BarkModel, BarkProcessor, BertTokenizer
 from transformers.initialization import no_init_weights
 
-from bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfModel, BarkHfProcessor, BarkHfSemanticModel
+from bark_hf import (
+    BarkHfCoarseModel,
+    BarkHfConfig,
+    BarkHfFineModel,
+    BarkHfModel,
+    BarkHfProcessor,
+    BarkHfSemanticModel,
+)
 
 GREEDY = dict(semantic_top_k=1, coarse_top_k=1, fine_temperature=None)
 PRESET = "v2/en_speaker_1"
@@ -252,6 +259,19 @@ def test_transformers_folder_layout(transformers_folder):
 @pytest.fixture(scope="module")
 def loaded(transformers_folder):
     return BarkHfModel.from_pretrained(transformers_folder), BarkHfProcessor.from_pretrained(transformers_folder)
+
+
+def test_transformers_folder_loads_without_a_foreign_model_type_warning(transformers_folder):
+    """transformers warned that loading a `bark` config into `bark_hf` "is otherwise not supported and can yield
+    errors", on a path bark-hf supports."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
+        config = BarkHfConfig.from_pretrained(transformers_folder)
+    assert "model of type `bark`" not in captured.out
+    assert config.semantic_config.num_layers == json.loads((transformers_folder / "config.json").read_text())[
+        "semantic_config"]["num_layers"]
 
 
 def assert_same_weights_with_tied_heads(actual_model, expected_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,16 @@ _OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4
                          ".webm")
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early, before any generation, on an output path that cannot be written."""
+def check_output_path(path: str | os.PathLike, overwrite: bool = False,
+                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Fail early, before any generation, on an output path that cannot be written or that names one of `inputs`
+    (the text file or voice preset the command reads: `--overwrite` would replace it with audio)."""
     if not str(path).strip():
         raise ValueError("The output path is empty; give a file name such as out.wav.")
     path = Path(path)
+    if any(source is not None and path.resolve() == Path(source).resolve() for source in inputs):
+        raise ValueError(f"{path} is also an input of this command, which writing the audio would destroy; "
+                         "choose another output path.")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path such as {path / 'out.wav'}.")
     check_replaceable(path)

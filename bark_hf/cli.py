@@ -129,7 +129,7 @@ def _say(args: argparse.Namespace) -> int:
         text = read_text(args)
         if not text.strip():
             raise ValueError("The text is empty; give the words to speak.")
-        check_output_path(args.output, args.overwrite)
+        check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
         checked_seconds(args.silence, "--silence")
         if args.voice is not None and args.voice.endswith(".npz"):
             read_voice_preset_file(args.voice)  # a preset file, unlike a name, needs no processor to check

@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace, state: Any) -> int:
 def _script_and_output(args: argparse.Namespace) -> str:
     """The script's text, once the output path is known to be writable."""
     text = read_script(args.input)
-    check_output_path(args.output, args.overwrite)
+    check_output_path(args.output, args.overwrite, inputs=(args.input, args.voice))
     return text
 
 

@@ -97,6 +97,15 @@ def test_say_drops_the_bom_of_a_file(tmp_path, capsys):
     assert "The text is empty" in capsys.readouterr().err
 
 
+def test_say_refuses_to_write_over_its_input(tmp_path, capsys):
+    """`--file text.txt -o text.txt --overwrite` replaced the text with audio."""
+    (tmp_path / "text.txt").write_text("Hello there.", encoding="utf-8")
+    assert main(["say", "--file", str(tmp_path / "text.txt"), "-o", str(tmp_path / "text.txt"), "--overwrite",
+                 "--model", "tiny-random", "--quiet"]) == 1
+    assert "is also an input" in capsys.readouterr().err
+    assert (tmp_path / "text.txt").read_text(encoding="utf-8") == "Hello there."
+
+
 def test_say_long_text_is_one_wav_of_joined_chunks(tmp_path, tiny_model_dir):
     text = " ".join(f"Sentence number {i} is here, and it goes on for a while." for i in range(8))
     output = tmp_path / "long.wav"

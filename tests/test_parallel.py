@@ -134,6 +134,7 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
           for value in ("nan", "inf", "-inf")],
         (["--input", str(script), "-o", str(tmp_path / "a.wav"), "--seed", "-1"], "--seed must be a whole number"),
         (["--input", str(bom_only), "-o", str(tmp_path / "a.wav")], "is empty"),
+        (["--input", str(script), "-o", str(script), "--overwrite"], "is also an input"),
     ]
     for arguments, message in cases:
         assert main([*arguments, "--model", str(short_model_dir), "--cpu", "--quiet"]) == 1

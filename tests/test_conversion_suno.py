@@ -116,6 +116,9 @@ VARIANTS = {
     "neither": ("text", lambda ck: {**ck, "model": _without_masks(_without_prefix(ck["model"]))}),
     "legacy_vocab_size": ("coarse", lambda ck: {**ck, "model_args": _with_legacy_vocab_size(ck["model_args"])}),
     "legacy_vocab_size_fine": ("fine", lambda ck: {**ck, "model_args": _with_legacy_vocab_size(ck["model_args"])}),
+    # numpy numbers, which the original's configs take as they are; the config's JSON could not hold them.
+    "numpy_model_args": ("coarse", lambda ck: {**ck, "model_args": {key: np.array(value)[()] for key, value in
+                                                                    ck["model_args"].items()}}),
 }
 
 
@@ -128,6 +131,7 @@ def test_checkpoint_variants_convert_to_the_same_model(variant, originals, origi
     converted = convert_stage(stage, path)
     assert not converted.training
     assert converted.config.to_dict() == reference.config.to_dict()
+    converted.config.to_json_string()
     state, expected = converted.state_dict(), reference.state_dict()
     assert set(state) == set(expected)
     for key, value in expected.items():

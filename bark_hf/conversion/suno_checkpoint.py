@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.utils import logging
 
@@ -107,8 +108,8 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], d
 
 
 def stage_config(stage: str, model_args: Mapping[str, Any]):
-    """Our stage config from the original's `model_args`."""
-    args = dict(model_args)
+    """Our stage config from the original's `model_args` (numpy numbers as Python ones, which JSON can hold)."""
+    args = {key: value.item() if isinstance(value, np.generic) else value for key, value in model_args.items()}
     if "vocab_size" in args:  # the oldest checkpoints name one vocabulary for both ends
         args.setdefault("input_vocab_size", args["vocab_size"])
         args.setdefault("output_vocab_size", args.pop("vocab_size"))

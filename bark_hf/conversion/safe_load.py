@@ -9,17 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.utils.import_utils import is_torch_greater_or_equal
 
 
 def _numpy_scalar_globals() -> contextlib.AbstractContextManager:
     """Allow the numpy scalars (`best_val_loss`) that Suno's released checkpoints carry: plain numbers, no code.
 
     The files were pickled under numpy 1 (`numpy.core.multiarray.scalar`); numpy 2 names the same function
-    `numpy._core.multiarray.scalar`, so both names are listed. Naming a global needs torch 2.6.
+    `numpy._core.multiarray.scalar`, so both names are listed.
     """
-    if not is_torch_greater_or_equal("2.6"):
-        return contextlib.nullcontext()
     scalar = np.float64(0).__reduce__()[0]
     codes = "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]
     dtype_classes = {type(np.dtype(code)) for code in codes}

@@ -398,6 +398,10 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         pretrained_model_name_or_path = os.path.expanduser(pretrained_model_name_or_path)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        # device_map={"": "meta"} leaves no map; offloaded weights sit on "meta" too, but with a map and hooks.
+        if getattr(model, "hf_device_map", None) is None and any(parameter.is_meta for parameter in model.parameters()):
+            raise ValueError("The weights were loaded onto 'meta', which holds no data, so the model could not "
+                             "generate; map them to a device, 'cpu' or 'disk' instead.")
         config_file = cached_file(
             pretrained_model_name_or_path,
             GENERATION_CONFIG_NAME,

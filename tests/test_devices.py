@@ -134,6 +134,11 @@ def test_disk_offload_keeps_weights_on_disk_and_loads_the_codec(model_dir, tmp_p
     assert model.coarse_acoustics.device == execution_device(model.coarse_acoustics) == torch.device("cpu")
 
 
+def test_a_device_map_onto_meta_is_refused(model_dir):
+    with pytest.raises(ValueError, match="loaded onto 'meta', which holds no data"):  # else generate failed deep
+        BarkHfModel.from_pretrained(model_dir, device_map={"": "meta"})
+
+
 def test_device_map_splitting_tied_weights_is_refused(model_dir, tmp_path):
     device_map = {**LAYERS_ON_DISK, "fine_acoustics.input_embeds_layers": "cpu"}
     with pytest.raises(ValueError, match=r"fine_acoustics\.lm_heads\.0\.weight \(disk\) and "

@@ -1,4 +1,4 @@
-"""Checks of the plain numbers users pass (counts, seconds, temperatures, seeds), in one place.
+"""Checks of the plain numbers and flags users pass (counts, seconds, temperatures, seeds), in one place.
 
 Any real or integral number is accepted, numpy scalars included; booleans are not numbers here.
 Each check returns the value as a Python number or raises a `ValueError` (`TypeError` for seeds)
@@ -12,12 +12,15 @@ import numbers
 import sys
 from typing import Any
 
+import numpy as np
+
 _LARGEST_FLOAT = sys.float_info.max  # a larger int has no float
 # The seeds torch.manual_seed accepts.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
-def _is_number(value: Any, kind: type) -> bool:
+def is_number(value: Any, kind: type = numbers.Real) -> bool:
+    """Whether `value` is a number of `kind` (numpy scalars too), not a bool."""
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
@@ -27,30 +30,40 @@ def _is_finite(value: numbers.Real) -> bool:
 
 def checked_whole_number(value: Any, name: str, minimum: int = 1) -> int:
     """`value` as an int >= `minimum`."""
-    if not _is_number(value, numbers.Real) or not _is_finite(value) or int(value) != value or value < minimum:
+    if not is_number(value, numbers.Real) or not _is_finite(value) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
     return int(value)
 
 
 def checked_seconds(value: Any, name: str, allow_zero: bool = True) -> float:
     """`value` as a finite float, >= 0 (or > 0 with `allow_zero=False`)."""
-    if not _is_number(value, numbers.Real) or not _is_finite(value) or value < 0 or (value == 0 and not allow_zero):
+    if not is_number(value, numbers.Real) or not _is_finite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0; got {value!r}.")
     return float(value)
 
 
 def checked_positive_number(value: Any, name: str, hint: str = "") -> float:
     """`value` as a finite float > 0."""
-    if not _is_number(value, numbers.Real) or not _is_finite(value) or value <= 0 or value > _LARGEST_FLOAT:
+    if not is_number(value, numbers.Real) or not _is_finite(value) or value <= 0 or value > _LARGEST_FLOAT:
         raise ValueError(f"{name} must be a finite number > 0{hint}; got {value!r}.")
     return float(value)
+
+
+def checked_flag(value: Any, name: str, none_means: str | None = None) -> bool | None:
+    """`value` as True or False (numpy bools too), or None where `none_means` says what None does."""
+    if value is None and none_means is not None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = f"True, False or None ({none_means})" if none_means is not None else "True or False"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return bool(value)
 
 
 def checked_seed(value: Any) -> int | None:
     """`value` as an int that torch can seed with, or None."""
     if value is None:
         return None
-    if not _is_number(value, numbers.Integral):
+    if not is_number(value, numbers.Integral):
         raise TypeError(f"seed must be an integer or None; got {type(value).__name__}.")
     low, high = _SEED_RANGE
     if not low <= value <= high:

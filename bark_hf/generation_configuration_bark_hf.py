@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-
 from .atomic import atomic_path
-from .checks import checked_positive_number, checked_whole_number
+from .checks import checked_flag, checked_positive_number, checked_whole_number, is_number
 
 if TYPE_CHECKING:
     from .modeling_bark_hf import BarkHfModel
@@ -62,9 +59,6 @@ class _JsonConfig:
     def __post_init__(self) -> None:
         """Refuse settings that would fail deep inside torch or silently do something else: a zero temperature
         divides by zero, a window of 0 tokens too, a history of 0 frames slices them all, a rate of -75 runs."""
-        def is_number(value: Any) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
-
         # Stored as Python numbers: torch.topk, slices and range() take no 2.0 or numpy integers. Every whole-number
         # field is a count, a length, a hop or a token id, every float field a temperature, a rate or a duration:
         # all > 0. Optional fields may be None; top_p and min_eos_p have ranges of their own, below.
@@ -77,8 +71,8 @@ class _JsonConfig:
                 setattr(self, item.name, checked_whole_number(value, name))
             elif type_name.startswith("float"):
                 setattr(self, item.name, checked_positive_number(value, name))
-            elif type_name == "bool" and not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{item.name} must be True or False, got {value!r}.")
+            elif type_name == "bool":
+                checked_flag(value, item.name)
         top_p = getattr(self, "top_p", None)
         if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")

@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import ModelOutput, cached_file, logging
 
+from .checks import checked_flag
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
     BarkHfConfig,
@@ -713,9 +714,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """Whether `generate` decodes with the KV cache: unless `use_cache=False` (None, transformers' usual
         "default", means on). Not `config.use_cache`, which is `forward`'s default: transformers' Trainer sets it
         to False, and a stage trained and saved would otherwise decode several times slower."""
-        if use_cache is not None and not isinstance(use_cache, (bool, np.bool_)):
-            raise ValueError(f"use_cache must be True, False or None (on), got {use_cache!r}.")
-        return use_cache is None or bool(use_cache)
+        return checked_flag(use_cache, "use_cache", none_means="on") in (None, True)
 
     def _use_compiled_step(self, compile: bool | None, use_cache: bool) -> bool:
         """Whether to decode with the compiled step: `compile`, or when None the environment variable.

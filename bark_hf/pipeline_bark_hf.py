@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .checks import checked_seconds, checked_seed, checked_whole_number
+from .checks import checked_flag, checked_seconds, checked_seed, checked_whole_number
 from .hub import push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
@@ -162,9 +162,7 @@ class BarkPipeline(Pipeline):
         preprocess, forward, _ = self._sanitize_parameters(**settings)
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
-        long_form = forward.get("long_form")
-        if long_form is not None and not isinstance(long_form, (bool, np.bool_)):
-            raise ValueError(f"long_form must be True, False or None (on when the text needs it); got {long_form!r}.")
+        long_form = checked_flag(forward.get("long_form"), "long_form", none_means="on when the text needs it")
         generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params"), self.model),
                            **checked_generate_kwargs(forward.get("generate_kwargs"), self.model)}
         return _Call(

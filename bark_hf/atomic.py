@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def holds_any(folder: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> bool:
+    """Whether `folder` is, or contains, one of `paths`: writing a new folder in its place would destroy it."""
+    folder = Path(folder).resolve()
+    return any(folder == path or folder in path.parents for path in map(Path.resolve, map(Path, paths)))
 
 
 def default_mode(directory: bool = False) -> int:

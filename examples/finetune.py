@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard
 from transformers import Trainer, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
+from bark_hf.atomic import holds_any
 from bark_hf.hub import push_folder_to_hub
 from bark_hf.loading import DEFAULT_MODEL, load_bark
 from bark_hf.model_card import bark_model_card, save_model_card
@@ -143,10 +144,10 @@ def main(argv: list[str] | None = None) -> Path:
     if not output_dir.parent.is_dir():
         raise SystemExit(f"The folder {output_dir.parent} does not exist; create it first.")
     # The folder is written whole at the end, replacing what is there: nothing the run reads or keeps may be inside.
-    kept = [Path(path).resolve() for path in (args.dataset, args.model) if os.path.isdir(path)]
+    kept = [path for path in (args.dataset, args.model) if os.path.isdir(path)]
     if args.checkpoint_dir is not None:  # the run makes it, so it may not exist yet
-        kept.append(args.checkpoint_dir.resolve())
-    if any(path == output_dir or output_dir in path.parents for path in kept):
+        kept.append(args.checkpoint_dir)
+    if holds_any(output_dir, kept):
         raise SystemExit(f"--output-dir {output_dir} holds the dataset, the --model folder or --checkpoint-dir, which "
                          "writing the model folder would destroy or collide with; choose a folder outside them.")
 

@@ -21,7 +21,7 @@ import torch
 from transformers import BertTokenizer
 from transformers.utils import logging
 
-from ..atomic import default_mode
+from ..atomic import default_mode, holds_any
 from ..configuration_bark_hf import BarkHfConfig
 from ..generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
 from ..model_card import bark_model_card
@@ -57,8 +57,8 @@ def convert_suno_checkpoint(
     if not output_dir.parent.is_dir():
         raise FileNotFoundError(f"The parent folder of {output_dir} does not exist; create it first.")
 
-    inputs = [Path(path).resolve() for path in (checkpoint_dir, codec, tokenizer, voice_presets) if path is not None]
-    if any(path == output_dir.resolve() or output_dir.resolve() in path.parents for path in inputs):
+    inputs = [path for path in (checkpoint_dir, codec, tokenizer, voice_presets) if path is not None]
+    if holds_any(output_dir, inputs):
         raise ValueError(f"--output-dir {output_dir} holds an input of the conversion, which writing it would "
                          "destroy; choose a folder outside the inputs.")
     tokenizer_dir = Path(tokenizer)

@@ -766,6 +766,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        vocab_rows: slice | None = None,
         return_dict: bool | None = None,
         history_input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -776,6 +777,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0) for `input_ids` `[B, T]`
         or `inputs_embeds` `[B, T, C]`, after the positions held in `cache` (a `BarkHfKVCache`, extended
         in place and returned when `use_cache`). `attention_mask` `[B, past + T]` marks real tokens with 1.
+        `vocab_rows` keeps only those logits, `[B, T, rows]` (see `_head_logits`).
 
         `history_input_ids` `[B, W]` are embedded and added to the first W positions: the semantic
         stage's history window, which shares its positions with the text window. `labels` `[B, T]`,
@@ -802,9 +804,9 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                                  "cache and no longer than the inputs.")
             history = F.pad(self.input_embeds_layer(history_input_ids), (0, 0, 0, length - history_input_ids.shape[1]))
             inputs_embeds = inputs_embeds + history  # [B, T, C]; positions past the window add zeros
-        if labels is not None and (logits_to_keep > 0 or labels.shape != (batch, length)):
-            raise ValueError(f"labels must have the inputs' shape {(batch, length)} (got {tuple(labels.shape)}) "
-                             "and logits_to_keep must be 0.")
+        if labels is not None and (logits_to_keep > 0 or vocab_rows is not None or labels.shape != (batch, length)):
+            raise ValueError(f"labels must have the inputs' shape {(batch, length)} (got {tuple(labels.shape)}), "
+                             "logits_to_keep must be 0 and vocab_rows None.")
         if past_length + length > self.config.block_size:
             raise ValueError(
                 f"Sequence of {past_length + length} positions exceeds this model's block_size "
@@ -829,7 +831,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         hidden_states = self.layernorm_final(hidden_states)
         if logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]  # [B, keep, C]
-        logits = self.lm_head(hidden_states)  # [B, T or keep, V]
+        logits = self._head_logits(hidden_states, vocab_rows)  # [B, T or keep, V or rows]
         cache = cache if use_cache else None
         loss = None
         if labels is not None:
@@ -840,18 +842,36 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             return (logits, cache) if loss is None else (loss, logits, cache)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
+    def _head_logits(self, hidden_states: torch.Tensor, vocab_rows: slice | None) -> torch.Tensor:
+        """The head's logits `[..., V]`, or only `vocab_rows` of them.
+
+        A coarse step samples from one codebook's 1 024 logits of 12 096: reading only those rows of
+        the head saves a tenth of a decoding step's weight bytes. Each logit is its own dot product; at
+        one position per item the CPU's kernels give bit for bit the whole head's values (tested). A head
+        that is not a plain `nn.Linear` (int8, peft) or that accelerate loads in a hook (offload) is run
+        whole and sliced.
+        """
+        head = self.lm_head
+        if vocab_rows is None:
+            return head(hidden_states)
+        if type(head) is not nn.Linear or hasattr(head, "_hf_hook"):
+            return head(hidden_states)[..., vocab_rows]
+        bias = None if head.bias is None else head.bias[vocab_rows]
+        return F.linear(hidden_states, head.weight[vocab_rows], bias)
+
     def _next_logits(
         self,
         inputs_embeds: torch.Tensor,
         cache: BarkHfKVCache | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        vocab_rows: slice | None = None,
     ) -> torch.Tensor:
-        """Logits `[B, V]` of the last position of `inputs_embeds` `[B, T, C]`. `cache` (None: no cache,
-        the inputs are the whole sequence) is extended in place.
+        """Logits `[B, V]` (or `[B, rows]` for `vocab_rows`) of the last position of `inputs_embeds`
+        `[B, T, C]`. `cache` (None: no cache, the inputs are the whole sequence) is extended in place.
         """
         output = self(inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1)
+                      position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1, vocab_rows=vocab_rows)
         return output.logits[:, -1]
 
     def _new_cache(self, max_length: int, compile: bool) -> BarkHfKVCache:
@@ -884,15 +904,18 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         compile: bool,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        vocab_rows: slice | None = None,
     ) -> torch.Tensor:
-        """Logits `[B, V]` for one new token per item, `input_ids` `[B, 1]`, after the positions in `cache`.
+        """Logits `[B, V]` (or `[B, rows]` for `vocab_rows`) for one new token per item, `input_ids`
+        `[B, 1]`, after the positions in `cache`.
 
         Eager: a forward pass over the cache's filled part (`attention_mask` `[B, past + 1]` and
         `position_ids` `[B, 1]` as for `forward`; None without padding). Compiled: `_decode_step`
         on the cache's whole buffers, with each item's left padding given as `pads` `[B, 1]`.
         """
         if not compile:
-            return self._next_logits(self.input_embeds_layer(input_ids), cache, attention_mask, position_ids)
+            return self._next_logits(self.input_embeds_layer(input_ids), cache, attention_mask, position_ids,
+                                     vocab_rows)
         if not cache.static_steps:  # the first step after the prefill
             cache.start_static_steps()
         # A fresh dense copy: a column sliced out of a wider tensor has strides that change per window.
@@ -903,7 +926,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         else:
             logits = _compiled_decode_step(input_ids.device.type)(self, input_ids, pads, cache)
         cache.write_position += 1
-        return logits
+        return logits if vocab_rows is None else logits[:, vocab_rows]
 
     def _cuda_graph_step(self, input_ids: torch.Tensor, pads: torch.Tensor,
                          cache: BarkHfKVCache) -> _CUDAGraphStep | None:
@@ -1228,17 +1251,17 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             cache.reset()
         for offset in range(n_steps):
             end = longest + offset  # the tokens known so far
+            first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
+            codebook = slice(first_code, first_code + codebook_size)  # this step's codebook: its logits alone
             if cache is None or offset == 0:  # the whole input: the prefill, or every step without a cache
                 logits = self._next_logits(self.input_embeds_layer(ids[:, :end]), cache,
                                            None if mask is None else mask[:, :end],
-                                           None if positions is None else positions[:, :end])  # [B, V]
+                                           None if positions is None else positions[:, :end], codebook)  # [B, 1024]
             else:
                 logits = self._decode(ids[:, end - 1 : end], cache, pads, compile,
                                       None if mask is None else mask[:, :end],
-                                      None if positions is None else positions[:, end - 1 : end])  # [B, V]
-            first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
-            relevant = logits[:, first_code : first_code + codebook_size]  # [B, 1024]: this step's codebook
-            probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
+                                      None if positions is None else positions[:, end - 1 : end], codebook)
+            probs = sampling_probabilities(logits, config.temperature, config.top_k, config.top_p)
             ids[:, end] = sample_tokens(probs, saw_nan)[:, 0] + first_code
         return ids[:, longest:]
 
@@ -1501,10 +1524,11 @@ class BarkHfModel(BarkHfPreTrainedModel):
 
         One-token decoding reads every weight once per step, so a quarter of the bytes makes it about
         2x faster on a CPU (the float32 keys and values are read as before); activations are quantised
-        per step and the codec stays float32. Greedy tokens may differ from float32 ones (see
-        docs/performance.md), and in a batch an item's tokens depend on the other items (one activation
-        scale per layer input). A quantised model is for eager generation only: moving, casting or saving
-        it raises an error, and it cannot be compiled.
+        per step and the codec stays float32. The coarse head stays float32 too: a step reads only one
+        codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
+        tokens may differ from float32 ones (see docs/performance.md), and in a batch an item's tokens
+        depend on the other items (one activation scale per layer input). A quantised model is for eager
+        generation only: moving, casting or saving it raises an error, and it cannot be compiled.
         """
         if self.device.type != "cpu" or getattr(self, "hf_device_map", None):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
@@ -1513,7 +1537,10 @@ class BarkHfModel(BarkHfPreTrainedModel):
         with warnings.catch_warnings():  # torch marks torch.ao deprecated; 2.13 still ships it, fast
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics):
-                torch.ao.quantization.quantize_dynamic(stage, {nn.Linear}, dtype=torch.qint8, inplace=True)
+                int8_layers = {name: torch.ao.quantization.default_dynamic_qconfig
+                               for name, module in stage.named_modules() if type(module) is nn.Linear
+                               and not (stage is self.coarse_acoustics and name == "lm_head")}
+                torch.ao.quantization.quantize_dynamic(stage, int8_layers, dtype=torch.qint8, inplace=True)
         return self
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None,

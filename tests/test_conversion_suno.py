@@ -552,6 +552,20 @@ def test_output_dir_dot_is_the_current_folder(monkeypatch, tiny_codec, original_
     assert [path.name for path in tmp_path.iterdir()] == ["bark"]
 
 
+def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(
+        tiny_codec, original_checkpoint_dir, original_codec_path, tokenizer_dir, tmp_path):
+    """The link itself was renamed aside and left behind as `.current.old`, and replaced by a real folder."""
+    target = tmp_path / "v1"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    link = tmp_path / "current"
+    link.symlink_to(target)
+    convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer_dir, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target
+    assert (target / "config.json").is_file() and not (target / "stale.txt").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["current", "v1"]
+
+
 def test_failed_overwrite_keeps_the_old_folder(originals, original_checkpoint_dir, original_codec_path, tokenizer_dir,
                                                tmp_path):
     checkpoint_dir = _checkpoint_dir(tmp_path, original_checkpoint_dir, omit=("coarse",))

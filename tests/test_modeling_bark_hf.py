@@ -121,6 +121,25 @@ def test_logits_to_keep(causal, keep):
     torch.testing.assert_close(kept, full[:, -keep:])
 
 
+@pytest.mark.parametrize("rows", [slice(0, 40), slice(8, 24), slice(20, 40)])
+def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows):
+    """Coarse generation reads one codebook's rows of the head at one position per item (a prefill's last,
+    or a decoding step): there they must be bit for bit the whole head's, for an int8 head too."""
+    ids = _ids(3, 10, seed=5)
+    full = causal(ids).logits
+    torch.testing.assert_close(causal(ids, vocab_rows=rows).logits, full[..., rows])
+    assert torch.equal(causal(ids, logits_to_keep=1, vocab_rows=rows).logits, full[:, -1:, rows])
+    with torch.no_grad():  # a cache with autograd history cannot be deep-copied
+        cache = causal(ids[:, :9], use_cache=True).cache
+    whole_step = causal(ids[:, 9:], cache=copy.deepcopy(cache), use_cache=True).logits
+    assert torch.equal(causal(ids[:, 9:], cache=cache, use_cache=True, vocab_rows=rows).logits, whole_step[..., rows])
+    with pytest.raises(ValueError, match="vocab_rows None"):
+        causal(ids, labels=ids, vocab_rows=rows)
+
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(causal), {torch.nn.Linear}, dtype=torch.qint8)
+    assert torch.equal(quantized(ids, vocab_rows=rows).logits, quantized(ids).logits[..., rows])
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_kv_cache_equals_full_sequence(causal, chunk):
     """Decoding step by step (or a few tokens at a time) with the cache gives the full-sequence logits."""

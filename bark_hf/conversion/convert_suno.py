@@ -47,7 +47,9 @@ def convert_suno_checkpoint(
     size: str | None = None,
 ) -> Path:
     """Convert and write the model folder; returns its path. See the module docstring."""
-    output_dir = Path(os.path.abspath(output_dir))  # '.' or 'x/..' have no name to stage and rename by
+    # Absolute: '.' or 'x/..' have no name to stage and rename by. Real: a symlinked folder is replaced where
+    # the link points (the link stays), not by renaming the link itself.
+    output_dir = Path(os.path.realpath(output_dir))
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
     if output_dir.exists() and not output_dir.is_dir():

@@ -206,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
 def on_main_process(state: Any, make: Callable[[], T]) -> T:
     """`make()` run on process 0, its result given to every process.
 
-    A user error there is raised on process 0 and ends the other processes with exit status 1: left
-    waiting in the next collective, they would fail with a traceback ("Connection reset by peer").
+    An error there is raised on process 0 (one line for a user error, a traceback for any other) and
+    ends the other processes with exit status 1: left waiting in the next collective, they would fail
+    with a traceback of their own ("Connection reset by peer") that hides process 0's.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -216,7 +217,7 @@ def on_main_process(state: Any, make: Callable[[], T]) -> T:
     if state.is_main_process:
         try:
             shared = [(True, make())]
-        except USER_ERRORS as caught:
+        except Exception as caught:
             error, shared = caught, [(False, None)]
     broadcast_object_list(shared)
     if error is not None:

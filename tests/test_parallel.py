@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 import wave
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from bark_hf.loading import load_bark
 from bark_hf.longform import chunk_text, generate_long_form
-from bark_hf.parallel import chunk_seed, join_chunks, main
+from bark_hf.parallel import chunk_seed, join_chunks, main, on_main_process
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CHUNKS = 12
@@ -146,6 +147,30 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
     assert main(["--input", str(script), "-o", str(tmp_path / "d.wav"), "--loudness", "-16", "--cpu"]) == 1
     assert "pip install 'bark-hf[loudness]'" in capsys.readouterr().err
     assert not any(tmp_path.glob("[abcd].wav"))
+
+
+@pytest.mark.parametrize("error", [ValueError("a user error"), RuntimeError("a bug")])
+def test_any_error_on_process_0_is_raised_there_and_tells_the_others_to_stop(monkeypatch, error):
+    """A bug on process 0 (not only a user error) must still tell the others, or they die in gloo."""
+    import accelerate.utils
+
+    broadcast = []
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: broadcast.append(list(objects)))
+
+    def fail():
+        raise error
+
+    with pytest.raises(type(error), match=str(error)):
+        on_main_process(types.SimpleNamespace(is_main_process=True), fail)
+    assert broadcast == [[(False, None)]]
+
+    def process_0_failed(objects):
+        objects[0] = (False, None)
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", process_0_failed)
+    with pytest.raises(SystemExit) as stopped:  # another process: process 0 reports the error
+        on_main_process(types.SimpleNamespace(is_main_process=False), fail)
+    assert stopped.value.code == 1
 
 
 @pytest.mark.slow  # two fresh interpreters load torch and the model: about 20 s on two cores

@@ -766,13 +766,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        vocab_rows: slice | None = None,
         return_dict: bool | None = None,
         history_input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        vocab_rows: slice | None = None,  # last: the arguments before it keep their positions
     ) -> CausalLMOutputWithPast | tuple:
         """Logits `[B, T, V]` (the last `logits_to_keep` positions when > 0) for `input_ids` `[B, T]`
         or `inputs_embeds` `[B, T, C]`, after the positions held in `cache` (a `BarkHfKVCache`, extended

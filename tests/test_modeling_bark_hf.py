@@ -140,6 +140,16 @@ def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows):
     assert torch.equal(quantized(ids, vocab_rows=rows).logits, quantized(ids).logits[..., rows])
 
 
+def test_forward_arguments_keep_their_positions(causal):
+    """`vocab_rows` came after `logits_to_keep`, so `return_dict` given by position became `vocab_rows`."""
+    ids = _ids(2, 6, seed=3)
+    logits, cache = causal(ids, None, None, None, None, False, 0, False)  # ..., use_cache, logits_to_keep, return_dict
+    assert cache is None
+    torch.testing.assert_close(logits, causal(ids).logits)
+    with pytest.raises(ValueError, match="labels must have the inputs' shape"):
+        causal(ids, None, None, None, None, False, 0, False, None, ids[:, :5])  # ..., history_input_ids, labels
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_kv_cache_equals_full_sequence(causal, chunk):
     """Decoding step by step (or a few tokens at a time) with the cache gives the full-sequence logits."""

@@ -566,6 +566,24 @@ def test_overwrite_through_a_symlink_replaces_its_target_and_keeps_the_link(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["current", "v1"]
 
 
+def test_a_symlink_into_its_own_folder_is_refused(tiny_codec, original_checkpoint_dir, original_codec_path,
+                                                 tokenizer_dir, tmp_path, capsys):
+    """`work/out -> work` (or `-> .`): replacing where the link points replaced `work`, the link and its neighbours
+    with it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    for target in (work, Path(".")):
+        link = work / "out"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer_dir, link,
+                                                "--overwrite"))
+        _assert_one_line_error(code, err, "holds the link itself")
+        assert (work / "keep.txt").read_text() == "mine" and link.is_symlink()
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
+
+
 def test_failed_overwrite_keeps_the_old_folder(originals, original_checkpoint_dir, original_codec_path, tokenizer_dir,
                                                tmp_path):
     checkpoint_dir = _checkpoint_dir(tmp_path, original_checkpoint_dir, omit=("coarse",))

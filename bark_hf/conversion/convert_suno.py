@@ -49,7 +49,12 @@ def convert_suno_checkpoint(
     """Convert and write the model folder; returns its path. See the module docstring."""
     # Absolute: '.' or 'x/..' have no name to stage and rename by. Real: a symlinked folder is replaced where
     # the link points (the link stays), not by renaming the link itself.
+    named = Path(os.path.abspath(output_dir))
     output_dir = Path(os.path.realpath(output_dir))
+    if os.path.islink(named) and holds_any(output_dir, [named.parent]):
+        raise ValueError(f"--output-dir {named} is a link to {output_dir}, a folder that holds the link itself: "
+                         f"replacing {output_dir} would delete the link and everything beside it. Name {output_dir} "
+                         "itself to replace it.")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
     if output_dir.exists() and not output_dir.is_dir():

@@ -845,16 +845,17 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
     def _head_logits(self, hidden_states: torch.Tensor, vocab_rows: slice | None) -> torch.Tensor:
         """The head's logits `[..., V]`, or only `vocab_rows` of them.
 
-        A coarse step samples from one codebook's 1 024 logits of 12 096: reading only those rows of
-        the head saves a tenth of a decoding step's weight bytes. Each logit is its own dot product; at
-        one position per item the CPU's kernels give bit for bit the whole head's values (tested). A head
-        that is not a plain `nn.Linear` (int8, peft) or that accelerate loads in a hook (offload) is run
-        whole and sliced.
+        A coarse step samples from one codebook's 1 024 logits of 12 096: on a CPU, where decoding is
+        bound by memory bandwidth, reading only those rows of the head saves a tenth of a step's weight
+        bytes, and at one position per item the CPU's kernels give bit for bit the whole head's values
+        (tested). Elsewhere (GPU libraries pick kernels by shape, so the last bits could change), and
+        for a head that is not a plain `nn.Linear` (int8, peft) or that accelerate loads in a hook
+        (offload), the whole head runs and is sliced.
         """
         head = self.lm_head
         if vocab_rows is None:
             return head(hidden_states)
-        if type(head) is not nn.Linear or hasattr(head, "_hf_hook"):
+        if type(head) is not nn.Linear or hasattr(head, "_hf_hook") or hidden_states.device.type != "cpu":
             return head(hidden_states)[..., vocab_rows]
         bias = None if head.bias is None else head.bias[vocab_rows]
         return F.linear(hidden_states, head.weight[vocab_rows], bias)

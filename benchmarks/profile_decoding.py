@@ -7,6 +7,7 @@ decoding step, the kernel launches and CUDA graph replays per step, and the oper
 the most time on the host and on the device.
 
     python benchmarks/profile_decoding.py --shape large --device cuda --dtype bfloat16 --compile
+    python benchmarks/profile_decoding.py --shape small --stage coarse --int8   # int8 on the CPU
     python benchmarks/profile_decoding.py --shape tiny --steps 16      # a smoke run on the CPU
 """
 
@@ -38,11 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=120, help="decoding steps per run (coarse: about this many)")
     parser.add_argument("--compile", action="store_true", help="compiled steps (on CUDA: CUDA graphs too)")
+    parser.add_argument("--int8", action="store_true", help="int8 linear layers (quantize_int8(); CPU, float32)")
     parser.add_argument("--rows", type=int, default=15, help="operators shown per table")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace of the profiled run to this new file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    if args.int8 and (args.device != "cpu" or args.dtype != "float32" or args.compile):
+        parser.error("--int8 runs eager, on the CPU, in float32")
     if args.batch < 1 or args.steps < 2:
         parser.error("--batch must be at least 1 and --steps at least 2")
     if args.trace is not None and args.trace.exists():
@@ -56,6 +60,8 @@ def stage_run(args: argparse.Namespace) -> tuple[Callable[[], None], int]:
     model = BarkHfModel(bark_config(args.shape)).eval()
     stage = model.semantic if args.stage == "semantic" else model.coarse_acoustics
     stage.to(args.device, DTYPES[args.dtype])
+    if args.int8:
+        model.quantize_int8()
     settings = dict(compile=args.compile, show_progress=False)
     if args.stage == "semantic":
         text = torch.randint(0, 100_000, (args.batch, TEXT_LENGTH))
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         profile.export_chrome_trace(str(args.trace))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{args.stage} stage, {args.shape} shape, {args.dtype}, batch {args.batch}, "
+    dtype = "int8 linear layers" if args.int8 else args.dtype
+    print(f"{args.stage} stage, {args.shape} shape, {dtype}, batch {args.batch}, "
           f"{'compiled' if args.compile else 'eager'}, on {device_name}, torch {torch.__version__}")
     print(f"{seconds:.3f} s for {n_steps} decoding steps and their prefills: {seconds / n_steps * 1e3:.2f} ms per step")
     events = profile.key_averages()

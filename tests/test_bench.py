@@ -189,3 +189,17 @@ def test_profile_decoding_smoke_run(stage, tmp_path):
     again = subprocess.run([sys.executable, str(BENCHMARKS / "profile_decoding.py"), "--trace", str(trace)],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_profile_decoding_int8(tmp_path):
+    """--int8 profiles the quantised stage (quantize_int8): its products are the int8 operator."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = [sys.executable, str(BENCHMARKS / "profile_decoding.py"), "--shape", "tiny", "--device", "cpu"]
+    completed = subprocess.run([*script, "--stage", "coarse", "--steps", "20", "--rows", "40", "--int8"],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "int8 linear layers" in completed.stdout and "quantized::linear_dynamic" in completed.stdout
+    refused = subprocess.run([*script, "--int8", "--dtype", "bfloat16"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert refused.returncode == 2 and "--int8 runs eager, on the CPU, in float32" in refused.stderr

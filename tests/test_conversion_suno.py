@@ -320,6 +320,16 @@ class CodeOnLoad:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
+class SystemCallOnLoad:
+    """A pickle payload through `os.system`, whose module torch's safe loader blocks (a different error message)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def _checkpoint_dir(tmp_path: Path, source: Path, replace: dict[str, object] | None = None,
                     omit: tuple[str, ...] = ()) -> Path:
     """The session's checkpoints (linked), with some stages replaced by objects or raw bytes."""
@@ -354,6 +364,8 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
                                ("coarse.pt", "could not be read as a PyTorch file"), ValueError),
         "pickle_payload": (dict(replace={"text": {**text, "optimizer": CodeOnLoad(marker)}}),
                            ("text.pt", "refuses to unpickle arbitrary objects"), ValueError),
+        "pickle_payload_blocked_module": (dict(replace={"coarse": {**coarse, "optimizer": SystemCallOnLoad(marker)}}),
+                                          ("coarse.pt", "refuses to unpickle arbitrary objects"), ValueError),
         "not_a_checkpoint": (dict(replace={"text": [torch.zeros(3)]}),
                              ("text.pt", "is not a Suno Bark checkpoint", "'model_args' and 'model'"), CheckpointError),
         "wrong_shapes": (dict(replace={"coarse": {**coarse, "model_args": {**coarse["model_args"], "n_embd": 64}}}),
@@ -386,8 +398,9 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
     }
 
 
-BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "not_a_checkpoint", "wrong_shapes",
-                  "wrong_block_size", "bad_model_args", "missing_key", "unexpected_key", "missing_stage_file",
+BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "pickle_payload_blocked_module",
+                  "not_a_checkpoint", "wrong_shapes", "wrong_block_size", "bad_model_args", "missing_key",
+                  "unexpected_key", "missing_stage_file",
                   "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type"]
 
 

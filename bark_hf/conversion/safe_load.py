@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,9 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         with _numpy_scalar_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):
+        # torch words it "Unsupported global: GLOBAL x", or "unsupported GLOBAL x whose module is blocked" for os,
+        # sys, ... (the usual payloads), and names the allowlist for objects it cannot build.
+        if re.search(r"unsupported global|allowlisted|unrecognized function", str(error), re.IGNORECASE):
             raise ValueError(
                 f"{path} holds pickled Python objects besides tensors; bark-hf refuses to unpickle arbitrary "
                 "objects (that can run code). Use the original file, saved with `torch.save` of tensors only."

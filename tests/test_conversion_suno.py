@@ -392,6 +392,13 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
         "non_tensor_weight": (dict(replace={"coarse": {**coarse, "model": {
                                   **coarse["model"], "_orig_mod.transformer.wpe.weight": 3}}}),
                               ("coarse.pt",), CheckpointError),
+        # Same layout, other vocabularies: converted, this model would fail only when generating (IndexError).
+        "text_and_coarse_swapped": (dict(replace={"text": coarse, "coarse": text}),
+                                    ("text.pt", "is not a Bark text checkpoint", "input_vocab_size 12096"),
+                                    CheckpointError),
+        "fine_with_four_codebooks": (dict(replace={"fine": {**fine, "model_args": {
+                                         **fine["model_args"], "n_codes_total": 4}}}),
+                                     ("fine.pt", "n_codes_total 4 (needs at least 8)"), CheckpointError),
         "model_args_of_wrong_type": (dict(replace={"coarse": {**coarse, "model_args": {
                                          **coarse["model_args"], "n_layer": "2"}}}),
                                      ("coarse.pt", "model_args"), CheckpointError),
@@ -401,7 +408,8 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
 BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "pickle_payload_blocked_module",
                   "not_a_checkpoint", "wrong_shapes", "wrong_block_size", "bad_model_args", "missing_key",
                   "unexpected_key", "missing_stage_file",
-                  "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type"]
+                  "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type",
+                  "text_and_coarse_swapped", "fine_with_four_codebooks"]
 
 
 @pytest.mark.parametrize("case", BAD_CASE_NAMES)

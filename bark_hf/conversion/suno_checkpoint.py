@@ -18,6 +18,12 @@ import torch
 from transformers.utils import logging
 
 from ..configuration_bark_hf import BarkHfCoarseConfig, BarkHfFineConfig, BarkHfSemanticConfig
+from ..generation_configuration_bark_hf import (
+    CODEBOOK_SIZE,
+    N_FINE_CODEBOOKS,
+    BarkHfCoarseGenerationConfig,
+    BarkHfSemanticGenerationConfig,
+)
 from ..modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfPreTrainedModel, BarkHfSemanticModel
 from .safe_load import load_torch_file
 
@@ -63,6 +69,19 @@ MODEL_ARG_NAMES = {
     "n_codes_total": "n_codes_total",
     "n_codes_given": "n_codes_given",
 }
+
+
+def _vocab_needs() -> dict[str, dict[str, int]]:
+    """Per stage, the least each size may be: the highest token id the stage's generation reads or writes, plus one."""
+    semantic, coarse = BarkHfSemanticGenerationConfig(), BarkHfCoarseGenerationConfig()
+    return {
+        "text": {"input_vocab_size": semantic.semantic_infer_token + 1,
+                 "output_vocab_size": semantic.semantic_pad_token + 1},
+        "coarse": {"input_vocab_size": coarse.coarse_infer_token + 1,
+                   "output_vocab_size": coarse.semantic_vocab_size + coarse.n_coarse_codebooks * CODEBOOK_SIZE},
+        "fine": {"input_vocab_size": CODEBOOK_SIZE + 1, "output_vocab_size": CODEBOOK_SIZE,
+                 "n_codes_total": N_FINE_CODEBOOKS},
+    }
 
 
 class CheckpointError(ValueError):
@@ -136,6 +155,12 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
         model = STAGE_CLASSES[stage][1](config)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: its model_args do not describe a Bark {stage} model: {error}") from None
+    # Text and coarse checkpoints have the same layout, so a swapped pair would convert and only fail when generating.
+    small = [f"{name} {getattr(config, name)} (needs at least {least})"
+             for name, least in _vocab_needs()[stage].items() if getattr(config, name) < least]
+    if small:
+        raise CheckpointError(f"{path} is not a Bark {stage} checkpoint: {', '.join(small)}. Check that the files "
+                              "are named text*.pt, coarse*.pt and fine*.pt for what they hold.")
     weights = rename_state_dict(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))

@@ -65,14 +65,22 @@ def _normalize_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _as_array(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+def _as_array(key: str, value: Any) -> np.ndarray:
+    """`value` as a numpy array; what numpy cannot take (bfloat16, meta or sparse tensors, ragged lists) is named."""
+    if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"Voice preset {key!r} has dtype {value.dtype}; expected an integer dtype "
+                         f"({_PRESET_MEANING[key]}).")
+    try:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
+        raise ValueError(f"Voice preset {key!r} cannot be read as an integer array ({_PRESET_MEANING[key]}): "
+                         f"{error}") from None
 
 
 def _checked_codes(key: str, value: Any) -> np.ndarray:
-    array = _as_array(value)
+    array = _as_array(key, value)
     if array.ndim != _PRESET_NDIM[key]:
         raise ValueError(
             f"Voice preset {key!r} has {array.ndim} dimension(s) (shape {tuple(array.shape)}); "

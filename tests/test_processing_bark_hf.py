@@ -238,6 +238,13 @@ def _with(key, value, **extra):
         (_with("coarse_prompt", np.zeros(15, np.int64)), "'coarse_prompt' has 1 dimension"),
         (_with("semantic_prompt", np.zeros(10, np.float32)), "'semantic_prompt' has dtype float32"),
         (_with("fine_prompt", np.zeros((8, 15), bool)), "'fine_prompt' has dtype bool"),
+        # What numpy cannot convert: each used to raise numpy's or torch's own error, naming no key.
+        (_with("semantic_prompt", torch.zeros(10, dtype=torch.bfloat16)), "'semantic_prompt' has dtype torch.bfloat16"),
+        (_with("semantic_prompt", torch.zeros(10, dtype=torch.long, device="meta")),
+         "'semantic_prompt' cannot be read as an integer array"),
+        (_with("coarse_prompt", torch.zeros((2, 15), dtype=torch.long).to_sparse()),
+         "'coarse_prompt' cannot be read as an integer array"),
+        (_with("coarse_prompt", [list(range(15)), list(range(14))]), "'coarse_prompt' cannot be read"),
         (_with("semantic_prompt", np.zeros(0, np.int64)), "'semantic_prompt' is empty"),
         (_with("semantic_prompt", np.full(10, SEMANTIC_VOCAB_SIZE)), r"\[10000, 10000\].*\[0, 10000\)"),
         (_with("semantic_prompt", np.full(10, -1)), r"'semantic_prompt' has values in \[-1, -1\]"),

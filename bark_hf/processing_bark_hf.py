@@ -247,6 +247,9 @@ def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], s
     """A local folder for `name_or_path` (its `subfolder`), downloading only the processor's files from the Hub."""
     path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.isdir(path):
+        if not os.path.isdir(os.path.join(path, subfolder)):  # else the tokenizer takes it for a malformed Hub id
+            raise FileNotFoundError(f"{path!r} has no subfolder {subfolder!r}; pass a subfolder that holds the "
+                                    "tokenizer and presets.")
         return os.path.join(path, subfolder)
     if os.path.exists(path):
         raise ValueError(f"{path!r} is a file; pass the folder that holds the tokenizer and presets.")

@@ -311,6 +311,12 @@ def test_a_subfolder_gives_its_own_presets(processor, tmp_path):
     assert BarkHfProcessor.from_pretrained(tmp_path / "repo" / "voices", subfolder=None).available_voice_presets
 
 
+def test_a_missing_subfolder_is_named(processor, tmp_path):
+    processor.save_pretrained(tmp_path / "sub")
+    with pytest.raises(FileNotFoundError, match="has no subfolder 'other'"):
+        BarkHfProcessor.from_pretrained(tmp_path, subfolder="other")
+
+
 def test_presets_read_lazily(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = BarkHfProcessor.from_pretrained(tmp_path)

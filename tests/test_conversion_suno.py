@@ -562,6 +562,18 @@ def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, o
     assert [path.name for path in tmp_path.iterdir()] == ["bark"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_in_the_way_is_named_with_or_without_overwrite(overwrite, original_checkpoint_dir, original_codec_path,
+                                                              tokenizer_dir, tmp_path, capsys):
+    output = tmp_path / "bark"
+    output.write_text("mine")
+    flags = _flags(original_checkpoint_dir, original_codec_path, tokenizer_dir, output, *(["--overwrite"] * overwrite))
+    code, _, err = _run_cli(capsys, *flags)
+    _assert_one_line_error(code, err, str(output), "is a file, not a model folder")  # not "pass --overwrite"
+    assert output.read_text() == "mine"
+    assert list(tmp_path.iterdir()) == [output]
+
+
 def test_output_dir_dot_is_the_current_folder(monkeypatch, tiny_codec, original_checkpoint_dir, original_codec_path,
                                               tokenizer_dir, tmp_path):
     """`--output-dir . --overwrite` failed after converting with "PosixPath('.') has an empty name"."""

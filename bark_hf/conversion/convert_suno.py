@@ -55,10 +55,10 @@ def convert_suno_checkpoint(
         raise ValueError(f"--output-dir {named} is a link to {output_dir}, a folder that holds the link itself: "
                          f"replacing {output_dir} would delete the link and everything beside it. Name {output_dir} "
                          "itself to replace it.")
+    if output_dir.exists() and not output_dir.is_dir():  # said first: --overwrite would not help
+        raise FileExistsError(f"{output_dir} is a file, not a model folder; choose another --output-dir.")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} is a file, not a model folder; choose another --output-dir.")
     if voice_presets is not None and not Path(voice_presets).is_dir():
         raise FileNotFoundError(f"The voice preset folder {voice_presets} does not exist.")
     if not output_dir.parent.is_dir():

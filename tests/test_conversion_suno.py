@@ -562,6 +562,20 @@ def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, o
     assert [path.name for path in tmp_path.iterdir()] == ["bark"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_every_file_is_readable_as_a_plain_open_would_leave_it(tiny_codec, original_checkpoint_dir,
+                                                                original_codec_path, tokenizer_dir, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        output = convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer_dir, tmp_path / "bark")
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(output).as_posix(): oct(path.stat().st_mode & 0o777)
+             for path in output.rglob("*") if path.is_file()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o644)}, modes
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_file_in_the_way_is_named_with_or_without_overwrite(overwrite, original_checkpoint_dir, original_codec_path,
                                                               tokenizer_dir, tmp_path, capsys):

@@ -102,6 +102,10 @@ def convert_suno_checkpoint(
         card = bark_model_card(config, model_id=output_dir.name, voice_presets=processor.available_voice_presets,
                                provenance=f"Converted from Suno's original checkpoints ({sources}).")
         card.save(staging / "README.md")
+        file_mode = default_mode()  # safetensors writes weights owner-only; a model folder is often shared
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(file_mode)
         _verify_folder(staging, stages, codec_model, processor)
         _replace(staging, output_dir)
     except BaseException:

@@ -666,6 +666,25 @@ def test_failure_after_writing_removes_the_staging_folder(monkeypatch, tiny_code
     assert [path.name for path in output.iterdir()] == ["keep.txt"]
 
 
+def test_a_failed_final_rename_puts_the_old_folder_back(monkeypatch, tiny_codec, original_checkpoint_dir,
+                                                        original_codec_path, tokenizer_dir, tmp_path):
+    output = tmp_path / "bark"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == output and self.name != ".bark.old":  # the staging folder's move into place
+            raise OSError("simulated rename failure")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        convert_suno_checkpoint(original_checkpoint_dir, original_codec_path, tokenizer_dir, output, overwrite=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["bark"]
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
 def test_cli_usage_errors_exit_two(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["convert", "--checkpoint-dir", "x"])

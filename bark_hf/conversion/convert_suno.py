@@ -163,7 +163,11 @@ def _replace(staging: Path, output_dir: Path) -> None:
     backup = output_dir.with_name(f".{output_dir.name}.old")
     shutil.rmtree(backup, ignore_errors=True)
     output_dir.rename(backup)
-    staging.rename(output_dir)
+    try:
+        staging.rename(output_dir)
+    except BaseException:  # else the old folder is left hidden under the backup's name
+        backup.rename(output_dir)
+        raise
     shutil.rmtree(backup, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import numbers
 import os
 import re
 import zipfile
@@ -25,6 +26,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import BatchEncoding, BertTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
+from .checks import is_number
 from .generation_configuration_bark_hf import (
     COARSE_RATE_HZ,
     CODEBOOK_SIZE,
@@ -371,10 +373,11 @@ class BarkHfProcessor(ProcessorMixin):
         window = BarkHfSemanticGenerationConfig().max_input_semantic_length
         if max_length is None:
             max_length = window
-        elif isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= window:
+        elif not is_number(max_length, numbers.Integral) or not 1 <= max_length <= window:  # numpy ints too
             raise ValueError(
                 f"max_length must be an integer in [1, {window}] (Bark's text window); got {max_length!r}."
             )
+        max_length = int(max_length)
         texts = self._texts(text)
         input_ids = np.full((len(texts), max_length), self.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(texts), max_length), dtype=np.int64)

@@ -134,7 +134,13 @@ def test_bad_text(processor, text, error, match):
         processor(text)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_length": WINDOW + 1}, {"max_length": 0}, {"return_tensors": "tf"}])
+def test_max_length_takes_numpy_integers(processor):
+    """As every count bark-hf takes (bark_hf.checks); np.int64 used to be refused."""
+    assert processor("Hello", max_length=np.int64(5))["input_ids"].shape == (1, 5)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_length": WINDOW + 1}, {"max_length": 0}, {"return_tensors": "tf"},
+                                    {"max_length": True}, {"max_length": 5.0}])
 def test_bad_options(processor, kwargs):
     with pytest.raises(ValueError, match="max_length|return_tensors"):
         processor("Hello", **kwargs)

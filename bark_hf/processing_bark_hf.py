@@ -150,6 +150,14 @@ def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _explained(error: ValueError) -> str:
+    """numpy's refusal of a pickled object array names the flag that unlocks it; say why it stays locked instead."""
+    if "allow_pickle" in str(error):
+        return ("it holds a pickled object array, which bark-hf never loads (unpickling can run code); save the "
+                "preset's integer arrays with np.savez or np.save instead")
+    return str(error)
+
+
 def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate one original Bark preset (`.npz`); errors name the file."""
     path = os.fspath(path)
@@ -163,7 +171,7 @@ def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             arrays = {key: loaded[key] for key in loaded.files}
         return validate_voice_preset(arrays)
     except ValueError as error:
-        raise ValueError(f"Voice preset file {path!r}: {error}") from error
+        raise ValueError(f"Voice preset file {path!r}: {_explained(error)}") from error
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"Voice preset file {path!r} is not a readable .npz archive: {error}") from error
 
@@ -345,7 +353,7 @@ class BarkHfProcessor(ProcessorMixin):
                 except FileNotFoundError as error:
                     raise FileNotFoundError(f"Voice preset {name!r}: its {key} file {path} is missing.") from error
                 except (ValueError, OSError, EOFError) as error:
-                    raise ValueError(f"Voice preset {name!r}: cannot read {path}: {error}") from error
+                    raise ValueError(f"Voice preset {name!r}: cannot read {path}: {_explained(error)}") from error
             try:
                 self._presets[name] = validate_voice_preset(arrays)
             except ValueError as error:

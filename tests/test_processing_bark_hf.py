@@ -336,6 +336,20 @@ def test_presets_read_lazily(processor, tmp_path):
     assert "allow_pickle" not in str(info.value)
 
 
+def test_pickled_object_arrays_are_refused_without_pointing_to_allow_pickle(processor, tmp_path):
+    """numpy's own message ('... when allow_pickle=False') reads as advice to unlock the pickle; bark-hf never will."""
+    objects = np.array([{"tokens": [1, 2]}], dtype=object)
+    np.savez(tmp_path / "voice.npz", **{**make_preset(), "semantic_prompt": objects})
+    with pytest.raises(ValueError, match=r"voice\.npz.*pickled object array.*never loads") as info:
+        processor("Hello", voice_preset=str(tmp_path / "voice.npz"))
+    assert "allow_pickle" not in str(info.value)
+    processor.save_pretrained(tmp_path / "saved")
+    np.save(tmp_path / "saved" / "speaker_embeddings" / "announcer_fine_prompt.npy", objects, allow_pickle=True)
+    with pytest.raises(ValueError, match="announcer.*pickled object array.*never loads") as info:
+        BarkHfProcessor.from_pretrained(tmp_path / "saved").load_voice_preset("announcer")
+    assert "allow_pickle" not in str(info.value)
+
+
 def test_folder_without_presets(tokenizer, tmp_path):
     BarkHfProcessor(tokenizer).save_pretrained(tmp_path)
     (tmp_path / "speaker_embeddings_path.json").unlink()

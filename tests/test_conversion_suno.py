@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_voice_preset
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import BertTokenizer
@@ -547,6 +548,16 @@ def test_missing_inputs(what, request, original_checkpoint_dir, original_codec_p
                                             voice_presets=presets))
     _assert_one_line_error(code, err, MISSING_INPUTS[what])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preset_file_as_the_preset_folder_is_named(original_checkpoint_dir, original_codec_path, tokenizer_dir,
+                                                     tmp_path, capsys):
+    preset = tmp_path / "en_speaker_6.npz"
+    np.savez(preset, **random_voice_preset(0))
+    code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir, original_codec_path, tokenizer_dir,
+                                            tmp_path / "bark", voice_presets=preset))
+    _assert_one_line_error(code, err, "en_speaker_6.npz is a file; pass the folder")  # it did say "does not exist"
+    assert list(tmp_path.iterdir()) == [preset]
 
 
 def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, original_codec_path, tokenizer_dir,

@@ -60,6 +60,9 @@ def convert_suno_checkpoint(
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it.")
     if voice_presets is not None and not Path(voice_presets).is_dir():
+        if Path(voice_presets).exists():  # one preset file, say, where its folder is meant
+            raise ValueError(f"--voice-presets {voice_presets} is a file; pass the folder that holds the .npz presets "
+                             "(laid out like Bark's bark/assets/prompts).")
         raise FileNotFoundError(f"The voice preset folder {voice_presets} does not exist.")
     if not output_dir.parent.is_dir():
         raise FileNotFoundError(f"The parent folder of {output_dir} does not exist; create it first.")

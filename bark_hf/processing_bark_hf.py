@@ -63,6 +63,26 @@ VoicePreset = Mapping[str, Any] | str | os.PathLike
 """A preset name known to the processor, a path to an original `.npz`, or a dict of arrays."""
 
 
+# The tokenizer settings transformers' BarkProcessor passes on, each with the value Bark's text encoding uses: the
+# original encodes without special tokens and reads a fixed window, padded and cut to `max_length`.
+_BARK_TOKENIZER_SETTINGS = {"add_special_tokens": False, "return_attention_mask": True, "return_token_type_ids": False,
+                            "padding": "max_length", "truncation": True}
+
+
+def _check_tokenizer_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse tokenizer settings Bark cannot honour, naming them, instead of ignoring them."""
+    for key, value in settings.items():
+        if key not in _BARK_TOKENIZER_SETTINGS:
+            raise TypeError(f"BarkHfProcessor got an unknown setting {key!r}; it takes text, voice_preset, "
+                            f"return_tensors, max_length and, as transformers' BarkProcessor, "
+                            f"{', '.join(sorted(_BARK_TOKENIZER_SETTINGS))}.")
+        expected = _BARK_TOKENIZER_SETTINGS[key]
+        kind = (bool, np.bool_) if isinstance(expected, bool) else str  # str: also transformers' PaddingStrategy
+        if not isinstance(value, kind) or value != expected:
+            raise ValueError(f"Bark's text encoding uses {key}={expected!r}, as the original does; got {value!r}. "
+                             "Leave the setting out (max_length sets the window's length).")
+
+
 def _normalize_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -368,16 +388,20 @@ class BarkHfProcessor(ProcessorMixin):
         voice_preset: VoicePreset | Sequence[VoicePreset | None] | None = None,
         return_tensors: str = "pt",
         max_length: int | None = None,
+        **tokenizer_settings: Any,
     ) -> BatchEncoding:
         """Tokenise text (and load voice presets) for `BarkHfModel.generate`.
 
         Returns `input_ids` and `attention_mask` of shape `[batch, max_length]` (default: the
         semantic stage's 256-token text window), ids right-padded with the tokenizer's pad id,
         and, when a preset is given, `history_prompt`: one dict of arrays for the whole batch,
-        or a list with one dict (or None) per text.
+        or a list with one dict (or None) per text. `tokenizer_settings` are the ones transformers'
+        `BarkProcessor` takes (`add_special_tokens=False`, `padding="max_length"`, ...), accepted with the
+        one value Bark's text encoding has, so that code written for it runs unchanged.
         """
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np'; got {return_tensors!r}.")
+        _check_tokenizer_settings(tokenizer_settings)
         window = BarkHfSemanticGenerationConfig().max_input_semantic_length
         if max_length is None:
             max_length = window

@@ -14,6 +14,7 @@ from bark.generation import _normalize_whitespace, _tokenize  # conftest has stu
 from conftest import TEXTS
 from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import BarkProcessor, BertTokenizer
+from transformers.utils import PaddingStrategy
 
 from bark_hf import processing_bark_hf
 from bark_hf.conversion.voice_presets import read_original_presets
@@ -144,6 +145,30 @@ def test_max_length_takes_numpy_integers(processor):
 def test_bad_options(processor, kwargs):
     with pytest.raises(ValueError, match="max_length|return_tensors"):
         processor("Hello", **kwargs)
+
+
+def test_transformers_tokenizer_settings_with_barks_values(processor):
+    """Code written for transformers' BarkProcessor passes these; with Bark's own values they change nothing."""
+    plain = processor(["Hello there", "Hi"], max_length=12)
+    settings = dict(add_special_tokens=False, return_attention_mask=True, return_token_type_ids=False,
+                    padding=PaddingStrategy.MAX_LENGTH, truncation=np.bool_(True))
+    same = processor(["Hello there", "Hi"], max_length=12, **settings)
+    assert set(same) == set(plain)
+    for key in plain:
+        assert torch.equal(same[key], plain[key])
+
+
+@pytest.mark.parametrize("setting, error, match", [
+    ({"add_special_tokens": True}, ValueError, "add_special_tokens=False, as the original"),
+    ({"padding": "longest"}, ValueError, "padding='max_length'"),
+    ({"return_attention_mask": 1}, ValueError, "return_attention_mask=True"),
+    ({"return_token_type_ids": True}, ValueError, "return_token_type_ids=False"),
+    ({"truncation": "only_first"}, ValueError, "truncation=True"),
+    ({"voice_presets": "v2/en_speaker_1"}, TypeError, "unknown setting 'voice_presets'.*add_special_tokens"),
+])
+def test_other_tokenizer_settings_refused(processor, setting, error, match):
+    with pytest.raises(error, match=match):
+        processor("Hello", **setting)
 
 
 # --- voice presets: sources ---------------------------------------------------------------------

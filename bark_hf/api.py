@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging
 
 from . import loading
-from .atomic import atomic_path
+from .atomic import atomic_path, link_target
 from .checks import checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
 from .longform import DEFAULT_SILENCE_S, generate_long_form
@@ -298,10 +298,11 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
 
     The arrays are validated first, so the file always loads back as a `history_prompt`. The file
     is written to a temporary name and renamed; an existing file is replaced only with `overwrite=True`.
+    A symlink is written through: the file it points to is replaced, and the link stays.
     """
-    path = Path(filepath)
-    if path.suffix != ".npz":
+    if Path(filepath).suffix != ".npz":
         raise ValueError(f"A voice preset file name ends in '.npz'; got {os.fspath(filepath)!r}.")
+    path = link_target(filepath)  # a symlink is written through and stays
     arrays = validate_voice_preset(full_generation)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another path.")

@@ -32,6 +32,31 @@ def check_replaceable(path: str | os.PathLike) -> Path:
     return path
 
 
+def link_target(path: str | os.PathLike) -> Path:
+    """The file a symlink at `path` points to, else `path`: writing goes through the link, as a shell's `>` does.
+    Renaming a new file onto the link itself would replace the link (and a dangling one needs no overwrite)."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():
+        raise ValueError(f"{path} is a symbolic link that leads nowhere (a loop); remove it or write elsewhere.")
+    return target
+
+
+def check_writable_folder(path: str | os.PathLike) -> None:
+    """Create and remove a temporary file beside `path`: a folder that takes no new files fails here, before any
+    long work, instead of when the result is written."""
+    folder = Path(path).parent
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise PermissionError(f"Cannot create files in the folder {folder} ({error.strerror or error}); "
+                              "choose another output path.") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` to write into; it replaces `path` when the block succeeds and is

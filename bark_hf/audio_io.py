@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, check_replaceable
+from .atomic import atomic_path, check_replaceable, check_writable_folder, link_target
 
 # Names that promise another format than the WAV data written (any other name is taken as given).
 _OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff", ".wma",
@@ -19,10 +19,11 @@ _OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4
 def check_output_path(path: str | os.PathLike, overwrite: bool = False,
                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Fail early, before any generation, on an output path that cannot be written or that names one of `inputs`
-    (the text file or voice preset the command reads: `--overwrite` would replace it with audio)."""
+    (the text file or voice preset the command reads: `--overwrite` would replace it with audio).
+    A symlink is written through: the file it points to is the output, and the link stays."""
     if not str(path).strip():
         raise ValueError("The output path is empty; give a file name such as out.wav.")
-    path = Path(path)
+    path = link_target(path)
     if any(source is not None and path.resolve() == Path(source).resolve() for source in inputs):
         raise ValueError(f"{path} is also an input of this command, which writing the audio would destroy; "
                          "choose another output path.")
@@ -35,6 +36,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False,
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+    check_writable_folder(path)
     return path
 
 

@@ -165,6 +165,19 @@ def test_save_as_prompt_refuses_to_overwrite_unless_asked(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["voice.npz"]
 
 
+def test_save_as_prompt_writes_through_a_symlink(tmp_path):
+    """A symlinked file name was replaced by a plain file (the link lost), a dangling one without overwrite=True."""
+    target, link = tmp_path / "target.npz", tmp_path / "link.npz"
+    link.symlink_to(target)
+    api.save_as_prompt(link, random_voice_preset(0))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        api.save_as_prompt(link, random_voice_preset(1))
+    api.save_as_prompt(link, random_voice_preset(1), overwrite=True)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "target.npz"]
+    with np.load(target, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["semantic_prompt"], random_voice_preset(1)["semantic_prompt"])
+
+
 def test_save_as_prompt_leaves_a_pipe_in_place(tmp_path):
     pipe = tmp_path / "voice.npz"
     os.mkfifo(pipe)  # as a device such as /dev/null would be, the rename must not replace it with a plain file

@@ -190,6 +190,40 @@ def test_say_leaves_a_device_or_pipe_output_in_place(tmp_path, capsys):
     assert stat.S_ISFIFO(pipe.stat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["out.wav"]
 
 
+def test_say_writes_through_a_symlinked_output(tmp_path, capsys):
+    """`-o link.wav --overwrite` replaced the link with a plain file, and a dangling link was replaced without
+    --overwrite; now the file the link points to is the output, as with a shell's `>`, and the link stays."""
+    (tmp_path / "audio").mkdir()
+    target, link = tmp_path / "audio" / "take.wav", tmp_path / "link.wav"
+    link.symlink_to(target)  # dangling: the target does not exist yet
+    common = ["--model", "tiny-random", "--quiet"]
+    assert main(["say", "Hi.", "-o", str(link), *common]) == 0
+    assert link.is_symlink() and _wav_samples(target).shape[0] > 0
+    assert main(["say", "Hi.", "-o", str(link), *common]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    target.write_bytes(b"old")
+    assert main(["say", "Hi.", "-o", str(link), "--overwrite", *common]) == 0
+    assert link.is_symlink() and _wav_samples(target).shape[0] > 0
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["audio", "link.wav", "take.wav"]
+    (tmp_path / "gone.wav").symlink_to(tmp_path / "missing" / "x.wav")
+    assert main(["say", "Hi.", "-o", str(tmp_path / "gone.wav"), *common]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_say_refuses_an_unwritable_output_folder_before_loading(tmp_path, monkeypatch, capsys):
+    """A folder that takes no new files (read-only, no permission) failed only after the whole generation, with an
+    error naming a temporary file."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"Cannot create files in the folder {tmp_path} (Permission denied)" in error
+    assert len(error.strip().splitlines()) == 1
+
+
 def test_python_dash_m_runs_the_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bark_hf", "say", "Hi.", "-o", str(tmp_path / "m.wav"),
                              "--model", "tiny-random", "--quiet"], capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .checks import checked_seconds
+from .checks import checked_seconds, checked_seed
 from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
@@ -131,6 +131,7 @@ def _say(args: argparse.Namespace) -> int:
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
         checked_seconds(args.silence, "--silence")
+        checked_seed(args.seed)
         if args.voice is not None and args.voice.endswith(".npz"):
             read_voice_preset_file(args.voice)  # a preset file, unlike a name, needs no processor to check
         generate_kwargs = {}

@@ -163,6 +163,15 @@ def test_say_refuses_an_output_that_is_not_a_wav_before_loading(tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
+def test_say_refuses_an_out_of_range_seed_before_loading(tmp_path, monkeypatch, capsys):
+    """A --seed torch cannot take (argparse takes any int) was refused only after the model had loaded."""
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--seed", str(2**64), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "seed must be within" in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 def test_say_refuses_non_utf8_standard_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait"), errors="surrogateescape"))
     assert main(["say", "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1

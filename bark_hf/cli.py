@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .checks import checked_seconds, checked_seed
+from .checks import checked_seed
 from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
-from .longform import DEFAULT_SILENCE_S
+from .longform import DEFAULT_SILENCE_S, checked_silence
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 
@@ -130,7 +130,7 @@ def _say(args: argparse.Namespace) -> int:
         if not text.strip():
             raise ValueError("The text is empty; give the words to speak.")
         check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
-        checked_seconds(args.silence, "--silence")
+        checked_silence(args.silence, "--silence")
         checked_seed(args.seed)
         if args.voice is not None and args.voice.endswith(".npz"):
             read_voice_preset_file(args.voice)  # a preset file, unlike a name, needs no processor to check

@@ -47,6 +47,8 @@ LONG_FORM_MIN_EOS_P = 0.05
 """Semantic `min_eos_p` of the original long-form notebook (default 0.2): stops sooner, less trailing audio."""
 DEFAULT_SILENCE_S = 0.25
 """Silence between chunks, as in the original long-form notebook."""
+MAX_SILENCE_S = 60.0
+"""The longest silence between chunks: far above any pause, and far below what overflows or fills memory."""
 DEFAULT_BATCH_SIZE = 8
 HISTORY_MODES = ("first", "previous")
 """What chunks after the first are conditioned on; see `generate_long_form`."""
@@ -169,6 +171,15 @@ def split_sentences(text: str) -> list[str]:
     """
     normalized = _normalized_text(text)
     return [normalized[start:end] for start, end in _sentence_spans(normalized)]
+
+
+def checked_silence(value: Any, name: str) -> float:
+    """`value` as seconds of silence in [0, MAX_SILENCE_S]: a huge one (1e308) failed when the chunks were joined,
+    after the whole generation."""
+    seconds = checked_seconds(value, name)
+    if seconds > MAX_SILENCE_S:
+        raise ValueError(f"{name} must be at most {MAX_SILENCE_S:g} seconds; got {value!r}.")
+    return seconds
 
 
 def _chars_per_second(char: str) -> float:
@@ -415,7 +426,7 @@ def generate_long_form(
         raise ValueError("Pass exactly one of text= (split into chunks here) or chunks= (your own, used as given).")
     if history not in HISTORY_MODES:
         raise ValueError(f"history must be one of {', '.join(map(repr, HISTORY_MODES))}; got {history!r}.")
-    silence_s = checked_seconds(silence_s, "silence_s")
+    silence_s = checked_silence(silence_s, "silence_s")
     batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)

@@ -34,10 +34,10 @@ import torch
 from transformers.utils import logging
 
 from .audio_io import check_output_path, write_wav
-from .checks import checked_seconds, checked_whole_number
+from .checks import checked_whole_number
 from .cli import DTYPES, quiet_output
 from .loading import DEFAULT_MODEL, load_bark
-from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, chunk_text, generate_long_form
+from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, checked_silence, chunk_text, generate_long_form
 from .processing_bark_hf import validate_voice_preset
 
 logger = logging.get_logger(__name__)
@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace, state: Any) -> int:
     from accelerate.utils import gather_object
 
     checked_whole_number(args.batch_size, "--batch-size")
-    checked_seconds(args.silence, "--silence")
+    checked_silence(args.silence, "--silence")
     if args.seed is not None:  # SeedSequence takes no negative seeds
         checked_whole_number(args.seed, "--seed", minimum=0)
     if args.loudness is not None:

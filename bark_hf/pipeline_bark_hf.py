@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .checks import checked_flag, checked_seconds, checked_seed, checked_whole_number
+from .checks import checked_flag, checked_seed, checked_whole_number
 from .hub import push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
     checked_generate_kwargs,
+    checked_silence,
     generate_long_form,
     needs_long_form,
 )
@@ -170,7 +171,7 @@ class BarkPipeline(Pipeline):
             generate_kwargs=generate_kwargs,
             batch_size=batch_size,
             long_form=long_form,
-            silence_s=checked_seconds(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
+            silence_s=checked_silence(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
             seed=checked_seed(forward.get("seed")),
             show_progress=forward.get("show_progress", False),
         )

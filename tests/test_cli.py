@@ -142,6 +142,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch w
     (["Hi.", "--text-temp", "0"], "temperature"),
     *[(["Hi.", "--silence", value], "--silence must be a finite number of seconds >= 0") for value in
       ("-1", "nan", "inf")],
+    (["Hi.", "--silence", "1e308", "--long-form", "on"], "--silence must be at most 60 seconds"),  # overflowed late
     pytest.param(["Hi.", "--device", "cuda"], "sees no CUDA GPU", marks=NO_CUDA),
     pytest.param(["Hi.", "--device", "cuda:0", "--offload"], "sees no CUDA GPU", marks=NO_CUDA),
     (["Hi.", "--device", "meta"], "--device meta holds no data"),

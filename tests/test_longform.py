@@ -449,6 +449,7 @@ def test_whitespace_in_own_chunks_is_normalised(tiny):
         (dict(chunks=["Hi.", " "]), ValueError, re.escape("chunks[1]")),
         (dict(chunks=["Hi.", 2]), TypeError, re.escape("chunks[1]")),
         (dict(text="Hi.", silence_s=-0.1), ValueError, "silence_s"),
+        (dict(text="Hi. Bye.", silence_s=1e308), ValueError, "silence_s must be at most 60 seconds"),  # overflowed
         (dict(text="Hi.", batch_size=0), ValueError, "batch_size"),
         (dict(text="Hi.", history="all"), ValueError, "history"),
         (dict(text="Hi.", seed=1.5), TypeError, "seed"),

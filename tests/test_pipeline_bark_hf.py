@@ -178,6 +178,7 @@ def test_long_text_turns_long_form_on_by_default(pipe, monkeypatch):
     # Checked for every text, not only where long-form runs.
     (lambda p: p("Hi", silence_s=-1), ValueError, "silence_s must be a finite number of seconds >= 0"),
     (lambda p: p("Hi", silence_s=float("inf")), ValueError, "silence_s"),
+    (lambda p: p("Hi", silence_s=1e9), ValueError, "silence_s must be at most 60 seconds"),  # filled memory
     (lambda p: p("Hi", long_form="no"), ValueError, "long_form must be True, False or None"),
     (lambda p: p("Hi", seed=2**70), ValueError, "seed must be within"),
     # Set from the call's own arguments, on the plain path too.

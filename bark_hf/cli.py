@@ -206,6 +206,12 @@ def _checked_device(name: str) -> torch.device:
                              "numbered from 0.")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: this torch has no usable MPS device; use --device cpu (or auto).")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        try:  # xpu, hpu, xla, ...: torch raises AssertionError, ModuleNotFoundError or NotImplementedError
+            torch.empty(0, device=device)
+        except Exception:
+            raise ValueError(f"--device {name}: this torch cannot place tensors there; use --device cpu (or auto)."
+                             ) from None
     return device
 
 

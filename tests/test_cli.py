@@ -137,6 +137,14 @@ def test_voices_lists_the_presets(tiny_model_dir, capsys):
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
 
 
+def _usable(device: str) -> bool:
+    try:
+        torch.empty(0, device=device)
+    except Exception:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("arguments,message", [
     (["--file", "{dir}/missing.txt"], "missing.txt"),
     (["Hi.", "--text-temp", "0"], "temperature"),
@@ -147,6 +155,10 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch w
     pytest.param(["Hi.", "--device", "cuda:0", "--offload"], "sees no CUDA GPU", marks=NO_CUDA),
     (["Hi.", "--device", "meta"], "--device meta holds no data"),
     (["Hi.", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    # These were tracebacks (AssertionError, ModuleNotFoundError); vulkan's error came after loading the model.
+    *[pytest.param(["Hi.", "--device", device], f"--device {device}: this torch cannot place tensors there",
+                   marks=pytest.mark.skipif(_usable(device), reason=f"this torch has {device}"))
+      for device in ("xpu", "hpu", "vulkan")],
     (["Hi.", "--text-temp", "inf"], "temperature must be a finite number > 0"),
 ])
 def test_say_more_bad_input(tmp_path, capsys, arguments, message):

@@ -43,8 +43,10 @@ def checked_seconds(value: Any, name: str, allow_zero: bool = True) -> float:
 
 
 def checked_positive_number(value: Any, name: str, hint: str = "") -> float:
-    """`value` as a finite float > 0."""
-    if not is_number(value, numbers.Real) or not _is_finite(value) or value <= 0 or value > _LARGEST_FLOAT:
+    """`value` as a finite float > 0. Only an int can exceed the largest float: comparing a numpy float32 with it
+    casts the bound to float32 and warns of an overflow."""
+    too_large = isinstance(value, numbers.Integral) and value > _LARGEST_FLOAT
+    if not is_number(value, numbers.Real) or not _is_finite(value) or value <= 0 or too_large:
         raise ValueError(f"{name} must be a finite number > 0{hint}; got {value!r}.")
     return float(value)
 

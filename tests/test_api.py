@@ -127,6 +127,15 @@ def test_temperatures_reach_their_stages(tiny, monkeypatch):
     assert seen == {"semantic": (0.9, False), "coarse": (0.4, False), "fine": (0.5, None)}
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_numpy_float32_temperatures_are_taken_without_a_warning(tiny):
+    """The range check compared a float32 with the largest float64, which warned 'overflow encountered in cast'."""
+    audio = api.generate_audio(TEXT, text_temp=np.float32(0.6), waveform_temp=np.float16(0.6), silent=True, seed=0)
+    assert audio.dtype == np.float32 and audio.shape[0] > 0
+    with pytest.raises(ValueError, match="finite number > 0"):
+        api.generate_audio(TEXT, text_temp=10**400, silent=True)
+
+
 def test_preset_by_name_equals_its_arrays(tiny):
     preset = tiny.processor.load_voice_preset("v2/en_speaker_1")
     by_name = api.generate_audio(TEXT, "v2/en_speaker_1", seed=2, silent=True)

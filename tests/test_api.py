@@ -324,6 +324,15 @@ def test_offload_env_flag_enables_cpu_offload(fake_loader, monkeypatch):
         api.preload_models(True, False)  # the original's positional text_use_gpu, text_use_small
 
 
+@pytest.mark.parametrize("device", ["gpu0", "meta", "hpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks a torch without CUDA"))])
+def test_preload_refuses_an_unusable_device_before_loading(fake_loader, device):
+    """device='cuda' without CUDA raised torch's AssertionError after loading, 'hpu' a ModuleNotFoundError."""
+    with pytest.raises(ValueError, match=f"device={device!r} cannot hold the model here"):
+        api.preload_models("tiny-random", device=device)
+    assert fake_loader == [] and api._loaded is None
+
+
 def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):
     """Under enable_cpu_offload each stage is held on the accelerator only while it runs."""
     model = tiny.model

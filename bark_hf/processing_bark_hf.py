@@ -56,6 +56,8 @@ _PRESET_MEANING = {
     "fine_prompt": f"fine codes, shape ({N_FINE_CODEBOOKS}, m)",
 }
 
+# A folder's tokenizer: transformers 5 saves tokenizer.json; the original release and older folders hold vocab.txt.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # What a processor needs from a Hub repository: tokenizer files and presets, never the weights.
 _HUB_ALLOW_PATTERNS = ["*.json", "*.txt", f"{SPEAKER_EMBEDDINGS_DIR}/*"]
 
@@ -527,6 +529,13 @@ class BarkHfProcessor(ProcessorMixin):
         hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
         hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", None) or "")
+        # Without these files BertTokenizer loads with only its 5 special tokens: every word became [UNK], and a
+        # model folder holding only weights generated noise for any text, without an error.
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{folder!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}); pass a folder saved with "
+                "`save_pretrained` or `bark-hf convert`, which writes the tokenizer beside the weights."
+            )
         processor = cls(BertTokenizer.from_pretrained(folder, **kwargs))
         processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
         return processor

@@ -129,6 +129,20 @@ def test_say_in_bfloat16(tmp_path):
     assert _wav_samples(output).shape[0] > 0
 
 
+def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path, tiny_model_dir, capsys):
+    """A folder of weights only (the processor not saved) spoke every word as [UNK], without an error; `voices`
+    answered that the model has no presets."""
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert main(["say", "Hello there.", "-o", str(tmp_path / "x.wav"), "--model", str(folder), "--quiet"]) == 1
+    assert "holds no tokenizer (tokenizer.json or vocab.txt)" in capsys.readouterr().err
+    assert main(["voices", "--model", str(folder)]) == 1
+    assert "holds no tokenizer" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.wav"))
+
+
 def test_voices_lists_the_presets(tiny_model_dir, capsys):
     assert main(["voices", "--model", str(tiny_model_dir)]) == 0
     assert capsys.readouterr().out.split() == sorted(TINY_PRESET_NAMES)

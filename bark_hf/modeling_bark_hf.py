@@ -32,6 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import ModelOutput, cached_file, logging
 
+from .atomic import default_mode
 from .checks import checked_flag
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
@@ -367,6 +368,10 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                 self.config.auto_map = previous_auto_map
         if not kwargs.get("is_main_process", True):  # another process writes the files beside the weights
             return
+        # safetensors 0.8 writes through a private temporary file: the weights came out owner-only (0600) beside
+        # world-readable configs, so other users of a shared model folder could not load it.
+        for weights in Path(save_directory).glob("model*.safetensors"):
+            weights.chmod(default_mode())
         save_generation_config(self.generation_config, save_directory)
         if isinstance(self.config, BarkHfConfig):  # the composite's folder gets a README.md for the Hub
             save_model_card(bark_model_card(self.config, model_id=Path(save_directory).resolve().name), save_directory)

@@ -12,6 +12,8 @@ import fractions
 import json
 import logging
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -498,6 +500,19 @@ def test_stage_generation_config_round_trip(stage, tmp_path):
 
     (tmp_path / GENERATION_CONFIG_NAME).unlink()  # a folder without one gets the defaults
     assert model_cls.from_pretrained(tmp_path).generation_config == defaults
+
+
+def test_saved_weights_get_the_umasks_mode(model, tmp_path):
+    """safetensors 0.8 writes weights owner-only; other users of a shared model folder must be able to read them."""
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "whole")
+        model.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    finally:
+        os.umask(previous)
+    weights = [*(tmp_path / "whole").glob("*.safetensors"), *(tmp_path / "shards").glob("*.safetensors")]
+    assert len(weights) > 2
+    assert {stat.S_IMODE(path.stat().st_mode) for path in weights} == {0o644}
 
 
 def test_composite_generation_config_round_trip(model, tmp_path):

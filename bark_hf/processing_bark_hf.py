@@ -416,7 +416,7 @@ class BarkHfProcessor(ProcessorMixin):
         input_ids = np.full((len(texts), max_length), self.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(texts), max_length), dtype=np.int64)
         for row, item in enumerate(texts):
-            ids = self._encode(item, max_length)
+            ids = self._encode(item, max_length, "Text" if isinstance(text, str) else f"text[{row}]")
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
 
@@ -458,13 +458,14 @@ class BarkHfProcessor(ProcessorMixin):
                 )
         return texts
 
-    def _encode(self, text: str, max_length: int) -> list[int]:
+    def _encode(self, text: str, max_length: int, name: str) -> list[int]:
+        """Token ids of `text`; `name` says which text an error is about ("text[3]" in a batch)."""
         normalized = _normalize_whitespace(text)
         if not normalized:
-            raise ValueError("Text is empty or whitespace only; pass at least one word to speak.")
+            raise ValueError(f"{name} is empty or whitespace only; pass at least one word to speak.")
         ids = self.tokenizer.encode(normalized, add_special_tokens=False)
         if not ids:
-            raise ValueError(f"Text {text!r} gives no tokens; pass text with at least one word to speak.")
+            raise ValueError(f"{name} ({text!r}) gives no tokens; pass text with at least one word to speak.")
         if len(ids) > max_length:
             cut = round((len(ids) - max_length) / len(ids) * 100, 1)
             logger.warning(

@@ -123,7 +123,8 @@ def test_numpy_output_and_shorter_window(processor):
     [
         ("", ValueError, "at least one word"),
         (" \n\t ", ValueError, "at least one word"),
-        (["Hello", "   "], ValueError, "at least one word"),
+        (["Hello", "   "], ValueError, r"text\[1\] is empty or whitespace only.*at least one word"),
+        ("\u200b", ValueError, r"^Text \('.*'\) gives no tokens"),
         ([], ValueError, "at least one string"),
         (42, TypeError, "string or a list of strings"),
         (["Hello", 3], TypeError, r"text\[1\].*str\(\)"),

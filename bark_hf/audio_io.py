@@ -23,6 +23,8 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False,
     A symlink is written through: the file it points to is the output, and the link stays."""
     if not str(path).strip():
         raise ValueError("The output path is empty; give a file name such as out.wav.")
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of the folder's name
+        raise IsADirectoryError(f"{path} names a folder; give a file path such as {Path(path) / 'out.wav'}.")
     path = link_target(path)
     if any(source is not None and path.resolve() == Path(source).resolve() for source in inputs):
         raise ValueError(f"{path} is also an input of this command, which writing the audio would destroy; "
@@ -32,6 +34,9 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False,
     check_replaceable(path)
     if path.suffix.lower() in _OTHER_AUDIO_SUFFIXES:
         raise ValueError(f"{path}: bark-hf writes WAV files only; give the output a .wav name.")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, not a folder, so {path} cannot be written there; "
+                                 "choose another output path.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
     if path.exists() and not overwrite:

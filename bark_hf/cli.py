@@ -77,6 +77,8 @@ def read_text(args: argparse.Namespace) -> str:
             return Path(args.file).read_text(encoding="utf-8-sig")  # as from standard input: without a BOM
         except FileNotFoundError:
             raise FileNotFoundError(f"The text file {args.file} does not exist.") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"--file {args.file} is a folder; give the text file in it.") from None
         except UnicodeDecodeError:
             raise ValueError(f"The text file {args.file} is not UTF-8 text.") from None
     if args.text is None or args.text == "-":

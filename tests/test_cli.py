@@ -31,6 +31,7 @@ def test_say_writes_a_24khz_mono_wav(tmp_path, capsys):
     (["Hi.", "-o", "{dir}/missing/out.wav"], "does not exist"),
     (["Hi.", "-o", "{dir}/out.wav", "--voice", "v2/en_speakr_1"], "voice preset"),
     (["Hi.", "-o", "{dir}/out.wav", "--voice", "{dir}/nope.npz"], "nope.npz"),
+    (["-o", "{dir}/out.wav", "--file", "{dir}"], "is a folder; give the text file in it"),
 ])
 def test_say_bad_input_is_one_line_and_no_file(tmp_path, capsys, arguments, message):
     arguments = [a.format(dir=tmp_path) for a in arguments]
@@ -215,6 +216,17 @@ def test_say_refuses_an_output_path_that_is_no_file_before_generating(tmp_path, 
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_say_names_a_folder_output_or_a_file_used_as_a_folder(tmp_path, capsys):
+    """`-o new.wav/` wrote a file new.wav (Path drops the slash); `-o notes.txt/x.wav` said notes.txt did not exist."""
+    (tmp_path / "notes.txt").write_text("keep")
+    for output, message in ((f"{tmp_path}/new.wav/", "names a folder"), (f"{tmp_path}/notes.txt/x.wav",
+                                                                          "notes.txt is a file, not a folder")):
+        assert main(["say", "Hi.", "-o", output, "--model", "tiny-random", "--quiet"]) == 1
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_say_leaves_a_device_or_pipe_output_in_place(tmp_path, capsys):

@@ -174,13 +174,41 @@ def _text(feature: Mapping[str, Any], position: int) -> str:
     return text
 
 
-def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int) -> torch.Tensor:
+def _checked_tokens(values: Any, position: int, name: str, ndim: int, high: int) -> torch.Tensor:
+    """A row's tokens as int64, refused with the item named unless an integer array of `ndim` axes in 0..high - 1.
+
+    Without this, a wrong value reached the model as an embedding IndexError or a wrong target.
+    """
+    fix = ("Give a semantic history as a voice preset's semantic_prompt is" if name == SEMANTIC_PROMPT_COLUMN
+           else "prepare_dataset makes them")
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(values, dtype=object)
+    if array.ndim != ndim or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"Item {position} of this batch: {name} must be a {ndim}-D integer array, got "
+                         f"{array.dtype} of shape {array.shape}. {fix}.")
+    if array.size and (array.min() < 0 or array.max() >= high):
+        raise ValueError(f"Item {position} of this batch: {name} must be in 0..{high - 1}, got "
+                         f"{array.min()}..{array.max()}. {fix}.")
+    return _long_tensor(array)
+
+
+def _semantic(feature: Mapping[str, Any], position: int, name: str = SEMANTIC_TOKENS_COLUMN) -> torch.Tensor | None:
+    """A row's semantic tokens `[S]` (or its `semantic_prompt`, which may be absent: None)."""
+    values = _column(feature, name) if name == SEMANTIC_TOKENS_COLUMN else feature.get(name)
+    if values is None and name == SEMANTIC_PROMPT_COLUMN:
+        return None
+    return _checked_tokens(values, position, name, 1, SEMANTIC_VOCAB_SIZE)
+
+
+def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int, codebook_size: int) -> torch.Tensor:
     """A row's `fine_tokens` `[codebooks, frames]`, of which the stage reads the first `n_codebooks`."""
-    codes = _long_tensor(_column(feature, FINE_TOKENS_COLUMN))
-    if codes.ndim != 2 or not n_codebooks <= codes.shape[0] <= N_FINE_CODEBOOKS:
+    codes = _checked_tokens(_column(feature, FINE_TOKENS_COLUMN), position, FINE_TOKENS_COLUMN, 2, codebook_size)
+    if not n_codebooks <= codes.shape[0] <= N_FINE_CODEBOOKS or codes.shape[1] == 0:
         raise ValueError(f"Item {position} of this batch: fine_tokens must be EnCodec codes [{N_FINE_CODEBOOKS}, "
-                         f"frames] (this stage reads the first {n_codebooks}), got shape {tuple(codes.shape)}. "
-                         "prepare_dataset makes them.")
+                         f"frames] with at least one frame (this stage reads the first {n_codebooks}), got shape "
+                         f"{tuple(codes.shape)}. prepare_dataset makes them.")
     return codes
 
 
@@ -200,13 +228,11 @@ class BarkHfSemanticCollator:
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
         encoding = self.processor([_text(feature, position) for position, feature in enumerate(features)])
-        histories = [feature.get(SEMANTIC_PROMPT_COLUMN) for feature in features]
-        histories = [None if history is None else _long_tensor(history) for history in histories]
+        histories = [_semantic(feature, position, SEMANTIC_PROMPT_COLUMN) for position, feature in enumerate(features)]
         text, history = semantic_prompt_windows(encoding["input_ids"], encoding["attention_mask"], histories, config)
         sequences = [
-            semantic_training_sequence(window, _long_tensor(_column(feature, SEMANTIC_TOKENS_COLUMN)), config,
-                                       self.block_size)
-            for window, feature in zip(text, features, strict=True)
+            semantic_training_sequence(window, _semantic(feature, position), config, self.block_size)
+            for position, (window, feature) in enumerate(zip(text, features, strict=True))
         ]
         return {
             "input_ids": _pad_right([ids for ids, _ in sequences], config.semantic_pad_token),
@@ -229,10 +255,10 @@ class BarkHfCoarseCollator:
         config = self.generation_config
         windows = []
         for position, feature in enumerate(features):
-            coarse = _codes(feature, position, config.n_coarse_codebooks)[: config.n_coarse_codebooks]  # [2, T]
+            codes = _codes(feature, position, config.n_coarse_codebooks, config.codebook_size)
+            coarse = codes[: config.n_coarse_codebooks]  # [2, T]
             index = _random_index(coarse_window_count(coarse.shape[1], config), self.random_windows)
-            windows.append(coarse_training_window(_long_tensor(_column(feature, SEMANTIC_TOKENS_COLUMN)), coarse,
-                                                  index, config))
+            windows.append(coarse_training_window(_semantic(feature, position), coarse, index, config))
         return {
             "input_ids": _pad_right([ids for ids, _ in windows], config.coarse_semantic_pad_token),
             "labels": _pad_right([labels for _, labels in windows], IGNORE_INDEX),
@@ -269,7 +295,7 @@ class BarkHfFineCollator:
         codebook_idx = codebooks[_random_index(len(codebooks), random=True)]
         windows = []
         for position, feature in enumerate(features):
-            codes = _codes(feature, position, config.n_fine_codebooks)  # [8, T]
+            codes = _codes(feature, position, config.n_fine_codebooks, config.codebook_size)  # [8, T]
             index = _random_index(fine_window_count(codes.shape[1], config), self.random_windows)
             windows.append(fine_training_window(codes, codebook_idx, index, config))
         return {

@@ -477,6 +477,30 @@ def test_collators_refuse_rows_they_cannot_train_on(processor):
 # --- Trainer, LoRA, the example script ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stage, row, message", [
+    ("fine", {"fine_tokens": np.zeros((8, 0), np.int64)}, r"with at least one frame .* got shape \(8, 0\)"),  # was NaN
+    ("coarse", {"semantic_tokens": [1], "fine_tokens": np.zeros((8, 0), np.int64)}, r"got shape \(8, 0\)"),
+    ("fine", {"fine_tokens": np.full((8, 5), 2000)}, r"fine_tokens must be in 0..1023, got 2000..2000"),
+    ("coarse", {"semantic_tokens": [1], "fine_tokens": np.full((8, 5), 1024)}, r"fine_tokens must be in 0..1023"),
+    ("coarse", {"semantic_tokens": [20_000], "fine_tokens": np.ones((8, 5), np.int64)},
+     r"semantic_tokens must be in 0..9999"),
+    ("coarse", {"semantic_tokens": [1], "fine_tokens": [[1, 2, 3], [1, 2]]}, r"fine_tokens must be a 2-D integer"),
+    ("semantic", {"text": "hi", "semantic_tokens": [1, -1]}, r"semantic_tokens must be in 0..9999, got -1..1"),
+    ("semantic", {"text": "hi", "semantic_tokens": [[1, 2]]}, r"semantic_tokens must be a 1-D integer array"),
+    ("semantic", {"text": "hi", "semantic_tokens": None}, r"semantic_tokens must be a 1-D integer array"),
+    ("semantic", {"text": "hi", "semantic_tokens": [1], "semantic_prompt": [20_000]},
+     r"semantic_prompt must be in 0..9999.*voice preset"),  # was embedded as a text token without a word
+    ("semantic", {"text": "hi", "semantic_tokens": [1], "semantic_prompt": [1.5]},
+     r"semantic_prompt must be a 1-D integer array, got float64"),  # was truncated to 1
+])
+def test_collators_refuse_tokens_out_of_range_or_misshaped_naming_the_item(stage, row, message, processor):
+    collator = {"semantic": BarkHfSemanticCollator(processor), "coarse": BarkHfCoarseCollator(),
+                "fine": BarkHfFineCollator()}[stage]
+    good = {"text": "fine", "semantic_tokens": [1, 2], "fine_tokens": np.ones((8, 5), np.int64)}
+    with pytest.raises(ValueError, match=rf"Item 1 of this batch: .*{message}"):
+        collator([good, row])
+
+
 def trainer_arguments(output_dir: Path, steps: int, learning_rate: float = 1e-2) -> TrainingArguments:
     return TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=2,
                              learning_rate=learning_rate, lr_scheduler_type="constant", logging_steps=5,

@@ -43,13 +43,26 @@ def _user_path(value: str) -> Path:
     return Path(value).expanduser()
 
 
+def _count(minimum: int):
+    """An argparse type for a whole number of at least `minimum`: a batch of 0 failed deep in torch after the model
+    loaded, and a negative --lora-rank silently trained every weight."""
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, got {value}")
+        return number
+
+    parse.__name__ = "whole number"  # argparse names the type in its error for a value int() cannot read
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, type=os.path.expanduser,
                         help=f"folder, Hub id or 'tiny-random' ({DEFAULT_MODEL})")
     parser.add_argument("--dataset", required=True, type=os.path.expanduser,
                         help="save_to_disk folder or Hub dataset id")
-    parser.add_argument("--split", default="train", help="split of a Hub dataset (default train)")
+    parser.add_argument("--split", default="train", help="split of a Hub dataset or DatasetDict folder (default train)")
     parser.add_argument("--stage", required=True, choices=sorted(STAGE_ATTRIBUTES), help="the stage to train")
     parser.add_argument("--output-dir", required=True, type=_user_path, help="model folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -57,15 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--semantic-column", help="column of semantic tokens of an unprepared dataset")
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
     parser.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gradient-accumulation", type=int, default=1)
+    parser.add_argument("--batch-size", type=_count(1), default=8)
+    parser.add_argument("--gradient-accumulation", type=_count(1), default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", type=_user_path, help="write Trainer checkpoints here (default: none)")
-    parser.add_argument("--save-steps", type=int, default=500, help="steps between checkpoints (with --checkpoint-dir)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)")
+    parser.add_argument("--save-steps", type=_count(1), default=500,
+                        help="steps between checkpoints (with --checkpoint-dir)")
+    parser.add_argument("--lora-rank", type=_count(0), default=0,
+                        help="train LoRA adapters of this rank (0: all weights)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: 2 x rank)")
     parser.add_argument("--lora-targets", default=LORA_TARGETS, help=f"modules to adapt (default {LORA_TARGETS})")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub model repo")
@@ -77,6 +92,9 @@ def load_training_data(name: str, split: str):
 
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+            raise SystemExit(f"The dataset folder {name} has no split {split!r}; its splits are {sorted(loaded)}. "
+                             "Choose one with --split.")
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return datasets.load_dataset(name, split=split)
 
@@ -85,6 +103,10 @@ def check_training_data(dataset, args: argparse.Namespace) -> None:
     """Refuse, before loading the model or preparing anything, data that the stage cannot train on."""
     columns = dataset.column_names
     prepared = FINE_TOKENS_COLUMN in columns
+    if not prepared:  # prepare_dataset reads these; say so before the model loads
+        for flag, column in (("--audio-column", args.audio_column), ("--semantic-column", args.semantic_column)):
+            if column is not None and column not in columns:
+                raise SystemExit(f"{flag} {column}: the dataset has no such column; its columns are {columns}.")
     if args.stage != "fine" and SEMANTIC_TOKENS_COLUMN not in columns and (prepared or not args.semantic_column):
         given = (f"a prepared dataset (it has {FINE_TOKENS_COLUMN!r}) without {SEMANTIC_TOKENS_COLUMN!r}" if prepared
                  else "an audio dataset without --semantic-column")

@@ -758,6 +758,24 @@ def test_example_script_names_rows_without_text_before_training(finetune, tmp_pa
                        "--semantic-column", "tokens", "--output-dir", str(tmp_path / "out")])
 
 
+
+def test_example_script_refuses_unusable_settings_before_loading_the_model(finetune, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
+    data = save_tone_dataset(tmp_path / "data", tokens=[[1, 2], [3, 4]])
+    argv = ["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--output-dir", str(tmp_path / "out")]
+    for flag, value in (("--batch-size", "0"), ("--gradient-accumulation", "0"), ("--lora-rank", "-2"),
+                        ("--save-steps", "0"), ("--batch-size", "two")):
+        with pytest.raises(SystemExit):  # was: a torch error after loading, or (--lora-rank -2) training every weight
+            finetune.main([*argv, flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--audio-column wav: the dataset has no such column"):
+        finetune.main([*argv, "--audio-column", "wav"])
+    with pytest.raises(SystemExit, match=r"--semantic-column nope: the dataset has no such column"):
+        finetune.main([*argv[:-3], "coarse", *argv[-2:], "--semantic-column", "nope"])
+    datasets.load_from_disk(data).train_test_split(test_size=1, seed=0).save_to_disk(tmp_path / "splits")
+    with pytest.raises(SystemExit, match=r"no split 'validation'; its splits are \['test', 'train'\]"):  # KeyError
+        finetune.main([*argv, "--dataset", str(tmp_path / "splits"), "--split", "validation"])
+
 # --- model card -----------------------------------------------------------------------------------
 
 

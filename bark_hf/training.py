@@ -496,6 +496,14 @@ def prepare_dataset(
     """
     import datasets
 
+    # A DatasetDict failed as "no column 'audio'" and a streamed IterableDataset as an AttributeError.
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(f"prepare_dataset takes one split (a datasets.Dataset); got a {type(dataset).__name__} with "
+                        f"splits {sorted(dataset)}: pass one, e.g. dataset[{sorted(dataset)[0]!r}].")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"prepare_dataset takes a datasets.Dataset, got {type(dataset).__name__}. Load the data "
+                        "without streaming=True (its result is cached and saved with save_to_disk), or convert it: "
+                        "datasets.Dataset.from_list(list(streamed)).")
     if semantic_tokenizer is not None and semantic_column is not None:
         raise ValueError("Pass semantic_column (tokens already in the dataset) or semantic_tokenizer, not both.")
     if semantic_tokenizer is not None and not isinstance(semantic_tokenizer, SemanticTokenizer):

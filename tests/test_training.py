@@ -381,6 +381,15 @@ def test_prepare_refuses_bad_input():
         prepare_dataset(raw, model.codec_model, semantic_column="tokens")
 
 
+def test_prepare_names_a_dataset_dict_or_a_streamed_dataset():
+    model, _ = tiny_random_bark()
+    raw = datasets.Dataset.from_dict({"text": ["a"], "audio": [{"array": tone(220), "sampling_rate": 24_000}]})
+    with pytest.raises(TypeError, match=r"one split .* got a DatasetDict with splits \['train'\].*dataset\['train'\]"):
+        prepare_dataset(datasets.DatasetDict({"train": raw}), model.codec_model)  # was: "no column 'audio'"
+    with pytest.raises(TypeError, match="got IterableDataset.*without streaming=True"):  # was: AttributeError
+        prepare_dataset(raw.to_iterable_dataset(), model.codec_model)
+
+
 def test_decode_audio_finds_the_channels_axis_either_side():
     left, right = tone(300), tone(500)
     channels_first, rate = decode_audio({"array": np.stack([left, right]), "sampling_rate": 24_000})

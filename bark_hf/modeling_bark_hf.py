@@ -1323,6 +1323,17 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
     def get_input_embeddings(self) -> nn.ModuleList:
         return self.input_embeds_layers
 
+    def enable_input_require_grads(self) -> None:
+        """Make every codebook's embedding output require gradients, as transformers does for one embedding
+        (peft and reentrant gradient checkpointing call this). transformers hooks `get_input_embeddings()`, here a
+        ModuleList that is never called, so with frozen weights no gradient reached the adapters."""
+        def make_output_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hooks = [layer.register_forward_hook(make_output_require_grad)
+                                     for layer in self.input_embeds_layers]
+
     def set_input_embeddings(self, value: nn.ModuleList) -> None:
         self.input_embeds_layers = value
 

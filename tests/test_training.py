@@ -626,6 +626,22 @@ def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
     assert changed and all(name.endswith(("att_proj.weight", "in_proj.weight", "out_proj.weight")) for name in changed)
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_lora_under_reentrant_gradient_checkpointing_gets_gradients(stage, processor):
+    """Reentrant checkpointing needs inputs that require gradients (enable_input_require_grads); the fine stage's
+    eight embeddings are a ModuleList, whose hook never ran, so backward found no gradient to compute."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_stage(stage).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["att_proj"], init_lora_weights=False))
+    lora(**stage_batch(stage, processor)).loss.backward()
+    adapters = {name: parameter.grad for name, parameter in lora.named_parameters() if parameter.requires_grad}
+    assert adapters and all(grad is not None and grad.abs().sum() > 0 for grad in adapters.values())
+    lora.base_model.model.disable_input_require_grads()
+    assert not model._require_grads_hooks
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
 def test_lora_with_the_causal_lm_task_type_gives_the_loss_and_generates(stage, tone_rows, processor):
     from peft import LoraConfig, get_peft_model

@@ -127,17 +127,18 @@ class BarkHfConfig(PretrainedConfig):
         "fine_acoustics_config": BarkHfFineConfig,
         "codec_config": AutoConfig,
     }
-    # Loaded as remote code (`trust_remote_code=True` without the bark_hf package installed), the config
-    # tells `pipeline()` to build the folder's BarkPipeline. With the package imported, registration.py
-    # routes the task instead, so a folder saved with its code needs no trust there. A class attribute:
-    # never written to config.json. transformers resolves no task aliases for custom pipelines, so
-    # "text-to-speech" is named too.
-    custom_pipelines = (
-        {task: {"impl": "pipeline_bark_hf.BarkPipeline", "pt": ["AutoModelForTextToWaveform"]}
-         for task in ("text-to-audio", "text-to-speech")}
-        if __name__.startswith("transformers_modules.")
-        else {}
-    )
+    @property
+    def custom_pipelines(self) -> dict[str, dict[str, Any]]:
+        """Loaded as remote code (`trust_remote_code=True` without the bark_hf package installed), the config
+        tells `pipeline()` to build the folder's BarkPipeline. With the package imported, registration.py
+        routes the task instead, so a folder saved with its code needs no trust there. Not an attribute, so
+        never written to config.json; transformers resolves no task aliases for custom pipelines, so
+        "text-to-speech" is named too. A new dict on every read: `pipeline()` replaces the class names in it
+        with the classes, so a shared one broke every later `pipeline()` call for the same task."""
+        if not __name__.startswith("transformers_modules."):
+            return {}
+        return {task: {"impl": "pipeline_bark_hf.BarkPipeline", "pt": ["AutoModelForTextToWaveform"]}
+                for task in ("text-to-audio", "text-to-speech")}
 
     def __init__(
         self,

@@ -250,6 +250,9 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
     pipe = pipeline("text-to-audio", model=folder, trust_remote_code=True, device="cpu")
     result = pipe("Hello there.", voice_preset=preset, generate_kwargs=settings)
     np.save(output, result["audio"])
+    # The same task again in this process (pipeline() once rewrote the config's shared custom_pipelines).
+    second = pipeline("text-to-audio", model=folder, trust_remote_code=True, device="cpu")
+    assert type(second).__name__ == "BarkPipeline", type(second)
     # A model loaded as remote code saves itself, its code and its processor again; that folder works the same.
     pipe.save_pretrained(folder + "-again", save_code=True)
     again = pipeline("text-to-speech", model=folder + "-again", trust_remote_code=True, device="cpu")

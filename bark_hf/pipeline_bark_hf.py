@@ -173,7 +173,7 @@ class BarkPipeline(Pipeline):
             long_form=long_form,
             silence_s=checked_silence(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
             seed=checked_seed(forward.get("seed")),
-            show_progress=forward.get("show_progress", False),
+            show_progress=checked_flag(forward.get("show_progress", False), "show_progress"),
         )
 
     def _stream(self, texts: Iterator[Any], call: _Call) -> Iterator[dict[str, Any]]:

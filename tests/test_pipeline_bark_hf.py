@@ -181,6 +181,7 @@ def test_long_text_turns_long_form_on_by_default(pipe, monkeypatch):
     (lambda p: p("Hi", silence_s=1e9), ValueError, "silence_s must be at most 60 seconds"),  # filled memory
     (lambda p: p("Hi", long_form="no"), ValueError, "long_form must be True, False or None"),
     (lambda p: p("Hi", seed=2**70), ValueError, "seed must be within"),
+    (lambda p: p("Hi", show_progress="no"), ValueError, "show_progress must be True or False"),  # showed bars
     # Set from the call's own arguments, on the plain path too.
     (lambda p: p("Hi", generate_kwargs={"history_prompt": "v2/en_speaker_1"}), ValueError, "voice_preset="),
     (lambda p: p("Hi", generate_kwargs={"return_dict_in_generate": True}), ValueError, "may not set"),

@@ -104,13 +104,14 @@ def bark_model_card(
     provenance: str = "",
     training_data: Sequence[str] = (),
     base_model: str | None = None,
-    tags: Sequence[str] = (),
+    tags: str | Sequence[str] | None = (),
 ) -> ModelCard:
     """The card for a bark-hf model folder: metadata the Hub reads, usage snippets and training data.
 
     `training_data` names Hub datasets (`"user/name"`); `base_model` the model that was fine-tuned;
-    `tags` are added to bark-hf's own.
+    `tags` are added to bark-hf's own: a list, one tag as a string, or None, as transformers' `push_to_hub` takes them.
     """
+    tags = [tags] if isinstance(tags, str) else list(tags or ())  # a string is one tag, not one per character
     data = ModelCardData(
         library_name="bark-hf",
         pipeline_tag="text-to-audio",

@@ -383,7 +383,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             for source in (Path(pipeline_module), *map(Path, get_relative_import_files(pipeline_module))):
                 shutil.copyfile(source, Path(save_directory) / source.name)
 
-    def push_to_hub(self, repo_id: str, *, tags: Sequence[str] = (), save_code: bool = False,
+    def push_to_hub(self, repo_id: str, *, tags: str | Sequence[str] | None = (), save_code: bool = False,
                     max_shard_size: int | str | None = None, **hub_options: Any) -> Any:
         """Upload what `save_pretrained(save_code=..., max_shard_size=...)` writes to the Hub repo `repo_id`, with
         bark-hf's model card (naming the repo and `tags`) where transformers' own `push_to_hub` would write a

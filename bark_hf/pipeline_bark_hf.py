@@ -102,7 +102,7 @@ class BarkPipeline(Pipeline):
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
 
-    def push_to_hub(self, repo_id: str, *, tags: Sequence[str] = (), save_code: bool = False,
+    def push_to_hub(self, repo_id: str, *, tags: str | Sequence[str] | None = (), save_code: bool = False,
                     **hub_options: Any) -> Any:
         """Upload what `save_pretrained` writes (model, tokenizer, presets) to the Hub repo `repo_id`, with
         bark-hf's model card listing the presets. Options as for `BarkHfModel.push_to_hub`."""

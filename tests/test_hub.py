@@ -134,3 +134,12 @@ def test_shards_and_pull_request_refs_pass_through(hub):
     model.push_to_hub("someone/tiny-bark", max_shard_size="1MB", revision="refs/pr/3")
     assert "model.safetensors.index.json" in hub.last.uploads
     assert hub.last.branches == [] and hub.last.commit["revision"] == "refs/pr/3"  # a PR's ref is not created
+
+
+@pytest.mark.parametrize("tags,expected", [("my-voice", ["my-voice"]), (None, [])])
+def test_tags_as_one_string_or_none(hub, tags, expected):
+    """transformers' push_to_hub takes them; a string became one tag per character, None a TypeError."""
+    model, processor = tiny_random_bark()
+    for pushable in (model, BarkPipeline(model=model, processor=processor, device="cpu")):
+        pushable.push_to_hub("someone/tiny-bark", tags=tags)
+        assert _card(hub.last.uploads).data.tags == ["bark", "bark-hf", "text-to-speech", "audio", *expected]

@@ -103,11 +103,12 @@ class BarkPipeline(Pipeline):
         self.processor.save_pretrained(save_directory)
 
     def push_to_hub(self, repo_id: str, *, tags: str | Sequence[str] | None = (), save_code: bool = False,
-                    **hub_options: Any) -> Any:
+                    max_shard_size: int | str | None = None, **hub_options: Any) -> Any:
         """Upload what `save_pretrained` writes (model, tokenizer, presets) to the Hub repo `repo_id`, with
         bark-hf's model card listing the presets. Options as for `BarkHfModel.push_to_hub`."""
         def write(folder: Path, full_repo_id: str) -> None:
-            self.save_pretrained(folder, save_code=save_code)
+            shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            self.save_pretrained(folder, save_code=save_code, **shards)
             card = bark_model_card(self.model.config, model_id=full_repo_id, tags=tags,
                                    voice_presets=self.processor.available_voice_presets)
             save_model_card(card, folder, overwrite=True)

@@ -130,10 +130,13 @@ def test_a_folder_saved_as_dot_is_named_in_its_card(tmp_path, monkeypatch):
 
 
 def test_shards_and_pull_request_refs_pass_through(hub):
-    model, _ = tiny_random_bark()
+    model, processor = tiny_random_bark()
     model.push_to_hub("someone/tiny-bark", max_shard_size="1MB", revision="refs/pr/3")
     assert "model.safetensors.index.json" in hub.last.uploads
     assert hub.last.branches == [] and hub.last.commit["revision"] == "refs/pr/3"  # a PR's ref is not created
+    # The pipeline takes the model's options (it refused max_shard_size).
+    BarkPipeline(model=model, processor=processor, device="cpu").push_to_hub("someone/tiny-bark", max_shard_size="1MB")
+    assert "model.safetensors.index.json" in hub.last.uploads and "tokenizer.json" in hub.last.uploads
 
 
 @pytest.mark.parametrize("tags,expected", [("my-voice", ["my-voice"]), (None, [])])

@@ -75,6 +75,13 @@ class BarkPipeline(Pipeline):
     _load_image_processor = False
 
     def __init__(self, model: BarkHfModel, processor: BarkHfProcessor | None = None, **kwargs: Any) -> None:
+        # A name or a single stage would otherwise fail later, deep inside (no name_or_path, no split_stage_settings).
+        # Not isinstance: remote code can load the model's class and this module's BarkHfModel as separate copies.
+        if not hasattr(model, "split_stage_settings"):
+            hint = ("for a folder or Hub id, use BarkPipeline.from_pretrained(model) or pipeline('text-to-audio', "
+                    "model=...)" if isinstance(model, (str, os.PathLike)) else
+                    "a single stage cannot speak; load the whole model with BarkHfModel.from_pretrained(folder)")
+            raise TypeError(f"BarkPipeline takes a BarkHfModel, got {type(model).__name__}: {hint}.")
         tokenizer = kwargs.pop("tokenizer", None)
         if not isinstance(processor, BarkHfProcessor):
             processor = self._processor_for(model, tokenizer)

@@ -336,6 +336,14 @@ def test_pipeline_from_a_model_in_memory(pipe):
                                   pipe("Hi!", generate_kwargs=GREEDY)["audio"])
 
 
+def test_a_name_or_a_single_stage_is_refused_with_the_fix(pipe, tiny_model_dir):
+    with pytest.raises(TypeError, match=r"got str: .*BarkPipeline.from_pretrained"):
+        BarkPipeline(model=str(tiny_model_dir))
+    with pytest.raises(TypeError, match="got BarkHfSemanticModel: a single stage cannot speak"):
+        pipeline("text-to-audio", model=pipe.model.semantic, processor=pipe.processor,
+                 tokenizer=pipe.processor.tokenizer)
+
+
 def test_a_saved_pipeline_keeps_its_voice_presets(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     reloaded = pipeline("text-to-audio", model=str(tmp_path / "saved"))

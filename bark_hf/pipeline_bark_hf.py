@@ -98,8 +98,10 @@ class BarkPipeline(Pipeline):
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
         `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
+        # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
+        processor = BarkHfProcessor.from_pretrained(model)
         bark = BarkHfModel.from_pretrained(model, dtype=dtype)
-        return cls(model=bark, processor=BarkHfProcessor.from_pretrained(model), device=device, **settings)
+        return cls(model=bark, processor=processor, device=device, **settings)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """The model (`kwargs`, e.g. `save_code=True`, go to its `save_pretrained`) and the processor: the

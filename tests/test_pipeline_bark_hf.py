@@ -339,6 +339,8 @@ def test_pipeline_from_a_model_in_memory(pipe):
 def test_a_name_or_a_single_stage_is_refused_with_the_fix(pipe, tiny_model_dir):
     with pytest.raises(TypeError, match=r"got str: .*BarkPipeline.from_pretrained"):
         BarkPipeline(model=str(tiny_model_dir))
+    with pytest.raises(FileNotFoundError, match="No folder at"):  # was: "Repo id must be in the form ..."
+        BarkPipeline.from_pretrained(tiny_model_dir.parent / "missing")
     with pytest.raises(TypeError, match="got BarkHfSemanticModel: a single stage cannot speak"):
         pipeline("text-to-audio", model=pipe.model.semantic, processor=pipe.processor,
                  tokenizer=pipe.processor.tokenizer)

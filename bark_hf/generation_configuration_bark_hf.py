@@ -56,6 +56,10 @@ class _JsonConfig:
     (beams, `do_sample`) would only add noise.
     """
 
+    TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = ()
+    """Fields that describe the checkpoint's token layout (vocabularies, special tokens, rates, codebooks,
+    prompt windows): the weights were trained with them, so one `generate` call cannot change them."""
+
     def __post_init__(self) -> None:
         """Refuse settings that would fail deep inside torch or silently do something else: a zero temperature
         divides by zero, a window of 0 tokens too, a history of 0 frames slices them all, a rate of -75 runs."""
@@ -99,10 +103,25 @@ class _JsonConfig:
             )
         return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
 
+    def for_call(self, **settings: Any):
+        """A copy with one `generate` call's `settings` (sampling, lengths, windows), refusing the token layout:
+        a call with another vocabulary size or rate gave wrong-length output or an IndexError deep in torch."""
+        fixed = sorted(set(settings) & set(self.TOKEN_LAYOUT))
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} part of the checkpoint's token layout, not a "
+                "setting of one call; a model trained with another layout sets it in its saved generation config."
+            )
+        return self.updated(**settings)
+
 
 @dataclass
 class BarkHfSemanticGenerationConfig(_JsonConfig):
     """Text -> semantic tokens. Follows bark/generation.py `generate_text_semantic`."""
+
+    TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = (
+        "max_input_semantic_length", "semantic_vocab_size", "semantic_pad_token", "text_encoding_offset",
+        "text_pad_token", "semantic_infer_token", "semantic_rate_hz")
 
     temperature: float = 0.7
     """Softmax temperature of sampling."""
@@ -135,6 +154,10 @@ class BarkHfSemanticGenerationConfig(_JsonConfig):
 @dataclass
 class BarkHfCoarseGenerationConfig(_JsonConfig):
     """Semantic tokens -> the first two EnCodec codebooks. Follows bark/generation.py `generate_coarse`."""
+
+    TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = (
+        "max_coarse_input_length", "semantic_vocab_size", "coarse_semantic_pad_token", "coarse_infer_token",
+        "codebook_size", "n_coarse_codebooks", "semantic_rate_hz", "coarse_rate_hz", "context_window_size")
 
     temperature: float = 0.7
     top_k: int | None = None
@@ -179,6 +202,8 @@ class BarkHfCoarseGenerationConfig(_JsonConfig):
 @dataclass
 class BarkHfFineGenerationConfig(_JsonConfig):
     """Coarse codebooks -> all eight. Follows bark/generation.py `generate_fine`."""
+
+    TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = ("codebook_size", "n_fine_codebooks")
 
     temperature: float | None = 0.5
     """Softmax temperature; None takes the argmax."""

@@ -1050,7 +1050,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps. The KV cache is on
         unless `use_cache=False` (see `_generation_uses_cache`). Follows bark/generation.py `generate_text_semantic`.
         """
-        config = (generation_config or self.generation_config).updated(**settings)
+        config = (generation_config or self.generation_config).for_call(**settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
@@ -1152,7 +1152,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         The items go through their sliding windows together: window `w` of every item that has one
         is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
-        config = (generation_config or self.generation_config).updated(**settings)
+        config = (generation_config or self.generation_config).for_call(**settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
@@ -1400,7 +1400,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         Window `i` of every item that has one runs as one batch. Each is a whole window of
         `max_fine_input_length` frames (the original pads every item to one), so no mask is needed.
         """
-        config = (generation_config or self.generation_config).updated(**settings)
+        config = (generation_config or self.generation_config).for_call(**settings)
         window, hop = config.max_fine_input_length, config.fine_window_hop
         n_given = coarse_tokens.shape[1]
         coarse = _valid_items(coarse_tokens, coarse_lengths, self.device)
@@ -1726,7 +1726,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         }
         for prefix, values in settings.items():
             try:
-                configs[prefix].updated(**values)
+                configs[prefix].for_call(**values)
             except ValueError as error:
                 raise ValueError(f"Unknown or invalid {prefix} setting: {error}") from None
         return settings

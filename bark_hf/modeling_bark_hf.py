@@ -727,6 +727,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         torch.compile traces the whole step (`fullgraph=True`), so stages it cannot trace decode eagerly:
         with `compile=True` that is an error, with the environment variable a one-time warning.
         """
+        compile = checked_flag(compile, "compile", none_means=f"the {COMPILE_ENV_VAR} environment variable decides")
         if compile is None:
             requested = use_cache and os.environ.get(COMPILE_ENV_VAR, "0") == "1"
         elif compile and not use_cache:

@@ -469,6 +469,14 @@ def test_token_layout_is_refused_by_each_stage_too(model):
     assert custom.semantic_to_coarse_ratio > model.coarse_acoustics.generation_config.semantic_to_coarse_ratio
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
+def test_compile_must_be_a_flag(model, stage):
+    """compile='no' is a true string: it compiled."""
+    inputs = (INPUT_IDS, ATTENTION_MASK) if stage == "semantic" else (torch.arange(10)[None],)
+    with pytest.raises(ValueError, match="compile must be True, False or None .*BARK_HF_COMPILE.*got 'no'"):
+        getattr(model, stage).generate(*inputs, compile="no", **QUIET)
+
+
 def test_whole_number_settings_become_ints(model):
     output = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, coarse_max_coarse_history=120.0,
                             fine_max_fine_input_length=np.int64(100), fine_max_fine_history_length=50,

@@ -594,6 +594,58 @@ class _CUDAGraphDecoding:
         return type(None), ()
 
 
+def _checked_tokens(tokens: Any, name: str, layout: str) -> torch.Tensor:
+    """`tokens` as int64, refused with a message where they would fail deep in torch: not an integer tensor, of
+    another rank than `layout`'s (`[B, L]` or `[B, K, T]`), or without items."""
+    ndim = layout.count(",") + 1
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor {layout}; got {type(tokens).__name__}.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids (torch.long); got {tokens.dtype}.")
+    if tokens.dim() != ndim:
+        hint = " (a single item: add the batch dimension, tokens[None])" if tokens.dim() == ndim - 1 else ""
+        raise ValueError(f"{name} must be {layout}; got shape {tuple(tokens.shape)}{hint}.")
+    if tokens.shape[0] == 0:
+        raise ValueError(f"{name} holds a batch of 0 items; pass at least one.")
+    return tokens.long()
+
+
+def _checked_lengths(lengths: Any, tokens: torch.Tensor, name: str, tokens_name: str) -> torch.Tensor | None:
+    """`lengths` (None, a tensor or a list) as int64 `[B]` within `[0, T]` for `tokens` `[B, ..., T]`: a length past
+    the tensor was cut to it, a negative one sliced from the end, a float one rounded down, all silently."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths)
+    batch, longest = tokens.shape[0], tokens.shape[-1]
+    if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"{name} must hold {batch} whole numbers, one per item of {tokens_name}; got {lengths.dtype} "
+                         f"of shape {tuple(lengths.shape)}.")
+    if bool(((lengths < 0) | (lengths > longest)).any()):
+        raise ValueError(f"{name} must be within [0, {longest}] (the last dimension of {tokens_name}); "
+                         f"got {lengths.tolist()}.")
+    return lengths.long()
+
+
+def _check_token_values(tokens: torch.Tensor, valid: torch.Tensor | None, high: int, name: str, what: str) -> None:
+    """Refuse values of `tokens` outside `[0, high)` where `valid` (broadcast to `tokens`; None: everywhere) is
+    True, naming them: an embedding lookup would fail with an IndexError (a device assert on CUDA), or a value that
+    is another stage's token would be read as that one, silently."""
+    wrong = (tokens < 0) | (tokens >= high)
+    if valid is not None:
+        wrong &= valid.to(wrong.device)
+    if bool(wrong.any()):
+        examples = tokens[wrong].unique()[:5].tolist()
+        raise ValueError(f"{name} hold values outside [0, {high}), e.g. {examples}; they must be {what}.")
+
+
+def _length_mask(lengths: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+    """True at the positions of `tokens` `[B, ..., T]` within each item's length `[B]`, broadcastable to `tokens`."""
+    if lengths is None:
+        return None
+    valid = torch.arange(tokens.shape[-1], device=lengths.device) < lengths[:, None]  # [B, T]
+    return valid.view(tokens.shape[0], *[1] * (tokens.dim() - 2), tokens.shape[-1])
+
+
 def _valid_items(tokens: torch.Tensor, lengths: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
     """Each batch item's valid tokens, `tokens[i, ..., :lengths[i]]`, on `device`."""
     if lengths is None:
@@ -980,9 +1032,13 @@ def semantic_prompt_windows(
     Text: tokenizer ids `[B, L]` shifted by `text_encoding_offset`, `text_pad_token` where
     `attention_mask` is 0 and up to 256. History: the last 256 tokens of each item's semantic
     history (or none), right-padded with `semantic_pad_token`.
+    Each item's real tokens come first, in order: a left-padded batch (transformers' usual padding for
+    generation) gets the windows each item gets alone, not padding before its text.
     """
     window = config.max_input_semantic_length
-    input_ids, attention_mask = input_ids[:, :window], attention_mask[:, :window].bool()
+    attention_mask = attention_mask.bool()
+    order = torch.argsort((~attention_mask).long(), dim=1, stable=True)  # [B, L]: real tokens first, in order
+    input_ids, attention_mask = input_ids.gather(1, order)[:, :window], attention_mask.gather(1, order)[:, :window]
     text = torch.where(attention_mask, input_ids + config.text_encoding_offset, config.text_pad_token)
     text = F.pad(text, (0, window - text.shape[1]), value=config.text_pad_token)  # [B, 256]
     histories = []
@@ -1056,6 +1112,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
         device = self.device
+        input_ids = _checked_tokens(input_ids, "input_ids", "[B, L]").to(device)
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
 
@@ -1065,10 +1122,23 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
         # The prompt (window + infer token), then every generated token but the last is fed back.
         self._check_positions(window + most_tokens, f"{limit} after the {window + 1}-token prompt")
-        if input_ids.shape[1] > window:
-            logger.warning(f"Text of {input_ids.shape[1]} tokens is longer than {window}; keeping the first {window}.")
-        input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)} (1 at "
+                             f"real tokens, 0 at padding); got {shape}.")
+        attention_mask = attention_mask.to(device).bool()
+        n_tokens = attention_mask.sum(dim=1)  # [B]
+        if bool((n_tokens == 0).any()):
+            raise ValueError(f"Items {(n_tokens == 0).nonzero()[:, 0].tolist()} of input_ids hold no text "
+                             "(attention_mask is 0 throughout); pass text with at least one token per item.")
+        # Past the text's ids come the text pad and the infer token; a negative id would land on semantic tokens.
+        _check_token_values(input_ids, attention_mask, config.text_pad_token - config.text_encoding_offset,
+                            "input_ids", "the tokenizer's ids, without an offset, as BarkHfProcessor gives them")
+        longest = int(n_tokens.max())
+        if longest > window:
+            logger.warning(f"Text of {longest} tokens is longer than {window}; keeping the first {window}.")
         histories = [_prompt_tensor(prompt, "semantic_prompt", device) for prompt in _per_item(history_prompt, batch)]
         text, history = semantic_prompt_windows(input_ids, attention_mask, histories, config)  # [B, 256] each
 

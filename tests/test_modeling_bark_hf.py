@@ -769,3 +769,40 @@ def test_numpy_scalars_are_accepted_as_settings(model):
     output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=5.0, temperature=0.5, max_new_tokens=4.0,
                                      **QUIET)
     assert torch.equal(output.sequences, expected.sequences)
+
+
+# --- inputs the stages' generate refuse, or take as documented -----------------------------------------
+
+
+@pytest.mark.parametrize("input_ids, attention_mask, error, match", [
+    (INPUT_IDS.float(), None, TypeError, "input_ids must hold integer ids"),
+    (INPUT_IDS[0], None, ValueError, r"input_ids must be \[B, L\]; got shape \(8,\) \(a single item"),
+    (INPUT_IDS[:0], None, ValueError, "input_ids holds a batch of 0 items"),
+    (INPUT_IDS.numpy(), None, TypeError, "input_ids must be a torch tensor"),
+    (INPUT_IDS, ATTENTION_MASK[:, :5], ValueError, r"attention_mask must be a tensor of input_ids' shape \(2, 8\)"),
+    (INPUT_IDS, ATTENTION_MASK[:1], ValueError, r"attention_mask must be a tensor of input_ids' shape"),
+    (INPUT_IDS, torch.stack([ATTENTION_MASK[0], 0 * ATTENTION_MASK[1]]), ValueError, r"Items \[1\] .* hold no text"),
+    (INPUT_IDS[:, :0], None, ValueError, r"Items \[0, 1\] .* hold no text"),
+    (INPUT_IDS - 200, ATTENTION_MASK, ValueError, r"input_ids hold values outside \[0, 119547\).*without an offset"),
+    (INPUT_IDS + 119_500, ATTENTION_MASK, ValueError, r"input_ids hold values outside \[0, 119547\)"),
+])
+def test_bad_semantic_inputs_are_refused_with_a_clear_error(model, input_ids, attention_mask, error, match):
+    """Negative ids were read as semantic tokens and ids past the vocabulary as the pad and infer tokens, silently;
+    the rest failed deep in torch (an embedding IndexError, a stack of nothing, mismatched sizes)."""
+    with pytest.raises(error, match=match):
+        model.generate(input_ids, attention_mask, semantic_max_new_tokens=2, **QUIET)
+
+
+def test_semantic_inputs_of_other_integer_dtypes_and_padding_sides_give_the_same_tokens(model):
+    """uint8 ids overflowed when shifted, and a left-padded batch put padding before each item's text."""
+    expected = model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, top_k=1, max_new_tokens=6, **QUIET).sequences
+    small_ids = INPUT_IDS_3 % 100
+    assert torch.equal(model.semantic.generate(small_ids.to(torch.uint8), top_k=1, max_new_tokens=6, **QUIET).sequences,
+                       model.semantic.generate(small_ids, top_k=1, max_new_tokens=6, **QUIET).sequences)
+    shifts = (ATTENTION_MASK_3 == 0).sum(dim=1).tolist()
+    left_ids = torch.stack([row.roll(shift) for row, shift in zip(INPUT_IDS_3, shifts, strict=True)])
+    left_mask = torch.stack([row.roll(shift) for row, shift in zip(ATTENTION_MASK_3, shifts, strict=True)])
+    assert left_mask[:, 0].tolist() == [1, 0, 0]
+    for mask in (left_mask, left_mask.bool(), left_mask.float()):
+        output = model.semantic.generate(left_ids, mask, top_k=1, max_new_tokens=6, **QUIET)
+        assert torch.equal(output.sequences, expected)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +52,7 @@ from .generation_configuration_bark_hf import (
 )
 from .hub import push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
+from .processing_bark_hf import _checked_codes
 from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
@@ -515,14 +515,14 @@ def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[Mapping[st
 
 
 def _prompt_tensor(prompt: Mapping[str, Any] | None, key: str, device: torch.device) -> torch.Tensor | None:
+    """The preset's `key` array as int64 on `device`, checked as the processor checks presets (shape, integer
+    dtype, value range): a preset passed straight to `generate` otherwise failed deep in torch or, with coarse
+    codes of one row or float tokens, gave wrong output silently."""
     if prompt is None:
         return None
     if key not in prompt:
         raise ValueError(f"The voice preset has no {key!r}; it needs semantic_prompt, coarse_prompt and fine_prompt.")
-    value = prompt[key]
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value.astype(np.int64))
-    return torch.as_tensor(value, dtype=torch.long, device=device)
+    return torch.from_numpy(_checked_codes(key, prompt[key])).to(device)
 
 
 def _empty_tokens(device: torch.device) -> torch.Tensor:
@@ -1231,6 +1231,11 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
         self._check_positions(longest_window - 1, f"max_coarse_history={config.max_coarse_history} with "
                                                   f"sliding_window_len={config.sliding_window_len}")
+        semantic_tokens = _checked_tokens(semantic_tokens, "semantic_tokens", "[B, S]")
+        semantic_lengths = _checked_lengths(semantic_lengths, semantic_tokens, "semantic_lengths", "semantic_tokens")
+        valid = _length_mask(semantic_lengths, semantic_tokens)
+        _check_token_values(semantic_tokens, valid, config.semantic_vocab_size, "semantic_tokens",
+                            "semantic tokens (pass semantic_lengths to leave out the padding after each item's end)")
         semantic = _valid_items(semantic_tokens, semantic_lengths, self.device)
         prompts = _per_item(history_prompt, len(semantic))
         items = [self._start_item(tokens, prompt, config) for tokens, prompt in zip(semantic, prompts, strict=True)]
@@ -1473,7 +1478,15 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         """
         config = (generation_config or self.generation_config).for_call(**settings)
         window, hop = config.max_fine_input_length, config.fine_window_hop
+        coarse_tokens = _checked_tokens(coarse_tokens, "coarse_tokens", "[B, K, T]")
         n_given = coarse_tokens.shape[1]
+        if not self.config.n_codes_given <= n_given <= config.n_fine_codebooks:
+            raise ValueError(f"coarse_tokens must hold {self.config.n_codes_given} to {config.n_fine_codebooks} "
+                             f"codebooks ([B, K, T]); got K = {n_given} (shape {tuple(coarse_tokens.shape)}).")
+        coarse_lengths = _checked_lengths(coarse_lengths, coarse_tokens, "coarse_lengths", "coarse_tokens")
+        _check_token_values(coarse_tokens, _length_mask(coarse_lengths, coarse_tokens), config.codebook_size,
+                            "coarse_tokens", f"codes of {config.codebook_size}-entry codebooks (pass coarse_lengths "
+                            "to leave out the padding after each item's end)")
         coarse = _valid_items(coarse_tokens, coarse_lengths, self.device)
         prompts = _per_item(history_prompt, len(coarse))
         items = [self._start_item(codes, prompt, config) for codes, prompt in zip(coarse, prompts, strict=True)]

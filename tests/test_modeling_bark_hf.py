@@ -806,3 +806,79 @@ def test_semantic_inputs_of_other_integer_dtypes_and_padding_sides_give_the_same
     for mask in (left_mask, left_mask.bool(), left_mask.float()):
         output = model.semantic.generate(left_ids, mask, top_k=1, max_new_tokens=6, **QUIET)
         assert torch.equal(output.sequences, expected)
+
+
+SEMANTIC_2 = torch.tensor([[5, 9_999, 17, 3, 0, 42], [8, 1, 2, SEMANTIC_PAD, SEMANTIC_PAD, SEMANTIC_PAD]])
+CODES_2 = torch.tensor([[[5, 1_023, 17, 3], [0, 42, 7, 7]], [[8, 1, CODEBOOK_SIZE, CODEBOOK_SIZE]] * 2])
+
+
+@pytest.mark.parametrize("tokens, lengths, error, match", [
+    (SEMANTIC_2.float(), None, TypeError, "semantic_tokens must hold integer ids"),
+    (SEMANTIC_2[0], None, ValueError, r"semantic_tokens must be \[B, S\]; got shape \(6,\) \(a single item"),
+    (SEMANTIC_2[:0], None, ValueError, "semantic_tokens holds a batch of 0 items"),
+    (SEMANTIC_2, None, ValueError, r"semantic_tokens hold values outside \[0, 10000\), e.g. \[10000\].*_lengths"),
+    (SEMANTIC_2 - 1, torch.tensor([6, 3]), ValueError, r"outside \[0, 10000\), e.g. \[-1\]"),
+    (SEMANTIC_2 + 2_048, torch.tensor([6, 3]), ValueError, r"outside \[0, 10000\), e.g. \[12047\]"),
+    (SEMANTIC_2, torch.tensor([6, 7]), ValueError, r"semantic_lengths must be within \[0, 6\].*got \[6, 7\]"),
+    (SEMANTIC_2, torch.tensor([6, -2]), ValueError, r"semantic_lengths must be within \[0, 6\]"),
+    (SEMANTIC_2, torch.tensor([6.0, 3.0]), ValueError, "semantic_lengths must hold 2 whole numbers"),
+    (SEMANTIC_2, torch.tensor([6, 3, 1]), ValueError, "semantic_lengths must hold 2 whole numbers"),
+])
+def test_bad_coarse_inputs_are_refused_with_a_clear_error(model, tokens, lengths, error, match):
+    """Semantic tokens past the vocabulary were read as coarse tokens or failed with an embedding IndexError; a
+    length past the tensor was cut to it, a negative one counted from the end and a float one rounded, silently."""
+    with pytest.raises(error, match=match):
+        model.coarse_acoustics.generate(tokens, lengths, **QUIET)
+
+
+@pytest.mark.parametrize("tokens, lengths, error, match", [
+    (CODES_2.float(), None, TypeError, "coarse_tokens must hold integer ids"),
+    (CODES_2[0], None, ValueError, r"coarse_tokens must be \[B, K, T\]; got shape \(2, 4\) \(a single item"),
+    (CODES_2[:0], None, ValueError, "coarse_tokens holds a batch of 0 items"),
+    (CODES_2[:, :0], None, ValueError, r"coarse_tokens must hold 1 to 8 codebooks .*got K = 0"),
+    (torch.zeros(2, 9, 4, dtype=torch.long), None, ValueError, "coarse_tokens must hold 1 to 8 codebooks"),
+    (CODES_2, None, ValueError, r"coarse_tokens hold values outside \[0, 1024\), e.g. \[1024\].*coarse_lengths"),
+    (CODES_2 + 1_000, torch.tensor([4, 2]), ValueError, r"outside \[0, 1024\), e.g. \[1042, 2023\]"),
+    (-CODES_2, torch.tensor([4, 2]), ValueError, r"outside \[0, 1024\), e.g. \[-1023"),
+    (CODES_2, torch.tensor([5, 2]), ValueError, r"coarse_lengths must be within \[0, 4\]"),
+    (CODES_2, torch.tensor([-1, 2]), ValueError, r"coarse_lengths must be within \[0, 4\]"),
+    (CODES_2, torch.tensor([2.5, 2.0]), ValueError, "coarse_lengths must hold 2 whole numbers"),
+])
+def test_bad_fine_inputs_are_refused_with_a_clear_error(model, tokens, lengths, error, match):
+    """Codes of 1024 (the "not predicted yet" id) to 1055 were taken and written to the output, larger ones failed
+    with an embedding IndexError; K = 0 or 9 codebooks failed deep inside; lengths as for the coarse stage."""
+    with pytest.raises(error, match=match):
+        model.fine_acoustics.generate(tokens, lengths, **QUIET)
+
+
+def test_token_lengths_may_be_a_list_and_any_integer_dtype(model):
+    expected = model.fine_acoustics.generate(CODES_2, torch.tensor([4, 2]), temperature=None, **QUIET)
+    for lengths in ([4, 2], torch.tensor([4, 2], dtype=torch.int32)):
+        output = model.fine_acoustics.generate(CODES_2.int(), lengths, temperature=None, **QUIET)
+        assert torch.equal(output.sequences, expected.sequences) and output.lengths.tolist() == [4, 2]
+
+
+def _preset(**changes):
+    rng = np.random.default_rng(0)
+    fine = rng.integers(0, CODEBOOK_SIZE, size=(8, 30))
+    return {"semantic_prompt": rng.integers(0, SEMANTIC_PAD, size=20), "coarse_prompt": fine[:2],
+            "fine_prompt": fine, **changes}
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(semantic_prompt=np.array([5, 10_001])), r"'semantic_prompt' has values in \[5, 10001\]"),
+    (dict(semantic_prompt=np.array([-1, 5])), r"'semantic_prompt' has values in \[-1, 5\]"),
+    (dict(semantic_prompt=np.array([1.5, 5.0])), "'semantic_prompt' has dtype float64"),
+    (dict(semantic_prompt=np.array([[1, 5]])), "'semantic_prompt' has 2 dimension"),
+    (dict(coarse_prompt=np.zeros(60, dtype=np.int64)), "'coarse_prompt' has 1 dimension"),
+    (dict(coarse_prompt=np.full((2, 30), 2_000)), r"'coarse_prompt' has values in \[2000, 2000\]"),
+    (dict(fine_prompt=np.zeros((2, 30), dtype=np.int64)), "'fine_prompt' has 2 codebook rows"),
+    (dict(fine_prompt=np.full((8, 30), CODEBOOK_SIZE)), r"'fine_prompt' has values in \[1024, 1024\]"),
+])
+def test_presets_passed_to_generate_are_validated(model, changes, match):
+    """A preset dict given to generate itself was not checked: semantic tokens >= 10 000 or fine codes of 1024
+    were used silently, float tokens rounded down, 1-D coarse codes taken as one row, the rest failed in torch."""
+    with pytest.raises(ValueError, match=match):
+        model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=[_preset(**changes)],
+                       semantic_max_new_tokens=4, **QUIET)
+    model.generate(INPUT_IDS, ATTENTION_MASK, history_prompt=[None, _preset()], semantic_max_new_tokens=4, **QUIET)

@@ -852,10 +852,17 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and self.is_activation_checkpointing:
             use_cache = False
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}.")
         if inputs_embeds is None:
             inputs_embeds = self.input_embeds_layer(input_ids)  # [B, T, C]
         batch, length = inputs_embeds.shape[:2]
         past_length = 0 if cache is None else cache.length
+        # A mask of the new positions alone ([B, 1] after a cache) would broadcast over the cached ones, unchecked.
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
+            raise ValueError(f"attention_mask must be [B, past + T] = {(batch, past_length + length)}: the "
+                             f"{past_length} positions in the cache, then the {length} new ones; got "
+                             f"{tuple(attention_mask.shape)}.")
         if history_input_ids is not None:
             if cache is not None or history_input_ids.shape[1] > length:
                 raise ValueError("history_input_ids covers the first positions of a sequence: pass it without a "
@@ -1436,6 +1443,13 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
                 f"codebook_idx must be in [{self.config.n_codes_given}, {self.config.n_codes_total}), "
                 f"got {codebook_idx}."
             )
+        n_codebooks = self.config.n_codes_total
+        if input_ids.dim() != 3 or input_ids.shape[-1] != n_codebooks:
+            raise ValueError(f"input_ids must be [B, T, {n_codebooks}] (every codebook of each frame); got shape "
+                             f"{tuple(input_ids.shape)}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape[:2]:
+            raise ValueError(f"attention_mask must be [B, T] = {tuple(input_ids.shape[:2])}; got "
+                             f"{tuple(attention_mask.shape)}.")
         length = input_ids.shape[1]
         if length > self.config.block_size:
             raise ValueError(f"Sequence of {length} frames exceeds block_size ({self.config.block_size}).")

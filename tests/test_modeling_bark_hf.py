@@ -882,3 +882,21 @@ def test_presets_passed_to_generate_are_validated(model, changes, match):
         model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=[_preset(**changes)],
                        semantic_max_new_tokens=4, **QUIET)
     model.generate(INPUT_IDS, ATTENTION_MASK, history_prompt=[None, _preset()], semantic_max_new_tokens=4, **QUIET)
+
+
+def test_forward_refuses_masks_and_inputs_of_the_wrong_shape(causal, fine):
+    """A `[B, 1]` mask after a cache broadcast over the cached positions and was taken for all ones, silently; a
+    1-D input, another mask shape or 7 fine codebooks failed deep in torch."""
+    ids = _ids(2, 5)
+    cache = causal(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, past \+ T\] = \(2, 6\): the 5 positions"):
+        causal(ids[:, :1], cache=cache, attention_mask=torch.ones(2, 1), use_cache=True)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, past \+ T\] = \(2, 5\)"):
+        causal(ids, attention_mask=torch.ones(5))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, T\]; got shape \(5,\)"):
+        causal(ids[0])
+    codes = _ids(2, 10 * 8).view(2, 10, 8)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, T, 8\] \(every codebook"):
+        fine(2, codes[..., :7])
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \(2, 10\)"):
+        fine(2, codes, attention_mask=torch.ones(2, 9))

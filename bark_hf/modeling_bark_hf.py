@@ -492,8 +492,19 @@ def sample_tokens(probs: torch.Tensor, saw_nan: torch.Tensor) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1, keepdim=True)
 
 
-def raise_if_nan(saw_nan: torch.Tensor, stage: str) -> None:
-    """The clear error for NaN probabilities that `sample_tokens` saw during a stage."""
+# Below this temperature, logits / temperature can overflow float32 (3.4e38) for logits of a few thousand.
+_TINY_TEMPERATURE = 1e-30
+
+
+def raise_if_nan(saw_nan: torch.Tensor, stage: str, temperature: float | None = None) -> None:
+    """The clear error for NaN probabilities that `sample_tokens` saw during a stage: a tiny `temperature` is named
+    as the cause (the logits divided by it overflow), else the float16 overflow that usually causes them."""
+    if bool(saw_nan) and temperature is not None and temperature < _TINY_TEMPERATURE:
+        raise FloatingPointError(
+            f"The {stage} stage produced NaN probabilities: temperature={temperature} is so small that the logits "
+            "divided by it overflow float32. For greedy decoding use top_k=1 (fine stage: temperature=None); "
+            f"otherwise use a temperature of at least {_TINY_TEMPERATURE}."
+        )
     if bool(saw_nan):
         raise FloatingPointError(
             f"The {stage} stage produced NaN probabilities: its activations overflowed. This happens with "
@@ -1184,7 +1195,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
                 break
         progress.close()
-        raise_if_nan(saw_nan, "semantic")
+        raise_if_nan(saw_nan, "semantic", config.temperature)
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]
         generated = generated.masked_fill(positions >= lengths[:, None], config.semantic_pad_token)
@@ -1259,7 +1270,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             generated = self._generate_window(contexts, config, first_step, max(counts), cache, compile, saw_nan)
             for item, tokens, count in zip(active, generated, counts, strict=True):
                 item.coarse = torch.cat([item.coarse, tokens[:count]])
-        raise_if_nan(saw_nan, "coarse")
+        raise_if_nan(saw_nan, "coarse", config.temperature)
 
         n_codebooks = config.n_coarse_codebooks
         offsets = coarse_codebook_offsets(config, self.device)
@@ -1556,7 +1567,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
                 probs = torch.softmax(rows / config.temperature, dim=-1)
                 saw_nan = torch.zeros((), dtype=torch.bool, device=probs.device)
                 predicted = sample_tokens(probs, saw_nan)[:, 0]  # row by row, as the original
-                raise_if_nan(saw_nan, "fine")
+                raise_if_nan(saw_nan, "fine", config.temperature)
             per_item = predicted.split([window - fill for fill in fill_starts])
             for row, (item_predicted, fill) in enumerate(zip(per_item, fill_starts, strict=True)):
                 buffer[row, fill:, codebook] = item_predicted

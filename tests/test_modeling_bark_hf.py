@@ -900,3 +900,16 @@ def test_forward_refuses_masks_and_inputs_of_the_wrong_shape(causal, fine):
         fine(2, codes[..., :7])
     with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \(2, 10\)"):
         fine(2, codes, attention_mask=torch.ones(2, 9))
+
+
+@pytest.mark.parametrize("stage, settings", [
+    ("semantic", dict(semantic_temperature=1e-300)),
+    ("semantic", dict(semantic_temperature=1e-300, semantic_top_k=1)),
+    ("coarse", dict(coarse_temperature=1e-300)),
+    ("fine", dict(fine_temperature=1e-300)),
+])
+def test_a_temperature_so_small_that_logits_overflow_is_named(model, stage, settings):
+    """The NaN this gives was blamed on float16 weights, with advice to load the model in bfloat16."""
+    with pytest.raises(FloatingPointError, match=f"The {stage} stage produced NaN .*temperature=1e-300 is so small"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, semantic_allow_early_stop=False,
+                       **settings, **QUIET)

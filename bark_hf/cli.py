@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging as stdlib_logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,7 +125,6 @@ def _say(args: argparse.Namespace) -> int:
     from .audio_io import check_output_path, write_wav
     from .loading import load_bark
     from .pipeline_bark_hf import BarkPipeline
-    from .processing_bark_hf import read_voice_preset_file
 
     try:
         # Everything the user can get wrong is checked before a model (maybe gigabytes) is loaded.
@@ -134,8 +134,8 @@ def _say(args: argparse.Namespace) -> int:
         check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
         checked_silence(args.silence, "--silence")
         checked_seed(args.seed)
-        if args.voice is not None and args.voice.endswith(".npz"):
-            read_voice_preset_file(args.voice)  # a preset file, unlike a name, needs no processor to check
+        if args.voice is not None:
+            check_voice_argument(args.voice)
         generate_kwargs = {}
         if args.text_temp is not None:
             BarkHfSemanticGenerationConfig(temperature=args.text_temp)
@@ -171,6 +171,20 @@ def _say(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"Wrote {path} ({output['audio'].shape[0] / output['sampling_rate']:.2f} s)")
     return 0
+
+
+def check_voice_argument(voice: str) -> None:
+    """Refuse a `--voice` that can be no preset before the model loads: a preset file, unlike a name, needs no
+    processor to check, and an existing file with another suffix (a .wav, say) was only refused after loading.
+    A name without a suffix is left to the processor, whose stored presets come first even if such a file exists."""
+    from .processing_bark_hf import read_voice_preset_file
+
+    if voice.endswith(".npz"):
+        read_voice_preset_file(voice)
+    elif Path(voice).suffix and os.path.isfile(voice):
+        raise ValueError(f"--voice {voice} is a {Path(voice).suffix} file, not a voice preset: voice presets are .npz "
+                         "files (Bark's semantic_prompt, coarse_prompt and fine_prompt) or preset names such as "
+                         "v2/en_speaker_6 (see `bark-hf voices`). Pass one of those.")
 
 
 def run_voices(args: argparse.Namespace) -> int:

@@ -288,6 +288,28 @@ def test_say_checks_a_preset_file_before_loading_the_model(tmp_path, capsys, mon
     assert "voice.npz" in error and len(error.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["take1.wav", "voice.NPZ", "notes.txt"])
+def test_say_refuses_a_file_that_is_no_preset_before_loading_the_model(tmp_path, capsys, monkeypatch, name):
+    (tmp_path / name).write_bytes(b"RIFF")  # was: refused only after the model loaded
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--voice", str(tmp_path / name), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "not a voice preset: voice presets are .npz files" in error and "preset names" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "x.wav").exists()
+
+
+def test_say_takes_a_preset_name_even_if_a_file_or_folder_of_that_name_exists(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "en_speaker_1").write_bytes(b"not a preset")
+    (tmp_path / "v2" / "en_speaker_1.wav").write_bytes(b"RIFF")
+    (tmp_path / "v2" / "en_speaker_0").mkdir()
+    for name in ("v2/en_speaker_1", "v2/en_speaker_0"):
+        assert main(["say", "Hi.", "-o", "out.wav", "--model", str(tiny_model_dir), "--voice", name, "--seed", "1",
+                     "--quiet", "--overwrite"]) == 0
+        assert (tmp_path / "out.wav").stat().st_size > 44
+
+
 def test_say_refuses_an_invalid_preset_file_and_names_close_preset_names(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, semantic_prompt=np.arange(5))

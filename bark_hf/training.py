@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from .checks import checked_flag, is_number
 from .generation_configuration_bark_hf import (
     COARSE_RATE_HZ,
     N_COARSE_CODEBOOKS,
@@ -251,6 +253,9 @@ class BarkHfCoarseCollator:
     generation_config: BarkHfCoarseGenerationConfig = field(default_factory=BarkHfCoarseGenerationConfig)
     random_windows: bool = True
 
+    def __post_init__(self) -> None:
+        self.random_windows = checked_flag(self.random_windows, "random_windows")  # "no" is true
+
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
         windows = []
@@ -281,13 +286,16 @@ class BarkHfFineCollator:
 
     def __post_init__(self) -> None:
         # Codebook 0 always comes from the coarse stage; the model has a head for each of the others.
+        self.random_windows = checked_flag(self.random_windows, "random_windows")
         predicted = range(1, self.generation_config.n_fine_codebooks)
         if self.codebooks is None:
             return
-        if not isinstance(self.codebooks, Sequence) or not self.codebooks or any(
-                k not in predicted for k in self.codebooks):
-            raise ValueError(f"codebooks must be a non-empty list of 1..{predicted[-1]} (generation predicts "
-                             f"{N_COARSE_CODEBOOKS}..{predicted[-1]}), got {self.codebooks!r}.")
+        # True == 1 and 2.0 == 2 pass `in range`: a bool or a float would have trained a head by accident.
+        if not isinstance(self.codebooks, Sequence) or isinstance(self.codebooks, str) or not self.codebooks or any(
+                not is_number(k, numbers.Integral) or k not in predicted for k in self.codebooks):
+            raise ValueError(f"codebooks must be a non-empty list of whole numbers 1..{predicted[-1]} (generation "
+                             f"predicts {N_COARSE_CODEBOOKS}..{predicted[-1]}), got {self.codebooks!r}.")
+        self.codebooks = tuple(int(k) for k in self.codebooks)
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config

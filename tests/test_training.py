@@ -476,11 +476,16 @@ def test_collators_refuse_rows_they_cannot_train_on(processor):
         BarkHfFineCollator()([{"fine_tokens": np.zeros((30, 8), np.int64)}])
     with pytest.raises(ValueError, match=r"got shape \(1, 30\)"):
         BarkHfCoarseCollator()([{**coarse_only, "fine_tokens": np.zeros((1, 30), np.int64)}])
-    for codebooks in ([], [0], [8], (2, 9), {2, 3}, 3):
-        with pytest.raises(ValueError, match=r"codebooks must be a non-empty list of 1..7"):
+    for codebooks in ([], [0], [8], (2, 9), {2, 3}, 3, [True], [np.True_], [2.0], "2"):  # [True] trained head 1
+        with pytest.raises(ValueError, match=r"codebooks must be a non-empty list of whole numbers 1..7"):
             BarkHfFineCollator(codebooks=codebooks)
     first_head = BarkHfFineCollator(codebooks=(1,))([{"fine_tokens": np.zeros((8, 30), np.int64)}])
     assert int(first_head["codebook_idx"]) == 1
+    numpy_head = BarkHfFineCollator(codebooks=[np.int64(3)])([{"fine_tokens": np.zeros((8, 30), np.int64)}])
+    assert numpy_head["codebook_idx"].dtype == torch.int64 and int(numpy_head["codebook_idx"]) == 3
+    for collator in (BarkHfCoarseCollator, BarkHfFineCollator):
+        with pytest.raises(ValueError, match=r"random_windows must be True or False, got 'no'"):
+            collator(random_windows="no")
 
 
 # --- Trainer, LoRA, the example script ------------------------------------------------------------

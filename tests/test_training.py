@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -728,6 +731,7 @@ def test_example_script_pushes_a_card_that_names_the_hub_repo(finetune, tmp_path
                             card=ModelCard.load(Path(folder_path) / "README.md"))
 
     monkeypatch.setattr(bark_hf.hub, "HfApi", FakeHub)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a push without a token is refused before training
     data = save_tone_dataset(tmp_path / "data")
     output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
                             "--output-dir", str(tmp_path / "bark-tones"), "--push-to-hub", "bark-tones"])
@@ -794,10 +798,16 @@ def test_example_script_refuses_unusable_settings_before_loading_the_model(finet
     data = save_tone_dataset(tmp_path / "data", tokens=[[1, 2], [3, 4]])
     argv = ["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--output-dir", str(tmp_path / "out")]
     for flag, value in (("--batch-size", "0"), ("--gradient-accumulation", "0"), ("--lora-rank", "-2"),
-                        ("--save-steps", "0"), ("--batch-size", "two")):
-        with pytest.raises(SystemExit):  # was: a torch error after loading, or (--lora-rank -2) training every weight
-            finetune.main([*argv, flag, value])
-        assert f"argument {flag}" in capsys.readouterr().err
+                        ("--save-steps", "0"), ("--batch-size", "two"),
+                        # these wrote an untrained model as if trained (no step, or a learning rate of 0)
+                        ("--max-steps", "0"), ("--max-steps", "-1"), ("--epochs", "0"), ("--epochs", "-1"),
+                        ("--learning-rate", "0"), ("--lora-alpha", "0"),
+                        # these failed after the model loaded, with a traceback
+                        ("--epochs", "nan"), ("--learning-rate", "-1"), ("--learning-rate", "inf"), ("--seed", "-1"),
+                        ("--seed", str(2**32)), ("--lora-targets", "att_proj,,out_proj")):
+        with pytest.raises(SystemExit) as exit_info:  # was: a torch error after loading, or (--lora-rank -2) training
+            finetune.main([*argv, flag, value])       # every weight
+        assert exit_info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--audio-column wav: the dataset has no such column"):
         finetune.main([*argv, "--audio-column", "wav"])
     with pytest.raises(SystemExit, match=r"--semantic-column nope: the dataset has no such column"):
@@ -805,6 +815,108 @@ def test_example_script_refuses_unusable_settings_before_loading_the_model(finet
     datasets.load_from_disk(data).train_test_split(test_size=1, seed=0).save_to_disk(tmp_path / "splits")
     with pytest.raises(SystemExit, match=r"no split 'validation'; its splits are \['test', 'train'\]"):  # KeyError
         finetune.main([*argv, "--dataset", str(tmp_path / "splits"), "--split", "validation"])
+
+def refuse_before_loading(finetune, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the script loaded the model or the data before refusing")
+
+    monkeypatch.setattr(finetune, "load_bark", fail)
+    monkeypatch.setattr(finetune, "load_training_data", fail)
+
+
+@pytest.mark.parametrize("extra, message", [
+    # peft's NoMatchingPeftModuleError, with a traceback, after the model loaded
+    (["--lora-rank", "4", "--lora-targets", "attn_proj"], r"--lora-targets attn_proj: the fine stage has no module of "
+     r"that name; choose from att_proj, in_proj, input_embeds_layers.<i>, lm_heads.<i>, out_proj, "),
+    # silently ignored beside a name that matched
+    (["--lora-rank", "4", "--lora-targets", "att_proj,nope"], "--lora-targets nope: the fine stage has no module"),
+    (["--lora-rank", "4", "--lora-targets", "layernorm_1"], "names a LayerNorm, which LoRA cannot adapt"),
+    (["--lora-targets", "att_proj"], "--lora-targets only applies to LoRA training; add --lora-rank"),  # were ignored
+    (["--lora-alpha", "8"], "--lora-alpha only applies to LoRA training"),
+    (["--save-steps", "10"], "there are none without --checkpoint-dir"),
+    (["--checkpoint-dir", "{tmp}/file"], "is a file; choose a folder"),  # was: FileExistsError after training
+    (["--push-to-hub", "a/b/c"], "is not a Hub repo id"),  # was: HFValidationError after training and writing
+    (["--push-to-hub", "me/tones"], "needs a Hugging Face token"),  # was: an error from the Hub after training
+    (["--model", "{tmp}/bark-small"], "No model folder at '{tmp}/bark-small'"),  # was: a traceback after the data
+    (["--model", "{tmp}/file"], "is a file; pass the model folder"),
+])
+def test_example_script_refuses_arguments_before_loading_anything(finetune, tmp_path, monkeypatch, extra, message):
+    refuse_before_loading(finetune, monkeypatch)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token
+    (tmp_path / "file").write_text("")
+    argv = ["--model", "tiny-random", "--dataset", str(tmp_path / "data"), "--stage", "fine",
+            "--output-dir", str(tmp_path / "out"), *(value.format(tmp=tmp_path) for value in extra)]
+    with pytest.raises(SystemExit, match=re.escape(message.format(tmp=tmp_path)) if "{tmp}" in message else message):
+        finetune.main(argv)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_example_script_names_a_dataset_it_cannot_load_in_one_line(finetune, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "load_bark", lambda *args: pytest.fail("loaded the model before refusing"))
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "wavs" / "a.wav").write_bytes(b"RIFF")
+    (tmp_path / "data.csv").write_text("text\n")
+    datasets.Dataset.from_dict({"text": ["a"]}).select([]).save_to_disk(tmp_path / "empty")
+    argv = ["--model", "tiny-random", "--stage", "fine", "--output-dir", str(tmp_path / "out")]
+    for dataset, message in ((tmp_path / "nope", r"^No dataset folder at '.*nope'"),  # was: datasets' FileNotFoundError
+                             (tmp_path / "wavs", r"is not a folder written by save_to_disk.*'audiofolder'"),
+                             (tmp_path / "data.csv", r"is a file; pass a folder written by Dataset.save_to_disk"),
+                             (tmp_path / "empty", r"holds no rows"),  # was: an IndexError in datasets
+                             ("bark-hf-tests-no-such-dataset-here", r"there is no folder of that name, and the Hub "
+                              r"dataset could not be loaded")):
+        with pytest.raises(SystemExit, match=message):
+            finetune.main([*argv, "--dataset", str(dataset)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_script_exits_with_one_line_and_writes_nothing(tmp_path):
+    data = save_tone_dataset(tmp_path / "data")
+    result = subprocess.run([sys.executable, str(EXAMPLE_SCRIPT), "--model", "tiny-random", "--dataset", str(data),
+                             "--stage", "fine", "--output-dir", str(tmp_path / "out"), "--lora-rank", "2",
+                             "--lora-targets", "foo"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(EXAMPLE_SCRIPT.parents[1])})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--lora-targets foo" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_script_writes_nothing_when_no_step_ran(finetune, tmp_path, monkeypatch):
+    class NoSteps:  # what data too small for any step would give
+        def __init__(self, **kwargs):
+            self.state = SimpleNamespace(global_step=0)
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(finetune, "Trainer", NoSteps)
+    data = save_tone_dataset(tmp_path / "data")
+    with pytest.raises(SystemExit, match="ran no optimizer step.*nothing was written"):
+        finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine",
+                       "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_example_script_keeps_the_folder_and_says_how_to_upload_when_the_push_fails(finetune, tmp_path, monkeypatch):
+    import bark_hf.hub
+
+    class OfflineHub:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("the Hub cannot be reached")
+
+    monkeypatch.setattr(bark_hf.hub, "HfApi", OfflineHub)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    data = save_tone_dataset(tmp_path / "data")
+    output = tmp_path / "bark-tones"
+    with pytest.raises(SystemExit, match=rf"Wrote the fine-tuned model to {re.escape(str(output))}, but the upload "
+                                         r"to me/tones failed \(the Hub cannot be reached\)\. .*`hf upload me/tones"):
+        finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
+                       "--output-dir", str(output), "--push-to-hub", "me/tones"])
+    assert (output / "model.safetensors").is_file()
+
 
 # --- model card -----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +53,7 @@ from .generation_configuration_bark_hf import (
 )
 from .hub import push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
-from .processing_bark_hf import _checked_codes
+from .processing_bark_hf import validate_voice_preset
 from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
@@ -512,28 +513,27 @@ def raise_if_nan(saw_nan: torch.Tensor, stage: str, temperature: float | None = 
         )
 
 
-def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[Mapping[str, Any] | None]:
-    """One preset (or None) per batch item, from a single preset or a list of them."""
-    if history_prompt is None or isinstance(history_prompt, Mapping):
-        return [history_prompt] * batch_size
-    prompts = list(history_prompt)
+def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[dict[str, np.ndarray] | None]:
+    """One preset (or None) per batch item, from a single preset or a list of them, each checked as the processor
+    checks presets (`validate_voice_preset`: keys, shapes, integer codes in range, the semantic/coarse ratio that
+    the original asserts): one passed straight to `generate` otherwise failed deep in torch or gave wrong output."""
+    prompts = [history_prompt] * batch_size if history_prompt is None or isinstance(history_prompt, Mapping) else (
+        list(history_prompt))
     if len(prompts) != batch_size:
         raise ValueError(
             f"history_prompt has {len(prompts)} presets for a batch of {batch_size}; "
             "pass one preset for all items or exactly one per item."
         )
-    return prompts
+    checked: dict[int, dict[str, np.ndarray]] = {}  # a preset shared by several items is checked once
+    for prompt in prompts:
+        if prompt is not None and id(prompt) not in checked:
+            checked[id(prompt)] = validate_voice_preset(prompt)
+    return [None if prompt is None else checked[id(prompt)] for prompt in prompts]
 
 
-def _prompt_tensor(prompt: Mapping[str, Any] | None, key: str, device: torch.device) -> torch.Tensor | None:
-    """The preset's `key` array as int64 on `device`, checked as the processor checks presets (shape, integer
-    dtype, value range): a preset passed straight to `generate` otherwise failed deep in torch or, with coarse
-    codes of one row or float tokens, gave wrong output silently."""
-    if prompt is None:
-        return None
-    if key not in prompt:
-        raise ValueError(f"The voice preset has no {key!r}; it needs semantic_prompt, coarse_prompt and fine_prompt.")
-    return torch.from_numpy(_checked_codes(key, prompt[key])).to(device)
+def _prompt_tensor(prompt: Mapping[str, np.ndarray] | None, key: str, device: torch.device) -> torch.Tensor | None:
+    """The `_per_item` preset's `key` array as int64 on `device`."""
+    return None if prompt is None else torch.from_numpy(prompt[key]).to(device)
 
 
 def _empty_tokens(device: torch.device) -> torch.Tensor:

@@ -874,6 +874,11 @@ def _preset(**changes):
     (dict(coarse_prompt=np.full((2, 30), 2_000)), r"'coarse_prompt' has values in \[2000, 2000\]"),
     (dict(fine_prompt=np.zeros((2, 30), dtype=np.int64)), "'fine_prompt' has 2 codebook rows"),
     (dict(fine_prompt=np.full((8, 30), CODEBOOK_SIZE)), r"'fine_prompt' has values in \[1024, 1024\]"),
+    # Checked whole, as the processor checks presets: the original's generate_coarse asserts this ratio.
+    (dict(coarse_prompt=np.zeros((2, 60), dtype=np.int64), fine_prompt=np.zeros((8, 60), dtype=np.int64)),
+     r"'coarse_prompt' has 60 frames for 20 semantic tokens \(ratio 3.0\); expected a ratio of 1.5"),
+    (dict(fine_prompt=np.zeros((8, 29), dtype=np.int64)), "'fine_prompt' has 29 frames but 'coarse_prompt' has 30"),
+    (dict(history=np.zeros(3)), "unexpected: history"),
 ])
 def test_presets_passed_to_generate_are_validated(model, changes, match):
     """A preset dict given to generate itself was not checked: semantic tokens >= 10 000 or fine codes of 1024

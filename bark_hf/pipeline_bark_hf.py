@@ -82,6 +82,15 @@ class BarkPipeline(Pipeline):
                     "model=...)" if isinstance(model, (str, os.PathLike)) else
                     "a single stage cannot speak; load the whole model with BarkHfModel.from_pretrained(folder)")
             raise TypeError(f"BarkPipeline takes a BarkHfModel, got {type(model).__name__}: {hint}.")
+        if getattr(model, "offload_device", None) is not None:  # enable_cpu_offload(): generate places the stages
+            device = kwargs.get("device")  # None, -1 or the CPU: transformers' ways to say where the inputs go
+            on_cpu = device < 0 if isinstance(device, int) else device is None or torch.device(device).type == "cpu"
+            if not on_cpu:
+                raise ValueError("This model moves its stages to the GPU one at a time (enable_cpu_offload()); leave "
+                                 "the pipeline's device unset, or load the model without offload to place it whole.")
+            # The stages wait on the CPU; transformers' default device (GPU 0) would move the whole model there at
+            # once, which offload is meant to avoid.
+            kwargs["device"] = torch.device("cpu")
         tokenizer = kwargs.pop("tokenizer", None)
         if not isinstance(processor, BarkHfProcessor):
             processor = self._processor_for(model, tokenizer)

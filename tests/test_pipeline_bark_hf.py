@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_PRESET_NAMES, random_voice_preset
 from transformers import (
     AutoConfig,
@@ -371,3 +372,26 @@ def test_bad_batch_size_is_refused_and_does_not_stick(pipe, batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         pipe(["a", "b"], batch_size=batch_size)
     assert pipe._batch_size is None
+
+
+def test_pipeline_leaves_an_offloaded_model_to_place_its_stages(monkeypatch):
+    """transformers' pipelines put a model on GPU 0 by default: one under enable_cpu_offload() went there whole."""
+    import transformers.pipelines.base as pipeline_base
+
+    model, processor = tiny_random_bark()
+    model.enable_cpu_offload(torch.device("cpu", 0))
+    monkeypatch.setattr(pipeline_base, "is_torch_cuda_available", lambda: True)  # GPU 0: the default device
+    moves = []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moves.append(args) or model)
+    for speaker in (pipeline("text-to-audio", model=model, processor=processor, tokenizer=processor.tokenizer),
+                    BarkPipeline(model=model, processor=processor, device=-1)):
+        assert speaker.device == torch.device("cpu")
+    assert not moves
+    with pytest.raises(ValueError, match="enable_cpu_offload.*leave the pipeline's device unset"):
+        BarkPipeline(model=model, processor=processor, device=0)
+    monkeypatch.undo()
+    offloaded = pipeline("text-to-audio", model=model, processor=processor, tokenizer=processor.tokenizer)
+    audio = offloaded("Hi.", generate_kwargs=GREEDY)["audio"]
+    model.offload_device = None  # the same model, not offloaded
+    torch.testing.assert_close(BarkPipeline(model=model, processor=processor, device="cpu")(
+        "Hi.", generate_kwargs=GREEDY)["audio"], audio, rtol=0, atol=0)

@@ -268,7 +268,12 @@ def _script_and_output(args: argparse.Namespace) -> str:
 def _job(args: argparse.Namespace, text: str, processor: Any) -> Job:
     voice = None if args.voice is None else processor.load_voice_preset(args.voice)
     seed = secrets.randbits(32) if args.seed is None else args.seed
-    return Job(chunks=chunk_text(text, processor.tokenizer), voice=voice, seed=seed)
+    chunks = chunk_text(text, processor.tokenizer)
+    for chunk in chunks:  # found here, not in generation, where the other processes would be left waiting
+        if not processor.tokenizer.encode(chunk, add_special_tokens=False):
+            raise ValueError(f"The script {args.input} has no words the model can read in {chunk!r}; "
+                             "give it words to speak.")
+    return Job(chunks=chunks, voice=voice, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,8 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
     existing.write_bytes(b"")
     bom_only = tmp_path / "bom.txt"
     bom_only.write_bytes("\ufeff \r\n".encode())
+    no_tokens = tmp_path / "zero_width.txt"  # not whitespace, yet nothing to tokenise: found before generation,
+    no_tokens.write_text("\u200b\u200b\n", encoding="utf-8")  # where the other processes would be left waiting
     cases = [
         (["--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.wav")], "script"),
         (["--input", str(script), "-o", str(existing)], "pass --overwrite"),
@@ -135,6 +137,7 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
           for value in ("nan", "inf", "-inf")],
         (["--input", str(script), "-o", str(tmp_path / "a.wav"), "--seed", "-1"], "--seed must be a whole number"),
         (["--input", str(bom_only), "-o", str(tmp_path / "a.wav")], "is empty"),
+        (["--input", str(no_tokens), "-o", str(tmp_path / "a.wav")], "has no words the model can read"),
         (["--input", str(script), "-o", str(script), "--overwrite"], "is also an input"),
     ]
     for arguments, message in cases:

@@ -128,6 +128,8 @@ def read_script(path: str) -> str:
         text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is no part of the words
     except FileNotFoundError:
         raise FileNotFoundError(f"The script {path} does not exist.") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"The script {path} is a folder; give the path of a text file.") from None
     except UnicodeDecodeError:
         raise ValueError(f"The script {path} is not UTF-8 text.") from None
     if not text.strip():

@@ -128,6 +128,7 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
     no_tokens.write_text("\u200b\u200b\n", encoding="utf-8")  # where the other processes would be left waiting
     cases = [
         (["--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.wav")], "script"),
+        (["--input", str(tmp_path), "-o", str(tmp_path / "a.wav")], "is a folder; give the path of a text file"),
         (["--input", str(script), "-o", str(existing)], "pass --overwrite"),
         (["--input", str(script), "-o", str(tmp_path / "b.wav"), "--batch-size", "0"], "--batch-size"),
         (["--input", str(script), "-o", str(tmp_path / "c.wav"), "--voice", "v2/xx_speaker_9"], "Unknown voice"),

@@ -46,6 +46,8 @@ LOUDNESS_EXTRA = "loudness"
 """The optional extra that installs pyloudnorm for `--loudness`."""
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 """Errors that end the command with one line on stderr (exit status 1), not a traceback."""
+LOUDNESS_RANGE_LUFS = (-70.0, 0.0)
+"""`--loudness` targets: below -70 LUFS BS.1770's gate measures audio as silence; above 0 speech clips."""
 
 T = TypeVar("T")
 
@@ -240,6 +242,9 @@ def _run(args: argparse.Namespace, state: Any) -> int:
     if args.loudness is not None:
         if not math.isfinite(args.loudness):
             raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")
+        if not LOUDNESS_RANGE_LUFS[0] <= args.loudness <= LOUDNESS_RANGE_LUFS[1]:
+            low, high = LOUDNESS_RANGE_LUFS
+            raise ValueError(f"--loudness must be between {low:g} and {high:g} LUFS, such as -16; got {args.loudness}.")
         _import_pyloudnorm()  # before any generation
     text = on_main_process(state, lambda: _script_and_output(args))
     model, processor = load_bark(args.model, device=state.device, dtype=getattr(torch, args.dtype))

@@ -136,6 +136,8 @@ def test_user_errors_are_one_line_before_any_generation(short_model_dir, script,
           for value in ("nan", "inf", "-1")],
         *[(["--input", str(script), "-o", str(tmp_path / "a.wav"), f"--loudness={value}"], "--loudness must be finite")
           for value in ("nan", "inf", "-inf")],
+        *[(["--input", str(script), "-o", str(tmp_path / "a.wav"), f"--loudness={value}"], "between -70 and 0 LUFS")
+          for value in ("1e308", "1000", "-1e308")],  # NaN audio, clipped noise, silence: written with exit status 0
         (["--input", str(script), "-o", str(tmp_path / "a.wav"), "--seed", "-1"], "--seed must be a whole number"),
         (["--input", str(bom_only), "-o", str(tmp_path / "a.wav")], "is empty"),
         (["--input", str(no_tokens), "-o", str(tmp_path / "a.wav")], "has no words the model can read"),

@@ -235,17 +235,6 @@ def on_main_process(state: Any, make: Callable[[], T]) -> T:
 def _run(args: argparse.Namespace, state: Any) -> int:
     from accelerate.utils import gather_object
 
-    checked_whole_number(args.batch_size, "--batch-size")
-    checked_silence(args.silence, "--silence")
-    if args.seed is not None:  # SeedSequence takes no negative seeds
-        checked_whole_number(args.seed, "--seed", minimum=0)
-    if args.loudness is not None:
-        if not math.isfinite(args.loudness):
-            raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")
-        if not LOUDNESS_RANGE_LUFS[0] <= args.loudness <= LOUDNESS_RANGE_LUFS[1]:
-            low, high = LOUDNESS_RANGE_LUFS
-            raise ValueError(f"--loudness must be between {low:g} and {high:g} LUFS, such as -16; got {args.loudness}.")
-        _import_pyloudnorm()  # before any generation
     text = on_main_process(state, lambda: _script_and_output(args))
     model, processor = load_bark(args.model, device=state.device, dtype=getattr(torch, args.dtype))
     job = on_main_process(state, lambda: _job(args, text, processor))
@@ -265,8 +254,24 @@ def _run(args: argparse.Namespace, state: Any) -> int:
     return 0
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Run on process 0 only, so a bad option is one error line, not one per process."""
+    checked_whole_number(args.batch_size, "--batch-size")
+    checked_silence(args.silence, "--silence")
+    if args.seed is not None:  # SeedSequence takes no negative seeds
+        checked_whole_number(args.seed, "--seed", minimum=0)
+    if args.loudness is not None:
+        if not math.isfinite(args.loudness):
+            raise ValueError(f"--loudness must be finite: a target in LUFS, such as -16; got {args.loudness}.")
+        if not LOUDNESS_RANGE_LUFS[0] <= args.loudness <= LOUDNESS_RANGE_LUFS[1]:
+            low, high = LOUDNESS_RANGE_LUFS
+            raise ValueError(f"--loudness must be between {low:g} and {high:g} LUFS, such as -16; got {args.loudness}.")
+        _import_pyloudnorm()  # before any generation
+
+
 def _script_and_output(args: argparse.Namespace) -> str:
     """The script's text, once the output path is known to be writable."""
+    _check_options(args)
     text = read_script(args.input)
     check_output_path(args.output, args.overwrite, inputs=(args.input, args.voice))
     return text

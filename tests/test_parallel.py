@@ -189,3 +189,13 @@ def test_a_user_error_on_process_0_ends_the_others_without_a_traceback(short_mod
     assert "bark_hf.parallel: error: Unknown voice preset 'v2/xx_speaker_9'" in completed.stderr
     assert "[rank1]" not in completed.stderr and "Connection reset" not in completed.stderr, completed.stderr[-4000:]
     assert not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.slow  # two fresh interpreters load torch: about 15 s on two cores
+def test_a_bad_option_is_one_error_line_not_one_per_process(script, tmp_path):
+    """Every process checked the options itself, so each printed the same error line."""
+    completed = launch_two_processes(["--input", str(script), "-o", str(tmp_path / "out.wav"), "--model", "tiny-random",
+                                      "--cpu", "--batch-size", "0", "--quiet"])
+    assert completed.returncode != 0
+    assert completed.stderr.count("bark_hf.parallel: error: --batch-size must be a whole number") == 1, completed.stderr
+    assert not (tmp_path / "out.wav").exists()

@@ -605,6 +605,19 @@ class _CUDAGraphDecoding:
         return type(None), ()
 
 
+def _int_column(values: list[int], device: torch.device) -> torch.Tensor:
+    """`values` as int64 `[B, 1]` on `device`, sent without making the host wait for the device.
+
+    A plain copy from pageable host memory to a GPU waits for all the work queued before it. Once
+    per coarse window that left the GPU idle while the host launched the window's prefill; from
+    pinned memory the copy simply joins the queue.
+    """
+    column = torch.tensor(values, dtype=torch.long)[:, None]
+    if device.type != "cuda":
+        return column.to(device)
+    return column.pin_memory().to(device, non_blocking=True)
+
+
 def _checked_tokens(tokens: Any, name: str, layout: str) -> torch.Tensor:
     """`tokens` as int64, refused with a message where they would fail deep in torch: not an integer tensor, of
     another rank than `layout`'s (`[B, L]` or `[B, K, T]`), or without items."""
@@ -1169,6 +1182,10 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         saw_nan = torch.zeros((), dtype=torch.bool, device=device)
         duration_s = 0.0
+        # Whether every item had stopped (or NaN came up) after the last token appended. The host reads it
+        # only once the next step is queued, so the GPU does not idle while the host catches up; that token
+        # and the queued step are then dropped, and no random numbers were drawn for the step.
+        all_stopped = None
         progress = logging.tqdm(total=config.max_new_tokens, disable=not show_progress, desc="semantic")
         for _ in range(config.max_new_tokens):
             if cache is not None and cache.length > 0:
@@ -1176,6 +1193,8 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             else:
                 step_embeds = torch.cat([prompt_embeds, embed(torch.cat([infer, generated], dim=1))], dim=1)
                 logits = self._next_logits(step_embeds, cache)  # [B, V]
+            if all_stopped is not None and bool(all_stopped):
+                break
             relevant = logits[:, : config.semantic_vocab_size]  # [B, 10000]
             if config.allow_early_stop:
                 eos_logit = logits[:, config.semantic_pad_token : config.semantic_pad_token + 1]
@@ -1187,14 +1206,15 @@ class BarkHfSemanticModel(BarkHfCausalModel):
                 if config.min_eos_p is not None:
                     stopped |= probs[:, -1] >= config.min_eos_p
                 lengths = torch.where(stopped & (lengths < 0), generated.shape[1], lengths)
-                if bool((lengths >= 0).all() | saw_nan):  # the host waits here anyway: stop early on NaN too
-                    break
+                all_stopped = (lengths >= 0).all() | saw_nan  # stop early on NaN too
             generated = torch.cat([generated, next_token], dim=1)
             progress.update(1)
             duration_s += 1 / config.semantic_rate_hz
             if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
                 break
         progress.close()
+        if all_stopped is not None and bool(all_stopped):
+            generated = generated[:, :-1]  # the token drawn when the last item stopped is no item's
         raise_if_nan(saw_nan, "semantic", config.temperature)
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]
@@ -1341,7 +1361,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         ids = contexts[0].new_full((len(contexts), longest + n_steps), config.coarse_semantic_pad_token)
         for row, context in enumerate(contexts):
             ids[row, longest - context.shape[0] : longest] = context  # [B, longest + n_steps]: left-padded
-        pads = torch.tensor([[longest - context.shape[0]] for context in contexts], device=ids.device)  # [B, 1]
+        pads = _int_column([longest - context.shape[0] for context in contexts], ids.device)  # [B, 1]
         mask = positions = None
         if any(context.shape[0] != longest for context in contexts):
             mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pads  # [B, longest + n_steps]
@@ -1516,6 +1536,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         prompts = _per_item(history_prompt, len(coarse))
         items = [self._start_item(codes, prompt, config) for codes, prompt in zip(coarse, prompts, strict=True)]
         n_windows = max((item.n_windows for item in items), default=0)
+        saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
         for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine"):
             active = [item for item in items if item.n_windows > index]
             starts = [min(index * hop, item.codes.shape[0] - window) for item in active]
@@ -1523,10 +1544,11 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
             windows = [item.codes[start : start + window] for item, start in zip(active, starts, strict=True)]
             buffer = torch.stack(windows)  # [B_i, 1024, 8]
             relative_fills = [fill - start for fill, start in zip(fill_starts, starts, strict=True)]
-            self._fill_window(buffer, config, n_given, relative_fills)
+            self._fill_window(buffer, config, n_given, relative_fills, saw_nan)
             for item, row, start, fill in zip(active, buffer, starts, fill_starts, strict=True):
                 # Rows the next window covers again are predicted again there; the last write wins.
                 item.codes[fill : start + window, n_given:] = row[fill - start :, n_given:]
+        raise_if_nan(saw_nan, "fine", config.temperature)
         codes = [item.codes.T[:, item.n_history : item.n_history + item.length] for item in items]  # [8, T] each
         lengths = torch.tensor([item.length for item in items], dtype=torch.long, device=self.device)
         return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
@@ -1552,10 +1574,13 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
                          n_windows=fine_window_count(length, config, n_history))
 
     def _fill_window(
-        self, buffer: torch.Tensor, config: BarkHfFineGenerationConfig, n_given: int, fill_starts: list[int]
+        self, buffer: torch.Tensor, config: BarkHfFineGenerationConfig, n_given: int, fill_starts: list[int],
+        saw_nan: torch.Tensor,
     ) -> None:
         """Predict codebooks `n_given..7` of `buffer` `[B, window, 8]` in place, in item `b` from row
-        `fill_starts[b]` on: one forward pass per codebook for the whole batch.
+        `fill_starts[b]` on: one forward pass per codebook for the whole batch. A sampled NaN is or-ed
+        into `saw_nan`, which `generate` reads once at the end (reading it here made the host wait for
+        the GPU before every codebook).
         """
         window = buffer.shape[1]
         for codebook in range(n_given, config.n_fine_codebooks):
@@ -1565,9 +1590,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
                 predicted = rows.argmax(dim=-1)
             else:
                 probs = torch.softmax(rows / config.temperature, dim=-1)
-                saw_nan = torch.zeros((), dtype=torch.bool, device=probs.device)
                 predicted = sample_tokens(probs, saw_nan)[:, 0]  # row by row, as the original
-                raise_if_nan(saw_nan, "fine", config.temperature)
             per_item = predicted.split([window - fill for fill in fill_starts])
             for row, (item_predicted, fill) in enumerate(zip(per_item, fill_starts, strict=True)):
                 buffer[row, fill:, codebook] = item_predicted

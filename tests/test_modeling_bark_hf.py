@@ -738,10 +738,12 @@ def test_nan_probabilities_raise_a_clear_error():
         modeling.raise_if_nan(saw_nan, "coarse")
 
 
-@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics", "fine_acoustics"])
 def test_a_stage_whose_logits_turn_nan_raises_a_clear_error(model, stage):
     broken = copy.deepcopy(model)
-    getattr(broken, stage).lm_head.weight.data[:, 0] = float("nan")  # every logit of every step becomes NaN
+    module = getattr(broken, stage)
+    for head in module.lm_heads if stage == "fine_acoustics" else [module.lm_head]:
+        head.weight.data[:, 0] = float("nan")  # every logit of every step becomes NaN
     with pytest.raises(FloatingPointError, match=f"{stage.split('_')[0]} stage produced NaN"):
         broken.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=8, semantic_allow_early_stop=False,
                         **QUIET)

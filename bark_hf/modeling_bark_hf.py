@@ -878,6 +878,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             use_cache = False
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}.")
+        # Ids past the embedding failed with a bare IndexError (a device assert on CUDA). Generation passes
+        # embeddings, so only direct calls (training) pay for the check; a labels check waits for the device anyway.
+        vocab_size = self.config.input_vocab_size
+        for name, ids in (("input_ids", input_ids), ("history_input_ids", history_input_ids)):
+            if ids is not None:
+                _check_token_values(ids, None, vocab_size, name, f"ids of this stage's {vocab_size}-entry input "
+                                    "vocabulary (bark_hf.training's collators lay them out)")
         if inputs_embeds is None:
             inputs_embeds = self.input_embeds_layer(input_ids)  # [B, T, C]
         batch, length = inputs_embeds.shape[:2]
@@ -903,6 +910,9 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
             )
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]  # [1, T]
+        elif input_ids is not None:
+            _check_token_values(position_ids, None, self.config.block_size, "position_ids",
+                                f"positions within the {self.config.block_size}-position block")
         hidden_states = self.drop(inputs_embeds + self.position_embeds_layer(position_ids))  # [B, T, C]
 
         mask = None
@@ -1484,6 +1494,13 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         length = input_ids.shape[1]
         if length > self.config.block_size:
             raise ValueError(f"Sequence of {length} frames exceeds block_size ({self.config.block_size}).")
+        # Codes past the embeddings failed with a bare IndexError (a device assert on CUDA). The check waits for
+        # the device, so on one it runs with labels (whose check waits anyway), not in generate's passes.
+        if labels is not None or input_ids.device.type == "cpu":
+            vocab_size = self.config.input_vocab_size
+            _check_token_values(input_ids, None, vocab_size, "input_ids", f"codes of the {vocab_size}-entry input "
+                                f"vocabulary, {self.generation_config.codebook_size} where a code is not predicted "
+                                "yet")
         embeds = torch.cat(
             [layer(input_ids[:, :, i]).unsqueeze(-1) for i, layer in enumerate(self.input_embeds_layers)], dim=-1
         )  # [B, T, C, 8]

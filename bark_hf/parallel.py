@@ -156,34 +156,42 @@ def generate_chunks(model: Any, processor: Any, job: Job, batch_size: int, show_
     history, and shares it; the rest are batched and split between the processes.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
 
     state = PartialState()
-    results: list[tuple[int, np.ndarray]] = []
+    results: list[tuple[int, np.ndarray]] = []  # process 0 keeps the chunks it speaks to find a voice
     first, voice = 0, job.voice
     if voice is None:
-        shared: list[Any] = [None]
-        if state.is_main_process:
-            while voice is None and first < len(job.chunks):
-                (audio,), generation = _speak(model, processor, job.chunks[first : first + 1], None,
-                                              chunk_seed(job.seed, first))
-                results.append((first, audio))
-                first += 1
-                try:
-                    voice = validate_voice_preset(generation)
-                except ValueError:  # too short to be a voice (generate_long_form has warned): try the next
-                    voice = None
-            shared = [(first, voice)]
-        broadcast_object_list(shared)
-        first, voice = shared[0]
+        first, voice = on_main_process(state, lambda: _find_voice(model, processor, job, results))
 
-    starts = list(range(first, len(job.chunks), batch_size))
-    with state.split_between_processes(starts) as my_starts:
-        for start in logging.tqdm(my_starts, desc="batches", disable=not (show_progress and state.is_main_process)):
-            audios, _ = _speak(model, processor, job.chunks[start : start + batch_size], voice,
-                               chunk_seed(job.seed, start))
-            results.extend(zip(range(start, start + len(audios)), audios, strict=True))
-    return results
+    def speak_my_batches() -> list[tuple[int, np.ndarray]]:
+        spoken = []
+        starts = list(range(first, len(job.chunks), batch_size))
+        with state.split_between_processes(starts) as my_starts:
+            show = show_progress and state.is_main_process
+            for start in logging.tqdm(my_starts, desc="batches", disable=not show):
+                audios, _ = _speak(model, processor, job.chunks[start : start + batch_size], voice,
+                                   chunk_seed(job.seed, start))
+                spoken.extend(zip(range(start, start + len(audios)), audios, strict=True))
+        return spoken
+
+    return results + on_every_process(state, speak_my_batches)
+
+
+def _find_voice(model: Any, processor: Any, job: Job, results: list[tuple[int, np.ndarray]]
+                ) -> tuple[int, dict[str, np.ndarray] | None]:
+    """Speak chunks alone from the first until one gives a usable voice history; append their audio to
+    `results`. Returns the next chunk's index and the voice (None if no chunk gave one)."""
+    first, voice = 0, None
+    while voice is None and first < len(job.chunks):
+        (audio,), generation = _speak(model, processor, job.chunks[first : first + 1], None,
+                                      chunk_seed(job.seed, first))
+        results.append((first, audio))
+        first += 1
+        try:
+            voice = validate_voice_preset(generation)
+        except ValueError:  # too short to be a voice (generate_long_form has warned): try the next
+            voice = None
+    return first, voice
 
 
 def join_chunks(results: list[tuple[int, np.ndarray]], n_chunks: int, silence_samples: int) -> np.ndarray:
@@ -232,11 +240,34 @@ def on_main_process(state: Any, make: Callable[[], T]) -> T:
     return value
 
 
+def on_every_process(state: Any, make: Callable[[], T]) -> T:
+    """`make()` run on every process, which then agree on whether all of them succeeded.
+
+    A process whose `make()` failed raises its error (one line for a user error, a traceback for any
+    other); the others end with exit status 1. Without the agreement they would wait for it in the
+    next collective and fail with a traceback of their own (a model missing on a second machine, say).
+    """
+    from accelerate.utils import gather_object
+
+    value, error = None, None
+    try:
+        value = make()
+    except Exception as caught:
+        error = caught
+    failed = gather_object([error is not None])  # one flag per process, on every process
+    if error is not None:
+        raise error
+    if any(failed):
+        raise SystemExit(1)  # the process that failed reports its error
+    return value
+
+
 def _run(args: argparse.Namespace, state: Any) -> int:
     from accelerate.utils import gather_object
 
     text = on_main_process(state, lambda: _script_and_output(args))
-    model, processor = load_bark(args.model, device=state.device, dtype=getattr(torch, args.dtype))
+    model, processor = on_every_process(state, lambda: load_bark(args.model, device=state.device,
+                                                                dtype=getattr(torch, args.dtype)))
     job = on_main_process(state, lambda: _job(args, text, processor))
     if state.is_main_process and not args.quiet:
         print(f"{len(job.chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)

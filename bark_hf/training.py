@@ -176,7 +176,7 @@ def _text(feature: Mapping[str, Any], position: int) -> str:
     return text
 
 
-def _checked_tokens(values: Any, position: int, name: str, ndim: int, high: int) -> torch.Tensor:
+def _checked_row_tokens(values: Any, position: int, name: str, ndim: int, high: int) -> torch.Tensor:
     """A row's tokens as int64, refused with the item named unless an integer array of `ndim` axes in 0..high - 1.
 
     Without this, a wrong value reached the model as an embedding IndexError or a wrong target.
@@ -201,12 +201,12 @@ def _semantic(feature: Mapping[str, Any], position: int, name: str = SEMANTIC_TO
     values = _column(feature, name) if name == SEMANTIC_TOKENS_COLUMN else feature.get(name)
     if values is None and name == SEMANTIC_PROMPT_COLUMN:
         return None
-    return _checked_tokens(values, position, name, 1, SEMANTIC_VOCAB_SIZE)
+    return _checked_row_tokens(values, position, name, 1, SEMANTIC_VOCAB_SIZE)
 
 
 def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int, codebook_size: int) -> torch.Tensor:
     """A row's `fine_tokens` `[codebooks, frames]`, of which the stage reads the first `n_codebooks`."""
-    codes = _checked_tokens(_column(feature, FINE_TOKENS_COLUMN), position, FINE_TOKENS_COLUMN, 2, codebook_size)
+    codes = _checked_row_tokens(_column(feature, FINE_TOKENS_COLUMN), position, FINE_TOKENS_COLUMN, 2, codebook_size)
     if not n_codebooks <= codes.shape[0] <= N_FINE_CODEBOOKS or codes.shape[1] == 0:
         raise ValueError(f"Item {position} of this batch: fine_tokens must be EnCodec codes [{N_FINE_CODEBOOKS}, "
                          f"frames] with at least one frame (this stage reads the first {n_codebooks}), got shape "

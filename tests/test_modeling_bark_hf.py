@@ -909,6 +909,25 @@ def test_forward_refuses_masks_and_inputs_of_the_wrong_shape(causal, fine):
         fine(2, codes, attention_mask=torch.ones(2, 9))
 
 
+def test_forward_refuses_ids_and_positions_outside_the_embeddings(causal, fine):
+    """Before, each failed with a bare `IndexError: index out of range in self` (a device assert on CUDA)."""
+    ids = _ids(2, 5)
+    for wrong in (VOCAB_IN, -1):
+        bad = ids.clone()
+        bad[1, 2] = wrong
+        with pytest.raises(ValueError, match=rf"input_ids hold values outside \[0, {VOCAB_IN}\), e.g. \[{wrong}\]"):
+            causal(bad)
+        with pytest.raises(ValueError, match=r"history_input_ids hold values outside"):
+            causal(ids, history_input_ids=bad[:, :3])
+    with pytest.raises(ValueError, match=rf"position_ids hold values outside \[0, {BLOCK}\).*{BLOCK}-position block"):
+        causal(ids, position_ids=torch.arange(BLOCK - 2, BLOCK + 3)[None])
+    codes = _ids(2, 10 * 8).view(2, 10, 8)
+    fine(2, codes)
+    codes[0, 3, 5] = VOCAB_IN
+    with pytest.raises(ValueError, match=rf"input_ids hold values outside \[0, {VOCAB_IN}\).*not predicted yet"):
+        fine(2, codes)
+
+
 @pytest.mark.parametrize("stage, settings", [
     ("semantic", dict(semantic_temperature=1e-300)),
     ("semantic", dict(semantic_temperature=1e-300, semantic_top_k=1)),

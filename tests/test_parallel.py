@@ -19,7 +19,7 @@ import torch
 
 from bark_hf.loading import load_bark
 from bark_hf.longform import chunk_text, generate_long_form
-from bark_hf.parallel import chunk_seed, join_chunks, main, on_main_process
+from bark_hf.parallel import chunk_seed, join_chunks, main, on_every_process, on_main_process
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CHUNKS = 12
@@ -179,6 +179,28 @@ def test_any_error_on_process_0_is_raised_there_and_tells_the_others_to_stop(mon
     assert stopped.value.code == 1
 
 
+def test_an_error_on_any_process_is_raised_there_and_stops_the_others(monkeypatch):
+    """Loading and generating run on every process: one that failed there (a model missing on a second machine,
+    say) left the others waiting in the next collective, to die in gloo with a traceback that hid the error."""
+    import accelerate.utils
+
+    def gather_with(flags_elsewhere):  # the other process's flag, then this one's: as if this were process 1
+        return lambda flags: [*flags_elsewhere, *flags]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_with([False]))
+    assert on_every_process(types.SimpleNamespace(), lambda: "loaded") == "loaded"
+
+    def fail():
+        raise FileNotFoundError("no model here")
+
+    with pytest.raises(FileNotFoundError, match="no model here"):  # raised where it happened, after the agreement
+        on_every_process(types.SimpleNamespace(), fail)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_with([True]))  # the other process failed
+    with pytest.raises(SystemExit) as stopped:
+        on_every_process(types.SimpleNamespace(), lambda: "loaded")
+    assert stopped.value.code == 1
+
+
 @pytest.mark.slow  # two fresh interpreters load torch and the model: about 20 s on two cores
 def test_a_user_error_on_process_0_ends_the_others_without_a_traceback(short_model_dir, script, tmp_path):
     """An unknown --voice is found on process 0 after loading; the other process waited in a collective and died
@@ -188,6 +210,36 @@ def test_a_user_error_on_process_0_ends_the_others_without_a_traceback(short_mod
     assert completed.returncode != 0
     assert "bark_hf.parallel: error: Unknown voice preset 'v2/xx_speaker_9'" in completed.stderr
     assert "[rank1]" not in completed.stderr and "Connection reset" not in completed.stderr, completed.stderr[-4000:]
+    assert not (tmp_path / "out.wav").exists()
+
+
+@pytest.mark.slow  # two fresh interpreters load torch: about 20 s on two cores
+def test_a_model_missing_on_another_machine_ends_every_process_with_its_error(script, tmp_path):
+    """Two launchers of one process each, as on two machines; the second cannot load the model. The first's process
+    waited in the next collective and died with a gloo traceback (on one machine the launcher hides that by
+    killing it)."""
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "sitecustomize.py").write_text(  # runs at start-up, before bark_hf.parallel imports load_bark
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import bark_hf.loading\n"
+        "    def missing(*args, **kwargs):\n"
+        "        raise FileNotFoundError('The model folder /elsewhere does not exist on this machine.')\n"
+        "    bark_hf.loading.load_bark = missing\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(patches), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    port = free_port()
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "bark_hf.parallel", "--input",
+         str(script), "-o", str(tmp_path / "out.wav"), "--model", "tiny-random", "--cpu", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    (_, first), (_, second) = (machine.communicate(timeout=300) for machine in machines)
+    assert [machine.returncode for machine in machines] == [1, 1]
+    assert second.count("bark_hf.parallel: error: The model folder /elsewhere does not exist") == 1
+    for stderr in (first, second):  # the launchers' own ChildFailedError tracebacks stay; no process's own
+        assert "[rank" not in stderr and "bark_hf/parallel.py" not in stderr, stderr[-4000:]
     assert not (tmp_path / "out.wav").exists()
 
 

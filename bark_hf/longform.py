@@ -348,6 +348,15 @@ def _checked_chunks(chunks: Any) -> list[str]:
     return checked
 
 
+def _check_readable(pieces: list[str], tokenizer: Any, own_chunks: bool) -> None:
+    """Refuse a piece that gives no tokens before anything is generated: the processor found it only when its
+    batch came up, after the earlier chunks' work, and named it by its row in that batch ("text[0]")."""
+    for index, piece in enumerate(pieces):
+        if not tokenizer.encode(piece, add_special_tokens=False):
+            where = f"chunks[{index}]" if own_chunks else f"Chunk {index} of the text"
+            raise ValueError(f"{where} ({piece!r}) gives no tokens; give it words to speak, or remove it.")
+
+
 def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None, model: Any) -> dict[str, Any]:
     """The caller's `model.generate` settings, checked before anything is generated: those set from other
     arguments are refused, and so are stage settings that the stage's generation config refuses."""
@@ -430,6 +439,7 @@ def generate_long_form(
     batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
+    _check_readable(pieces, processor.tokenizer, own_chunks=chunks is not None)
     settings = _stage_settings(generate_kwargs, model)
     voice = None if voice_preset is None else processor.load_voice_preset(voice_preset)
 

@@ -464,3 +464,16 @@ def test_bad_inputs_raise(tiny, kwargs, error, match):
     model, processor = tiny
     with pytest.raises(error, match=match):
         generate_long_form(model, processor, show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(chunks=["Hi there.", "\u200b\u200b"]), re.escape("chunks[1] ('\\u200b\\u200b') gives no tokens")),
+    (dict(text="\u200b"), re.escape("Chunk 0 of the text ('\\u200b') gives no tokens")),
+])
+def test_a_chunk_without_tokens_is_refused_before_any_generation(tiny, monkeypatch, kwargs, match):
+    """It failed when its batch came up, after the chunks before it were generated, named by its row: 'text[0]'."""
+    model, processor = tiny
+    calls = record_generate(model, monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        generate_long_form(model, processor, show_progress=False, **kwargs)
+    assert calls == []

@@ -22,7 +22,7 @@ from . import loading
 from .atomic import atomic_path, link_target
 from .checks import checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
-from .longform import DEFAULT_SILENCE_S, generate_long_form
+from .longform import DEFAULT_SILENCE_S, checked_silence, generate_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
 
@@ -300,6 +300,10 @@ def generate_long_audio(
         "coarse_temperature": _check_temperature("waveform_temp", waveform_temp),
         "fine_temperature": FINE_TEMPERATURE,
     }
+    # Before the first call loads (or downloads) the default model, as the other functions check theirs.
+    _check_text(text)
+    checked_silence(silence_s, "silence_s")
+    checked_seed(seed)
     model, processor = loaded_model_and_processor()
     result = generate_long_form(model, processor, text, voice_preset=history_prompt, silence_s=silence_s, seed=seed,
                                 generate_kwargs=settings, show_progress=not silent)

@@ -435,3 +435,19 @@ def test_generate_long_audio_passes_its_settings(tiny, monkeypatch):
                                                fine_temperature=0.5))
     with pytest.raises(ValueError, match="waveform_temp"):
         api.generate_long_audio("Hi.", waveform_temp=0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(text="  "), ValueError, "text is empty"),
+    (dict(text=["Hi.", "Bye."]), TypeError, "text must be a string"),
+    (dict(text="Hi.", silence_s=-1), ValueError, "silence_s"),
+    (dict(text="Hi.", seed=0.5), TypeError, "seed must be an integer"),
+])
+def test_generate_long_audio_checks_its_arguments_before_loading_a_model(monkeypatch, kwargs, error, match):
+    """With nothing loaded, these were refused only after the default model (suno/bark) was loaded."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_bark", no_load)
+    with pytest.raises(error, match=match):
+        api.generate_long_audio(silent=True, **kwargs)

@@ -19,7 +19,7 @@ import torch
 from transformers.utils import logging
 
 from . import loading
-from .atomic import atomic_path, link_target
+from .atomic import atomic_path, check_replaceable, link_target
 from .checks import checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
 from .longform import DEFAULT_SILENCE_S, checked_silence, generate_long_form
@@ -323,8 +323,11 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
         raise ValueError(f"A voice preset file name ends in '.npz'; got {os.fspath(filepath)!r}.")
     path = link_target(filepath)  # a symlink is written through and stays
     arrays = validate_voice_preset(full_generation)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, not a folder; choose a path inside a folder.")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another path.")
+    check_replaceable(path)  # before the overwrite advice: overwrite=True cannot replace a folder either
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
     with atomic_path(path) as temporary, open(temporary, "wb") as file:

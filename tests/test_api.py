@@ -208,6 +208,23 @@ def test_save_as_prompt_bad_input(tmp_path, name, full, error, match):
     assert not list(tmp_path.rglob("*.*"))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_save_as_prompt_onto_a_folder_says_it_is_a_folder(tmp_path, overwrite):
+    """Without overwrite=True it advised passing overwrite=True, which then failed with another error."""
+    (tmp_path / "voice.npz").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        api.save_as_prompt(tmp_path / "voice.npz", random_voice_preset(0), overwrite=overwrite)
+    assert (tmp_path / "voice.npz").is_dir()
+
+
+def test_save_as_prompt_under_a_file_names_the_file(tmp_path):
+    """A file in a folder's place was reported as a folder that 'does not exist'."""
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file, not a folder"):
+        api.save_as_prompt(tmp_path / "notes.txt" / "voice.npz", random_voice_preset(0))
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
 # --- bad input to generation ----------------------------------------------------------------------------------
 
 

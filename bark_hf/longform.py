@@ -300,6 +300,9 @@ def chunk_text(
     normalized = _normalized_text(text)
     max_seconds = checked_seconds(max_seconds, "max_seconds", allow_zero=False)
     max_tokens = checked_whole_number(max_tokens, "max_tokens")
+    if max_tokens > MAX_CHUNK_TOKENS:  # else each chunk's end past the window was dropped at generation
+        raise ValueError(f"max_tokens must be at most {MAX_CHUNK_TOKENS}, the text tokens one Bark generation reads "
+                         f"(the processor drops the rest); got {max_tokens}.")
     if isinstance(tokenizer, ProcessorMixin):
         tokenizer = tokenizer.tokenizer
     if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):

@@ -300,6 +300,7 @@ def test_needs_long_form(tiny):
         (dict(text="Hi.", max_seconds=0), ValueError, "max_seconds"),
         (dict(text="Hi.", max_seconds=float("nan")), ValueError, "max_seconds"),
         (dict(text="Hi.", max_tokens=0), ValueError, "max_tokens"),
+        (dict(text="Hi.", max_tokens=257), ValueError, "max_tokens must be at most 256"),  # cut at generation
         (dict(text="Hi.", tokenizer="bert"), TypeError, "tokenizer"),
     ],
 )

@@ -468,3 +468,18 @@ def test_generate_long_audio_checks_its_arguments_before_loading_a_model(monkeyp
     monkeypatch.setattr(loading, "load_bark", no_load)
     with pytest.raises(error, match=match):
         api.generate_long_audio(silent=True, **kwargs)
+
+
+@pytest.mark.parametrize("dtype,match", [
+    ("int8", "not a floating-point dtype.*quantize_int8"),
+    (torch.int64, "not a floating-point dtype"),
+    ("float17", "dtype 'float17' is not a torch dtype"),
+])
+def test_preload_refuses_a_dtype_before_dropping_the_loaded_model(fake_loader, dtype, match):
+    """The model loaded before was dropped first; 'int8' then failed in torch's nn.Module.to (tiny-random) or
+    transformers, with no word of quantize_int8."""
+    api.preload_models("tiny-random")
+    loaded = api._loaded
+    with pytest.raises(ValueError, match=match):
+        api.preload_models("tiny-random", dtype=dtype)
+    assert api._loaded is loaded and fake_loader == ["tiny-random"]

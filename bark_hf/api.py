@@ -334,8 +334,9 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
     is written to a temporary name and renamed; an existing file is replaced only with `overwrite=True`.
     A symlink is written through: the file it points to is replaced, and the link stays.
     """
+    filepath = os.path.expanduser(os.fspath(filepath))  # as model folders and history_prompt paths
     if Path(filepath).suffix != ".npz":
-        raise ValueError(f"A voice preset file name ends in '.npz'; got {os.fspath(filepath)!r}.")
+        raise ValueError(f"A voice preset file name ends in '.npz'; got {filepath!r}.")
     path = link_target(filepath)  # a symlink is written through and stays
     arrays = validate_voice_preset(full_generation)
     if path.parent.exists() and not path.parent.is_dir():

@@ -12,6 +12,7 @@ from conftest import TEXTS, random_voice_preset
 from test_parity_original import original  # noqa: F401  (the original `bark.generation`, models filled)
 
 from bark_hf import BarkHfModel, api, loading
+from bark_hf.processing_bark_hf import read_voice_preset_file
 from bark_hf.tiny_random import tiny_random_bark
 
 TEXT = "Hello world."
@@ -299,6 +300,17 @@ def test_home_relative_model_folders_load(tiny_model_dir, monkeypatch):
     assert processor.available_voice_presets and isinstance(BarkHfModel.from_pretrained(home_path), BarkHfModel)
     with pytest.raises(FileNotFoundError, match="No model folder at"):
         loading.load_bark("~/no-such-folder")
+
+
+def test_home_relative_voice_preset_files_save_and_load(tmp_path, monkeypatch):
+    """Model folders took "~/..."; preset files did not: "No voice preset file at '~/voice.npz'"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    preset = random_voice_preset(3)
+    api.save_as_prompt("~/voice.npz", preset)
+    assert (tmp_path / "voice.npz").is_file()
+    loaded = read_voice_preset_file("~/voice.npz")
+    for key, values in preset.items():
+        np.testing.assert_array_equal(loaded[key], values)
 
 
 def test_preload_takes_dtype_names_for_tiny_random_as_for_a_folder(tmp_path):

@@ -60,13 +60,14 @@ def check_writable_folder(path: str | os.PathLike) -> None:
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` to write into; it replaces `path` when the block succeeds and is
-    removed when it fails. The file gets ordinary permissions (mkstemp's own are owner-only)."""
+    removed when it fails. A replaced file's permissions stay (a private 0600 file stays private); a new
+    file gets ordinary ones (mkstemp's own are owner-only)."""
     path = check_replaceable(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
-        os.chmod(temporary, default_mode())
+        os.chmod(temporary, path.stat().st_mode & 0o7777 if path.is_file() else default_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -175,6 +175,21 @@ def test_save_as_prompt_refuses_to_overwrite_unless_asked(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["voice.npz"]
 
 
+def test_save_as_prompt_keeps_a_replaced_files_permissions(tmp_path):
+    """overwrite=True made a private (0600) preset readable by everyone (0644 under the usual umask)."""
+    private, fresh = tmp_path / "private.npz", tmp_path / "fresh.npz"
+    api.save_as_prompt(private, random_voice_preset(0))
+    private.chmod(0o600)
+    api.save_as_prompt(private, random_voice_preset(1), overwrite=True)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    previous = os.umask(0o022)
+    try:
+        api.save_as_prompt(fresh, random_voice_preset(2))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # a new file: the umask's mode, not mkstemp's 0600
+
+
 def test_save_as_prompt_writes_through_a_symlink(tmp_path):
     """A symlinked file name was replaced by a plain file (the link lost), a dangling one without overwrite=True."""
     target, link = tmp_path / "target.npz", tmp_path / "link.npz"

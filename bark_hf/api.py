@@ -190,6 +190,9 @@ def _checked_semantic_tokens(semantic_tokens: Any) -> np.ndarray:
     """
     if isinstance(semantic_tokens, torch.Tensor):
         semantic_tokens = semantic_tokens.detach().cpu().numpy()
+    if semantic_tokens is None or isinstance(semantic_tokens, (str, bytes)):
+        raise TypeError(f"semantic_tokens must be a 1-D integer array (the output of text_to_semantic); got "
+                        f"{type(semantic_tokens).__name__}.")
     tokens = np.asarray(semantic_tokens)
     if tokens.ndim != 1:
         raise ValueError(

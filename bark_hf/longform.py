@@ -85,7 +85,9 @@ Span = tuple[int, int]
 def _normalized_text(text: Any) -> str:
     """`text` with every whitespace run turned into one space; refuses non-strings and empty text."""
     if not isinstance(text, str):
-        raise TypeError(f"text must be a string; got {type(text).__name__}. Convert it with str() first.")
+        fix = ("to speak chunks you cut yourself, pass chunks= instead" if isinstance(text, (list, tuple))
+               else "convert it with str() first")
+        raise TypeError(f"text must be a string; got {type(text).__name__}: {fix}.")
     normalized = re.sub(r"\s+", " ", text).strip()
     if not normalized:
         raise ValueError("text is empty or whitespace only; pass the words to speak.")

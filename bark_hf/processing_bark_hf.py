@@ -184,6 +184,8 @@ def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate one original Bark preset (`.npz`); errors name the file. `~` is expanded, as for model
     folders."""
     path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"The voice preset {path!r} is a folder; give the path of an .npz file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No voice preset file at {path!r}.")
     if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle, and its error advises loading that

@@ -260,6 +260,8 @@ def test_save_as_prompt_under_a_file_names_the_file(tmp_path):
     (lambda: api.semantic_to_waveform(np.array([0.5, 1.0])), TypeError, "integers"),
     (lambda: api.semantic_to_waveform(np.array([3, 10_000])), ValueError, r"\[3, 10000\]"),
     (lambda: api.semantic_to_waveform(np.array([3, 4]), temp=None), ValueError, "temp must be"),
+    (lambda: api.semantic_to_waveform(None), TypeError, "1-D integer array .* got NoneType"),  # was "shape ()"
+    (lambda: api.semantic_to_waveform("abc"), TypeError, "1-D integer array .* got str"),
 ])
 def test_bad_input_is_one_clear_error(tiny, call, error, match):
     with pytest.raises(error, match=match):

@@ -213,6 +213,14 @@ def test_split_sentences_refuses_non_text(bad):
         split_sentences(bad)
 
 
+def test_a_list_of_texts_is_pointed_at_chunks():
+    """A list was told to "convert it with str() first", which would speak its brackets and quotes."""
+    with pytest.raises(TypeError, match="got list: to speak chunks you cut yourself, pass chunks= instead"):
+        chunk_text(["One.", "Two."])
+    with pytest.raises(TypeError, match="got int: convert it with str"):
+        chunk_text(42)
+
+
 # Chunking
 
 

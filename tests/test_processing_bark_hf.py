@@ -220,6 +220,13 @@ def test_preset_list_must_match_texts(processor):
         processor("Hello", voice_preset=["announcer"])
 
 
+def test_a_folder_given_as_a_preset_file_is_named_as_a_folder(processor, tmp_path):
+    """It was reported as "No voice preset file at ...", though something is there."""
+    (tmp_path / "voice.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"voice\.npz' is a folder; give the path of an \.npz file"):
+        processor.load_voice_preset(str(tmp_path / "voice.npz"))
+
+
 def test_unknown_name_lists_close_matches(processor):
     with pytest.raises(ValueError, match=r"v2/en_speaker_1.*\.npz") as info:
         processor("Hello", voice_preset="v2/en_speakr_1")

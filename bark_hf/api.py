@@ -108,6 +108,7 @@ def preload_models(
     if _loaded is not None and _loaded.request == request and not force_reload:
         return
 
+    loading.checked_model_name(name)  # a missing folder keeps the loaded model
     _loaded = None  # free the previous model before loading the next one
     bark, processor = loading.load_bark(name, dtype=dtype)
     on_gpu = {stage: stage_device for stage, stage_device in zip(_STAGES, stage_devices, strict=True)

@@ -17,6 +17,16 @@ DEFAULT_MODEL = "suno/bark-small"
 LARGE_MODEL = "suno/bark"
 
 
+def checked_model_name(model: str | os.PathLike) -> str:
+    """`model` with `~` expanded, refused if it names a local folder that is not there (else from_pretrained's
+    error would be about Hub repo id syntax). Cheap, so callers can check before dropping a loaded model."""
+    name = os.path.expanduser(os.fspath(model))
+    if looks_like_local_path(name) and not os.path.isdir(name):
+        raise FileNotFoundError(f"No model folder at {name!r}; pass a folder made with `bark-hf convert` or "
+                                "`save_pretrained`, a Hub id, or 'tiny-random'.")
+    return name
+
+
 def load_bark(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -28,7 +38,7 @@ def load_bark(
     """
     from .tiny_random import TINY_RANDOM, tiny_random_bark
 
-    name = os.path.expanduser(os.fspath(model))
+    name = checked_model_name(model)
     if name == TINY_RANDOM:
         logger.warning("Using the tiny random model: its audio is noise, not speech.")
         bark, processor = tiny_random_bark()
@@ -39,9 +49,6 @@ def load_bark(
         if dtype not in (None, "auto"):
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
-    elif looks_like_local_path(name) and not os.path.isdir(name):  # else the error is about Hub repo id syntax
-        raise FileNotFoundError(f"No model folder at {name!r}; pass a folder made with `bark-hf convert` or "
-                                "`save_pretrained`, a Hub id, or 'tiny-random'.")
     else:
         try:
             bark = BarkHfModel.from_pretrained(name, dtype=dtype)

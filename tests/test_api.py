@@ -353,6 +353,15 @@ def test_preload_keeps_the_loaded_model_unless_forced(fake_loader):
     assert fake_loader[-1] == "other"
 
 
+def test_preload_of_a_missing_folder_keeps_the_loaded_model(fake_loader, tmp_path):
+    """The loaded model was dropped first, so the next call silently loaded the default model (suno/bark)."""
+    api.preload_models("tiny-random")
+    model = api._loaded.model
+    with pytest.raises(FileNotFoundError, match="No model folder at"):
+        api.preload_models(tmp_path / "no-such-folder")
+    assert api._loaded.model is model and fake_loader == ["tiny-random"]
+
+
 def test_offload_env_flag_enables_cpu_offload(fake_loader, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.nn.Module, "to", lambda module, device: module)

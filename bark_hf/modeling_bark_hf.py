@@ -1194,16 +1194,20 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         duration_s = 0.0
         # Whether every item had stopped (or NaN came up) after the last token appended. The host reads it
         # only once the next step is queued, so the GPU does not idle while the host catches up; that token
-        # and the queued step are then dropped, and no random numbers were drawn for the step.
+        # and the queued step are then dropped, and no random numbers were drawn for the step. In training
+        # mode a forward pass may draw random numbers (dropout), so there the host reads it before the step.
         all_stopped = None
+        read_before_step = self.training
         progress = logging.tqdm(total=config.max_new_tokens, disable=not show_progress, desc="semantic")
         for _ in range(config.max_new_tokens):
+            if read_before_step and all_stopped is not None and bool(all_stopped):
+                break
             if cache is not None and cache.length > 0:
                 logits = self._decode(generated[:, -1:], cache, no_padding, compile)  # [B, V]
             else:
                 step_embeds = torch.cat([prompt_embeds, embed(torch.cat([infer, generated], dim=1))], dim=1)
                 logits = self._next_logits(step_embeds, cache)  # [B, V]
-            if all_stopped is not None and bool(all_stopped):
+            if not read_before_step and all_stopped is not None and bool(all_stopped):
                 break
             relevant = logits[:, : config.semantic_vocab_size]  # [B, 10000]
             if config.allow_early_stop:

@@ -353,6 +353,29 @@ def test_item_stopping_at_once_gives_empty_outputs(eos_model):
     assert (output.audio[1] == 0).all()
 
 
+def test_training_mode_dropout_draws_nothing_past_the_step_where_every_item_stopped(eos_model):
+    """With dropout on, every forward pass draws random numbers, so the loop must not run a pass after the draw
+    that stopped the last item: the run leaves the random numbers where a run that max_new_tokens ends at that
+    draw leaves them (the later stages draw from there)."""
+    semantic = copy.deepcopy(eos_model.semantic).train()
+    for module in semantic.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    for seed in range(50):
+        torch.manual_seed(seed)
+        stopped = semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **QUIET, **EOS_SETTINGS)
+        n_draws = int(stopped.lengths.max()) + 1  # the last item stopped at this draw
+        if n_draws < EOS_SETTINGS["max_new_tokens"]:
+            break
+    else:
+        pytest.fail("no seed in 0..49 stops every item early")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    cut = semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **QUIET, **dict(EOS_SETTINGS, max_new_tokens=n_draws))
+    assert torch.equal(cut.sequences, stopped.sequences) and torch.equal(cut.lengths, stopped.lengths)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_forced_end_of_speech_everywhere(model):
     output = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_min_eos_p=0.0, return_dict_in_generate=True, **QUIET)
     _assert_consistent(output, [0, 0])

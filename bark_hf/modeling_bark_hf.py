@@ -1599,15 +1599,16 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         saw_nan: torch.Tensor,
     ) -> None:
         """Predict codebooks `n_given..7` of `buffer` `[B, window, 8]` in place, in item `b` from row
-        `fill_starts[b]` on: one forward pass per codebook for the whole batch. A sampled NaN is or-ed
-        into `saw_nan`, which `generate` reads once at the end (reading it here made the host wait for
-        the GPU before every codebook).
+        `fill_starts[b]` on: one forward pass per codebook for the whole batch. A NaN logit (greedy) or
+        probability (sampled) is or-ed into `saw_nan`, which `generate` reads once at the end (reading it
+        here made the host wait for the GPU before every codebook).
         """
         window = buffer.shape[1]
         for codebook in range(n_given, config.n_fine_codebooks):
             logits = self(codebook, buffer).logits[..., : config.codebook_size]  # [B, window, 1024]
             rows = torch.cat([item[fill:] for item, fill in zip(logits, fill_starts, strict=True)])  # [rows, 1024]
             if config.temperature is None:
+                saw_nan |= rows.isnan().any().to(saw_nan.device)  # argmax would take a NaN as the largest logit
                 predicted = rows.argmax(dim=-1)
             else:
                 probs = torch.softmax(rows / config.temperature, dim=-1)

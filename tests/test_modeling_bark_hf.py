@@ -772,6 +772,19 @@ def test_a_stage_whose_logits_turn_nan_raises_a_clear_error(model, stage):
                         **QUIET)
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics", "fine_acoustics"])
+def test_nan_logits_raise_a_clear_error_with_greedy_decoding_too(model, stage):
+    """Greedy decoding takes an argmax, which reads a NaN as the largest logit: the fine stage (temperature=None)
+    gave codes from NaN logits, and audio, without an error."""
+    broken = copy.deepcopy(model)
+    module = getattr(broken, stage)
+    for head in module.lm_heads if stage == "fine_acoustics" else [module.lm_head]:
+        head.weight.data[:, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"{stage.split('_')[0]} stage produced NaN"):
+        broken.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=8, semantic_allow_early_stop=False,
+                        **GREEDY, **QUIET)
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns_once(model, native, monkeypatch, caplog):
     monkeypatch.setattr(modeling, "cpu_has_native_bfloat16", lambda: native)

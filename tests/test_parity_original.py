@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, random_voice_preset
 
 GREEDY = dict(semantic_top_k=1, coarse_top_k=1, fine_temperature=None)
 
@@ -127,6 +127,42 @@ def test_seeded_sampling_equals_original(ours, original, request, seed, text, pr
     torch.manual_seed(seed)
     actual = run_ours(ours, text, path, use_cache=use_cache)
     assert_same(expected, actual)
+
+
+def _semantic_on_both(ours, original, preset, **settings):
+    """The semantic tokens of the original and ours from seed 0, each with the random-number state it leaves.
+    `settings` take the original's names."""
+    model, processor = ours
+    torch.manual_seed(0)
+    expected = original.generate_text_semantic(TEXTS["en"], history_prompt=preset, silent=True, **settings)
+    expected_state = torch.random.get_rng_state()
+    names = dict(temp="temperature", use_kv_caching="use_cache")
+    torch.manual_seed(0)
+    output = model.semantic.generate(**processor(TEXTS["en"], voice_preset=preset), show_progress=False,
+                                     **{names.get(name, name): value for name, value in settings.items()})
+    return (expected, expected_state), (output.sequences[0, : output.lengths[0]].numpy(), torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("case", ["stops-by-itself", "stops-at-the-first-draw", "stops-at-the-last-allowed-draw",
+                                  "duration-ends-a-draw-before-the-stop", "no-cache", "no-early-stop"])
+def test_semantic_leaves_the_random_numbers_where_the_original_does(ours, original, case):
+    """However the semantic loop ends (its stop verdict is read a step late), it has drawn exactly the original's
+    random numbers: the coarse and fine stages of a seeded run draw from there."""
+    preset = random_voice_preset(5, n_semantic=60)
+    (natural, _), _ = _semantic_on_both(ours, original, preset)
+    n_tokens = natural.shape[0]
+    assert 2 < n_tokens < 700  # the run stops on its own, at a draw the cases below aim at
+    settings = {
+        "stops-by-itself": {},
+        "stops-at-the-first-draw": dict(min_eos_p=0.0),
+        "stops-at-the-last-allowed-draw": dict(max_gen_duration_s=(n_tokens + 0.5) / 49.9),
+        "duration-ends-a-draw-before-the-stop": dict(max_gen_duration_s=(n_tokens - 0.5) / 49.9),
+        "no-cache": dict(use_kv_caching=False),
+        "no-early-stop": dict(allow_early_stop=False, max_gen_duration_s=(n_tokens + 5.5) / 49.9),
+    }[case]
+    (expected, expected_state), (actual, actual_state) = _semantic_on_both(ours, original, preset, **settings)
+    np.testing.assert_array_equal(actual, expected)
+    assert torch.equal(actual_state, expected_state)
 
 
 def test_sampling_settings_top_p_top_k_equal_original(ours, original, request):

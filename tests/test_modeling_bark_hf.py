@@ -353,6 +353,24 @@ def test_item_stopping_at_once_gives_empty_outputs(eos_model):
     assert (output.audio[1] == 0).all()
 
 
+def test_compiled_steps_stop_as_eager_ones(eos_model, monkeypatch):
+    """compile=True (its static-shape step, run uncompiled here) with items that stop at different draws, one at
+    the first, and with max_new_tokens ending at the draw that stops the last item (the cache sized to the end):
+    the eager tokens, lengths and random-number state. This model's logits do not depend on the inputs, so the
+    compiled path's rounding cannot change a draw."""
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda device_type: BarkHfSemanticModel._decode_step)
+    seed, lengths = _seed_where(eos_model, lambda lengths: lengths[1] == 0 and len(set(lengths)) == 3
+                                and max(lengths) < EOS_SETTINGS["max_new_tokens"] - 1)
+    for settings in (EOS_SETTINGS, dict(EOS_SETTINGS, max_new_tokens=max(lengths) + 1)):
+        runs = []
+        for compile in (False, True):
+            torch.manual_seed(seed)
+            output = eos_model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, compile=compile, **QUIET, **settings)
+            runs.append((output.sequences, output.lengths, torch.random.get_rng_state()))
+        assert runs[0][1].tolist() == lengths
+        assert all(torch.equal(eager, compiled) for eager, compiled in zip(*runs, strict=True))
+
+
 def test_training_mode_dropout_draws_nothing_past_the_step_where_every_item_stopped(eos_model):
     """With dropout on, every forward pass draws random numbers, so the loop must not run a pass after the draw
     that stopped the last item: the run leaves the random numbers where a run that max_new_tokens ends at that

@@ -93,7 +93,7 @@ def preload_models(
         use_small = _env_flag(USE_SMALL_MODELS_ENV) or text_use_small or coarse_use_small or fine_use_small
         name = loading.DEFAULT_MODEL if use_small else loading.LARGE_MODEL
     name = os.fspath(name)
-    _check_dtype(dtype)
+    loading.checked_dtype(dtype)  # before the loaded model is dropped
 
     use_gpu = (text_use_gpu, coarse_use_gpu, fine_use_gpu, codec_use_gpu)
     if device is None:
@@ -121,20 +121,6 @@ def preload_models(
         for stage, stage_device in zip(_STAGES, stage_devices, strict=True):
             getattr(bark, stage).to(stage_device)
     _loaded = _LoadedBark(bark, processor, request)
-
-
-def _check_dtype(dtype: Any) -> None:
-    """Refuse a dtype the weights cannot take before loading: it failed after the model loaded before was dropped,
-    and `"int8"` (the CLI's `--dtype int8`) named no way to get int8 weights."""
-    if not isinstance(dtype, (str, torch.dtype)) or dtype == "auto":
-        return  # None keeps the stored dtype; from_pretrained judges other forms
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
-    if not resolved.is_floating_point:
-        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; use e.g. torch.float16 or 'bfloat16'. For "
-                         "int8 weights on the CPU, load in float32 and call "
-                         "loaded_model_and_processor()[0].quantize_int8().")
 
 
 def _checked_device(device: str | torch.device | int) -> torch.device:

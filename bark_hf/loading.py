@@ -27,6 +27,21 @@ def checked_model_name(model: str | os.PathLike) -> str:
     return name
 
 
+def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """`dtype` with a name ("float16", as from_pretrained takes them) resolved, refused before any loading if
+    it is no torch dtype or not floating-point. None and "auto" (the stored dtype) pass, as do other forms,
+    which from_pretrained judges."""
+    if not isinstance(dtype, (str, torch.dtype)) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
+    if not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; use e.g. torch.float16 or 'bfloat16'. For "
+                         "int8 weights on the CPU, load in float32 and call quantize_int8() on the model.")
+    return resolved
+
+
 def load_bark(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -38,14 +53,10 @@ def load_bark(
     """
     from .tiny_random import TINY_RANDOM, tiny_random_bark
 
-    name = checked_model_name(model)
+    name, dtype = checked_model_name(model), checked_dtype(dtype)
     if name == TINY_RANDOM:
         logger.warning("Using the tiny random model: its audio is noise, not speech.")
         bark, processor = tiny_random_bark()
-        if isinstance(dtype, str) and dtype != "auto":  # as from_pretrained takes them: "float16", ...
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
-            dtype = getattr(torch, dtype)
         if dtype not in (None, "auto"):
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it

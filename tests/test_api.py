@@ -330,6 +330,16 @@ def test_home_relative_voice_preset_files_save_and_load(tmp_path, monkeypatch):
         np.testing.assert_array_equal(loaded[key], values)
 
 
+def test_load_bark_refuses_an_integer_dtype_before_loading(tiny_model_dir, monkeypatch):
+    """transformers cast the weights to int8 (or failed in torch), with no word of quantize_int8."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(BarkHfModel, "from_pretrained", no_load)
+    with pytest.raises(ValueError, match="dtype 'int8' is not a floating-point dtype.*quantize_int8"):
+        loading.load_bark(tiny_model_dir, dtype="int8")
+
+
 def test_preload_takes_dtype_names_for_tiny_random_as_for_a_folder(tmp_path):
     api.preload_models("tiny-random", dtype="bfloat16")  # a folder's from_pretrained takes the name too
     model = api._loaded.model

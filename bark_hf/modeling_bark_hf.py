@@ -30,7 +30,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
 from .atomic import default_mode
 from .checks import checked_flag
@@ -310,6 +310,16 @@ _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they r
                   "again.")
 
 
+def _remove_stale_weights(folder: Path) -> None:
+    """Remove the weights of an earlier save that this one did not replace. transformers removes only old shards:
+    a sharded save over a single `model.safetensors` left that file, which `from_pretrained` then loaded instead
+    of the new shards; a single-file save over shards left their index behind."""
+    if any(folder.glob("model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors")):
+        (folder / SAFE_WEIGHTS_NAME).unlink(missing_ok=True)  # this save was sharded: the shards are its own
+    else:
+        (folder / SAFE_WEIGHTS_INDEX_NAME).unlink(missing_ok=True)
+
+
 class BarkHfPreTrainedModel(PreTrainedModel):
     """Shared loading and saving: weights through transformers, generation configs alongside."""
 
@@ -369,6 +379,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                 self.config.auto_map = previous_auto_map
         if not kwargs.get("is_main_process", True):  # another process writes the files beside the weights
             return
+        if kwargs.get("variant") is None:
+            _remove_stale_weights(Path(save_directory))
         # safetensors 0.8 writes through a private temporary file: the weights came out owner-only (0600) beside
         # world-readable configs, so other users of a shared model folder could not load it.
         for weights in Path(save_directory).glob("model*.safetensors"):

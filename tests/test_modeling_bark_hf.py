@@ -581,6 +581,22 @@ def test_saved_weights_get_the_umasks_mode(model, tmp_path):
     assert {stat.S_IMODE(path.stat().st_mode) for path in weights} == {0o644}
 
 
+def test_saving_with_other_sharding_over_a_saved_model_leaves_no_stale_weights(model, tmp_path):
+    """transformers removes only old shards: a single model.safetensors stayed beside new shards and loaded instead."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.semantic.lm_head.weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    reloaded = BarkHfModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.semantic.lm_head.weight, other.semantic.lm_head.weight)
+
+    model.save_pretrained(tmp_path)  # and back to one file: no index naming the removed shards
+    assert sorted(path.name for path in tmp_path.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(BarkHfModel.from_pretrained(tmp_path).semantic.lm_head.weight, model.semantic.lm_head.weight)
+
+
 def test_composite_generation_config_round_trip(model, tmp_path):
     model = copy.deepcopy(model)
     changed = BarkHfGenerationConfig(

@@ -8,7 +8,7 @@ transformers' own `push_to_hub` uploads files one folder level deep, which misse
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,10 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from .model_card import GENERATED_CARD_MARKER
+
+MODEL_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json")
+"""What a model's push replaces on the Hub: an earlier push's single file or shards left beside new weights of
+another sharding, and transformers loads a single `model.safetensors` before any shards."""
 
 
 def push_folder_to_hub(
@@ -29,6 +33,7 @@ def push_folder_to_hub(
     token: str | bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    replaces: Sequence[str] = (),
 ) -> Any:
     """Create the repo (and the branch `revision`), let `write(folder, repo_id)` fill a temporary folder,
     and upload it with `commit_message` (default "Upload {what}"); returns the Hub's commit info.
@@ -36,7 +41,8 @@ def push_folder_to_hub(
     The keyword arguments are the `push_to_hub` options of the model, processor and pipeline, as in
     transformers. `write` gets the Hub's full id (a bare name gains the user's namespace), so a card
     names the real repo. A README.md already on the Hub that bark-hf did not generate is kept, as
-    transformers keeps it.
+    transformers keeps it. Files on the Hub matching a pattern of `replaces` and not written by `write` are
+    deleted in the same commit.
     """
     commit_message = commit_message or f"Upload {what}"
     hub = HfApi(token=token)
@@ -49,6 +55,7 @@ def push_folder_to_hub(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
             commit_message=commit_message, commit_description=commit_description,
             ignore_patterns=["README.md"] if _hub_card_is_the_authors(hub, repo_id, revision) else None,
+            delete_patterns=list(replaces) or None,
         )
 
 

@@ -51,7 +51,7 @@ from .generation_configuration_bark_hf import (
     load_generation_config,
     save_generation_config,
 )
-from .hub import push_folder_to_hub
+from .hub import MODEL_WEIGHTS, push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
 from .processing_bark_hf import validate_voice_preset
 from .sage_attention import sage_attention
@@ -409,7 +409,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             if isinstance(self.config, BarkHfConfig):
                 save_model_card(bark_model_card(self.config, model_id=full_repo_id, tags=tags), folder, overwrite=True)
 
-        return push_folder_to_hub(repo_id, write, type(self).__name__, **hub_options)
+        return push_folder_to_hub(repo_id, write, type(self).__name__, replaces=MODEL_WEIGHTS, **hub_options)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):

@@ -21,7 +21,7 @@ import torch
 from transformers import Pipeline
 
 from .checks import checked_flag, checked_seed, checked_whole_number
-from .hub import push_folder_to_hub
+from .hub import MODEL_WEIGHTS, push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
@@ -131,7 +131,7 @@ class BarkPipeline(Pipeline):
                                    voice_presets=self.processor.available_voice_presets)
             save_model_card(card, folder, overwrite=True)
 
-        return push_folder_to_hub(repo_id, write, type(self).__name__, **hub_options)
+        return push_folder_to_hub(repo_id, write, type(self).__name__, replaces=MODEL_WEIGHTS, **hub_options)
 
     @staticmethod
     def _processor_for(model: BarkHfModel, tokenizer: Any) -> BarkHfProcessor:

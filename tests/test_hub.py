@@ -3,6 +3,7 @@ subfolders included, with our model card, to the repo the Hub resolves (no netwo
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ class FakeHub:
     """Records what would be uploaded; a bare repo name gets the namespace "me", as the Hub gives the user's."""
 
     readme_on_hub: str | None = None
+    repo_files: dict[str, bytes] = {}
 
     def __init__(self, token=None):
         self.token, self.branches, self.uploads = token, [], {}
@@ -42,11 +44,15 @@ class FakeHub:
         return str(path)
 
     def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, commit_message=None,
-                      commit_description=None, ignore_patterns=None):
+                      commit_description=None, ignore_patterns=None, delete_patterns=None):
         files = [path for path in Path(folder_path).rglob("*") if path.is_file()]
         skipped = set(ignore_patterns or ())
         self.uploads = {path.relative_to(folder_path).as_posix(): path.read_bytes() for path in files
                         if path.name not in skipped}
+        # The repo after the commit: files matching delete_patterns go, unless this commit uploads them.
+        kept = {name: data for name, data in FakeHub.repo_files.items()
+                if not any(fnmatch.fnmatch(name, pattern) for pattern in delete_patterns or ())}
+        FakeHub.repo_files = {**kept, **self.uploads}
         self.commit = dict(repo_id=repo_id, revision=revision, create_pr=create_pr, message=commit_message,
                            description=commit_description)
         return "commit-info"
@@ -57,6 +63,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(bark_hf.hub, "HfApi", FakeHub)
     monkeypatch.setattr(FakeHub, "folder", tmp_path, raising=False)
     monkeypatch.setattr(FakeHub, "readme_on_hub", None)
+    monkeypatch.setattr(FakeHub, "repo_files", {})
     return FakeHub
 
 
@@ -146,3 +153,17 @@ def test_tags_as_one_string_or_none(hub, tags, expected):
     for pushable in (model, BarkPipeline(model=model, processor=processor, device="cpu")):
         pushable.push_to_hub("someone/tiny-bark", tags=tags)
         assert _card(hub.last.uploads).data.tags == ["bark", "bark-hf", "text-to-speech", "audio", *expected]
+
+
+def test_a_push_with_other_sharding_replaces_the_weights_on_the_hub(hub):
+    """An earlier push's model.safetensors stayed beside new shards, and transformers loads it before them."""
+    model, processor = tiny_random_bark()
+    model.push_to_hub("someone/tiny-bark")
+    model.push_to_hub("someone/tiny-bark", max_shard_size="1MB")
+    weights = sorted(name for name in hub.repo_files if name.startswith("model"))
+    assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights and len(weights) > 2
+    BarkPipeline(model=model, processor=processor, device="cpu").push_to_hub("someone/tiny-bark")
+    assert sorted(name for name in hub.repo_files if name.startswith("model")) == ["model.safetensors"]
+    assert "tokenizer.json" in hub.repo_files
+    processor.push_to_hub("someone/tiny-bark")  # a processor's push leaves the model's weights alone
+    assert "model.safetensors" in hub.repo_files

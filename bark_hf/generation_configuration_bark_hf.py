@@ -314,4 +314,8 @@ def load_generation_config(config_cls: type, directory: str | os.PathLike):
         values = json.load(handle)
     if values.get("model_type") == "bark" or "transformers_version" in values:
         return config_cls()
+    # A stage loaded from a whole model's folder: its settings are one part of the file (else all were defaults).
+    for name, stage_cls in BarkHfGenerationConfig.STAGE_CLASSES.items():
+        if config_cls is stage_cls and isinstance(values.get(name), dict):
+            values = values[name]
     return config_cls.from_dict(values)

@@ -617,6 +617,17 @@ def test_composite_generation_config_round_trip(model, tmp_path):
     assert reloaded.fine_acoustics.generation_config.temperature == 0.3
 
 
+def test_a_stage_loaded_from_a_whole_models_folder_keeps_its_generation_config(model, tmp_path):
+    model = copy.deepcopy(model)
+    model.semantic.generation_config.top_k = 7
+    model.coarse_acoustics.generation_config.max_coarse_history = 120
+    model.fine_acoustics.generation_config.temperature = None
+    model.save_pretrained(tmp_path)
+    for stage_cls, name in ((BarkHfSemanticModel, "semantic"), (BarkHfCoarseModel, "coarse_acoustics"),
+                            (BarkHfFineModel, "fine_acoustics")):
+        assert stage_cls.from_pretrained(tmp_path).generation_config == getattr(model, name).generation_config
+
+
 def test_composite_generation_config_view_writes_stage_configs_through(model):
     model = copy.deepcopy(model)
     view = model.generation_config

@@ -13,6 +13,23 @@ from transformers import AutoConfig, EncodecConfig, PretrainedConfig
 
 from .generation_configuration_bark_hf import COARSE_RATE_HZ, CODEBOOK_SIZE, N_FINE_CODEBOOKS, SAMPLE_RATE
 
+_MODEL_CLASS_OF_TYPE = {"bark_hf": "BarkHfModel", "bark_hf_semantic": "BarkHfSemanticModel",
+                        "bark_hf_coarse": "BarkHfCoarseModel", "bark_hf_fine": "BarkHfFineModel"}
+
+
+def _check_model_type(config_cls: type[PretrainedConfig], config_dict: dict[str, Any],
+                      source: str | os.PathLike) -> None:
+    """Refuse a bark-hf folder of another model: transformers only logs a warning, then built a default-sized
+    model of random weights (the whole model from a stage's folder) or put one stage's weights in another."""
+    found = config_dict.get("model_type")
+    if found == config_cls.model_type or found not in _MODEL_CLASS_OF_TYPE:
+        return
+    if found == BarkHfConfig.model_type and config_cls is not BarkHfConfig:
+        return  # a stage's part of the whole model
+    wanted, holder = _MODEL_CLASS_OF_TYPE[config_cls.model_type], _MODEL_CLASS_OF_TYPE[found]
+    raise ValueError(f"{os.fspath(source)!r} holds a {holder} (model_type {found!r}), not a {wanted}; load it with "
+                     f"{holder}.from_pretrained (or AutoModel.from_pretrained, which picks the class).")
+
 
 class _BarkHfStageConfig(PretrainedConfig):
     """Hyper-parameters of one Bark GPT (nanoGPT layout)."""
@@ -51,6 +68,14 @@ class _BarkHfStageConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The folder's config dict, refusing another stage's folder (a whole model's holds this stage's)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        _check_model_type(cls, config_dict, pretrained_model_name_or_path)
+        return config_dict, kwargs
 
 
 class BarkHfSemanticConfig(_BarkHfStageConfig):
@@ -162,8 +187,10 @@ class BarkHfConfig(PretrainedConfig):
     def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike,
                         **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """The folder's config dict; transformers' own Bark configs (`model_type: "bark"`) read as ours, without
-        transformers' warning that a `bark` checkpoint "is otherwise not supported" by this class."""
+        transformers' warning that a `bark` checkpoint "is otherwise not supported" by this class; a stage's
+        folder is refused."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        _check_model_type(cls, config_dict, pretrained_model_name_or_path)
         if config_dict.get("model_type") == "bark":
             config_dict = {**config_dict, "model_type": cls.model_type}
         return config_dict, kwargs

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_
+from transformers import AutoModel
 
 import bark_hf.modeling_bark_hf as modeling
 from bark_hf.configuration_bark_hf import (
@@ -626,6 +627,17 @@ def test_a_stage_loaded_from_a_whole_models_folder_keeps_its_generation_config(m
     for stage_cls, name in ((BarkHfSemanticModel, "semantic"), (BarkHfCoarseModel, "coarse_acoustics"),
                             (BarkHfFineModel, "fine_acoustics")):
         assert stage_cls.from_pretrained(tmp_path).generation_config == getattr(model, name).generation_config
+
+
+def test_a_folder_of_another_model_is_refused_naming_the_class_that_loads_it(model, tmp_path):
+    """transformers only warned: the whole model from a stage's folder was a default-sized random one, and a
+    coarse model from the semantic stage's folder took its weights."""
+    model.semantic.save_pretrained(tmp_path / "semantic")
+    for other in (BarkHfModel, BarkHfCoarseModel, BarkHfFineModel):
+        with pytest.raises(ValueError, match=f"holds a BarkHfSemanticModel .*, not a {other.__name__}; load it with "
+                                             "BarkHfSemanticModel.from_pretrained"):
+            other.from_pretrained(tmp_path / "semantic")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "semantic"), BarkHfSemanticModel)
 
 
 def test_composite_generation_config_view_writes_stage_configs_through(model):

@@ -310,12 +310,21 @@ def load_generation_config(config_cls: type, directory: str | os.PathLike):
     path = os.path.join(directory, GENERATION_CONFIG_NAME)
     if not os.path.isfile(path):
         return config_cls()
-    with open(path, encoding="utf-8") as handle:
-        values = json.load(handle)
+    fix = "correct it, delete it (Bark's default settings then apply) or save the model again"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}.") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object of generation settings; {fix}.")
     if values.get("model_type") == "bark" or "transformers_version" in values:
         return config_cls()
     # A stage loaded from a whole model's folder: its settings are one part of the file (else all were defaults).
     for name, stage_cls in BarkHfGenerationConfig.STAGE_CLASSES.items():
         if config_cls is stage_cls and isinstance(values.get(name), dict):
             values = values[name]
-    return config_cls.from_dict(values)
+    try:
+        return config_cls.from_dict(values)
+    except (AttributeError, TypeError, ValueError) as error:  # AttributeError: a stage's settings not an object
+        raise ValueError(f"{path}: {error}; {fix}.") from error

@@ -640,6 +640,17 @@ def test_a_folder_of_another_model_is_refused_naming_the_class_that_loads_it(mod
     assert isinstance(AutoModel.from_pretrained(tmp_path / "semantic"), BarkHfSemanticModel)
 
 
+@pytest.mark.parametrize("text,problem", [("{bad", "is not valid JSON"), ("[1]", "holds a JSON list"),
+                                          ('{"semantic_config": {"temperature": 0}}', "temperature must be"),
+                                          ('{"semantic_config": [1]}', "has no attribute")])
+def test_a_broken_generation_config_is_named_with_its_fix(model, tmp_path, text, problem):
+    """A raw JSONDecodeError or AttributeError named neither the file nor what to do."""
+    model.save_pretrained(tmp_path)
+    (tmp_path / GENERATION_CONFIG_NAME).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{GENERATION_CONFIG_NAME}.*{problem}.*delete it"):
+        BarkHfModel.from_pretrained(tmp_path)
+
+
 def test_composite_generation_config_view_writes_stage_configs_through(model):
     model = copy.deepcopy(model)
     view = model.generation_config

@@ -26,6 +26,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import BatchEncoding, BertTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
+from .atomic import atomic_path
 from .checks import is_number
 from .generation_configuration_bark_hf import (
     COARSE_RATE_HZ,
@@ -497,11 +498,13 @@ class BarkHfProcessor(ProcessorMixin):
                 relative = f"{SPEAKER_EMBEDDINGS_DIR}/{name}_{key}.npy"
                 target = os.path.join(save_directory, *relative.split("/"))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                np.save(target, preset[key], allow_pickle=False)
+                # Through a temporary file: a save that fails part-way leaves the earlier files whole.
+                with atomic_path(target) as temporary, open(temporary, "wb") as handle:
+                    np.save(handle, preset[key], allow_pickle=False)
                 entry[key] = relative
             index[name] = entry
         index_path = os.path.join(save_directory, SPEAKER_EMBEDDINGS_FILE)
-        with open(index_path, "w", encoding="utf-8") as handle:
+        with atomic_path(index_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
             json.dump(index, handle, indent=2)
             handle.write("\n")
         return [*super().save_pretrained(save_directory, **kwargs), index_path]

@@ -414,6 +414,26 @@ def test_save_pretrained_with_push_to_hub_points_to_push_to_hub(processor, tmp_p
         processor.save_pretrained(tmp_path, push_to_hub=True)
 
 
+def test_a_save_that_fails_part_way_leaves_the_earlier_files_whole(processor, tmp_path, monkeypatch):
+    """Presets and their index were written in place: a failure mid-file left a truncated .npy that the old
+    index still named."""
+    processor.save_pretrained(tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    real_save = np.save
+
+    def full_disk(file, array, **kwargs):
+        real_save(file, array[: len(array) // 2], **kwargs)  # some bytes out, then the failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(processing_bark_hf.np, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        BarkHfProcessor(processor.tokenizer, {name: make_preset(seed=7) for name in ("announcer", "v2/en_speaker_1")}
+                        ).save_pretrained(tmp_path)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    monkeypatch.undo()
+    assert_presets_equal(BarkHfProcessor.from_pretrained(tmp_path).load_voice_preset("announcer"), make_preset(seed=2))
+
+
 def test_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="No folder"):
         BarkHfProcessor.from_pretrained(tmp_path / "nowhere")

@@ -167,7 +167,7 @@ class BarkPipeline(Pipeline):
         stream = _text_stream(text_inputs)
         if stream is not None:
             return self._stream(stream, call)
-        texts = _checked_texts(text_inputs)
+        texts = _checked_texts(text_inputs, self.processor.tokenizer)
         presets = self._loaded_presets(_presets_per_text(call.voice_preset, len(texts)))
         if call.seed is not None:
             torch.manual_seed(call.seed)
@@ -208,7 +208,8 @@ class BarkPipeline(Pipeline):
                 torch.manual_seed(call.seed)
             done = 0
             while batch := list(itertools.islice(texts, call.batch_size)):
-                yield from self._generate(_checked_texts(batch, first_index=done), [preset] * len(batch), call)
+                checked = _checked_texts(batch, self.processor.tokenizer, first_index=done)
+                yield from self._generate(checked, [preset] * len(batch), call)
                 done += len(batch)
 
         return outputs()
@@ -276,8 +277,10 @@ def _text_stream(text_inputs: Any) -> Iterator[Any] | None:
         return None
 
 
-def _checked_texts(text_inputs: Any, first_index: int = 0) -> list[str]:
-    """The texts as a list; errors number them from `first_index` (a batch's place in a stream)."""
+def _checked_texts(text_inputs: Any, tokenizer: Any, first_index: int = 0) -> list[str]:
+    """The texts as a list; errors number them from `first_index` (a batch's place in a stream). A text that gives
+    no tokens is refused here, before any batch is generated: the processor found it only when its batch came up,
+    and named it by its row in that batch."""
     texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
     if isinstance(texts, np.ndarray) and texts.ndim == 1:
         texts = texts.tolist()
@@ -292,6 +295,9 @@ def _checked_texts(text_inputs: Any, first_index: int = 0) -> list[str]:
             raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; pass text as str.")
         if not text.strip():
             raise ValueError(f"Text {index} is empty or only whitespace; give the words to speak.")
+        if not tokenizer.encode(text, add_special_tokens=False):
+            raise ValueError(f"Text {index} ({text!r}) gives no tokens (the tokenizer drops all its characters, "
+                             "e.g. zero-width spaces); give the words to speak.")
     return list(texts)
 
 

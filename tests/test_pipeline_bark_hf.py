@@ -193,6 +193,16 @@ def test_bad_input_gets_a_clear_error(pipe, call, error, message):
         call(pipe)
 
 
+def test_text_without_tokens_is_refused_by_its_place_before_any_generation(pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipe.model, "generate", lambda **kwargs: calls.append(kwargs) or pytest.fail("generated"))
+    with pytest.raises(ValueError, match=r"Text 2 \('\\u200b\\u200c'\) gives no tokens"):  # was "text[0]", late
+        pipe(["Hi.", "Bye.", "\u200b\u200c"], batch_size=2, generate_kwargs=GREEDY)
+    with pytest.raises(ValueError, match="Text 1 .* gives no tokens"):  # numbered within the stream
+        list(pipe(iter(["Hi.", "\u200b"]), batch_size=2, generate_kwargs=GREEDY))
+    assert calls == []
+
+
 def test_bad_preset_file_is_refused(pipe, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, semantic_prompt=np.arange(5))

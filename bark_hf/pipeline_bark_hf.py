@@ -95,6 +95,10 @@ class BarkPipeline(Pipeline):
         if not isinstance(processor, BarkHfProcessor):
             processor = self._processor_for(model, tokenizer)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
+        # Defaults given when building are checked now: a bad one was found only by the first call, and by every call.
+        defaults = self._checked_call({})
+        preset = defaults.voice_preset
+        self._loaded_presets(list(preset) if isinstance(preset, (list, tuple)) else [preset])
 
     @classmethod
     def from_pretrained(

@@ -142,6 +142,22 @@ def test_settings_given_when_building_are_defaults(tiny_model_dir):
     np.testing.assert_array_equal(pipe("Hi!")["audio"], explicit["audio"])
 
 
+@pytest.mark.parametrize("default,error,message", [
+    ({"generate_kwargs": {"semantic_temp": 0.5}}, ValueError, "semantic"),
+    ({"forward_params": {"temperature": 0.5}}, ValueError, "stage prefix"),
+    ({"voice_preset": "v2/en_speakr_1"}, ValueError, "v2/en_speaker_1"),
+    ({"voice_preset": [None, "/nowhere/voice.npz"]}, FileNotFoundError, "voice.npz"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"seed": "7"}, TypeError, "seed"),
+    ({"silence_s": -1}, ValueError, "silence_s"),
+    ({"long_form": "yes"}, ValueError, "long_form"),
+])
+def test_bad_defaults_are_refused_when_building(pipe, default, error, message):
+    """They were accepted, and then every call failed."""
+    with pytest.raises(error, match=message):
+        BarkPipeline(model=pipe.model, processor=pipe.processor, device="cpu", **default)
+
+
 def test_long_form_is_the_long_form_generator_joined_with_silence(pipe):
     text = "First sentence here. Second one follows! And a third one, to end?"
     settings = {**GREEDY, "semantic_max_new_tokens": 20}

@@ -37,6 +37,13 @@ from .processing_bark_hf import BarkHfProcessor
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
 _FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "silence_s", "seed", "show_progress")
+# transformers' TextToAudioPipeline settings that mean nothing here, each with what to do instead: refused by name,
+# not as unknown, and num_workers also when building, where transformers' Pipeline took it and left it unused.
+_REFUSED_KEYS = {
+    "num_workers": "it reads texts in the calling process, batch_size texts at a time; leave num_workers out",
+    "preprocess_params": "the processor's one setting is the voice; pass voice_preset=... directly",
+    "processor_kwargs": "the processor's one setting is the voice; pass voice_preset=... directly",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,8 @@ class BarkPipeline(Pipeline):
             # The stages wait on the CPU; transformers' default device (GPU 0) would move the whole model there at
             # once, which offload is meant to avoid.
             kwargs["device"] = torch.device("cpu")
+        if kwargs.get("num_workers") is not None:
+            self._sanitize_parameters(num_workers=kwargs["num_workers"])
         tokenizer = kwargs.pop("tokenizer", None)
         if not isinstance(processor, BarkHfProcessor):
             processor = self._processor_for(model, tokenizer)
@@ -151,6 +160,11 @@ class BarkPipeline(Pipeline):
             return BarkHfProcessor(tokenizer)
 
     def _sanitize_parameters(self, **settings: Any) -> tuple[dict, dict, dict]:
+        refused = sorted(settings.keys() & _REFUSED_KEYS.keys())
+        if refused:
+            key = refused[0]
+            raise TypeError(f"BarkPipeline does not take {key} (a setting of transformers' TextToAudioPipeline): "
+                            f"{_REFUSED_KEYS[key]}.")
         unknown = sorted(set(settings) - set(_PREPROCESS_KEYS) - set(_FORWARD_KEYS))
         if unknown:
             raise TypeError(

@@ -158,6 +158,16 @@ def test_bad_defaults_are_refused_when_building(pipe, default, error, message):
         BarkPipeline(model=pipe.model, processor=pipe.processor, device="cpu", **default)
 
 
+@pytest.mark.parametrize("setting", [{"num_workers": 2}, {"preprocess_params": {}}, {"processor_kwargs": {}}])
+def test_transformers_settings_without_meaning_here_are_refused_by_name(pipe, tiny_model_dir, setting):
+    """num_workers was taken, unused, when building; all three were called unknown at a call."""
+    name = next(iter(setting))
+    with pytest.raises(TypeError, match=f"does not take {name} .*TextToAudioPipeline"):
+        pipe("Hi", **setting)
+    with pytest.raises(TypeError, match=f"does not take {name}"):
+        pipeline("text-to-audio", model=str(tiny_model_dir), device="cpu", **setting)
+
+
 def test_long_form_is_the_long_form_generator_joined_with_silence(pipe):
     text = "First sentence here. Second one follows! And a third one, to end?"
     settings = {**GREEDY, "semantic_max_new_tokens": 20}

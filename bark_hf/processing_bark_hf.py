@@ -353,6 +353,9 @@ class BarkHfProcessor(ProcessorMixin):
         path = os.fspath(preset)
         if path.endswith(".npz") or os.path.isfile(path):
             return read_voice_preset_file(path)
+        if path in self._presets or path in self._preset_files:  # only a path object gets here with a stored name
+            raise ValueError(f"voice_preset is a {type(preset).__name__}, read as a file, and there is no file at "
+                             f"{path!r}; to use the stored preset of that name, pass it as a string: {path!r}.")
         raise ValueError(self._unknown_preset_message(path))
 
     def _unknown_preset_message(self, name: str) -> str:

@@ -239,6 +239,12 @@ def test_unknown_name_lists_close_matches(processor):
         processor.load_voice_preset(3)
 
 
+def test_a_path_object_with_a_stored_name_says_to_pass_a_string(processor):
+    """It was called unknown, with itself as the first close match."""
+    with pytest.raises(ValueError, match="Path, read as a file.*pass it as a string: 'v2/en_speaker_1'"):
+        processor("Hi", voice_preset=Path("v2/en_speaker_1"))
+
+
 @pytest.mark.parametrize("name", ["", "../evil", "v2/../../evil", "/abs/voice", "v2\\voice", "a//b", "./a",
                                   "C:voice", "repo_or_path", 5])
 def test_bad_preset_names_refused(processor, name):

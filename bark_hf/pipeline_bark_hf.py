@@ -22,6 +22,7 @@ from transformers import Pipeline
 
 from .checks import checked_flag, checked_seed, checked_whole_number
 from .hub import MODEL_WEIGHTS, push_folder_to_hub
+from .loading import checked_dtype
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
@@ -120,6 +121,8 @@ class BarkPipeline(Pipeline):
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
         `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
+        # An integer dtype ("int8") fell back to float32 with only transformers' log line; refuse it, naming the fix.
+        dtype = checked_dtype(dtype)
         # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
         processor = BarkHfProcessor.from_pretrained(model)
         bark = BarkHfModel.from_pretrained(model, dtype=dtype)

@@ -373,6 +373,13 @@ def test_pipeline_from_a_model_in_memory(pipe):
                                   pipe("Hi!", generate_kwargs=GREEDY)["audio"])
 
 
+@pytest.mark.parametrize("dtype", ["int8", torch.int8, "float17"])
+def test_from_pretrained_refuses_a_dtype_that_is_no_float(tiny_model_dir, dtype):
+    """'int8' was loaded as float32, with only transformers' log line to say so."""
+    with pytest.raises(ValueError, match="quantize_int8|not a torch dtype"):
+        BarkPipeline.from_pretrained(tiny_model_dir, dtype=dtype)
+
+
 def test_a_name_or_a_single_stage_is_refused_with_the_fix(pipe, tiny_model_dir):
     with pytest.raises(TypeError, match=r"got str: .*BarkPipeline.from_pretrained"):
         BarkPipeline(model=str(tiny_model_dir))

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import TINY_PRESET_NAMES, random_voice_preset
 from transformers import (
     AutoConfig,
@@ -26,6 +27,7 @@ from transformers import (
 from transformers.pipelines import TextToAudioPipeline
 
 import bark_hf
+import bark_hf.pipeline_bark_hf as pipeline_module
 from bark_hf import BarkHfFineModel, BarkHfModel, BarkHfProcessor, BarkHfSemanticModel, BarkPipeline
 from bark_hf.configuration_bark_hf import BarkHfSemanticConfig
 from bark_hf.longform import generate_long_form
@@ -227,6 +229,19 @@ def test_text_without_tokens_is_refused_by_its_place_before_any_generation(pipe,
     with pytest.raises(ValueError, match="Text 1 .* gives no tokens"):  # numbered within the stream
         list(pipe(iter(["Hi.", "\u200b"]), batch_size=2, generate_kwargs=GREEDY))
     assert calls == []
+
+
+def test_checking_a_long_text_for_tokens_does_not_warn_of_its_length(pipe, monkeypatch, caplog):
+    """encode() warned "Token indices sequence length is longer than the specified maximum" for every long-form
+    text past the tokenizer's model_max_length (512 for Bark's): a text the pipeline splits into chunks anyway."""
+    monkeypatch.setattr(pipe.processor.tokenizer, "model_max_length", 16)
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            pipeline_module._checked_texts(["word " * 40], pipe.processor.tokenizer)
+    finally:
+        transformers.logging.disable_propagation()
+    assert "sequence length" not in caplog.text
 
 
 def test_bad_preset_file_is_refused(pipe, tmp_path):

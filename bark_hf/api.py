@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
-from .checks import checked_positive_number, checked_seed
+from .checks import checked_dtype, checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
 from .longform import DEFAULT_SILENCE_S, checked_silence, generate_long_form
 from .modeling_bark_hf import BarkHfModel
@@ -93,7 +93,7 @@ def preload_models(
         use_small = _env_flag(USE_SMALL_MODELS_ENV) or text_use_small or coarse_use_small or fine_use_small
         name = loading.DEFAULT_MODEL if use_small else loading.LARGE_MODEL
     name = os.fspath(name)
-    loading.checked_dtype(dtype)  # before the loaded model is dropped
+    checked_dtype(dtype)  # before the loaded model is dropped
 
     use_gpu = (text_use_gpu, coarse_use_gpu, fine_use_gpu, codec_use_gpu)
     if device is None:

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import numpy as np
+import torch
 
 _LARGEST_FLOAT = sys.float_info.max  # a larger int has no float
 # The seeds torch.manual_seed accepts.
@@ -71,3 +72,18 @@ def checked_seed(value: Any) -> int | None:
     if not low <= value <= high:
         raise ValueError(f"seed must be within [{low}, {high}] (what torch can seed with); got {value}.")
     return int(value)
+
+
+def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """`dtype` with a name ("float16", as from_pretrained takes them) resolved, refused before any loading if
+    it is no torch dtype or not floating-point. None and "auto" (the stored dtype) pass, as do other forms,
+    which from_pretrained judges."""
+    if not isinstance(dtype, (str, torch.dtype)) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
+    if not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; use e.g. torch.float16 or 'bfloat16'. For "
+                         "int8 weights on the CPU, load in float32 and call quantize_int8() on the model.")
+    return resolved

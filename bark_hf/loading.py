@@ -7,6 +7,7 @@ import os
 import torch
 from transformers.utils import logging
 
+from .checks import checked_dtype
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, looks_like_local_path
 
@@ -25,21 +26,6 @@ def checked_model_name(model: str | os.PathLike) -> str:
         raise FileNotFoundError(f"No model folder at {name!r}; pass a folder made with `bark-hf convert` or "
                                 "`save_pretrained`, a Hub id, or 'tiny-random'.")
     return name
-
-
-def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """`dtype` with a name ("float16", as from_pretrained takes them) resolved, refused before any loading if
-    it is no torch dtype or not floating-point. None and "auto" (the stored dtype) pass, as do other forms,
-    which from_pretrained judges."""
-    if not isinstance(dtype, (str, torch.dtype)) or dtype == "auto":
-        return dtype
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float16 or 'bfloat16'.")
-    if not resolved.is_floating_point:
-        raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; use e.g. torch.float16 or 'bfloat16'. For "
-                         "int8 weights on the CPU, load in float32 and call quantize_int8() on the model.")
-    return resolved
 
 
 def load_bark(

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
 from .atomic import default_mode
-from .checks import checked_flag
+from .checks import checked_dtype, checked_flag
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
     BarkHfConfig,
@@ -415,6 +415,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         # transformers would take a "~/..." folder for a Hub id.
         pretrained_model_name_or_path = os.path.expanduser(pretrained_model_name_or_path)
+        for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
+            checked_dtype(kwargs.get(name))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         # device_map={"": "meta"} leaves no map; offloaded weights sit on "meta" too, but with a map and hooks.

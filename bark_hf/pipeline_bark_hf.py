@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .checks import checked_flag, checked_seed, checked_whole_number
+from .checks import checked_dtype, checked_flag, checked_seed, checked_whole_number
 from .hub import MODEL_WEIGHTS, push_folder_to_hub
-from .loading import checked_dtype
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
@@ -101,6 +100,8 @@ class BarkPipeline(Pipeline):
             kwargs["device"] = torch.device("cpu")
         if kwargs.get("num_workers") is not None:
             self._sanitize_parameters(num_workers=kwargs["num_workers"])
+        # pipeline(..., dtype="int8"): from_pretrained refused it, and transformers then loaded float32 quietly.
+        checked_dtype(kwargs.get("dtype"))
         tokenizer = kwargs.pop("tokenizer", None)
         if not isinstance(processor, BarkHfProcessor):
             processor = self._processor_for(model, tokenizer)
@@ -121,8 +122,6 @@ class BarkPipeline(Pipeline):
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
         `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
-        # An integer dtype ("int8") fell back to float32 with only transformers' log line; refuse it, naming the fix.
-        dtype = checked_dtype(dtype)
         # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
         processor = BarkHfProcessor.from_pretrained(model)
         bark = BarkHfModel.from_pretrained(model, dtype=dtype)

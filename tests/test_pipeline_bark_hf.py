@@ -393,6 +393,15 @@ def test_from_pretrained_refuses_a_dtype_that_is_no_float(tiny_model_dir, dtype)
     """'int8' was loaded as float32, with only transformers' log line to say so."""
     with pytest.raises(ValueError, match="quantize_int8|not a torch dtype"):
         BarkPipeline.from_pretrained(tiny_model_dir, dtype=dtype)
+    with pytest.raises(ValueError, match="quantize_int8|not a torch dtype"):
+        BarkHfModel.from_pretrained(tiny_model_dir, dtype=dtype)
+
+
+def test_the_pipeline_factory_refuses_an_integer_dtype(tiny_model_dir):
+    """pipeline() retries a load that failed with its dtype in float32, so from_pretrained's refusal of 'int8' was
+    swallowed and a float32 model came back, with only a log line."""
+    with pytest.raises(ValueError, match="int8 is not a floating-point dtype.*quantize_int8"):
+        pipeline("text-to-audio", model=str(tiny_model_dir), dtype="int8")
 
 
 def test_a_name_or_a_single_stage_is_refused_with_the_fix(pipe, tiny_model_dir):

@@ -305,6 +305,13 @@ def holds_int8_layers(module: nn.Module) -> bool:
     return any(isinstance(child, torch.ao.nn.quantized.dynamic.Linear) for child in module.modules())
 
 
+def unmerged_adapter_layers(module: nn.Module) -> list[str]:
+    """Names of the layers in `module` that peft wrapped with adapters (LoRA and the like) and that were not
+    unloaded: their weights are stored as `<layer>.base_layer.weight` beside the adapters'."""
+    return [name for name, child in module.named_modules()
+            if type(child).__module__.startswith("peft.") and isinstance(getattr(child, "base_layer", None), nn.Module)]
+
+
 _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they run on the CPU only, beside float32 "
                   "activations, and cannot be saved. {action} the float32 model before quantising, then quantise "
                   "again.")
@@ -361,6 +368,14 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """
         if holds_int8_layers(self):
             raise ValueError(_INT8_IS_FINAL.format(action="Save"))
+        adapted = unmerged_adapter_layers(self)
+        if adapted:  # else the folder loads with those layers newly initialised, under a mere load report
+            raise ValueError(
+                f"This model holds peft adapters that are not merged (in {adapted[0]} and {len(adapted) - 1} other "
+                "layers), and from_pretrained could not load the layers they wrap. Call merge_and_unload() on the "
+                "PeftModel first to fold them into the weights, or save only the adapters with the PeftModel's "
+                "save_pretrained."
+            )
         generation_config_json(self.generation_config)  # refuse a config that cannot be saved, before writing
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "

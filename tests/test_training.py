@@ -634,6 +634,31 @@ def test_lora_adapters_train_and_merge_into_the_stage(tone_rows, tmp_path):
     assert changed and all(name.endswith(("att_proj.weight", "in_proj.weight", "out_proj.weight")) for name in changed)
 
 
+def test_saving_a_model_with_unmerged_lora_adapters_is_refused(tone_rows, tmp_path):
+    """The adapted layers were saved as `base_layer` and adapter weights, which from_pretrained left out: the folder
+    loaded with those layers newly initialised, under a mere load report."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, processor = tiny_random_bark(seed=1)
+    lora = get_peft_model(model.coarse_acoustics, LoraConfig(r=4, target_modules=["att_proj"]))
+    arguments = trainer_arguments(tmp_path / "run", steps=1)
+    arguments.save_strategy, arguments.save_steps = "steps", 1  # a Trainer checkpoint of a PeftModel: its adapters
+    Trainer(model=lora, args=arguments, train_dataset=tone_rows,
+            data_collator=collator_for(model.coarse_acoustics, processor)).train()
+    assert (tmp_path / "run" / "checkpoint-1" / "adapter_config.json").is_file()
+    for saved in (model, model.coarse_acoustics):
+        with pytest.raises(ValueError, match="peft adapters that are not merged.*merge_and_unload"):
+            saved.save_pretrained(tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged" / "model.safetensors").exists()
+    lora.save_pretrained(tmp_path / "adapter")
+    fresh = PeftModel.from_pretrained(tiny_random_bark(seed=1)[0].coarse_acoustics, tmp_path / "adapter")
+    torch.testing.assert_close(fresh.base_model.model.state_dict(), model.coarse_acoustics.state_dict())
+    lora.merge_and_unload()
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = BarkHfModel.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(reloaded.coarse_acoustics.state_dict(), model.coarse_acoustics.state_dict())
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
 def test_lora_under_reentrant_gradient_checkpointing_gets_gradients(stage, processor):
     """Reentrant checkpointing needs inputs that require gradients (enable_input_require_grads); the fine stage's

@@ -1494,6 +1494,14 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
     def set_input_embeddings(self, value: nn.ModuleList) -> None:
         self.input_embeds_layers = value
 
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Also make the embeddings' outputs require gradients, as transformers does only for models whose main input
+        is `input_ids` (this one's is `codebook_idx`). Otherwise adapters wrapped by peft before checkpointing was
+        enabled (as the Trainer does) got no gradient under reentrant checkpointing: backward raised that no tensor
+        required grad."""
+        super().activation_checkpointing_enable(*args, **kwargs)
+        self.enable_input_require_grads()
+
     def forward(
         self,
         codebook_idx: int | torch.Tensor,

@@ -675,6 +675,26 @@ def test_lora_under_reentrant_gradient_checkpointing_gets_gradients(stage, proce
     assert not model._require_grads_hooks
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_trainer_with_reentrant_checkpointing_trains_lora_wrapped_before_it(stage, processor, tmp_path):
+    """The Trainer enables checkpointing on the PeftModel after wrapping; transformers then makes embedding outputs
+    require grad only for a main input `input_ids`, and the fine stage's backward raised that nothing required grad."""
+    from peft import LoraConfig, get_peft_model
+
+    generator = np.random.default_rng(3)
+    rows = datasets.Dataset.from_dict({"text": ["short", "a longer row"],
+                                       "semantic_tokens": [generator.integers(0, 10_000, 20).tolist()] * 2,
+                                       "fine_tokens": [generator.integers(0, 1024, (8, 30)).tolist()] * 2})
+    model = tiny_stage(stage).train()
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["att_proj"], init_lora_weights=False))
+    before = {name: parameter.clone() for name, parameter in lora.named_parameters() if parameter.requires_grad}
+    arguments = trainer_arguments(tmp_path, steps=1)
+    arguments.activation_checkpointing, arguments.activation_checkpointing_kwargs = True, {"use_reentrant": True}
+    Trainer(model=lora, args=arguments, train_dataset=rows, data_collator=collator_for(model, processor)).train()
+    assert all(not torch.equal(parameter, before[name]) for name, parameter in lora.named_parameters()
+               if parameter.requires_grad)
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
 def test_lora_with_the_causal_lm_task_type_gives_the_loss_and_generates(stage, tone_rows, processor):
     from peft import LoraConfig, get_peft_model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 import shutil
 import warnings
@@ -33,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
 from .atomic import default_mode
-from .checks import checked_dtype, checked_flag
+from .checks import checked_dtype, checked_flag, is_number
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
     BarkHfConfig,
@@ -1439,6 +1440,25 @@ def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGene
     return _cross_entropy(logits[..., :size].flatten(0, 1), labels.flatten(), num_items_in_batch)
 
 
+def _one_codebook(codebook_idx: Any) -> int:
+    """The codebook a fine pass predicts, as an int: a whole number, or a tensor of one repeated value (a collator
+    passes a 0-d tensor, which the Trainer can count). int() truncated 4.7 to 4, training another head unasked,
+    and a tensor of one index per row failed as "only one element tensors can be converted to Python scalars".
+    """
+    if isinstance(codebook_idx, torch.Tensor):
+        values = codebook_idx.unique()
+        if codebook_idx.is_floating_point() or codebook_idx.is_complex() or codebook_idx.dtype == torch.bool or \
+                values.numel() != 1:
+            raise ValueError(f"codebook_idx must be one whole number for the whole batch (the model predicts one "
+                             f"codebook per pass), got a {codebook_idx.dtype} tensor holding {values.tolist()[:8]}. "
+                             "Batch rows of the same codebook together, as bark_hf.training.BarkHfFineCollator does.")
+        return int(values[0])
+    if not is_number(codebook_idx, numbers.Integral):
+        raise ValueError(f"codebook_idx must be a whole number (the codebook this pass predicts), got "
+                         f"{codebook_idx!r}.")
+    return int(codebook_idx)
+
+
 @dataclass
 class _FineItem:
     """One batch item in the fine stage's layout."""
@@ -1519,7 +1539,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         `fine_loss`; `bark_hf.training.BarkHfFineCollator` builds inputs, labels and `codebook_idx`.
         `num_items_in_batch` comes from the Trainer (see `_cross_entropy`).
         """
-        codebook_idx = int(codebook_idx)  # a collator passes a 0-d tensor, which the Trainer can count
+        codebook_idx = _one_codebook(codebook_idx)
         if not self.config.n_codes_given <= codebook_idx < self.config.n_codes_total:
             raise ValueError(
                 f"codebook_idx must be in [{self.config.n_codes_given}, {self.config.n_codes_total}), "

@@ -240,6 +240,20 @@ def test_labels_out_of_range_or_misshaped_are_refused(processor):
         semantic(input_ids=text_ids[:, 5:6], cache=cache, history_input_ids=text_ids[:, :1])
 
 
+def test_fine_codebook_idx_is_one_whole_number_for_the_batch(processor):
+    """int() truncated 4.7 to 4 (another head trained unasked), and a tensor of one index per row failed with
+    torch's "only one element tensors can be converted"; a repeated index per row means one codebook."""
+    fine = tiny_stage("fine")
+    batch = stage_batch("fine", processor)  # codebook 4, two rows
+    expected = fine(**batch).loss
+    for same in (4, np.int64(4), torch.tensor(4), torch.tensor([4, 4]), torch.tensor([[4], [4]])):
+        torch.testing.assert_close(fine(**{**batch, "codebook_idx": same}).loss, expected)
+    for wrong, message in ((4.7, "must be a whole number .*got 4.7"), (torch.tensor(4.0), "got a torch.float32"),
+                           (torch.tensor([4, 5]), r"one whole number for the whole batch.*holding \[4, 5\]")):
+        with pytest.raises(ValueError, match=message):
+            fine(**{**batch, "codebook_idx": wrong})
+
+
 # --- layouts equal what generation feeds the model ------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from huggingface_hub import ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available
 
 from bark_hf.atomic import check_writable_folder, holds_any
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", type=_user_path, help="write Trainer checkpoints here (default: none)")
     parser.add_argument("--save-steps", type=_count(1),
                         help="steps between checkpoints (with --checkpoint-dir; default 500)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --checkpoint-dir (without it, a run starts afresh)")
     parser.add_argument("--lora-rank", type=_count(0), default=0,
                         help="train LoRA adapters of this rank (0: all weights)")
     parser.add_argument("--lora-alpha", type=_positive_number, help="LoRA scale numerator (default: 2 x rank)")
@@ -146,6 +149,11 @@ def check_arguments(args: argparse.Namespace) -> Path:
     if args.checkpoint_dir is not None and args.checkpoint_dir.exists() and not args.checkpoint_dir.is_dir():
         raise SystemExit(f"--checkpoint-dir {args.checkpoint_dir} is a file; choose a folder (it is created if "
                          "missing).")
+    if args.resume and (args.checkpoint_dir is None or not args.checkpoint_dir.is_dir()
+                        or get_last_checkpoint(str(args.checkpoint_dir)) is None):
+        where = "add --checkpoint-dir" if args.checkpoint_dir is None else f"{args.checkpoint_dir} holds none"
+        raise SystemExit(f"--resume continues from the last checkpoint (a checkpoint-N folder) in --checkpoint-dir, "
+                         f"and {where}; drop --resume to start afresh.")
     if args.save_steps is not None and args.checkpoint_dir is None:
         raise SystemExit("--save-steps sets how often checkpoints are written, and there are none without "
                          "--checkpoint-dir; add --checkpoint-dir or drop --save-steps.")
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
         trained = with_lora(stage, args) if args.lora_rank > 0 else stage
         trained.train()
         trainer = Trainer(model=trained, args=training_args, train_dataset=dataset, data_collator=collator)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=True if args.resume else None)
     if trainer.state.global_step == 0:  # parsing refuses settings that train nothing; this guards the rest
         raise SystemExit("The training ran no optimizer step, so there is nothing to save; nothing was written. "
                          "Check the dataset's size and --max-steps or --epochs.")

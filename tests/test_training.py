@@ -800,6 +800,26 @@ def test_example_script_pushes_a_card_that_names_the_hub_repo(finetune, tmp_path
     assert 'model="me/bark-tones"' not in (output / "README.md").read_text()  # the local card: the name given
 
 
+def test_example_script_resumes_from_its_last_checkpoint(finetune, tmp_path, monkeypatch):
+    """A run could write checkpoints but not continue from them: run again, and it started afresh over them."""
+    data = save_tone_dataset(tmp_path / "data")
+    argv = ["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--checkpoint-dir",
+            str(tmp_path / "ckpt"), "--save-steps", "1", "--overwrite", "--output-dir", str(tmp_path / "out")]
+    finetune.main([*argv, "--max-steps", "2"])
+    assert (tmp_path / "ckpt" / "checkpoint-2").is_dir()
+    steps_run = []
+    training_step = finetune.Trainer.training_step
+
+    def counting_step(trainer, *args, **kwargs):
+        steps_run.append(trainer.state.global_step)
+        return training_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(finetune.Trainer, "training_step", counting_step)
+    finetune.main([*argv, "--max-steps", "3", "--resume"])
+    assert steps_run == [2]  # only the third step ran: the first two came from checkpoint-2
+    assert (tmp_path / "ckpt" / "checkpoint-3").is_dir()
+
+
 def test_example_script_trains_in_bf16_without_cuda(finetune, tmp_path):
     data = save_tone_dataset(tmp_path / "data")
     output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
@@ -894,6 +914,8 @@ def refuse_before_loading(finetune, monkeypatch) -> None:
     (["--lora-alpha", "8"], "--lora-alpha only applies to LoRA training"),
     (["--save-steps", "10"], "there are none without --checkpoint-dir"),
     (["--checkpoint-dir", "{tmp}/file"], "is a file; choose a folder"),  # was: FileExistsError after training
+    (["--resume"], "--resume continues from the last checkpoint .* and add --checkpoint-dir"),  # there was no --resume
+    (["--resume", "--checkpoint-dir", "{tmp}"], "and {tmp} holds none; drop --resume"),
     (["--push-to-hub", "a/b/c"], "is not a Hub repo id"),  # was: HFValidationError after training and writing
     (["--push-to-hub", "me/tones"], "needs a Hugging Face token"),  # was: an error from the Hub after training
     (["--model", "{tmp}/bark-small"], "No model folder at '{tmp}/bark-small'"),  # was: a traceback after the data

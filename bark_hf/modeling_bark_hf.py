@@ -314,8 +314,8 @@ def unmerged_adapter_layers(module: nn.Module) -> list[str]:
 
 
 _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they run on the CPU only, beside float32 "
-                  "activations, and cannot be saved. {action} the float32 model before quantising, then quantise "
-                  "again.")
+                  "activations, have no gradients and cannot be saved. {action} the float32 model before quantising, "
+                  "then quantise again.")
 
 
 def _remove_stale_weights(folder: Path) -> None:
@@ -361,6 +361,12 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             if probe.dtype != torch.float32 or probe.device.type != "cpu":
                 raise ValueError(_INT8_IS_FINAL.format(action="Move or cast"))
         return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
+        """Refuse training mode with int8 layers: they get no gradients, so only the float32 rest would learn."""
+        if mode and holds_int8_layers(self):
+            raise ValueError(_INT8_IS_FINAL.format(action="Train"))
+        return super().train(mode)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_code: bool = False,
                         **kwargs: Any) -> None:
@@ -419,6 +425,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         generic one. `hub_options`: `commit_message`, `commit_description`, `private`, `token`, `revision`,
         `create_pr` (see `bark_hf.hub.push_folder_to_hub`). Returns the Hub's commit info.
         """
+        if holds_int8_layers(self):  # before the repo is created on the Hub
+            raise ValueError(_INT8_IS_FINAL.format(action="Push"))
+
         def write(folder: Path, full_repo_id: str) -> None:
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             self.save_pretrained(folder, save_code=save_code, **shards)
@@ -1762,6 +1771,10 @@ class BarkHfModel(BarkHfPreTrainedModel):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
         if not all(parameter.dtype == torch.float32 for parameter in self.parameters()):
             raise ValueError("quantize_int8() needs a float32 model; load it without dtype=.")
+        if self.offload_device is not None:  # generate would move the int8 stages to the accelerator
+            raise ValueError(f"quantize_int8(): enable_cpu_offload() moves this model's stages to "
+                             f"{self.offload_device}, but int8 layers run on the CPU only; load the model again and "
+                             "quantise it without enable_cpu_offload().")
         with warnings.catch_warnings():  # torch marks torch.ao deprecated; 2.13 still ships it, fast
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             for stage in (self.semantic, self.coarse_acoustics, self.fine_acoustics):
@@ -1778,15 +1791,20 @@ class BarkHfModel(BarkHfPreTrainedModel):
         `generate` then holds one stage at a time on the accelerator (semantic, coarse, fine, then the
         codec), as the original's `SUNO_OFFLOAD_CPU`: peak accelerator memory is the largest stage plus
         its activations, at the price of a host-to-device copy per stage and call. The default device is
-        the current CUDA device. Stages left out of `stages` (names from `STAGE_MODULES`) run on the CPU,
-        as the original's stages with `use_gpu=False` do. Outputs stay where the last stage ran.
+        the current CUDA device. Stages left out of `stages` (names from `STAGE_MODULES`, or one name) run
+        on the CPU, as the original's stages with `use_gpu=False` do. Outputs stay where the last stage ran.
         """
+        if isinstance(stages, str):  # one stage, not its letters
+            stages = (stages,)
         unknown = sorted(set(stages) - set(self.STAGE_MODULES))
         if unknown:
             raise ValueError(f"enable_cpu_offload: unknown stages {unknown}; choose from {list(self.STAGE_MODULES)}.")
         if getattr(self, "hf_device_map", None):
             raise ValueError("This model was loaded with a device_map, which already places (and offloads) its "
                              "weights; load it without device_map to use enable_cpu_offload().")
+        if holds_int8_layers(self):
+            raise ValueError("enable_cpu_offload(): this model's linear layers are int8 (quantize_int8()), which run "
+                             "on the CPU only; use the float32 model (or half precision) with offload instead.")
         if accelerator_device is None:
             if not torch.cuda.is_available():
                 raise ValueError("enable_cpu_offload() found no CUDA device; pass accelerator_device, e.g. 'mps'.")

@@ -269,3 +269,9 @@ def test_memory_benchmark_quick_run(tmp_path):
     assert all(result["token_check"].startswith("equal to") for result in results.values())
     assert "disk" in results["device-map"]["device_map"].values()
     assert all(result["peak_anonymous_mb"] >= result["anonymous_after_imports_mb"] > 0 for result in results.values())
+
+
+def test_cpu_offload_takes_one_stage_by_name(model_dir):
+    model = BarkHfModel.from_pretrained(model_dir)
+    model.enable_cpu_offload(torch.device("cpu", 0), stages="coarse_acoustics")  # not its letters
+    assert model.offload_stages == ("coarse_acoustics",)

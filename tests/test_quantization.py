@@ -7,6 +7,8 @@ import logging
 import pytest
 import torch
 
+import bark_hf.hub
+from bark_hf.modeling_bark_hf import holds_int8_layers
 from bark_hf.tiny_random import tiny_random_bark
 
 GREEDY = {"semantic_top_k": 1, "coarse_top_k": 1, "fine_temperature": None, "semantic_max_new_tokens": 30}
@@ -63,3 +65,47 @@ def test_compile_with_int8_is_refused_and_the_environment_variable_falls_back(mo
         output = model.semantic.generate(inputs["input_ids"], top_k=1, max_new_tokens=5, show_progress=False)
     assert torch.equal(output.sequences, eager.sequences)
     assert "BARK_HF_COMPILE=1 is ignored for the semantic stage" in caplog.text
+
+
+def test_int8_model_refuses_training():
+    """int8 layers get no gradients: a Trainer would silently update only the embeddings and layer norms."""
+    model, _ = tiny_random_bark()
+    model.quantize_int8()
+    for stage in (model, model.semantic, model.fine_acoustics):
+        with pytest.raises(ValueError, match="int8.*no gradients.*Train the float32 model"):
+            stage.train()
+    assert not model.training and not model.semantic.training
+    model.eval()  # allowed
+
+
+def test_int8_and_cpu_offload_are_refused_in_either_order():
+    """Offload moves stages to an accelerator, where int8 layers cannot run (the CLI refuses the pair too)."""
+    model, _ = tiny_random_bark()
+    model.enable_cpu_offload("cpu:0")  # "cpu:0" stands in for an accelerator
+    with pytest.raises(ValueError, match=r"quantize_int8\(\): enable_cpu_offload\(\) moves .* CPU only"):
+        model.quantize_int8()
+    assert not holds_int8_layers(model)
+    model, _ = tiny_random_bark()
+    model.quantize_int8()
+    with pytest.raises(ValueError, match=r"enable_cpu_offload\(\): .* int8"):
+        model.enable_cpu_offload("cpu:0")
+    assert model.offload_device is None
+
+
+def test_int8_push_to_hub_is_refused_before_the_repo_is_created(monkeypatch):
+    created = []
+
+    class RecordingHub:
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            created.append(repo_id)
+            raise AssertionError("the Hub was reached")
+
+    monkeypatch.setattr(bark_hf.hub, "HfApi", RecordingHub)
+    model, _ = tiny_random_bark()
+    model.quantize_int8()
+    with pytest.raises(ValueError, match="int8.*Push the float32 model"):
+        model.push_to_hub("someone/bark-int8")
+    assert created == []

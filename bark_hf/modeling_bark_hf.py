@@ -318,6 +318,35 @@ _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they r
                   "then quantise again.")
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
+    """Refuse, before loading, `from_pretrained` arguments transformers would ignore or fail on deep inside.
+
+    Without `device_map`, transformers ignored `max_memory` and `offload_folder` silently (the model loaded
+    whole, into RAM); a map naming a device this torch cannot use failed in its loader with torch's "Cannot
+    access accelerator device when none is available".
+    """
+    device_map = kwargs.get("device_map")
+    if device_map is None:
+        ignored = [name for name in ("max_memory", "offload_folder") if kwargs.get(name) is not None]
+        if ignored:
+            raise ValueError(f"{' and '.join(ignored)} only apply with a device_map; add device_map='auto' (or "
+                             "'sequential', 'balanced', or a dict of modules to devices).")
+        return
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return
+    for device in set(device_map.values() if isinstance(device_map, Mapping) else [device_map]):
+        if device == "disk":
+            continue
+        try:
+            torch.empty(0, device=torch.device(device))
+        except (RuntimeError, AssertionError) as error:  # torch without CUDA asserts
+            raise ValueError(f"device_map names the device {device!r}, which this torch cannot use ({error}); map "
+                             "to an available device, 'cpu' or 'disk', or use device_map='auto'.") from None
+
+
 def _remove_stale_weights(folder: Path) -> None:
     """Remove the weights of an earlier save that this one did not replace. transformers removes only old shards:
     a sharded save over a single `model.safetensors` left that file, which `from_pretrained` then loaded instead
@@ -442,6 +471,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         pretrained_model_name_or_path = os.path.expanduser(pretrained_model_name_or_path)
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
+        _check_device_map_arguments(kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         # device_map={"": "meta"} leaves no map; offloaded weights sit on "meta" too, but with a map and hooks.

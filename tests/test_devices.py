@@ -275,3 +275,17 @@ def test_cpu_offload_takes_one_stage_by_name(model_dir):
     model = BarkHfModel.from_pretrained(model_dir)
     model.enable_cpu_offload(torch.device("cpu", 0), stages="coarse_acoustics")  # not its letters
     assert model.offload_stages == ("coarse_acoustics",)
+
+
+@pytest.mark.parametrize("setting", [dict(max_memory={"cpu": "14MB"}), dict(offload_folder="offload")])
+def test_a_budget_or_offload_folder_without_a_device_map_is_refused(model_dir, setting):
+    """transformers ignored them without a device_map: the model loaded whole, as if no budget had been given."""
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} only apply with a device_map; add device_map='auto'"):
+        BarkHfModel.from_pretrained(model_dir, **setting)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a device that is missing without CUDA")
+@pytest.mark.parametrize("device_map", [{"": 0}, "cuda", {**STAGES_ON_DISK, "fine_acoustics": "cuda:1"}])
+def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir, tmp_path, device_map):
+    with pytest.raises(ValueError, match="device_map names the device .* which this torch cannot use"):
+        BarkHfModel.from_pretrained(model_dir, device_map=device_map, offload_folder=tmp_path)

@@ -1795,10 +1795,17 @@ class BarkHfModel(BarkHfPreTrainedModel):
         codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
         tokens may differ from float32 ones (see docs/performance.md), and in a batch an item's tokens
         depend on the other items (one activation scale per layer input). A quantised model is for eager
-        generation only: moving, casting or saving it raises an error, and it cannot be compiled.
+        generation only (it is left in eval mode): training, moving, casting or saving it raises an
+        error, and it cannot be compiled.
         """
-        if self.device.type != "cpu" or getattr(self, "hf_device_map", None):
-            raise ValueError("quantize_int8() is for models wholly on the CPU without a device map.")
+        if getattr(self, "hf_device_map", None):
+            raise ValueError("quantize_int8() is for models wholly on the CPU without a device map; load the model "
+                             "without device_map.")
+        # Every parameter, not only the first: a stage elsewhere failed deep in torch, after earlier stages were
+        # quantised.
+        if any(parameter.device.type != "cpu" for parameter in self.parameters()):
+            raise ValueError("quantize_int8() is for models wholly on the CPU; move the model there first "
+                             "(model.to('cpu')).")
         if not all(parameter.dtype == torch.float32 for parameter in self.parameters()):
             raise ValueError("quantize_int8() needs a float32 model; load it without dtype=.")
         if self.offload_device is not None:  # generate would move the int8 stages to the accelerator
@@ -1812,7 +1819,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
                                for name, module in stage.named_modules() if type(module) is nn.Linear
                                and not (stage is self.coarse_acoustics and name == "lm_head")}
                 torch.ao.quantization.quantize_dynamic(stage, int8_layers, dtype=torch.qint8, inplace=True)
-        return self
+        return self.eval()  # int8 layers get no gradients, so training mode (see `train`) would train the rest only
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None,
                            stages: Sequence[str] = STAGE_MODULES) -> None:

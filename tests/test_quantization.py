@@ -109,3 +109,19 @@ def test_int8_push_to_hub_is_refused_before_the_repo_is_created(monkeypatch):
     with pytest.raises(ValueError, match="int8.*Push the float32 model"):
         model.push_to_hub("someone/bark-int8")
     assert created == []
+
+
+def test_int8_refuses_a_stage_off_the_cpu_before_quantising_any():
+    model, _ = tiny_random_bark()
+    model.coarse_acoustics.to("meta")  # stands in for a stage moved to a GPU; the first weight is still on the CPU
+    with pytest.raises(ValueError, match=r"wholly on the CPU; .*\(model\.to\('cpu'\)\)"):
+        model.quantize_int8()
+    assert not holds_int8_layers(model)  # the semantic stage was quantised before the coarse one failed
+
+
+def test_int8_leaves_a_model_in_training_mode_in_eval_mode():
+    """Left in training mode, a Trainer (or forward with labels) would update only the float32 rest."""
+    model, _ = tiny_random_bark()
+    model.fine_acoustics.train()
+    model.quantize_int8()
+    assert not any(module.training for module in model.modules())

@@ -318,6 +318,12 @@ _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they r
                   "then quantise again.")
 
 
+def refuse_int8(module: nn.Module, action: str) -> None:
+    """Raise the error that names the fix, for `action` ("Save", "Train", ...) on a model with int8 layers."""
+    if holds_int8_layers(module):
+        raise ValueError(_INT8_IS_FINAL.format(action=action))
+
+
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -393,8 +399,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
 
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
         """Refuse training mode with int8 layers: they get no gradients, so only the float32 rest would learn."""
-        if mode and holds_int8_layers(self):
-            raise ValueError(_INT8_IS_FINAL.format(action="Train"))
+        if mode:
+            refuse_int8(self, "Train")
         return super().train(mode)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_code: bool = False,
@@ -402,8 +408,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Weights, config and generation config; with `save_code=True` also the bark-hf source files, so
         that `from_pretrained(..., trust_remote_code=True)` and `pipeline(...)` work without the package.
         """
-        if holds_int8_layers(self):
-            raise ValueError(_INT8_IS_FINAL.format(action="Save"))
+        refuse_int8(self, "Save")
         adapted = unmerged_adapter_layers(self)
         if adapted:  # else the folder loads with those layers newly initialised, under a mere load report
             raise ValueError(
@@ -454,8 +459,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         generic one. `hub_options`: `commit_message`, `commit_description`, `private`, `token`, `revision`,
         `create_pr` (see `bark_hf.hub.push_folder_to_hub`). Returns the Hub's commit info.
         """
-        if holds_int8_layers(self):  # before the repo is created on the Hub
-            raise ValueError(_INT8_IS_FINAL.format(action="Push"))
+        refuse_int8(self, "Push")  # before the repo is created on the Hub
 
         def write(folder: Path, full_repo_id: str) -> None:
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

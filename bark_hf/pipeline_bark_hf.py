@@ -31,7 +31,7 @@ from .longform import (
     needs_long_form,
 )
 from .model_card import bark_model_card, save_model_card
-from .modeling_bark_hf import BarkHfModel
+from .modeling_bark_hf import BarkHfModel, refuse_int8
 from .processing_bark_hf import BarkHfProcessor
 
 # Settings the pipeline understands, and the call step each belongs to.
@@ -139,6 +139,8 @@ class BarkPipeline(Pipeline):
                     max_shard_size: int | str | None = None, **hub_options: Any) -> Any:
         """Upload what `save_pretrained` writes (model, tokenizer, presets) to the Hub repo `repo_id`, with
         bark-hf's model card listing the presets. Options as for `BarkHfModel.push_to_hub`."""
+        refuse_int8(self.model, "Push")  # before the repo is created on the Hub
+
         def write(folder: Path, full_repo_id: str) -> None:
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             self.save_pretrained(folder, save_code=save_code, **shards)

@@ -9,6 +9,7 @@ import torch
 
 import bark_hf.hub
 from bark_hf.modeling_bark_hf import holds_int8_layers
+from bark_hf.pipeline_bark_hf import BarkPipeline
 from bark_hf.tiny_random import tiny_random_bark
 
 GREEDY = {"semantic_top_k": 1, "coarse_top_k": 1, "fine_temperature": None, "semantic_max_new_tokens": 30}
@@ -104,10 +105,11 @@ def test_int8_push_to_hub_is_refused_before_the_repo_is_created(monkeypatch):
             raise AssertionError("the Hub was reached")
 
     monkeypatch.setattr(bark_hf.hub, "HfApi", RecordingHub)
-    model, _ = tiny_random_bark()
+    model, processor = tiny_random_bark()
     model.quantize_int8()
-    with pytest.raises(ValueError, match="int8.*Push the float32 model"):
-        model.push_to_hub("someone/bark-int8")
+    for pushed in (model, model.semantic, BarkPipeline(model=model, processor=processor)):
+        with pytest.raises(ValueError, match="int8.*Push the float32 model"):
+            pushed.push_to_hub("someone/bark-int8")
     assert created == []
 
 

@@ -390,11 +390,24 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         return False
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BarkHfPreTrainedModel:
-        """Refuse to move or cast int8 layers: torch would move them half-way and fail at the next step."""
+        """Refuse to move or cast int8 layers: torch would move them half-way and fail at the next step. Refuse
+        to move weights a device map offloaded: torch failed deep ("Cannot copy out of meta tensor"), maybe after
+        moving some layers away from where accelerate's hooks run them."""
         if holds_int8_layers(self):
             probe = fn(torch.zeros(()))  # what the move or cast does to a float32 CPU tensor
             if probe.dtype != torch.float32 or probe.device.type != "cpu":
                 raise ValueError(_INT8_IS_FINAL.format(action="Move or cast"))
+        if any(parameter.is_meta for parameter in self.parameters()) and any(
+                hasattr(module, "_hf_hook") for module in self.modules()):
+            try:  # a cast keeps both probes where they are
+                moved = fn(torch.zeros(())).device.type != "cpu" or not fn(torch.empty((), device="meta")).is_meta
+            except (RuntimeError, NotImplementedError, AssertionError):  # torch cannot copy out of meta
+                moved = True
+            if moved:
+                what = f"model.{self.base_model_prefix}" if self.base_model_prefix else "The model"
+                raise ValueError(f"{what} holds weights a device map offloaded (they wait on the CPU or disk for "
+                                 "accelerate's hooks), so it cannot be moved; load the model again with the "
+                                 "device_map you want (e.g. the whole stage on one device).")
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:

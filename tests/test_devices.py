@@ -289,3 +289,15 @@ def test_a_budget_or_offload_folder_without_a_device_map_is_refused(model_dir, s
 def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir, tmp_path, device_map):
     with pytest.raises(ValueError, match="device_map names the device .* which this torch cannot use"):
         BarkHfModel.from_pretrained(model_dir, device_map=device_map, offload_folder=tmp_path)
+
+
+def test_moving_an_offloaded_stage_is_refused_and_leaves_it_working(model_dir, reference, tmp_path):
+    """torch failed deep ("Cannot copy out of meta tensor"); casting the weights stays allowed."""
+    model = BarkHfModel.from_pretrained(model_dir, device_map=LAYERS_ON_DISK, offload_folder=tmp_path)
+    for move in (lambda: model.semantic.to("cpu"), lambda: model.fine_acoustics.to(torch.device("cpu", 0)),
+                 lambda: model.fine_acoustics.to("meta", torch.float16)):
+        with pytest.raises(ValueError, match=r"model\.\w+ holds weights a device map offloaded .* load the model "
+                                             "again with the device_map you want"):
+            move()
+    model.fine_acoustics.float()  # a cast, not a move
+    _assert_same_output(_generate(model), reference)

@@ -331,26 +331,28 @@ def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
     """Refuse, before loading, `from_pretrained` arguments transformers would ignore or fail on deep inside.
 
     Without `device_map`, transformers ignored `max_memory` and `offload_folder` silently (the model loaded
-    whole, into RAM); a map naming a device this torch cannot use failed in its loader with torch's "Cannot
-    access accelerator device when none is available".
+    whole, into RAM); a map or budget naming a device this torch cannot use failed in its loader with torch's
+    "Cannot access accelerator device when none is available".
     """
-    device_map = kwargs.get("device_map")
+    device_map, max_memory = kwargs.get("device_map"), kwargs.get("max_memory")
     if device_map is None:
         ignored = [name for name in ("max_memory", "offload_folder") if kwargs.get(name) is not None]
         if ignored:
             raise ValueError(f"{' and '.join(ignored)} only apply with a device_map; add device_map='auto' (or "
                              "'sequential', 'balanced', or a dict of modules to devices).")
         return
-    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
-        return
-    for device in set(device_map.values() if isinstance(device_map, Mapping) else [device_map]):
-        if device == "disk":
-            continue
-        try:
-            torch.empty(0, device=torch.device(device))
-        except (RuntimeError, AssertionError) as error:  # torch without CUDA asserts
-            raise ValueError(f"device_map names the device {device!r}, which this torch cannot use ({error}); map "
-                             "to an available device, 'cpu' or 'disk', or use device_map='auto'.") from None
+    named = {"max_memory": set(max_memory or ())}
+    if isinstance(device_map, Mapping):
+        named["device_map"] = set(device_map.values())
+    elif not (isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES):
+        named["device_map"] = {device_map}
+    for argument, devices in named.items():
+        for device in devices - {"disk"}:
+            try:
+                torch.empty(0, device=torch.device(device))
+            except (RuntimeError, AssertionError) as error:  # torch without CUDA asserts
+                raise ValueError(f"{argument} names the device {device!r}, which this torch cannot use ({error}); "
+                                 "name an available device, 'cpu' or 'disk' instead.") from None
 
 
 def _remove_stale_weights(folder: Path) -> None:

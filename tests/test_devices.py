@@ -285,10 +285,13 @@ def test_a_budget_or_offload_folder_without_a_device_map_is_refused(model_dir, s
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="names a device that is missing without CUDA")
-@pytest.mark.parametrize("device_map", [{"": 0}, "cuda", {**STAGES_ON_DISK, "fine_acoustics": "cuda:1"}])
-def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir, tmp_path, device_map):
-    with pytest.raises(ValueError, match="device_map names the device .* which this torch cannot use"):
-        BarkHfModel.from_pretrained(model_dir, device_map=device_map, offload_folder=tmp_path)
+@pytest.mark.parametrize("setting", [dict(device_map={"": 0}), dict(device_map="cuda"),
+                                     dict(device_map={**STAGES_ON_DISK, "fine_acoustics": "cuda:1"}),
+                                     dict(device_map="auto", max_memory={0: "1GiB", "cpu": "14MB"})])
+def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir, tmp_path, setting):
+    argument = "max_memory" if "max_memory" in setting else "device_map"
+    with pytest.raises(ValueError, match=f"{argument} names the device .* which this torch cannot use"):
+        BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path, **setting)
 
 
 def test_moving_an_offloaded_stage_is_refused_and_leaves_it_working(model_dir, reference, tmp_path):

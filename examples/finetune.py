@@ -358,7 +358,10 @@ def main(argv: list[str] | None = None) -> Path:
         trained = with_lora(stage, args) if args.lora_rank > 0 else stage
         trained.train()
         trainer = Trainer(model=trained, args=training_args, train_dataset=dataset, data_collator=collator)
-        trainer.train(resume_from_checkpoint=True if args.resume else None)
+        if args.resume:
+            trainer.train(resume_from_checkpoint=True)  # the last checkpoint in --checkpoint-dir
+        else:
+            trainer.train()
     if trainer.state.global_step == 0:  # parsing refuses settings that train nothing; this guards the rest
         raise SystemExit("The training ran no optimizer step, so there is nothing to save; nothing was written. "
                          "Check the dataset's size and --max-steps or --epochs.")

@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .checks import checked_seconds, checked_seed, checked_whole_number
 from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
-from .processing_bark_hf import validate_voice_preset
+from .processing_bark_hf import gives_tokens, validate_voice_preset
 
 logger = logging.get_logger(__name__)
 
@@ -357,7 +357,7 @@ def _check_readable(pieces: list[str], tokenizer: Any, own_chunks: bool) -> None
     """Refuse a piece that gives no tokens before anything is generated: the processor found it only when its
     batch came up, after the earlier chunks' work, and named it by its row in that batch ("text[0]")."""
     for index, piece in enumerate(pieces):
-        if not tokenizer.encode(piece, add_special_tokens=False):
+        if not gives_tokens(tokenizer, piece):
             where = f"chunks[{index}]" if own_chunks else f"Chunk {index} of the text"
             raise ValueError(f"{where} ({piece!r}) gives no tokens; give it words to speak, or remove it.")
 

@@ -38,7 +38,7 @@ from .checks import checked_whole_number
 from .cli import DTYPES, quiet_output
 from .loading import DEFAULT_MODEL, load_bark
 from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, checked_silence, chunk_text, generate_long_form
-from .processing_bark_hf import validate_voice_preset
+from .processing_bark_hf import gives_tokens, validate_voice_preset
 
 logger = logging.get_logger(__name__)
 
@@ -313,7 +313,7 @@ def _job(args: argparse.Namespace, text: str, processor: Any) -> Job:
     seed = secrets.randbits(32) if args.seed is None else args.seed
     chunks = chunk_text(text, processor.tokenizer)
     for chunk in chunks:  # found here, not in generation, where the other processes would be left waiting
-        if not processor.tokenizer.encode(chunk, add_special_tokens=False):
+        if not gives_tokens(processor.tokenizer, chunk):
             raise ValueError(f"The script {args.input} has no words the model can read in {chunk!r}; "
                              "give it words to speak.")
     return Job(chunks=chunks, voice=voice, seed=seed)

@@ -32,7 +32,7 @@ from .longform import (
 )
 from .model_card import bark_model_card, save_model_card
 from .modeling_bark_hf import BarkHfModel, refuse_int8
-from .processing_bark_hf import BarkHfProcessor
+from .processing_bark_hf import BarkHfProcessor, gives_tokens
 
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
@@ -317,9 +317,7 @@ def _checked_texts(text_inputs: Any, tokenizer: Any, first_index: int = 0) -> li
             raise TypeError(f"Text {index} is a {type(text).__name__}, not a string; pass text as str.")
         if not text.strip():
             raise ValueError(f"Text {index} is empty or only whitespace; give the words to speak.")
-        # Word by word: the whole of a long-form text drew the tokenizer's warning that it is longer than the
-        # model's maximum; the first word with a token ends the check.
-        if not any(tokenizer.tokenize(word) for word in text.split()):
+        if not gives_tokens(tokenizer, text):
             raise ValueError(f"Text {index} ({text!r}) gives no tokens (the tokenizer drops all its characters, "
                              "e.g. zero-width spaces); give the words to speak.")
     return list(texts)

@@ -274,6 +274,13 @@ def _read_preset_index(folder: str, index_name: str) -> dict[str, dict[str, str]
     return files
 
 
+def gives_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether `text` gives any token (zero-width spaces alone give none). Word by word: tokenizing a whole
+    long-form text drew transformers' warning that it is longer than the model's maximum; the first word with a
+    token ends the check."""
+    return any(tokenizer.tokenize(word) for word in text.split())
+
+
 def looks_like_local_path(path: str) -> bool:
     """Whether `path` can only mean a local path, never a Hub id (`user/name`), so a missing one is named as such."""
     return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1

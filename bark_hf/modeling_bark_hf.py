@@ -1286,7 +1286,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         # mode a forward pass may draw random numbers (dropout), so there the host reads it before the step.
         all_stopped = None
         read_before_step = self.training
-        progress = logging.tqdm(total=config.max_new_tokens, disable=not show_progress, desc="semantic")
+        progress = logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic")
         for _ in range(config.max_new_tokens):
             if read_before_step and all_stopped is not None and bool(all_stopped):
                 break
@@ -1314,9 +1314,10 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             duration_s += 1 / config.semantic_rate_hz
             if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
                 break
-        progress.close()
         if all_stopped is not None and bool(all_stopped):
             generated = generated[:, :-1]  # the token drawn when the last item stopped is no item's
+            progress.n = generated.shape[1]  # the bar counted it
+        progress.close()
         raise_if_nan(saw_nan, "semantic", config.temperature)
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]

@@ -354,6 +354,29 @@ def test_item_stopping_at_once_gives_empty_outputs(eos_model):
     assert (output.audio[1] == 0).all()
 
 
+def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatch):
+    """Once every item has stopped the loop drops the token it drew last; the bar must not count it."""
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, total, disable, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(modeling.logging, "tqdm", RecordingBar)
+    seed, lengths = _seed_where(eos_model, lambda lengths: max(lengths) < EOS_SETTINGS["max_new_tokens"] - 1)
+    torch.manual_seed(seed)
+    output = eos_model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **EOS_SETTINGS)
+    assert output.sequences.shape[1] == max(lengths)
+    assert (bars[-1].total, bars[-1].n) == (EOS_SETTINGS["max_new_tokens"], max(lengths))
+
+
 def test_compiled_steps_stop_as_eager_ones(eos_model, monkeypatch):
     """compile=True (its static-shape step, run uncompiled here) with items that stop at different draws, one at
     the first, and with max_new_tokens ending at the draw that stops the last item (the cache sized to the end):

@@ -313,6 +313,20 @@ def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], s
         ) from error
 
 
+def _indexed_preset_files(index_path: str) -> set[str]:
+    """The preset files that an earlier save's index in the same folder lists, as written by `save_pretrained`."""
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(index, dict) or index.get(_REPO_OR_PATH_KEY) != ".":
+        return set()
+    return {relative for entry in index.values() if isinstance(entry, dict) for relative in entry.values()
+            if isinstance(relative, str) and relative.startswith(f"{SPEAKER_EMBEDDINGS_DIR}/")
+            and relative.endswith(".npy") and ".." not in relative.split("/") and "\\" not in relative}
+
+
 class BarkHfProcessor(ProcessorMixin):
     """Tokenizer plus voice presets: the inputs of Bark's generation.
 
@@ -500,6 +514,8 @@ class BarkHfProcessor(ProcessorMixin):
             raise ValueError("save_pretrained(push_to_hub=True) is not supported; call processor.push_to_hub(repo_id).")
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
+        index_path = os.path.join(save_directory, SPEAKER_EMBEDDINGS_FILE)
+        previous_files = _indexed_preset_files(index_path)
         index: dict[str, Any] = {_REPO_OR_PATH_KEY: "."}
         for name in self.available_voice_presets:
             preset = self._stored_preset(name)
@@ -513,10 +529,14 @@ class BarkHfProcessor(ProcessorMixin):
                     np.save(handle, preset[key], allow_pickle=False)
                 entry[key] = relative
             index[name] = entry
-        index_path = os.path.join(save_directory, SPEAKER_EMBEDDINGS_FILE)
         with atomic_path(index_path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
             json.dump(index, handle, indent=2)
             handle.write("\n")
+        written = {relative for entry in index.values() if isinstance(entry, dict) for relative in entry.values()}
+        for relative in previous_files - written:  # presets of an earlier save that this one no longer has
+            stale = os.path.join(save_directory, *relative.split("/"))
+            if os.path.isfile(stale):
+                os.remove(stale)
         return [*super().save_pretrained(save_directory, **kwargs), index_path]
 
     def push_to_hub(self, repo_id: str, **hub_options: Any) -> Any:

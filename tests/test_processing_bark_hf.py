@@ -440,6 +440,19 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_files_whole(processor, tm
     assert_presets_equal(BarkHfProcessor.from_pretrained(tmp_path).load_voice_preset("announcer"), make_preset(seed=2))
 
 
+def test_a_second_save_with_fewer_presets_removes_the_files_it_no_longer_indexes(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "speaker_embeddings" / "notes.npy").write_bytes(b"not ours")  # a file no index named
+    BarkHfProcessor(processor.tokenizer, {"announcer": make_preset(seed=7)}).save_pretrained(tmp_path)
+    left = sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "speaker_embeddings").rglob("*.npy"))
+    assert left == [f"speaker_embeddings/{name}" for name in
+                    ("announcer_coarse_prompt.npy", "announcer_fine_prompt.npy", "announcer_semantic_prompt.npy",
+                     "notes.npy")]
+    loaded = BarkHfProcessor.from_pretrained(tmp_path)
+    assert loaded.available_voice_presets == ["announcer"]
+    assert_presets_equal(loaded.load_voice_preset("announcer"), make_preset(seed=7))
+
+
 def test_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="No folder"):
         BarkHfProcessor.from_pretrained(tmp_path / "nowhere")

@@ -18,7 +18,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -1997,25 +1997,39 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Route `semantic_x=...` to the semantic stage as `x=...`, and so on; refuse anything else, and values
         the stage's generation config refuses. `generate` calls it; callers may, to check settings early."""
         settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
-        for name, value in kwargs.items():
-            prefix, _, setting = name.partition("_")
-            if prefix not in settings or not setting:
-                raise ValueError(
-                    f"Unknown generate argument {name!r}. Stage settings take a stage prefix, e.g. "
-                    "semantic_temperature, coarse_top_k, fine_temperature."
-                )
-            settings[prefix][setting] = value
         configs = {
             "semantic": self.semantic.generation_config,
             "coarse": self.coarse_acoustics.generation_config,
             "fine": self.fine_acoustics.generation_config,
         }
+        for name, value in kwargs.items():
+            prefix, _, setting = name.partition("_")
+            if prefix not in settings or not setting:
+                raise ValueError(f"Unknown generate argument {name!r}. {_unprefixed_fix(name, configs)}")
+            settings[prefix][setting] = value
         for prefix, values in settings.items():
             try:
                 configs[prefix].for_call(**values)
             except ValueError as error:
-                raise ValueError(f"Unknown or invalid {prefix} setting: {error}") from None
+                hint = f" {_NO_DO_SAMPLE}" if "do_sample" in values else ""
+                raise ValueError(f"Unknown or invalid {prefix} setting: {error}{hint}") from None
         return settings
+
+
+_NO_DO_SAMPLE = ("Bark samples at every stage and has no do_sample; for greedy decoding pass semantic_top_k=1, "
+                 "coarse_top_k=1, fine_temperature=None.")
+
+
+def _unprefixed_fix(name: str, configs: Mapping[str, Any]) -> str:
+    """How to pass a generate argument given without a stage prefix (transformers' Bark takes `temperature=`,
+    `max_new_tokens=` or `do_sample=` for every stage at once): the prefixed names of the stages that have it."""
+    if name == "do_sample":
+        return _NO_DO_SAMPLE
+    stages = [f"{prefix}_{name}" for prefix, config in configs.items()
+              if name in {item.name for item in fields(config)} and name not in config.TOKEN_LAYOUT]
+    if stages:
+        return f"Bark's settings are per stage and take a stage prefix: pass {', '.join(stages)} instead."
+    return "Stage settings take a stage prefix, e.g. semantic_temperature, coarse_top_k, fine_temperature."
 
 
 __all__ = [

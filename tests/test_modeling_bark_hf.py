@@ -462,6 +462,11 @@ def test_stage_settings_reach_their_stages(model, monkeypatch):
 
 @pytest.mark.parametrize(("name", "fragments"), [
     ("temperature", ["Unknown generate argument 'temperature'", "semantic_temperature", "fine_temperature"]),
+    # transformers' Bark takes these for every stage: the fix names the prefixed ones, or how Bark does it.
+    ("max_new_tokens", ["Unknown generate argument 'max_new_tokens'", "pass semantic_max_new_tokens instead"]),
+    ("top_k", ["pass semantic_top_k, coarse_top_k instead"]),
+    ("do_sample", ["Unknown generate argument 'do_sample'", "semantic_top_k=1, coarse_top_k=1, fine_temperature=None"]),
+    ("semantic_do_sample", ["has no do_sample", "semantic_top_k=1"]),
     ("foo_bar", ["Unknown generate argument 'foo_bar'", "stage prefix"]),
     ("semantic_tempreature", ["Unknown or invalid semantic setting", "'tempreature'", "valid settings are:",
                               "temperature", "top_k", "min_eos_p"]),

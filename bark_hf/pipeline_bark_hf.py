@@ -111,6 +111,11 @@ class BarkPipeline(Pipeline):
         preset = defaults.voice_preset
         self._loaded_presets(list(preset) if isinstance(preset, (list, tuple)) else [preset])
 
+    @property
+    def sampling_rate(self) -> int:
+        """The audio's sampling rate (24000), where transformers' `TextToAudioPipeline` keeps it."""
+        return self.model.sampling_rate
+
     @classmethod
     def from_pretrained(
         cls,

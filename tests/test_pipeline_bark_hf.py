@@ -52,6 +52,7 @@ def test_pipeline_factory_builds_bark_pipeline(pipe):
 def test_single_text_gives_float32_audio_at_24khz(pipe, tiny_model_dir):
     output = pipe("Hello there.", voice_preset="v2/en_speaker_1", generate_kwargs=GREEDY)
     assert output["sampling_rate"] == 24_000
+    assert pipe.sampling_rate == 24_000  # where transformers' TextToAudioPipeline has it
     assert output["audio"].dtype == np.float32 and output["audio"].ndim == 1
     # The same as calling the model directly, trimmed to the item's length.
     model, processor = pipe.model, pipe.processor

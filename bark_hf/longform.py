@@ -53,8 +53,11 @@ DEFAULT_BATCH_SIZE = 8
 HISTORY_MODES = ("first", "previous")
 """What chunks after the first are conditioned on; see `generate_long_form`."""
 
-ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc"})
+ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "mt", "gen", "col", "capt",
+                           "sgt", "lt", "rev", "gov", "sen", "inc", "ltd", "corp", "co", "approx", "dept"})
 """Words (lower case, without their period) whose period does not end a sentence; initialisms are found by shape."""
+NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "nr", "fig", "figs", "vol", "ch", "pp", "art", "op"})
+"""Words whose period ends no sentence before a number ("No. 5", "Fig. 3"); elsewhere it may ("No. I won't.")."""
 
 _LATIN_MARKS = ".?!…"
 # Marks that end a sentence with or without a space after them: CJK full stops, question and exclamation
@@ -130,6 +133,8 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
         # Even before a capital: "Dr. Who", "the U.S. Navy". Missing a cut is safer than cutting a sentence in two.
         if word.lower() in ABBREVIATIONS or _INITIALISM.fullmatch(word) or (len(word) == 1 and word.isupper()):
             return False
+        if word.lower() in NUMBER_ABBREVIATIONS and text[match.end() + 1 : match.end() + 2].isdigit():
+            return False
     if quoted or (marks != "." and set(marks) <= {".", "…"}):
         # After a quotation or an ellipsis, a lower-case word continues the sentence: '"Why?" she asked.'
         return not text[match.end() + 1 : match.end() + 2].islower()
@@ -165,8 +170,9 @@ def split_sentences(text: str) -> list[str]:
 
     Ends at `.`, `?`, `!`, `…` and "..." followed by a space (closing quotes and brackets stay with
     the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one.
-    Does not end after abbreviations (`ABBREVIATIONS`), initialisms ("U.S.", "Ph.D.", "e.g.") or single
-    capital initials ("J. R. R."), even before a capitalised word; nor inside numbers ("3.5", "v2.0"),
+    Does not end after abbreviations (`ABBREVIATIONS`; `NUMBER_ABBREVIATIONS` before a number), initialisms
+    ("U.S.", "Ph.D.", "e.g.") or single capital initials ("J. R. R."), even before a capitalised word;
+    nor inside numbers ("3.5", "v2.0"),
     at an ellipsis or a closing quote followed by a lower-case word (or, in CJK text, by any word), or
     inside Bark cues (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:
     `[laughs]` right after a sentence end belongs to that sentence, `[MAN]` and `♪` to the next.

@@ -113,6 +113,15 @@ def test_split_sentences_abbreviations_and_initials():
     ]
 
 
+def test_split_sentences_more_abbreviations():
+    text = ("Mt. Everest is tall. Apple Inc. and Acme Co. sell it. Gen. Lee and Capt. Hook met. See Fig. 3 and "
+            "No. 5 here. No. I will not.")
+    assert split_sentences(text) == [
+        "Mt. Everest is tall.", "Apple Inc. and Acme Co. sell it.", "Gen. Lee and Capt. Hook met.",
+        "See Fig. 3 and No. 5 here.", "No.", "I will not.",
+    ]
+
+
 def test_split_sentences_initialisms():
     assert split_sentences("The U.S. is big. She has a Ph.D. in physics.") == [
         "The U.S. is big.", "She has a Ph.D. in physics."

@@ -121,15 +121,27 @@ class BarkPipeline(Pipeline):
         cls,
         model: str | os.PathLike,
         device: int | str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         **settings: Any,
     ) -> BarkPipeline:
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
+        `device_map` and `dtype` (`torch_dtype`, transformers' older name) go to `BarkHfModel.from_pretrained`;
         `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
+        if torch_dtype is not None:  # was taken by Pipeline.__init__ and ignored: the model stayed float32
+            if dtype is not None:
+                raise ValueError("Got both dtype and torch_dtype; pass only dtype (torch_dtype is its older name).")
+            dtype = torch_dtype
+        if device_map is not None and device is not None:
+            raise ValueError("Got both device and device_map; pass one: device places the whole model, device_map "
+                             "its parts.")
         # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
         processor = BarkHfProcessor.from_pretrained(model)
-        bark = BarkHfModel.from_pretrained(model, dtype=dtype)
+        bark = BarkHfModel.from_pretrained(model, dtype=dtype, device_map=device_map)
+        if device_map is not None and getattr(bark, "hf_device_map", None) is None:
+            device = bark.device  # one device, as pipeline() does: else the pipeline's default would move the model
         return cls(model=bark, processor=processor, device=device, **settings)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:

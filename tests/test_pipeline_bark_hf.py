@@ -398,6 +398,20 @@ def test_from_pretrained_refuses_a_dtype_that_is_no_float(tiny_model_dir, dtype)
         BarkHfModel.from_pretrained(tiny_model_dir, dtype=dtype)
 
 
+def test_from_pretrained_takes_torch_dtype_and_device_map(tiny_model_dir):
+    """torch_dtype (transformers' older name for dtype) went to Pipeline.__init__, which ignored it: float32 weights."""
+    built = BarkPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    assert built.model.semantic.dtype == torch.bfloat16 and built.model.codec_model.dtype == torch.float32
+    built = BarkPipeline.from_pretrained(tiny_model_dir, device_map="cpu", dtype="float16")
+    assert built.device == built.model.device == torch.device("cpu")
+    assert built.model.semantic.dtype == torch.float16
+    assert built("Hi!", generate_kwargs=GREEDY)["audio"].dtype == np.float32
+    with pytest.raises(ValueError, match="pass only dtype"):
+        BarkPipeline.from_pretrained(tiny_model_dir, dtype=torch.float16, torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="both device and device_map"):
+        BarkPipeline.from_pretrained(tiny_model_dir, device="cpu", device_map="cpu")
+
+
 def test_the_pipeline_factory_refuses_an_integer_dtype(tiny_model_dir):
     """pipeline() retries a load that failed with its dtype in float32, so from_pretrained's refusal of 'int8' was
     swallowed and a float32 model came back, with only a log line."""

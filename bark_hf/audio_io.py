@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import wave
 from collections.abc import Sequence
@@ -45,14 +46,23 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False,
     return path
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
-    """Write mono float audio in [-1, 1] as 16-bit PCM WAV; never leaves a partial file."""
-    path = check_output_path(path, overwrite)
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio in [-1, 1] as the bytes of a 16-bit PCM WAV file."""
     samples = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
     pcm = (samples * 32767.0).round().astype("<i2")
-    with atomic_path(path) as temporary, wave.open(str(temporary), "wb") as wav:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(sample_rate)
         wav.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
+    """Write mono float audio in [-1, 1] as 16-bit PCM WAV; never leaves a partial file."""
+    path = check_output_path(path, overwrite)
+    data = wav_bytes(audio, sample_rate)
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        file.write(data)
     return path

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "one generation (~13 s) is split into sentences and joined.")
     say.add_argument("text", nargs="?", help="the text to speak; - (or nothing, with --file unset) reads stdin")
     say.add_argument("-f", "--file", help="read the text from this UTF-8 file")
-    say.add_argument("-o", "--output", required=True, help="WAV file to write (24 kHz mono, 16-bit)")
+    say.add_argument("-o", "--output", required=True,
+                     help="WAV file to write (24 kHz mono, 16-bit); - writes it to standard output")
     _add_model_arguments(say)
     say.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
     say.add_argument("--seed", type=int, help="random seed, for a repeatable generation")
@@ -122,7 +123,7 @@ def quiet_output(enabled: bool) -> Iterator[None]:
 
 
 def _say(args: argparse.Namespace) -> int:
-    from .audio_io import check_output_path, write_wav
+    from .audio_io import check_output_path, wav_bytes, write_wav
     from .loading import load_bark
     from .pipeline_bark_hf import BarkPipeline
 
@@ -131,7 +132,11 @@ def _say(args: argparse.Namespace) -> int:
         text = read_text(args)
         if not text.strip():
             raise ValueError("The text is empty; give the words to speak.")
-        check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
+        to_stdout = args.output == STDOUT
+        if to_stdout:  # "-" was written as a file of that name
+            check_stdout()
+        else:
+            check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
         checked_silence(args.silence, "--silence")
         checked_seed(args.seed)
         if args.voice is not None:
@@ -161,16 +166,35 @@ def _say(args: argparse.Namespace) -> int:
         long_form = {"auto": None, "on": True, "off": False}[args.long_form]
         output = speaker(text, voice_preset=args.voice, generate_kwargs=generate_kwargs, seed=args.seed,
                          long_form=long_form, silence_s=args.silence, show_progress=not args.quiet)
-        path = write_wav(args.output, output["audio"], output["sampling_rate"], overwrite=args.overwrite)
+        if to_stdout:
+            sys.stdout.buffer.write(wav_bytes(output["audio"], output["sampling_rate"]))
+            sys.stdout.buffer.flush()
+            path = "standard output"
+        else:
+            path = write_wav(args.output, output["audio"], output["sampling_rate"], overwrite=args.overwrite)
     except (ValueError, TypeError, OSError, RuntimeError) as error:
         print(f"bark-hf say: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bark-hf say: interrupted; nothing written.", file=sys.stderr)
         return 130
-    if not args.quiet:
-        print(f"Wrote {path} ({output['audio'].shape[0] / output['sampling_rate']:.2f} s)")
+    if not args.quiet:  # beside the audio, not in it, when the audio goes to standard output
+        print(f"Wrote {path} ({output['audio'].shape[0] / output['sampling_rate']:.2f} s)",
+              file=sys.stderr if to_stdout else sys.stdout)
     return 0
+
+
+STDOUT = "-"
+"""The `--output` that writes the WAV to standard output."""
+
+
+def check_stdout() -> None:
+    """Refuse `-o -` where standard output cannot take the WAV's bytes, before the model loads."""
+    if getattr(sys.stdout, "buffer", None) is None:
+        raise ValueError("-o - writes the WAV to standard output, which takes only text here; give a file name.")
+    if sys.stdout.isatty():
+        raise ValueError("-o - writes the WAV to standard output, which is a terminal; redirect it "
+                         "(-o - > out.wav, or | a player) or give a file name.")
 
 
 def check_voice_argument(voice: str) -> None:

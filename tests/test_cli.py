@@ -26,6 +26,31 @@ def test_say_writes_a_24khz_mono_wav(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["hello.wav"]  # no temporary files left
 
 
+def test_say_writes_the_wav_to_standard_output_with_a_dash(tmp_path, monkeypatch, capsys):
+    """-o - wrote a file named '-' into the working folder."""
+    monkeypatch.chdir(tmp_path)
+    stdout = io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert main(["say", "Hello world.", "-o", "-", "--model", "tiny-random", "--seed", "3"]) == 0
+    with wave.open(io.BytesIO(stdout.buffer.getvalue())) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24_000, 1, 2)
+        assert wav.getnframes() > 0
+    assert "Wrote standard output" in capsys.readouterr().err  # the message stays out of the audio
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_say_refuses_a_dash_output_on_a_terminal_before_loading(tmp_path, monkeypatch, capsys):
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdout", Terminal(io.BytesIO()))
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", "-", "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "standard output, which is a terminal" in error and len(error.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("arguments,message", [
     (["   ", "-o", "{dir}/out.wav"], "empty"),
     (["Hi.", "-o", "{dir}/missing/out.wav"], "does not exist"),

@@ -17,7 +17,7 @@ from .checks import checked_seed
 from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
-from .longform import DEFAULT_SILENCE_S, checked_silence
+from .longform import DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default 0.7)")
     say.add_argument("--long-form", choices=("auto", "on", "off"), default="auto",
                      help="split the text into sentences: auto (default) does so when it is too long for one go")
+    say.add_argument("--history", choices=HISTORY_MODES, default="first",
+                     help="what long-form chunks are conditioned on: first (default; the voice, or without one the "
+                          "first chunk; batched) or previous (each chunk continues the one before; one at a time)")
     say.add_argument("--silence", type=float, default=DEFAULT_SILENCE_S,
                      help=f"seconds of silence between long-form chunks (default {DEFAULT_SILENCE_S})")
     say.add_argument("--quiet", action="store_true", help="no progress bars or messages")
@@ -165,7 +168,8 @@ def _say(args: argparse.Namespace) -> int:
         speaker = BarkPipeline(model=model, processor=processor, device=model.device)
         long_form = {"auto": None, "on": True, "off": False}[args.long_form]
         output = speaker(text, voice_preset=args.voice, generate_kwargs=generate_kwargs, seed=args.seed,
-                         long_form=long_form, silence_s=args.silence, show_progress=not args.quiet)
+                         long_form=long_form, history=args.history, silence_s=args.silence,
+                         show_progress=not args.quiet)
         if to_stdout:
             sys.stdout.buffer.write(wav_bytes(output["audio"], output["sampling_rate"]))
             sys.stdout.buffer.flush()

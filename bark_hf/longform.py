@@ -190,6 +190,14 @@ def checked_silence(value: Any, name: str) -> float:
     return seconds
 
 
+def checked_history(value: Any, name: str) -> str:
+    """`value` as one of `HISTORY_MODES`."""
+    if not isinstance(value, str) or value not in HISTORY_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, HISTORY_MODES))} (what long-form chunks are "
+                         f"conditioned on); got {value!r}.")
+    return value
+
+
 def _chars_per_second(char: str) -> float:
     code = ord(char)
     if 0x3040 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF or 0xFF66 <= code <= 0xFF9D:  # kana
@@ -444,8 +452,7 @@ def generate_long_form(
     """
     if (text is None) == (chunks is None):
         raise ValueError("Pass exactly one of text= (split into chunks here) or chunks= (your own, used as given).")
-    if history not in HISTORY_MODES:
-        raise ValueError(f"history must be one of {', '.join(map(repr, HISTORY_MODES))}; got {history!r}.")
+    history = checked_history(history, "history")
     silence_s = checked_silence(silence_s, "silence_s")
     batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)

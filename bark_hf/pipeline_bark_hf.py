@@ -26,6 +26,7 @@ from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
     checked_generate_kwargs,
+    checked_history,
     checked_silence,
     generate_long_form,
     needs_long_form,
@@ -36,7 +37,7 @@ from .processing_bark_hf import BarkHfProcessor, gives_tokens
 
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
-_FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "silence_s", "seed", "show_progress")
+_FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "history", "silence_s", "seed", "show_progress")
 # transformers' TextToAudioPipeline settings that mean nothing here, each with what to do instead: refused by name,
 # not as unknown, and num_workers also when building, where transformers' Pipeline took it and left it unused.
 _REFUSED_KEYS = {
@@ -54,6 +55,7 @@ class _Call:
     generate_kwargs: dict[str, Any]
     batch_size: int
     long_form: bool | None
+    history: str
     silence_s: float
     seed: int | None
     show_progress: bool
@@ -71,6 +73,8 @@ class BarkPipeline(Pipeline):
         batch_size: texts generated together (default 8); also chunks of a long text.
         long_form: split the text into sentences and join the chunks' audio; None (default) turns it
             on for texts longer than one generation holds.
+        history: what long-form chunks are conditioned on: "first" (default; the preset, or without one
+            the first chunk's generation; batched) or "previous" (each chunk continues the one before).
         silence_s: the silence between long-form chunks, in seconds (default 0.25).
         seed: seeds torch before generating, so a call is repeatable.
     """
@@ -229,6 +233,7 @@ class BarkPipeline(Pipeline):
             generate_kwargs=generate_kwargs,
             batch_size=batch_size,
             long_form=long_form,
+            history=checked_history(forward.get("history", "first"), "history"),
             silence_s=checked_silence(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
             seed=checked_seed(forward.get("seed")),
             show_progress=checked_flag(forward.get("show_progress", False), "show_progress"),
@@ -269,7 +274,7 @@ class BarkPipeline(Pipeline):
         for index, text in enumerate(texts):
             if call.long_form or (call.long_form is None and needs_long_form(text, self.processor.tokenizer)):
                 result = generate_long_form(
-                    self.model, self.processor, text, voice_preset=presets[index],
+                    self.model, self.processor, text, voice_preset=presets[index], history=call.history,
                     silence_s=call.silence_s, batch_size=call.batch_size,
                     generate_kwargs=call.generate_kwargs, show_progress=call.show_progress,
                 )

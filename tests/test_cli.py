@@ -142,6 +142,19 @@ def test_say_long_text_is_one_wav_of_joined_chunks(tmp_path, tiny_model_dir):
     assert samples.shape[0] > 3 * 24_000 and silence.shape[0] >= 12_000  # at least one 0.5 s gap
 
 
+def test_say_history_previous_reaches_the_long_form_generator(tmp_path, tiny_model_dir, monkeypatch):
+    import bark_hf.pipeline_bark_hf as pipeline_module
+
+    histories = []
+    real = pipeline_module.generate_long_form
+    monkeypatch.setattr(pipeline_module, "generate_long_form",
+                        lambda *args, **kwargs: histories.append(kwargs["history"]) or real(*args, **kwargs))
+    output = tmp_path / "chained.wav"
+    assert main(["say", "One sentence. Another one.", "-o", str(output), "--model", str(tiny_model_dir),
+                 "--long-form", "on", "--history", "previous", "--quiet"]) == 0
+    assert histories == ["previous"] and _wav_samples(output).shape[0] > 0
+
+
 def test_say_in_int8_on_a_numbered_cpu_device(tmp_path):
     output = tmp_path / "int8.wav"
     arguments = ["say", "Hi.", "-o", str(output), "--model", "tiny-random", "--device", "cpu:0", "--dtype", "int8"]

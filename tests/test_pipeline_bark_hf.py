@@ -182,6 +182,17 @@ def test_long_form_is_the_long_form_generator_joined_with_silence(pipe):
     assert output["audio"].shape[0] == sum(expected.chunk_lengths) + silence * (len(expected.chunks) - 1)
 
 
+def test_long_form_history_previous_chains_the_chunks_as_the_long_form_generator_does(pipe):
+    text = "First sentence here. Second one follows! And a third one, to end?"
+    settings = {**GREEDY, "semantic_max_new_tokens": 20}
+    output = pipe(text, long_form=True, history="previous", generate_kwargs=settings)
+    expected = generate_long_form(pipe.model, pipe.processor, text, history="previous", generate_kwargs=settings,
+                                  show_progress=False)
+    np.testing.assert_array_equal(output["audio"], expected.audio)
+    with pytest.raises(ValueError, match="history must be one of 'first', 'previous'.*got 'last'"):
+        pipe(text, long_form=True, history="last")
+
+
 def test_long_text_turns_long_form_on_by_default(pipe, monkeypatch):
     import bark_hf.pipeline_bark_hf as module
 

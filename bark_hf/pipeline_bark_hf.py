@@ -38,6 +38,8 @@ from .processing_bark_hf import BarkHfProcessor, gives_tokens
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
 _FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "history", "silence_s", "seed", "show_progress")
+# Where BarkPipeline.from_pretrained finds the model; both the model and the processor take them.
+_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 # transformers' TextToAudioPipeline settings that mean nothing here, each with what to do instead: refused by name,
 # not as unknown, and num_workers also when building, where transformers' Pipeline took it and left it unused.
 _REFUSED_KEYS = {
@@ -133,7 +135,9 @@ class BarkPipeline(Pipeline):
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
         `device_map` and `dtype` (`torch_dtype`, transformers' older name) go to `BarkHfModel.from_pretrained`;
-        `settings` are call defaults (`voice_preset=`, `batch_size=`, ...)."""
+        the Hub options `revision`, `token`, `cache_dir`, `local_files_only` and `force_download` to the model's
+        and the processor's `from_pretrained`; other `settings` are call defaults (`voice_preset=`, `batch_size=`)."""
+        hub_options = {key: settings.pop(key) for key in _HUB_OPTIONS if key in settings}
         if torch_dtype is not None:  # was taken by Pipeline.__init__ and ignored: the model stayed float32
             if dtype is not None:
                 raise ValueError("Got both dtype and torch_dtype; pass only dtype (torch_dtype is its older name).")
@@ -142,8 +146,8 @@ class BarkPipeline(Pipeline):
             raise ValueError("Got both device and device_map; pass one: device places the whole model, device_map "
                              "its parts.")
         # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
-        processor = BarkHfProcessor.from_pretrained(model)
-        bark = BarkHfModel.from_pretrained(model, dtype=dtype, device_map=device_map)
+        processor = BarkHfProcessor.from_pretrained(model, **hub_options)
+        bark = BarkHfModel.from_pretrained(model, dtype=dtype, device_map=device_map, **hub_options)
         if device_map is not None and getattr(bark, "hf_device_map", None) is None:
             device = bark.device  # one device, as pipeline() does: else the pipeline's default would move the model
         return cls(model=bark, processor=processor, device=device, **settings)

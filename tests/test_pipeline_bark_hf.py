@@ -488,3 +488,18 @@ def test_pipeline_leaves_an_offloaded_model_to_place_its_stages(monkeypatch):
     model.offload_device = None  # the same model, not offloaded
     torch.testing.assert_close(BarkPipeline(model=model, processor=processor, device="cpu")(
         "Hi.", generate_kwargs=GREEDY)["audio"], audio, rtol=0, atol=0)
+
+
+def test_from_pretrained_takes_the_hub_options(tiny_model_dir, tmp_path, monkeypatch):
+    """revision=, token=, local_files_only=, ... were refused as unknown pipeline settings."""
+    built = BarkPipeline.from_pretrained(tiny_model_dir, local_files_only=True, revision="main", batch_size=2)
+    assert built("Hi!", generate_kwargs=GREEDY)["audio"].dtype == np.float32
+    seen = []
+    real = BarkHfModel.from_pretrained.__func__
+    monkeypatch.setattr(BarkHfModel, "from_pretrained",
+                        classmethod(lambda cls, name, **kwargs: seen.append(kwargs) or real(cls, name, **kwargs)))
+    BarkPipeline.from_pretrained(tiny_model_dir, token="hf_x", cache_dir=str(tmp_path), force_download=False)
+    assert {key: seen[0][key] for key in ("token", "cache_dir", "force_download")} == dict(
+        token="hf_x", cache_dir=str(tmp_path), force_download=False)
+    with pytest.raises(ConnectionError, match="Could not reach the Hugging Face Hub"):
+        BarkPipeline.from_pretrained("nobody/no-such-bark", local_files_only=True, cache_dir=str(tmp_path))

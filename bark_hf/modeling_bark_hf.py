@@ -412,6 +412,14 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                                  "device_map you want (e.g. the whole stage on one device).")
         return super()._apply(fn, *args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Not used: `generate` lays out each stage's inputs itself. It exists because peft's
+        `PeftModelForCausalLM` (`LoraConfig(task_type="CAUSAL_LM")`) reads it when it wraps a model
+        (the fine stage's wrapping failed with an AttributeError).
+        """
+        raise NotImplementedError(f"The {self.base_model_prefix or 'Bark'} stage's generate builds its own inputs; "
+                                  "call generate instead.")
+
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
         """Refuse training mode with int8 layers: they get no gradients, so only the float32 rest would learn."""
         if mode:
@@ -786,6 +794,13 @@ def _check_label_range(labels: torch.Tensor, low: int, high: int, what: str) -> 
         )
 
 
+def _refuse_attention_outputs(output_attentions: bool | None, output_hidden_states: bool | None) -> None:
+    """Accept the None or False that peft's task wrappers (`LoraConfig(task_type=...)`) pass to every forward."""
+    if output_attentions or output_hidden_states:
+        raise ValueError("Bark's stages return neither attentions nor hidden states; leave output_attentions "
+                         "and output_hidden_states unset.")
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
                    ) -> torch.Tensor:
     """Mean cross-entropy of `logits` `[N, C]` over `targets` `[N]` (-100: none), in float32. With
@@ -914,13 +929,6 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                             "decoding eagerly.")
         return False
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Not used: `generate` lays out each stage's inputs itself. It exists because peft's
-        `PeftModelForCausalLM` (`LoraConfig(task_type="CAUSAL_LM")`) reads it when it wraps a model.
-        """
-        raise NotImplementedError(f"The {self.base_model_prefix} stage's generate builds its own inputs; call "
-                                  "generate instead.")
-
     def get_input_embeddings(self) -> nn.Embedding:
         return self.input_embeds_layer
 
@@ -956,9 +964,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         `output_hidden_states` are accepted as peft's `PeftModelForCausalLM` passes them, but only as None or False.
         `num_items_in_batch` comes from the Trainer (see `_cross_entropy`).
         """
-        if output_attentions or output_hidden_states:
-            raise ValueError("Bark's stages return neither attentions nor hidden states; leave output_attentions "
-                             "and output_hidden_states unset.")
+        _refuse_attention_outputs(output_attentions, output_hidden_states)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -1589,6 +1595,9 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         return_dict: bool | None = None,
         labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> MaskedLMOutput | tuple:
         """Logits `[B, T, V]` for codebook `codebook_idx`, given codes `[B, T, 8]`: codebooks
         `0..codebook_idx - 1` are known, and codebook `codebook_idx` holds `codebook_size` ("not
@@ -1596,8 +1605,13 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
 
         `labels` `[B, T]` (codes of codebook `codebook_idx`, -100 where there is no target) add
         `fine_loss`; `bark_hf.training.BarkHfFineCollator` builds inputs, labels and `codebook_idx`.
-        `num_items_in_batch` comes from the Trainer (see `_cross_entropy`).
+        `num_items_in_batch` comes from the Trainer (see `_cross_entropy`). `inputs_embeds`, `output_attentions` and
+        `output_hidden_states` are accepted as peft's task wrappers pass them, but only as None (or False).
         """
+        _refuse_attention_outputs(output_attentions, output_hidden_states)
+        if inputs_embeds is not None:
+            raise ValueError("The fine stage embeds each codebook of input_ids [B, T, 8] with its own table; pass "
+                             "input_ids, not inputs_embeds.")
         codebook_idx = _one_codebook(codebook_idx)
         if not self.config.n_codes_given <= codebook_idx < self.config.n_codes_total:
             raise ValueError(

@@ -709,22 +709,32 @@ def test_trainer_with_reentrant_checkpointing_trains_lora_wrapped_before_it(stag
                if parameter.requires_grad)
 
 
-@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics"])
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics", "fine_acoustics"])
 def test_lora_with_the_causal_lm_task_type_gives_the_loss_and_generates(stage, tone_rows, processor):
+    """The fine stage too: peft's wrapper failed on it with an AttributeError (no prepare_inputs_for_generation),
+    then passed inputs_embeds and output_attentions, which its forward did not take."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny_random_bark(seed=1)
     causal = getattr(model, stage)
+    torch.manual_seed(0)  # the fine collator draws its codebook
     batch = collator_for(causal, processor)(list(tone_rows))
     plain = causal(**batch).loss
     lora = get_peft_model(causal, LoraConfig(r=4, target_modules=["att_proj"], task_type="CAUSAL_LM"))
     torch.testing.assert_close(lora(**batch).loss, plain)  # the adapters start at zero
-    inputs = ([*processor(["a tone"]).values()], dict(max_new_tokens=5)) if stage == "semantic" else (
-        [torch.tensor(tone_rows[0]["semantic_tokens"])[None]], {})
-    generated = lora.eval().generate(*inputs[0], top_k=1, show_progress=False, **inputs[1]).sequences
-    assert torch.equal(generated, causal.generate(*inputs[0], top_k=1, show_progress=False, **inputs[1]).sequences)
+    if stage == "semantic":
+        inputs, settings = [*processor(["a tone"]).values()], dict(max_new_tokens=5, top_k=1)
+    elif stage == "coarse_acoustics":
+        inputs, settings = [torch.tensor(tone_rows[0]["semantic_tokens"])[None]], dict(top_k=1)
+    else:
+        inputs, settings = [torch.tensor(tone_rows[0]["fine_tokens"])[None, :2]], dict(temperature=None)
+    generated = lora.eval().generate(*inputs, show_progress=False, **settings).sequences
+    assert torch.equal(generated, causal.generate(*inputs, show_progress=False, **settings).sequences)
     with pytest.raises(ValueError, match="neither attentions nor hidden states"):
         causal(**batch, output_hidden_states=True)
+    if stage == "fine_acoustics":
+        with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+            causal(**batch, inputs_embeds=torch.zeros(2, 1024, 32))
 
 
 @pytest.fixture(scope="module")

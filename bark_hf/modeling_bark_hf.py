@@ -783,8 +783,14 @@ IGNORE_INDEX = -100
 """Label of a position that adds nothing to the loss (PyTorch's and transformers' convention)."""
 
 
-def _check_label_range(labels: torch.Tensor, low: int, high: int, what: str) -> None:
-    """Refuse labels outside `[low, high)` (ignored positions aside) with a message, not a device assert."""
+def _checked_labels(labels: torch.Tensor, low: int, high: int, what: str) -> torch.Tensor:
+    """`labels` as int64, refused with a message (not a device assert) outside `[low, high)` (ignored positions
+    aside) or when not integers. torch's cross-entropy took only int64 (and uint8) targets: int32 labels, which numpy
+    arrays can give, failed deep in torch ("expected target dtype to be Long")."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers ({what}, {IGNORE_INDEX} where there is no target), got a "
+                         f"{labels.dtype} tensor; build them with the collators in bark_hf.training.")
+    labels = labels.long()
     kept = labels[labels != IGNORE_INDEX]
     wrong = kept[(kept < low) | (kept >= high)]
     if wrong.numel():
@@ -792,6 +798,7 @@ def _check_label_range(labels: torch.Tensor, low: int, high: int, what: str) -> 
             f"labels hold values that are not {what}, e.g. {sorted(set(wrong.tolist()))[:5]}. Mark positions "
             f"without a target with {IGNORE_INDEX}; build inputs and labels with the collators in bark_hf.training."
         )
+    return labels
 
 
 def _refuse_attention_outputs(output_attentions: bool | None, output_hidden_states: bool | None) -> None:
@@ -822,7 +829,7 @@ def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfSema
     eos = logits[..., config.semantic_pad_token : config.semantic_pad_token + 1]
     sampled = torch.cat([logits[..., :vocab], eos], dim=-1)  # [B, T - 1, vocab + 1]: the last category is EOS
     targets = torch.where(labels == config.semantic_pad_token, vocab, labels)
-    _check_label_range(targets, 0, vocab + 1, f"semantic tokens (0..{vocab - 1}) or end of speech ({vocab})")
+    targets = _checked_labels(targets, 0, vocab + 1, f"semantic tokens (0..{vocab - 1}) or end of speech ({vocab})")
     return _cross_entropy(sampled.flatten(0, 1), targets.flatten(), num_items_in_batch)
 
 
@@ -836,7 +843,7 @@ def coarse_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfCoarse
     logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts the token at t + 1
     start, size, n_codebooks = config.semantic_vocab_size, config.codebook_size, config.n_coarse_codebooks
     end = start + n_codebooks * size
-    _check_label_range(labels, start, end, f"coarse tokens ({start}..{end - 1})")
+    labels = _checked_labels(labels, start, end, f"coarse tokens ({start}..{end - 1})")
     kept = labels != IGNORE_INDEX
     offset_labels = torch.where(kept, labels - start, IGNORE_INDEX)
     per_codebook = logits[..., start:end].unflatten(-1, (n_codebooks, size))  # [B, T - 1, K, N]
@@ -1501,7 +1508,7 @@ def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGene
     on its own: `logits` `[B, T, V]`, `labels` `[B, T]` (the model is non-causal, so nothing is shifted).
     """
     size = config.codebook_size
-    _check_label_range(labels, 0, size, f"codes (0..{size - 1})")
+    labels = _checked_labels(labels, 0, size, f"codes (0..{size - 1})")
     return _cross_entropy(logits[..., :size].flatten(0, 1), labels.flatten(), num_items_in_batch)
 
 

@@ -240,6 +240,17 @@ def test_labels_out_of_range_or_misshaped_are_refused(processor):
         semantic(input_ids=text_ids[:, 5:6], cache=cache, history_input_ids=text_ids[:, :1])
 
 
+@pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
+def test_integer_labels_of_any_width_give_the_loss_and_floats_are_refused(stage, processor):
+    """int32 labels (what numpy gives on some platforms) failed deep in torch: "expected target dtype to be Long"."""
+    model = tiny_stage(stage)
+    batch = stage_batch(stage, processor)
+    expected = model(**batch).loss
+    torch.testing.assert_close(model(**{**batch, "labels": batch["labels"].int()}).loss, expected)
+    with pytest.raises(ValueError, match="labels must be integers .*got a torch.float32 tensor"):
+        model(**{**batch, "labels": batch["labels"].float()})
+
+
 def test_fine_codebook_idx_is_one_whole_number_for_the_batch(processor):
     """int() truncated 4.7 to 4 (another head trained unasked), and a tensor of one index per row failed with
     torch's "only one element tensors can be converted"; a repeated index per row means one codebook."""

@@ -446,7 +446,14 @@ def encode_audio(codec_model: torch.nn.Module, audio: np.ndarray) -> np.ndarray:
 
 def _checked_semantic_tokens(tokens: Any, row: int, n_frames: int) -> np.ndarray:
     array = np.asarray(tokens)
-    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+    if array.ndim == 1 and array.size == 0:  # e.g. a clip too short for one token: the error named no fix
+        seconds = n_frames / COARSE_RATE_HZ
+        fix = ("Drop clips this short (under about 0.05 s) before preparing" if seconds < 2 / SEMANTIC_RATE_HZ
+               else "Give every row its tokens")
+        raise ValueError(f"Row {row}: no semantic tokens for {seconds:.3f} s of audio (Bark's come at "
+                         f"{SEMANTIC_RATE_HZ} per second), so the semantic and coarse stages have nothing to learn "
+                         f"from it. {fix}.")
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"Row {row}: semantic tokens must be a non-empty 1-D integer array, got "
                          f"{array.dtype} of shape {array.shape}.")
     if array.min() < 0 or array.max() >= SEMANTIC_VOCAB_SIZE:

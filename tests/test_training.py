@@ -407,6 +407,9 @@ def test_prepare_refuses_bad_input():
         prepare_dataset(raw, model.codec_model, semantic_tokenizer="hubert")
     with pytest.raises(ValueError, match=r"Row 0: semantic tokens must be in 0..9999"):
         prepare_dataset(raw, model.codec_model, semantic_column="tokens")
+    blip = datasets.Dataset.from_dict({"audio": [{"array": tone(220, seconds=0.005), "sampling_rate": 24_000}]})
+    with pytest.raises(ValueError, match=r"Row 0: no semantic tokens for 0.013 s of audio .*Drop clips this short"):
+        prepare_dataset(blip, model.codec_model, semantic_tokenizer=ToneTokenizer())
 
 
 def test_prepare_names_a_dataset_dict_or_a_streamed_dataset():

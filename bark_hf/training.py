@@ -316,7 +316,10 @@ class BarkHfFineCollator:
 def collator_for(
     model: BarkHfSemanticModel | BarkHfCoarseModel | BarkHfFineModel, processor: BarkHfProcessor | None = None
 ) -> BarkHfSemanticCollator | BarkHfCoarseCollator | BarkHfFineCollator:
-    """The collator that trains `model` (a stage of `BarkHfModel`) with its own generation config."""
+    """The collator that trains `model` (a stage of `BarkHfModel`, or a peft model wrapping one) with its own
+    generation config."""
+    if callable(getattr(model, "get_base_model", None)):  # a PeftModel, as the Trainer gets it with LoRA
+        model = model.get_base_model()
     if isinstance(model, BarkHfSemanticModel):
         if processor is None:
             raise ValueError("The semantic stage reads text: pass the processor to collator_for(model, processor).")

@@ -736,6 +736,7 @@ def test_lora_with_the_causal_lm_task_type_gives_the_loss_and_generates(stage, t
     plain = causal(**batch).loss
     lora = get_peft_model(causal, LoraConfig(r=4, target_modules=["att_proj"], task_type="CAUSAL_LM"))
     torch.testing.assert_close(lora(**batch).loss, plain)  # the adapters start at zero
+    assert type(collator_for(lora, processor)) is type(collator_for(causal, processor))  # a TypeError before
     if stage == "semantic":
         inputs, settings = [*processor(["a tone"]).values()], dict(max_new_tokens=5, top_k=1)
     elif stage == "coarse_acoustics":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError
 
 from .model_card import GENERATED_CARD_MARKER
 
@@ -62,6 +62,6 @@ def push_folder_to_hub(
 def _hub_card_is_the_authors(hub: HfApi, repo_id: str, revision: str | None) -> bool:
     try:
         path = hub.hf_hub_download(repo_id, "README.md", revision=revision)
-    except RemoteEntryNotFoundError:
+    except EntryNotFoundError:  # none on the Hub, or it cannot be read (no connection), as transformers' push treats it
         return False
     return GENERATED_CARD_MARKER not in Path(path).read_text(encoding="utf-8")

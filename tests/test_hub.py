@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import random_voice_preset
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
 import bark_hf.hub
 from bark_hf import BarkPipeline
@@ -102,6 +102,18 @@ def test_a_card_the_author_wrote_on_the_hub_is_kept(hub, ours):
     model, _ = tiny_random_bark()
     model.push_to_hub("someone/tiny-bark")
     assert ("README.md" in hub.last.uploads) == ours and "model.safetensors" in hub.last.uploads
+
+
+def test_a_readme_the_hub_cannot_serve_gets_our_card(hub, monkeypatch):
+    """As transformers' push treats it: with create_repo and upload_folder stubbed and no network, the push failed on
+    the README check (LocalEntryNotFoundError) instead of uploading."""
+    def unreachable(self, repo_id, filename, revision=None):
+        raise LocalEntryNotFoundError("Cannot reach the Hub and the file is not in the local cache.")
+
+    monkeypatch.setattr(FakeHub, "hf_hub_download", unreachable)
+    model, _ = tiny_random_bark()
+    assert model.push_to_hub("someone/tiny-bark") == "commit-info"
+    assert "someone/tiny-bark" in _card(hub.last.uploads).text
 
 
 def test_processor_push_uploads_the_presets_in_their_subfolders(hub):

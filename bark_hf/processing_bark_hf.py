@@ -47,6 +47,9 @@ SPEAKER_EMBEDDINGS_FILE = "speaker_embeddings_path.json"
 SPEAKER_EMBEDDINGS_DIR = "speaker_embeddings"
 # transformers' index names the folder the paths are relative to under this key; it is not a preset.
 _REPO_OR_PATH_KEY = "repo_or_path"
+TRUNCATION_WARNING = ("Text is %d tokens long but Bark reads at most %d: its last %s%% (%d tokens) is dropped. "
+                      "Split long text into sentences and generate them one by one to keep it all.")
+"""Logged for each text cut to the semantic stage's window (the training collator counts them instead)."""
 
 _PRESET_NDIM = {"semantic_prompt": 1, "coarse_prompt": 2, "fine_prompt": 2}
 _PRESET_ROWS = {"coarse_prompt": N_COARSE_CODEBOOKS, "fine_prompt": N_FINE_CODEBOOKS}
@@ -496,11 +499,7 @@ class BarkHfProcessor(ProcessorMixin):
             raise ValueError(f"{name} ({text!r}) gives no tokens; pass text with at least one word to speak.")
         if len(ids) > max_length:
             cut = round((len(ids) - max_length) / len(ids) * 100, 1)
-            logger.warning(
-                "Text is %d tokens long but Bark reads at most %d: its last %s%% (%d tokens) is dropped. "
-                "Split long text into sentences and generate them one by one to keep it all.",
-                len(ids), max_length, cut, len(ids) - max_length,
-            )
+            logger.warning(TRUNCATION_WARNING, len(ids), max_length, cut, len(ids) - max_length)
             ids = ids[:max_length]
         return ids
 

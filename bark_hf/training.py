@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging as stdlib_logging
 import math
 import numbers
 import os
@@ -50,7 +51,8 @@ from .modeling_bark_hf import (
     fine_window_count,
     semantic_prompt_windows,
 )
-from .processing_bark_hf import BarkHfProcessor
+from .processing_bark_hf import TRUNCATION_WARNING, BarkHfProcessor
+from .processing_bark_hf import logger as processing_logger
 
 if TYPE_CHECKING:
     import datasets
@@ -214,6 +216,24 @@ def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int, codebook
     return codes
 
 
+class _TruncationCounter(stdlib_logging.Filter):
+    """Counts, and keeps out of the log, the processor's warnings that a text is cut to Bark's window."""
+
+    def __enter__(self) -> _TruncationCounter:
+        self.count = 0
+        processing_logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        processing_logger.removeFilter(self)
+
+    def filter(self, record: stdlib_logging.LogRecord) -> bool:
+        if record.msg is TRUNCATION_WARNING:
+            self.count += 1
+            return False
+        return True
+
+
 @dataclass
 class BarkHfSemanticCollator:
     """Batches for the semantic stage from rows with `text`, `semantic_tokens` and optionally
@@ -227,9 +247,19 @@ class BarkHfSemanticCollator:
     generation_config: BarkHfSemanticGenerationConfig = field(default_factory=BarkHfSemanticGenerationConfig)
     block_size: int = 1024
 
+    _warned_of_long_text: bool = field(default=False, init=False, repr=False)
+
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         config = self.generation_config
-        encoding = self.processor([_text(feature, position) for position, feature in enumerate(features)])
+        texts = [_text(feature, position) for position, feature in enumerate(features)]
+        with _TruncationCounter() as long_texts:  # the processor warns per text: every row of every batch
+            encoding = self.processor(texts)
+        if long_texts.count and not self._warned_of_long_text:
+            self._warned_of_long_text = True
+            logger.warning(f"{long_texts.count} of this batch's {len(texts)} texts are longer than Bark reads "
+                           f"({config.max_input_semantic_length} tokens); they train on their first "
+                           f"{config.max_input_semantic_length} tokens, as generation reads them. Split such rows "
+                           "into sentences to train on all of them. (Said once per collator.)")
         histories = [_semantic(feature, position, SEMANTIC_PROMPT_COLUMN) for position, feature in enumerate(features)]
         text, history = semantic_prompt_windows(encoding["input_ids"], encoding["attention_mask"], histories, config)
         sequences = [

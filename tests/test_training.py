@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import math
 import os
 import re
@@ -493,6 +494,24 @@ def test_collators_explain_missing_columns_and_wrong_models(processor):
         collator_for(tiny_stage("semantic"))
     with pytest.raises(TypeError, match="takes a stage"):
         collator_for(tiny_random_bark()[0])
+
+
+def test_semantic_collator_warns_once_of_long_texts_not_per_row(processor, caplog):
+    """The processor warned for every text over 256 tokens: every row of every batch of a long run."""
+    collator = collator_for(tiny_stage("semantic"), processor)
+    rows = [{"text": " ".join(["word"] * 300), "semantic_tokens": np.arange(5)},
+            {"text": "Short.", "semantic_tokens": np.arange(5)}]
+    with caplog.at_level(logging.WARNING):
+        first = collator(rows)
+        collator(rows)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == ["1 of this batch's 2 texts are longer than Bark reads (256 tokens); they train on their "
+                        "first 256 tokens, as generation reads them. Split such rows into sentences to train on all "
+                        "of them. (Said once per collator.)"]
+    assert first["input_ids"].shape[0] == 2
+    with caplog.at_level(logging.WARNING):
+        processor(" ".join(["word"] * 300))  # alone, the processor still warns
+    assert "Bark reads at most 256" in caplog.records[-1].getMessage()
 
 
 def test_collators_refuse_rows_they_cannot_train_on(processor):

@@ -560,6 +560,31 @@ def test_a_preset_file_as_the_preset_folder_is_named(original_checkpoint_dir, or
     assert list(tmp_path.iterdir()) == [preset]
 
 
+def test_a_checkpoint_file_as_the_checkpoint_folder_is_named(original_checkpoint_dir, original_codec_path,
+                                                             tokenizer_dir, tmp_path, capsys):
+    code, _, err = _run_cli(capsys, *_flags(original_checkpoint_dir / "text.pt", original_codec_path, tokenizer_dir,
+                                            tmp_path / "bark"))
+    _assert_one_line_error(code, err, "text.pt is a file; pass the folder")  # it said "does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir", "--codec", "--tokenizer", "--voice-presets"])
+def test_an_empty_path_is_refused_even_with_overwrite(flag, original_checkpoint_dir, original_codec_path,
+                                                      tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """An empty --output-dir (an unset shell variable) was the current folder: with --overwrite, it was replaced."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "keep.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    flags = _flags(original_checkpoint_dir, original_codec_path, tokenizer_dir, tmp_path / "bark",
+                   "--overwrite", voice_presets=tmp_path)
+    flags[flags.index(flag) + 1] = ""
+    code, _, err = _run_cli(capsys, *flags)
+    _assert_one_line_error(code, err, f"{flag} is an empty path")
+    assert [path.name for path in tmp_path.iterdir()] == ["work"]
+    assert [path.name for path in cwd.iterdir()] == ["keep.txt"]
+
+
 def test_existing_output_is_refused_without_overwrite(original_checkpoint_dir, original_codec_path, tokenizer_dir,
                                                       tmp_path, capsys):
     output = tmp_path / "bark"

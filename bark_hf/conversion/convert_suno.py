@@ -47,6 +47,12 @@ def convert_suno_checkpoint(
     size: str | None = None,
 ) -> Path:
     """Convert and write the model folder; returns its path. See the module docstring."""
+    flags = {"--checkpoint-dir": checkpoint_dir, "--codec": codec, "--tokenizer": tokenizer,
+             "--output-dir": output_dir, "--voice-presets": voice_presets}
+    empty = [flag for flag, value in flags.items() if value is not None and not os.fspath(value)]
+    if empty:  # Path("") is the current folder: an unset shell variable would convert into (or replace) it
+        raise ValueError(f"{', '.join(empty)} is an empty path; name the file or folder (use '.' for the current "
+                         "folder).")
     # Absolute: '.' or 'x/..' have no name to stage and rename by. Real: a symlinked folder is replaced where
     # the link points (the link stays), not by renaming the link itself.
     named = Path(os.path.abspath(output_dir))

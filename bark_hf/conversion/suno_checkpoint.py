@@ -91,6 +91,9 @@ class CheckpointError(ValueError):
 def find_stage_files(checkpoint_dir: str | os.PathLike, size: str | None = None) -> dict[str, Path]:
     """The three checkpoint files in `checkpoint_dir`: `text.pt`... (small) or `text_2.pt`... (large)."""
     folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():  # one checkpoint file, say, where its folder is meant
+        raise NotADirectoryError(f"--checkpoint-dir {folder} is a file; pass the folder that holds text.pt, "
+                                 "coarse.pt and fine.pt (or text_2.pt, coarse_2.pt and fine_2.pt).")
     if not folder.is_dir():
         raise FileNotFoundError(f"Checkpoint folder {folder} does not exist.")
     names = {"small": "{}.pt", "large": "{}_2.pt"}

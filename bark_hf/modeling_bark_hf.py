@@ -1260,7 +1260,8 @@ class BarkHfSemanticModel(BarkHfCausalModel):
 
         most_tokens, limit = config.max_new_tokens, f"max_new_tokens={config.max_new_tokens}"
         if config.max_gen_duration_s is not None:  # the loop stops once the tokens last longer (+1: float sums)
-            most_tokens = min(most_tokens, math.floor(config.max_gen_duration_s * config.semantic_rate_hz) + 2)
+            duration_tokens = config.max_gen_duration_s * config.semantic_rate_hz  # inf past 3.6e306 s: no floor
+            most_tokens = min(most_tokens, math.floor(min(duration_tokens, most_tokens)) + 2)
             limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
         # The prompt (window + infer token), then every generated token but the last is fed back.
         self._check_positions(window + most_tokens, f"{limit} after the {window + 1}-token prompt")

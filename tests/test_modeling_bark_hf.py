@@ -847,6 +847,13 @@ def test_settings_that_outgrow_the_position_embeddings_are_refused_before_any_wo
         model.semantic.generate(INPUT_IDS, ATTENTION_MASK, max_new_tokens=2000, max_gen_duration_s=20, **QUIET)
 
 
+def test_a_duration_past_the_float_range_in_tokens_is_no_limit(model):
+    """max_gen_duration_s=1e308 is finite, but times 49.9 Hz it is inf: flooring it raised an OverflowError."""
+    output = model.semantic.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], max_new_tokens=3, max_gen_duration_s=1e308,
+                                     allow_early_stop=False, **QUIET)
+    assert output.sequences.shape == (1, 3)
+
+
 def test_nan_probabilities_raise_a_clear_error():
     saw_nan = torch.zeros((), dtype=torch.bool)
     modeling.sample_tokens(torch.tensor([[0.5, 0.5]]), saw_nan)

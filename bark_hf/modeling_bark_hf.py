@@ -613,8 +613,15 @@ def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[dict[str, 
     """One preset (or None) per batch item, from a single preset or a list of them, each checked as the processor
     checks presets (`validate_voice_preset`: keys, shapes, integer codes in range, the semantic/coarse ratio that
     the original asserts): one passed straight to `generate` otherwise failed deep in torch or gave wrong output."""
-    prompts = [history_prompt] * batch_size if history_prompt is None or isinstance(history_prompt, Mapping) else (
-        list(history_prompt))
+    single = history_prompt is None or isinstance(history_prompt, (Mapping, str, bytes, os.PathLike))
+    prompts = [history_prompt] * batch_size if single else list(history_prompt)
+    for prompt in prompts:
+        if isinstance(prompt, (str, bytes, os.PathLike)):  # a string was taken for a list of one preset per letter
+            raise TypeError(
+                f"history_prompt takes a voice preset's arrays (a dict of semantic_prompt, coarse_prompt and "
+                f"fine_prompt), not the preset name or path {prompt!r}. Load it with the processor: "
+                "model.generate(**processor(text, voice_preset=...)), or processor.load_voice_preset(...)."
+            )
     if len(prompts) != batch_size:
         raise ValueError(
             f"history_prompt has {len(prompts)} presets for a batch of {batch_size}; "

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1028,6 +1029,17 @@ def test_presets_passed_to_generate_are_validated(model, changes, match):
         model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=[_preset(**changes)],
                        semantic_max_new_tokens=4, **QUIET)
     model.generate(INPUT_IDS, ATTENTION_MASK, history_prompt=[None, _preset()], semantic_max_new_tokens=4, **QUIET)
+
+
+@pytest.mark.parametrize("preset", ["v2/en_speaker_1", "voices/en_speaker_1.npz", Path("voices/en_speaker_1.npz"),
+                                    ["voices/en_speaker_1.npz"]])
+def test_a_preset_name_or_path_given_to_generate_names_the_processor(model, preset):
+    """A name or path string was taken for a list of presets, one per letter ("history_prompt has 15 presets for a
+    batch of 1"); a Path failed with "'PosixPath' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"not the preset name or path .*en_speaker_1.*processor\(text, voice_preset"):
+        model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=preset, semantic_max_new_tokens=4, **QUIET)
+    with pytest.raises(TypeError, match="not the preset name or path"):
+        model.fine_acoustics.generate(torch.zeros(1, 2, 5, dtype=torch.long), history_prompt=preset)
 
 
 def test_forward_refuses_masks_and_inputs_of_the_wrong_shape(causal, fine):

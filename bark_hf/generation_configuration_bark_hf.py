@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # Facts shared by several stages. Each appears here once and feeds the fields below.
 SEMANTIC_VOCAB_SIZE = 10_000
 """Number of semantic (HuBERT-cluster) tokens; token 10 000 is the semantic pad and EOS."""
+TOKENIZER_PAD_ID = 0
+"""[PAD] of Bark's tokenizer (BERT's multilingual vocabulary), which pads the processor's `input_ids`; no text
+encodes to it."""
 SEMANTIC_RATE_HZ = 49.9
 """Semantic tokens per second of audio."""
 CODEBOOK_SIZE = 1_024

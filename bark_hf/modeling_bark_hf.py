@@ -44,6 +44,7 @@ from .configuration_bark_hf import (
 from .cpu_features import cpu_has_native_bfloat16
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
+    TOKENIZER_PAD_ID,
     BarkHfCoarseGenerationConfig,
     BarkHfFineGenerationConfig,
     BarkHfGenerationConfig,
@@ -1250,8 +1251,9 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         """Semantic tokens for tokenised text.
 
         `input_ids` `[B, L]` are the tokenizer's ids (no offset), `attention_mask` `[B, L]` marks
-        real tokens; `history_prompt` a voice preset (or one per item); `settings` override fields
-        of the generation config (`temperature`, `top_k`, `min_eos_p`, ...). Returns int64 tokens
+        real tokens (default: every id but the tokenizer's `[PAD]`, 0); `history_prompt` a voice preset (or
+        one per item); `settings` override fields of the generation config (`temperature`, `top_k`,
+        `min_eos_p`, ...). Returns int64 tokens
         `[B, S]` padded with `semantic_pad_token`, and their lengths. `compile=True` (default: the
         `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps. The KV cache is on
         unless `use_cache=False` (see `_generation_uses_cache`). Follows bark/generation.py `generate_text_semantic`.
@@ -1272,8 +1274,8 @@ class BarkHfSemanticModel(BarkHfCausalModel):
             limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
         # The prompt (window + infer token), then every generated token but the last is fed back.
         self._check_positions(window + most_tokens, f"{limit} after the {window + 1}-token prompt")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None:  # the processor pads with [PAD]: generate(processor(text)["input_ids"]) then
+            attention_mask = input_ids != TOKENIZER_PAD_ID  # reads the padding as the text pad, as with the mask
         elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)} (1 at "
@@ -1282,7 +1284,8 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         n_tokens = attention_mask.sum(dim=1)  # [B]
         if bool((n_tokens == 0).any()):
             raise ValueError(f"Items {(n_tokens == 0).nonzero()[:, 0].tolist()} of input_ids hold no text "
-                             "(attention_mask is 0 throughout); pass text with at least one token per item.")
+                             "(attention_mask is 0 throughout, or without one, every id is [PAD], 0); pass text with "
+                             "at least one token per item.")
         # Past the text's ids come the text pad and the infer token; a negative id would land on semantic tokens.
         _check_token_values(input_ids, attention_mask, config.text_pad_token - config.text_encoding_offset,
                             "input_ids", "the tokenizer's ids, without an offset, as BarkHfProcessor gives them")

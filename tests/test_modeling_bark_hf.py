@@ -935,6 +935,17 @@ def test_bad_semantic_inputs_are_refused_with_a_clear_error(model, input_ids, at
         model.generate(input_ids, attention_mask, semantic_max_new_tokens=2, **QUIET)
 
 
+def test_without_an_attention_mask_the_tokenizer_pad_is_padding(model):
+    """generate(processor(text)["input_ids"]) read the [PAD] ids (0) after each text as text tokens."""
+    greedy = dict(top_k=1, max_new_tokens=6, **QUIET)
+    expected = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, **greedy).sequences
+    assert torch.equal(model.semantic.generate(INPUT_IDS, **greedy).sequences, expected)
+    trimmed = model.semantic.generate(INPUT_IDS[1:, :3], **greedy).sequences  # the second text, unpadded
+    assert torch.equal(trimmed, expected[1:])
+    with pytest.raises(ValueError, match=r"Items \[0\] .* hold no text .*every id is \[PAD\]"):
+        model.semantic.generate(torch.zeros((1, 4), dtype=torch.long), **greedy)
+
+
 def test_semantic_inputs_of_other_integer_dtypes_and_padding_sides_give_the_same_tokens(model):
     """uint8 ids overflowed when shifted, and a left-padded batch put padding before each item's text."""
     expected = model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, top_k=1, max_new_tokens=6, **QUIET).sequences

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 from typing import Any
 
@@ -60,6 +61,23 @@ def checked_flag(value: Any, name: str, none_means: str | None = None) -> bool |
         allowed = f"True, False or None ({none_means})" if none_means is not None else "True or False"
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
     return bool(value)
+
+
+_ON_WORDS = ("1", "true", "yes", "on")
+_OFF_WORDS = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable `name`: 1, true, yes or on; 0, false, no or off (any case); unset or empty:
+    `default`. Any other value is refused, naming the variable: read as "not 1" (or "not 0"), `false` turned a
+    switch on and `true` left one off, silently."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _ON_WORDS or value in _OFF_WORDS:
+        return value in _ON_WORDS
+    raise ValueError(f"The environment variable {name} is {os.environ[name]!r}; set it to 1 (on) or 0 (off), "
+                     "or unset it for the default.")
 
 
 def checked_seed(value: Any) -> int | None:

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
 from .atomic import default_mode
-from .checks import checked_dtype, checked_flag, is_number
+from .checks import checked_dtype, checked_flag, env_flag, is_number
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
     BarkHfConfig,
@@ -645,7 +645,8 @@ def _empty_tokens(device: torch.device) -> torch.Tensor:
 
 
 COMPILE_ENV_VAR = "BARK_HF_COMPILE"
-"""Set to 1 to make `compile=True` the default of the causal stages' `generate`."""
+"""Set to 1 (or true, yes, on) to make `compile=True` the default of the causal stages' `generate`; 0 (or
+false, no, off) or unset: eager. Other values are refused (`env_flag`)."""
 
 
 @functools.cache
@@ -923,7 +924,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """
         compile = checked_flag(compile, "compile", none_means=f"the {COMPILE_ENV_VAR} environment variable decides")
         if compile is None:
-            requested = use_cache and os.environ.get(COMPILE_ENV_VAR, "0") == "1"
+            requested = env_flag(COMPILE_ENV_VAR, default=False) and use_cache
         elif compile and not use_cache:
             raise ValueError("compile=True compiles the cached one-token step; it needs use_cache=True.")
         else:

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Callable
 
 import torch
 from transformers.utils import logging
 
+from .checks import env_flag
+
 logger = logging.get_logger(__name__)
 
 SAGE_ATTENTION_ENV_VAR = "BARK_HF_SAGE_ATTENTION"
-"""Set to 0 to never use SageAttention, even where it is installed."""
+"""Set to 0 (or false, no, off) to never use SageAttention, even where it is installed."""
 
 SAGE_HEAD_DIMS = (64, 96, 128)  # the head sizes its kernels are built for
 SAGE_MIN_CAPABILITY = (8, 0)  # Ampere and newer
@@ -61,7 +62,7 @@ def sage_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     sm100) logs a warning once and SageAttention is not tried again in this process.
     """
     global _kernel_failed
-    if _kernel_failed or os.environ.get(SAGE_ATTENTION_ENV_VAR, "1") == "0" or query.requires_grad:
+    if _kernel_failed or not env_flag(SAGE_ATTENTION_ENV_VAR, default=True) or query.requires_grad:
         return None
     if torch.compiler.is_compiling() or query.shape[-2] < 2 or not device_supports_sage(query):
         return None

@@ -363,5 +363,14 @@ def test_compile_switches(ours, monkeypatch):
     assert len(calls) == 29  # 30 coarse tokens: a prefill, then 29 compiled steps
     coarse.generate(semantic, top_k=1, use_cache=False, **QUIET)  # the variable does not apply without a cache
     assert len(calls) == 29
+    # Other spellings of on and off: "true" was read as "not 1", off.
+    for value, more_calls in (("true", 29), ("Yes", 29), ("false", 0), ("0", 0), ("", 0)):
+        monkeypatch.setenv(modeling.COMPILE_ENV_VAR, value)
+        before = len(calls)
+        coarse.generate(semantic, top_k=1, **QUIET)
+        assert len(calls) - before == more_calls, value
+    monkeypatch.setenv(modeling.COMPILE_ENV_VAR, "compile")
+    with pytest.raises(ValueError, match="BARK_HF_COMPILE is 'compile'; set it to 1 .* or 0"):
+        coarse.generate(semantic, top_k=1, **QUIET)
     with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
         coarse.generate(semantic, compile=True, use_cache=False, **QUIET)

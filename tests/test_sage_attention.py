@@ -98,9 +98,25 @@ def test_the_kv_cache_keeps_the_keys_a_kernel_shifts_in_place(tiny, sage_calls, 
         assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
 
 
-def test_the_switch_turns_sage_off(tiny, sage_calls, monkeypatch):
-    monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, "0")
+@pytest.mark.parametrize("value", ["0", "false", "Off", " no "])
+def test_the_switch_turns_sage_off(tiny, sage_calls, monkeypatch, value):
+    """Read as "not 0", false left SageAttention on."""
+    monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, value)
     _semantic(tiny)
+    assert sage_calls == []
+
+
+@pytest.mark.parametrize("value", ["1", "true", "", "ON"])
+def test_the_switch_left_on_uses_sage(tiny, sage_calls, monkeypatch, value):
+    monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, value)
+    _semantic(tiny)
+    assert sage_calls
+
+
+def test_a_switch_value_that_is_neither_on_nor_off_is_refused(tiny, sage_calls, monkeypatch):
+    monkeypatch.setenv(sage_attention.SAGE_ATTENTION_ENV_VAR, "disabled")
+    with pytest.raises(ValueError, match="BARK_HF_SAGE_ATTENTION is 'disabled'; set it to 1 .* or 0"):
+        _semantic(tiny)
     assert sage_calls == []
 
 

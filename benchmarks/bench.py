@@ -265,8 +265,8 @@ def machine_info(device: torch.device) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["small", "large"], default="small",
-                        help="bark-small (768 wide, 12 layers) or bark (1024 wide, 24 layers)")
+    parser.add_argument("--shape", choices=["small", "large"], default=None,
+                        help="bark-small (768 wide, 12 layers; the default) or bark (1024 wide, 24 layers)")
     parser.add_argument("--batch", default="1", help="batch sizes, comma-separated, e.g. 1,8")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size; medians are reported")
     parser.add_argument("--warmup", type=int, default=None,
@@ -300,6 +300,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--batch takes comma-separated positive integers, e.g. 1,8; got {args.batch!r}.")
     if any(size < 1 for size in args.batch):
         parser.error(f"--batch sizes must be at least 1; got {args.batch}.")
+    if len(set(args.batch)) != len(args.batch):  # a size given twice ran twice; its second results replaced the first
+        parser.error(f"--batch sizes must be distinct; got {args.batch}.")
+    if args.quick and args.shape is not None:  # --quick times the tiny model whatever --shape says
+        parser.error(f"--quick times a tiny model, not the {args.shape} shape; leave out --shape or --quick.")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1; got {args.repeats}.")
     if args.warmup is None:
@@ -322,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
     if "ours-int8" in args.peers and (args.device != "cpu" or args.dtype != "float32"):
         parser.error("the ours-int8 peer quantises float32 weights for the CPU: use --device cpu --dtype float32.")
-    args.shape_name = "tiny" if args.quick else args.shape
+    args.shape_name = "tiny" if args.quick else args.shape or "small"
     return args
 
 

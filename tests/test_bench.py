@@ -86,6 +86,8 @@ def modules():
     (["--peers", "ours,ours"], "--peers takes distinct names"),
     (["--batch", "1,x"], "--batch takes comma-separated positive integers"),
     (["--batch", "0"], "--batch sizes must be at least 1"),
+    (["--batch", "1,8,1"], "--batch sizes must be distinct; got [1, 8, 1]"),
+    (["--quick", "--shape", "large"], "--quick times a tiny model, not the large shape; leave out --shape or --quick"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--warmup", "-1"], "--warmup must be 0 or more"),
     (["--semantic-tokens", "769"], "--semantic-tokens must be in 1..768"),

@@ -127,3 +127,28 @@ def test_int8_leaves_a_model_in_training_mode_in_eval_mode():
     model.fine_acoustics.train()
     model.quantize_int8()
     assert not any(module.training for module in model.modules())
+
+
+def test_int8_and_bfloat16_logits_stay_close_to_float32_at_every_stage():
+    """Each GPT stage's logits on the same inputs: a relative error of a few percent at most, and mostly the same
+    greedy choice (tiny random weights have many near-ties, so not all)."""
+    import copy
+
+    model, _ = tiny_random_bark()
+    low_bit = {"bfloat16": copy.deepcopy(model).to(torch.bfloat16), "int8": copy.deepcopy(model).quantize_int8()}
+    generator = torch.Generator().manual_seed(0)
+    semantic_ids = torch.randint(0, 10_000, (2, 300), generator=generator)
+    coarse_ids = torch.randint(0, 12_096, (2, 300), generator=generator)
+    fine_ids = torch.randint(0, 1_024, (2, 1_024, 8), generator=generator)
+    stages = {"semantic": lambda m: m.semantic(semantic_ids).logits,
+              "coarse": lambda m: m.coarse_acoustics(coarse_ids).logits,
+              "fine": lambda m: m.fine_acoustics(3, fine_ids).logits}
+    with torch.no_grad():
+        for stage, logits_of in stages.items():
+            reference = logits_of(model)
+            for name, other in low_bit.items():
+                logits = logits_of(other).float()
+                relative_error = float((logits - reference).norm() / reference.norm())
+                assert relative_error < (0.02 if name == "bfloat16" else 0.06), (stage, name, relative_error)
+                agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+                assert agreement > 0.9, (stage, name, agreement)

@@ -2039,6 +2039,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
             prefix, _, setting = name.partition("_")
             if prefix not in settings or not setting:
                 raise ValueError(f"Unknown generate argument {name!r}. {_unprefixed_fix(name, configs)}")
+            if setting in _WHOLE_CALL_ARGUMENTS:  # not in the stage configs: the error listed their fields only
+                raise ValueError(f"{name}: {setting} is an argument of the whole call, not a {prefix} stage setting; "
+                                 f"pass {setting}=... without the prefix (or call the stage's own generate).")
             settings[prefix][setting] = value
         for prefix, values in settings.items():
             try:
@@ -2049,6 +2052,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         return settings
 
 
+_WHOLE_CALL_ARGUMENTS = ("use_cache", "compile", "show_progress", "history_prompt", "return_dict_in_generate")
 _NO_DO_SAMPLE = ("Bark samples at every stage and has no do_sample; for greedy decoding pass semantic_top_k=1, "
                  "coarse_top_k=1, fine_temperature=None.")
 

@@ -531,6 +531,15 @@ def test_token_layout_is_refused_as_a_call_setting(model, monkeypatch, settings)
         model.generate(INPUT_IDS, ATTENTION_MASK, **settings, **QUIET)
 
 
+@pytest.mark.parametrize("name", ["coarse_use_cache", "semantic_compile", "fine_show_progress"])
+def test_whole_call_arguments_with_a_stage_prefix_are_refused_with_the_fix(model, name):
+    """The error listed the stage config's fields, none of which is the argument meant."""
+    setting = name.partition("_")[2]
+    with pytest.raises(ValueError, match=f"{name}: {setting} is an argument of the whole call, not a .* stage "
+                                         f"setting; pass {setting}=... without the prefix"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, **{name: False}, **QUIET)
+
+
 def test_token_layout_is_refused_by_each_stage_too(model):
     with pytest.raises(ValueError, match="semantic_rate_hz, semantic_vocab_size are part of the checkpoint's"):
         model.semantic.generate(INPUT_IDS, ATTENTION_MASK, semantic_vocab_size=5, semantic_rate_hz=10, **QUIET)

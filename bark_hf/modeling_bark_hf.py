@@ -1846,10 +1846,11 @@ class BarkHfModel(BarkHfPreTrainedModel):
         2x faster on a CPU (the float32 keys and values are read as before); activations are quantised
         per step and the codec stays float32. The coarse head stays float32 too: a step reads only one
         codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
-        tokens may differ from float32 ones (see docs/performance.md), and in a batch an item's tokens
-        depend on the other items (one activation scale per layer input). A quantised model is for eager
-        generation only (it is left in eval mode): training, moving, casting or saving it raises an
-        error, and it cannot be compiled.
+        tokens may differ from float32 ones (see docs/performance.md). One activation scale per layer
+        input also makes an item's tokens depend on the other items of a batch, and a run with the KV
+        cache differ from one without it (a prompt and a one-token step are scaled apart). A quantised
+        model is for eager generation only (it is left in eval mode): training, moving, casting or saving
+        it raises an error, and it cannot be compiled.
         """
         if getattr(self, "hf_device_map", None):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map; load the model "

@@ -2028,8 +2028,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
         )
 
     def split_stage_settings(self, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Route `semantic_x=...` to the semantic stage as `x=...`, and so on; refuse anything else, and values
-        the stage's generation config refuses. `generate` calls it; callers may, to check settings early."""
+        """Route `semantic_x=...` to the semantic stage as `x=...` (or as `semantic_x` where that is the stage's
+        field and `x` is not), and so on; refuse anything else, and values the stage's generation config refuses.
+        `generate` calls it; callers may, to check settings early."""
         settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
         configs = {
             "semantic": self.semantic.generation_config,
@@ -2043,6 +2044,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
             if setting in _WHOLE_CALL_ARGUMENTS:  # not in the stage configs: the error listed their fields only
                 raise ValueError(f"{name}: {setting} is an argument of the whole call, not a {prefix} stage setting; "
                                  f"pass {setting}=... without the prefix (or call the stage's own generate).")
+            names = {item.name for item in fields(configs[prefix])}
+            if setting not in names and name in names:  # named with its stage: semantic_rate_hz, fine_window_hop
+                setting = name
             settings[prefix][setting] = value
         for prefix, values in settings.items():
             try:

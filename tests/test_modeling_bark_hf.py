@@ -531,6 +531,18 @@ def test_token_layout_is_refused_as_a_call_setting(model, monkeypatch, settings)
         model.generate(INPUT_IDS, ATTENTION_MASK, **settings, **QUIET)
 
 
+@pytest.mark.parametrize("name", ["semantic_rate_hz", "semantic_pad_token", "coarse_infer_token"])
+def test_a_stage_field_named_with_its_stage_is_that_field(model, name):
+    """semantic_rate_hz=10 was read as a semantic setting 'rate_hz': 'no setting' listing semantic_rate_hz as valid."""
+    with pytest.raises(ValueError, match=f"{name} is part of the checkpoint's token layout"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, **{name: 10}, **QUIET)
+
+
+def test_fine_window_hop_needs_no_second_prefix(model):
+    assert model.split_stage_settings(dict(fine_window_hop=256))["fine"] == {"fine_window_hop": 256}
+    assert model.split_stage_settings(dict(fine_fine_window_hop=256))["fine"] == {"fine_window_hop": 256}
+
+
 @pytest.mark.parametrize("name", ["coarse_use_cache", "semantic_compile", "fine_show_progress"])
 def test_whole_call_arguments_with_a_stage_prefix_are_refused_with_the_fix(model, name):
     """The error listed the stage config's fields, none of which is the argument meant."""

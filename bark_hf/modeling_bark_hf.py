@@ -339,7 +339,8 @@ def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
     if device_map is None:
         ignored = [name for name in ("max_memory", "offload_folder") if kwargs.get(name) is not None]
         if ignored:
-            raise ValueError(f"{' and '.join(ignored)} only apply with a device_map; add device_map='auto' (or "
+            raise ValueError(f"{' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} only with a "
+                             "device_map; add device_map='auto' (or "
                              "'sequential', 'balanced', or a dict of modules to devices).")
         return
     named = {"max_memory": set(max_memory or ())}

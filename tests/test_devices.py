@@ -280,8 +280,13 @@ def test_cpu_offload_takes_one_stage_by_name(model_dir):
 @pytest.mark.parametrize("setting", [dict(max_memory={"cpu": "14MB"}), dict(offload_folder="offload")])
 def test_a_budget_or_offload_folder_without_a_device_map_is_refused(model_dir, setting):
     """transformers ignored them without a device_map: the model loaded whole, as if no budget had been given."""
-    with pytest.raises(ValueError, match=f"{next(iter(setting))} only apply with a device_map; add device_map='auto'"):
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} applies only with a device_map; add device_map='auto"):
         BarkHfModel.from_pretrained(model_dir, **setting)
+
+
+def test_a_budget_and_an_offload_folder_without_a_device_map_are_refused_together(model_dir):
+    with pytest.raises(ValueError, match="max_memory and offload_folder apply only with a device_map"):
+        BarkHfModel.from_pretrained(model_dir, max_memory={"cpu": "14MB"}, offload_folder="offload")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="names a device that is missing without CUDA")

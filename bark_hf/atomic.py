@@ -44,6 +44,16 @@ def link_target(path: str | os.PathLike) -> Path:
     return target
 
 
+def check_save_directory(path: str | os.PathLike) -> None:
+    """Refuse a `save_pretrained` folder that is empty or an existing file: transformers only logged an error for a
+    file and the save went on to fail deep inside (NotADirectoryError, FileExistsError)."""
+    if not os.fspath(path):
+        raise ValueError("The save folder is an empty path; name a folder (use '.' for the current folder).")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{os.fspath(path)} is a file, not a folder; save_pretrained writes a folder of "
+                                 "files: choose another save_directory.")
+
+
 def check_writable_folder(path: str | os.PathLike) -> None:
     """Create and remove a temporary file beside `path`: a folder that takes no new files fails here, before any
     long work, instead of when the result is written."""

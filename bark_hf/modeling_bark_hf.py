@@ -15,6 +15,7 @@ import functools
 import math
 import numbers
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModel, PreTrainedModel
@@ -33,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 
-from .atomic import default_mode
+from .atomic import check_save_directory, default_mode
 from .checks import checked_dtype, checked_flag, env_flag, is_number
 from .configuration_bark_hf import (
     BarkHfCoarseConfig,
@@ -433,6 +435,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Weights, config and generation config; with `save_code=True` also the bark-hf source files, so
         that `from_pretrained(..., trust_remote_code=True)` and `pipeline(...)` work without the package.
         """
+        check_save_directory(save_directory)
         refuse_int8(self, "Save")
         adapted = unmerged_adapter_layers(self)
         if adapted:  # else the folder loads with those layers newly initialised, under a mere load report
@@ -501,7 +504,16 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
         _check_device_map_arguments(kwargs)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except pickle.UnpicklingError:  # torch's weights_only refusal of a .bin, with advice to turn it off
+            raise ValueError(f"The weights of {os.fspath(pretrained_model_name_or_path)!r} hold pickled Python "
+                             "objects besides tensors, which bark-hf never loads (unpickling can run code); use "
+                             "a folder with model.safetensors, or one saved with `save_pretrained`.") from None
+        except SafetensorError as error:
+            raise ValueError(f"The weights of {os.fspath(pretrained_model_name_or_path)!r} cannot be read ({error}): "
+                             "the .safetensors file is truncated, corrupt or not safetensors at all; download or "
+                             "save the model again.") from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         # device_map={"": "meta"} leaves no map; offloaded weights sit on "meta" too, but with a map and hooks.
         if getattr(model, "hf_device_map", None) is None and any(parameter.is_meta for parameter in model.parameters()):

@@ -26,7 +26,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import BatchEncoding, BertTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_save_directory
 from .checks import is_number
 from .generation_configuration_bark_hf import (
     COARSE_RATE_HZ,
@@ -256,7 +256,7 @@ def _read_preset_index(folder: str, index_name: str) -> dict[str, dict[str, str]
     with open(index_path, encoding="utf-8") as handle:
         try:
             index = json.load(handle)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # the second: bytes that are not UTF-8 text
             raise ValueError(f"{index_path} is not valid JSON: {error}") from error
     if not isinstance(index, dict):
         raise ValueError(f"{index_path}: expected a JSON object mapping preset names to files.")
@@ -511,6 +511,7 @@ class BarkHfProcessor(ProcessorMixin):
         """
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) is not supported; call processor.push_to_hub(repo_id).")
+        check_save_directory(save_directory)
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         index_path = os.path.join(save_directory, SPEAKER_EMBEDDINGS_FILE)

@@ -701,6 +701,36 @@ def test_a_broken_generation_config_is_named_with_its_fix(model, tmp_path, text,
         BarkHfModel.from_pretrained(tmp_path)
 
 
+def test_unreadable_weights_are_named_with_the_fix_and_a_pickle_is_never_run(model, tmp_path):
+    """A truncated model.safetensors raised safetensors' SafetensorError and a pytorch_model.bin with pickled
+    objects torch's UnpicklingError (advising weights_only=False): both a traceback in `bark-hf say`."""
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot be read .*truncated, corrupt .*save the model again"):
+        BarkHfModel.from_pretrained(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.remove, (os.fspath(tmp_path / "config.json"),))
+
+    weights.unlink()
+    torch.save({"semantic.lm_head.weight": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled Python objects besides tensors, which bark-hf never loads"):
+        BarkHfModel.from_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists()
+
+
+def test_save_pretrained_into_a_file_or_an_empty_path_is_refused_with_the_fix(model, tmp_path):
+    """transformers only logged an error for a file, and the save then failed with a NotADirectoryError."""
+    (tmp_path / "model").write_text("mine", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder.*choose another save_directory"):
+        model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model").read_text(encoding="utf-8") == "mine"
+    with pytest.raises(ValueError, match="empty path"):
+        model.save_pretrained("")
+
+
 def test_composite_generation_config_view_writes_stage_configs_through(model):
     model = copy.deepcopy(model)
     view = model.generation_config

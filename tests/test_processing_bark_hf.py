@@ -415,6 +415,22 @@ def test_index_names_checked(processor, tmp_path):
         BarkHfProcessor.from_pretrained(tmp_path)
 
 
+def test_an_index_that_is_not_utf8_is_named(processor, tmp_path):
+    """A raw UnicodeDecodeError named neither the file nor that it is the preset index."""
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "speaker_embeddings_path.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="speaker_embeddings_path.json is not valid JSON"):
+        BarkHfProcessor.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_into_a_file_is_refused_with_the_fix(processor, tmp_path):
+    """os.makedirs failed with a bare FileExistsError."""
+    (tmp_path / "saved").write_text("mine", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder.*choose another save_directory"):
+        processor.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved").read_text(encoding="utf-8") == "mine"
+
+
 def test_save_pretrained_with_push_to_hub_points_to_push_to_hub(processor, tmp_path):
     with pytest.raises(ValueError, match=r"call processor.push_to_hub\(repo_id\)"):
         processor.save_pretrained(tmp_path, push_to_hub=True)

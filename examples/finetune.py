@@ -30,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available
 
-from bark_hf.atomic import check_writable_folder, holds_any
+from bark_hf.atomic import check_writable_folder, default_mode, holds_any
 from bark_hf.configuration_bark_hf import BarkHfCoarseConfig, BarkHfFineConfig, BarkHfSemanticConfig
 from bark_hf.hub import push_folder_to_hub
 from bark_hf.loading import DEFAULT_MODEL, load_bark
@@ -326,6 +326,7 @@ def write_model_folder(model, processor, output_dir: Path, overwrite: bool, card
     """Save model, processor and `card` into a temporary folder beside `output_dir`, then rename it."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
+        staging.chmod(default_mode(directory=True))  # mkdtemp's folder is owner-only: others could not load the model
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         save_model_card(card, staging, overwrite=True)

@@ -779,6 +779,20 @@ def finetune():
     return module
 
 
+def test_example_script_writes_a_model_folder_others_can_read(finetune, tmp_path):
+    """The folder was mkdtemp's, renamed into place: owner-only (0700), so other users of a shared machine could not
+    load the fine-tuned model."""
+    model, processor = tiny_random_bark()
+    card = bark_model_card(model.config, model_id="tuned")
+    previous = os.umask(0o022)
+    try:
+        folder = finetune.write_model_folder(model, processor, tmp_path / "tuned", overwrite=False, card=card)
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert torch.equal(BarkHfModel.from_pretrained(folder).semantic.lm_head.weight, model.semantic.lm_head.weight)
+
+
 def save_tone_dataset(folder: Path, **columns) -> Path:
     datasets.Dataset.from_dict({
         "text": ["a low tone", "a high tone"],

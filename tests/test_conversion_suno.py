@@ -26,7 +26,7 @@ from safetensors import safe_open
 from transformers import BertTokenizer
 
 from bark_hf.cli import main as cli_main
-from bark_hf.conversion.convert_suno import convert_suno_checkpoint, load_bark_tokenizer
+from bark_hf.conversion.convert_suno import _replace, convert_suno_checkpoint, load_bark_tokenizer
 from bark_hf.conversion.suno_checkpoint import (
     STAGES,
     CheckpointError,
@@ -726,3 +726,18 @@ def test_cli_usage_errors_exit_two(capsys):
         cli_main(["convert", "--checkpoint-dir", "x"])
     assert exit_info.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_replacing_an_output_folder_leaves_other_hidden_folders_alone(tmp_path):
+    """The old folder was moved aside to the fixed name .NAME.old, deleting whatever a user kept there first."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old", encoding="utf-8")
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "mine.txt").write_text("mine", encoding="utf-8")
+    staging = tmp_path / ".out.abc123"
+    staging.mkdir()
+    (staging / "new.txt").write_text("new", encoding="utf-8")
+    _replace(staging, tmp_path / "out")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["new.txt"]
+    assert (tmp_path / ".out.old" / "mine.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.old", "out"]

@@ -169,8 +169,7 @@ def _replace(staging: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         staging.rename(output_dir)
         return
-    backup = output_dir.with_name(f".{output_dir.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
+    backup = staging.with_name(f"{staging.name}.old")  # unique as staging is: a fixed name deleted whatever held it
     output_dir.rename(backup)
     try:
         staging.rename(output_dir)

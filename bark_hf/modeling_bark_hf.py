@@ -470,7 +470,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         for weights in Path(save_directory).glob("model*.safetensors"):
             weights.chmod(default_mode())
         save_generation_config(self.generation_config, save_directory)
-        if isinstance(self.config, BarkHfConfig):  # the composite's folder gets a README.md for the Hub
+        # The composite's folder gets a README.md for the Hub. By model type, not class: loaded as remote code,
+        # the config comes from another copy of configuration_bark_hf than the one this module imports.
+        if self.config.model_type == BarkHfConfig.model_type:
             save_model_card(bark_model_card(self.config, model_id=Path(save_directory).resolve().name), save_directory)
         if save_code:
             # The pipeline module imports (relatively) every module a remote-code user needs. It is imported here,
@@ -492,7 +494,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         def write(folder: Path, full_repo_id: str) -> None:
             shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             self.save_pretrained(folder, save_code=save_code, **shards)
-            if isinstance(self.config, BarkHfConfig):
+            if self.config.model_type == BarkHfConfig.model_type:
                 save_model_card(bark_model_card(self.config, model_id=full_repo_id, tags=tags), folder, overwrite=True)
 
         return push_folder_to_hub(repo_id, write, type(self).__name__, replaces=MODEL_WEIGHTS, **hub_options)

@@ -301,7 +301,7 @@ def test_save_code_leaves_the_config_in_memory_unchanged(tmp_path):
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent("""
-    import sys, json
+    import sys, json, os
     import numpy as np
 
     class NoBarkHf:  # prove the package itself is never imported
@@ -320,6 +320,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent("""
     assert type(second).__name__ == "BarkPipeline", type(second)
     # A model loaded as remote code saves itself, its code and its processor again; that folder works the same.
     pipe.save_pretrained(folder + "-again", save_code=True)
+    assert os.path.isfile(folder + "-again/README.md")  # the model card, though the config is another copy's class
     again = pipeline("text-to-speech", model=folder + "-again", trust_remote_code=True, device="cpu")
     assert type(again).__name__ == "BarkPipeline", type(again)
     result_again = again("Hello there.", voice_preset=preset, generate_kwargs=settings)

@@ -2003,6 +2003,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         use_cache: bool | None = None,
         show_progress: bool = True,
         compile: bool | None = None,
+        generation_config: BarkHfGenerationConfig | None = None,
         **kwargs: Any,
     ) -> torch.Tensor | BarkHfGenerationOutput:
         """Audio for tokenised text: `generate(**processor(text, voice_preset=...))`.
@@ -2011,22 +2012,26 @@ class BarkHfModel(BarkHfPreTrainedModel):
         config (`semantic_top_k=1`, `coarse_temperature=0.5`, `fine_temperature=None`, ...);
         `use_cache=False` turns the KV cache off everywhere; `compile=True` (default: the
         `BARK_HF_COMPILE` environment variable) decodes the semantic and coarse stages with
-        `torch.compile`d one-token steps. Returns audio `[B, samples]` float32,
+        `torch.compile`d one-token steps. `generation_config` (a `BarkHfGenerationConfig`) replaces the model's
+        for this call; the prefixed settings apply on top of it. Returns audio `[B, samples]` float32,
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
-        stage_settings = self.split_stage_settings(kwargs)
+        configs = self._stage_generation_configs(generation_config)
+        stage_settings = self.split_stage_settings(kwargs, generation_config)
         with self.offload_scope():
             self.offload_all_but(self.semantic)
             semantic = self.semantic.generate(input_ids, attention_mask, history_prompt, use_cache=use_cache,
                                               show_progress=show_progress, compile=compile,
-                                              **stage_settings["semantic"])
+                                              generation_config=configs["semantic"], **stage_settings["semantic"])
             self.offload_all_but(self.coarse_acoustics)
             coarse = self.coarse_acoustics.generate(semantic.sequences, semantic.lengths, history_prompt,
                                                     use_cache=use_cache, show_progress=show_progress,
-                                                    compile=compile, **stage_settings["coarse"])
+                                                    compile=compile, generation_config=configs["coarse"],
+                                                    **stage_settings["coarse"])
             self.offload_all_but(self.fine_acoustics)
             fine = self.fine_acoustics.generate(coarse.sequences, coarse.lengths, history_prompt,
-                                                show_progress=show_progress, **stage_settings["fine"])
+                                                show_progress=show_progress, generation_config=configs["fine"],
+                                                **stage_settings["fine"])
             self.offload_all_but(self.codec_model)
             audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
         if not return_dict_in_generate:
@@ -2042,16 +2047,29 @@ class BarkHfModel(BarkHfPreTrainedModel):
             fine_lengths=fine.lengths,
         )
 
-    def split_stage_settings(self, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Route `semantic_x=...` to the semantic stage as `x=...` (or as `semantic_x` where that is the stage's
-        field and `x` is not), and so on; refuse anything else, and values the stage's generation config refuses.
-        `generate` calls it; callers may, to check settings early."""
-        settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
-        configs = {
-            "semantic": self.semantic.generation_config,
-            "coarse": self.coarse_acoustics.generation_config,
-            "fine": self.fine_acoustics.generation_config,
+    def _stage_generation_configs(self, generation_config: BarkHfGenerationConfig | None = None) -> dict[str, Any]:
+        """The stage generation configs of `generation_config` (default: the model's), by stage prefix."""
+        if generation_config is None:
+            generation_config = self.generation_config
+        elif not isinstance(generation_config, BarkHfGenerationConfig):
+            raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got "
+                            f"{type(generation_config).__name__}; copy the model's (copy.deepcopy("
+                            "model.generation_config)) and change its stage configs, or pass prefixed settings "
+                            "such as semantic_temperature=0.6.")
+        return {
+            "semantic": generation_config.semantic_config,
+            "coarse": generation_config.coarse_acoustics_config,
+            "fine": generation_config.fine_acoustics_config,
         }
+
+    def split_stage_settings(self, kwargs: dict[str, Any],
+                             generation_config: BarkHfGenerationConfig | None = None) -> dict[str, dict[str, Any]]:
+        """Route `semantic_x=...` to the semantic stage as `x=...` (or as `semantic_x` where that is the stage's
+        field and `x` is not), and so on; refuse anything else, and values the stage's generation config (from
+        `generation_config`, default the model's) refuses. `generate` calls it; callers may, to check settings
+        early."""
+        settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
+        configs = self._stage_generation_configs(generation_config)
         for name, value in kwargs.items():
             prefix, _, setting = name.partition("_")
             if prefix not in settings or not setting:
@@ -2072,7 +2090,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
         return settings
 
 
-_WHOLE_CALL_ARGUMENTS = ("use_cache", "compile", "show_progress", "history_prompt", "return_dict_in_generate")
+_WHOLE_CALL_ARGUMENTS = ("use_cache", "compile", "show_progress", "history_prompt", "return_dict_in_generate",
+                         "generation_config")
 _NO_DO_SAMPLE = ("Bark samples at every stage and has no do_sample; for greedy decoding pass semantic_top_k=1, "
                  "coarse_top_k=1, fine_temperature=None.")
 

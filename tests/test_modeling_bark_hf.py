@@ -1152,3 +1152,21 @@ def test_a_temperature_so_small_that_logits_overflow_is_named(model, stage, sett
     with pytest.raises(FloatingPointError, match=f"The {stage} stage produced NaN .*temperature=1e-300 is so small"):
         model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, semantic_allow_early_stop=False,
                        **settings, **QUIET)
+
+
+def test_generate_takes_a_whole_generation_config(model):
+    """transformers' `generate(generation_config=...)` was refused as an unknown stage setting."""
+    config = copy.deepcopy(model.generation_config)
+    config.semantic_config.top_k = 1
+    config.coarse_acoustics_config.top_k = 1
+    config.fine_acoustics_config.temperature = None
+    torch.manual_seed(1)
+    given = model.generate(INPUT_IDS, ATTENTION_MASK, generation_config=config, **QUIET)
+    torch.manual_seed(2)
+    expected = model.generate(INPUT_IDS, ATTENTION_MASK, **GREEDY, **QUIET)
+    torch.testing.assert_close(given, expected, rtol=0, atol=0)
+    assert model.generation_config.semantic_config.top_k is None  # the model's own config is untouched
+    with pytest.raises(ValueError, match="invalid semantic setting: temperature must be"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, generation_config=config, semantic_temperature=-1.0, **QUIET)
+    with pytest.raises(TypeError, match="generation_config must be a BarkHfGenerationConfig, got dict"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, generation_config={}, **QUIET)

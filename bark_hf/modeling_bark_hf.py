@@ -424,6 +424,17 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(f"The {self.base_model_prefix or 'Bark'} stage's generate builds its own inputs; "
                                   "call generate instead.")
 
+    def _call_generation_config(self, generation_config: Any, settings: dict[str, Any]) -> Any:
+        """The generation config of one `generate` call: `generation_config` (default: the stage's own) with
+        `settings` applied. Another class failed with an AttributeError on the first field this stage reads."""
+        if generation_config is None:
+            generation_config = self.generation_config
+        elif not isinstance(generation_config, self.generation_config_class):
+            raise TypeError(f"generation_config must be a {self.generation_config_class.__name__}, got "
+                            f"{type(generation_config).__name__}; pass this stage's own kind (e.g. an edited "
+                            "copy.deepcopy(stage.generation_config)), or settings such as temperature=0.6.")
+        return generation_config.for_call(**settings)
+
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
         """Refuse training mode with int8 layers: they get no gradients, so only the float32 rest would learn."""
         if mode:
@@ -1274,7 +1285,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         `BARK_HF_COMPILE` environment variable) decodes with `torch.compile`d steps. The KV cache is on
         unless `use_cache=False` (see `_generation_uses_cache`). Follows bark/generation.py `generate_text_semantic`.
         """
-        config = (generation_config or self.generation_config).for_call(**settings)
+        config = self._call_generation_config(generation_config, settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
@@ -1404,7 +1415,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         The items go through their sliding windows together: window `w` of every item that has one
         is a single left-padded batch (`_generate_window`); an item leaves after its last window.
         """
-        config = (generation_config or self.generation_config).for_call(**settings)
+        config = self._call_generation_config(generation_config, settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
         self._warn_if_bfloat16_is_emulated()
@@ -1706,7 +1717,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         Window `i` of every item that has one runs as one batch. Each is a whole window of
         `max_fine_input_length` frames (the original pads every item to one), so no mask is needed.
         """
-        config = (generation_config or self.generation_config).for_call(**settings)
+        config = self._call_generation_config(generation_config, settings)
         window, hop = config.max_fine_input_length, config.fine_window_hop
         coarse_tokens = _checked_tokens(coarse_tokens, "coarse_tokens", "[B, K, T]")
         n_given = coarse_tokens.shape[1]

@@ -1170,3 +1170,11 @@ def test_generate_takes_a_whole_generation_config(model):
         model.generate(INPUT_IDS, ATTENTION_MASK, generation_config=config, semantic_temperature=-1.0, **QUIET)
     with pytest.raises(TypeError, match="generation_config must be a BarkHfGenerationConfig, got dict"):
         model.generate(INPUT_IDS, ATTENTION_MASK, generation_config={}, **QUIET)
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics", "fine_acoustics"])
+def test_a_stage_refuses_another_kind_of_generation_config(model, stage):
+    """The composite's config (or another stage's) failed with an AttributeError on the first field read."""
+    with pytest.raises(TypeError, match="generation_config must be a BarkHf\\w+GenerationConfig, got "
+                                        "BarkHfGenerationConfig; pass this stage's own kind"):
+        getattr(model, stage).generate(INPUT_IDS, generation_config=copy.deepcopy(model.generation_config))

@@ -95,6 +95,20 @@ class _JsonConfig:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write this config as `generation_config.json` in `save_directory` (made if missing), as transformers'
+        `GenerationConfig.save_pretrained` does; `from_pretrained` reads it back."""
+        os.makedirs(save_directory, exist_ok=True)
+        save_generation_config(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike):
+        """The config in `directory`'s `generation_config.json` (a local folder, e.g. a saved model's)."""
+        if not os.path.isfile(os.path.join(directory, GENERATION_CONFIG_NAME)):
+            raise FileNotFoundError(f"{directory} holds no {GENERATION_CONFIG_NAME}; pass a local folder written by "
+                                    "save_pretrained (a config's or a model's).")
+        return load_generation_config(cls, directory)
+
     def updated(self, **overrides: Any):
         """A copy with `overrides` applied; unknown names raise a `ValueError` listing valid ones."""
         known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -1178,3 +1178,15 @@ def test_a_stage_refuses_another_kind_of_generation_config(model, stage):
     with pytest.raises(TypeError, match="generation_config must be a BarkHf\\w+GenerationConfig, got "
                                         "BarkHfGenerationConfig; pass this stage's own kind"):
         getattr(model, stage).generate(INPUT_IDS, generation_config=copy.deepcopy(model.generation_config))
+
+
+def test_generation_config_save_pretrained_and_from_pretrained(model, tmp_path):
+    """transformers' GenerationConfig round trip; the configs had no save_pretrained (AttributeError)."""
+    config = copy.deepcopy(model.generation_config)
+    config.semantic_config.top_k = 5
+    config.save_pretrained(tmp_path / "new")
+    loaded = BarkHfGenerationConfig.from_pretrained(tmp_path / "new")
+    assert loaded == config and loaded.semantic_config.top_k == 5
+    assert BarkHfSemanticGenerationConfig.from_pretrained(tmp_path / "new").top_k == 5  # a stage of a whole file
+    with pytest.raises(FileNotFoundError, match="holds no generation_config.json; pass a local folder"):
+        BarkHfGenerationConfig.from_pretrained(tmp_path)

@@ -710,7 +710,7 @@ def test_a_failed_final_rename_puts_the_old_folder_back(monkeypatch, tiny_codec,
     rename = Path.rename
 
     def failing_rename(self, target):
-        if Path(target) == output and self.name != ".bark.old":  # the staging folder's move into place
+        if Path(target) == output and not self.name.endswith(".old"):  # the staging folder's move, not the backup's
             raise OSError("simulated rename failure")
         return rename(self, target)
 

@@ -17,6 +17,8 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .model_card import GENERATED_CARD_MARKER
 
+HUB_DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+"""The `from_pretrained` options that say where and how to download a Hub repo (`snapshot_download`'s names)."""
 MODEL_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json")
 """What a model's push replaces on the Hub: an earlier push's single file or shards left beside new weights of
 another sharding, and transformers loads a single `model.safetensors` before any shards."""

@@ -21,7 +21,7 @@ import torch
 from transformers import Pipeline
 
 from .checks import checked_dtype, checked_flag, checked_seed, checked_whole_number
-from .hub import MODEL_WEIGHTS, push_folder_to_hub
+from .hub import HUB_DOWNLOAD_OPTIONS, MODEL_WEIGHTS, push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SILENCE_S,
@@ -38,8 +38,6 @@ from .processing_bark_hf import BarkHfProcessor, gives_tokens
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
 _FORWARD_KEYS = ("generate_kwargs", "forward_params", "long_form", "history", "silence_s", "seed", "show_progress")
-# Where BarkPipeline.from_pretrained finds the model; both the model and the processor take them.
-_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 # transformers' TextToAudioPipeline settings that mean nothing here, each with what to do instead: refused by name,
 # not as unknown, and num_workers also when building, where transformers' Pipeline took it and left it unused.
 _REFUSED_KEYS = {
@@ -137,7 +135,7 @@ class BarkPipeline(Pipeline):
         `device_map` and `dtype` (`torch_dtype`, transformers' older name) go to `BarkHfModel.from_pretrained`;
         the Hub options `revision`, `token`, `cache_dir`, `local_files_only` and `force_download` to the model's
         and the processor's `from_pretrained`; other `settings` are call defaults (`voice_preset=`, `batch_size=`)."""
-        hub_options = {key: settings.pop(key) for key in _HUB_OPTIONS if key in settings}
+        hub_options = {key: settings.pop(key) for key in HUB_DOWNLOAD_OPTIONS if key in settings}
         if torch_dtype is not None:  # was taken by Pipeline.__init__ and ignored: the model stayed float32
             if dtype is not None:
                 raise ValueError("Got both dtype and torch_dtype; pass only dtype (torch_dtype is its older name).")

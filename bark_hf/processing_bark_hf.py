@@ -37,7 +37,7 @@ from .generation_configuration_bark_hf import (
     SEMANTIC_VOCAB_SIZE,
     BarkHfSemanticGenerationConfig,
 )
-from .hub import push_folder_to_hub
+from .hub import HUB_DOWNLOAD_OPTIONS, push_folder_to_hub
 
 logger = logging.getLogger(__name__)
 
@@ -563,8 +563,7 @@ class BarkHfProcessor(ProcessorMixin):
         `token`, `local_files_only` and `force_download` go to `snapshot_download`); other
         keyword arguments go to `BertTokenizer.from_pretrained`. Presets are read on first use.
         """
-        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_OPTIONS if key in kwargs}
         folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", None) or "")
         # Without these files BertTokenizer loads with only its 5 special tokens: every word became [UNK], and a
         # model folder holding only weights generated noise for any text, without an error.

@@ -572,7 +572,12 @@ class BarkHfProcessor(ProcessorMixin):
                 f"{folder!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}); pass a folder saved with "
                 "`save_pretrained` or `bark-hf convert`, which writes the tokenizer beside the weights."
             )
-        processor = cls(BertTokenizer.from_pretrained(folder, **kwargs))
+        try:
+            tokenizer = BertTokenizer.from_pretrained(folder, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # neither names the file
+            raise ValueError(f"The tokenizer files in {folder!r} ({', '.join(_TOKENIZER_FILES)} and their JSON "
+                             f"configs) cannot be read ({error}); save or convert the model again.") from None
+        processor = cls(tokenizer)
         processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
         return processor
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -467,6 +468,15 @@ def test_a_second_save_with_fewer_presets_removes_the_files_it_no_longer_indexes
     loaded = BarkHfProcessor.from_pretrained(tmp_path)
     assert loaded.available_voice_presets == ["announcer"]
     assert_presets_equal(loaded.load_voice_preset("announcer"), make_preset(seed=7))
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00 not text"])
+def test_an_unreadable_tokenizer_config_names_the_folder(processor, tmp_path, content):
+    """A bare JSONDecodeError or UnicodeDecodeError from deep inside transformers named no file."""
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"tokenizer files in '{re.escape(str(tmp_path))}/?'.*cannot be read"):
+        BarkHfProcessor.from_pretrained(tmp_path)
 
 
 def test_missing_local_folder(tmp_path):

@@ -20,7 +20,11 @@ _MODEL_CLASS_OF_TYPE = {"bark_hf": "BarkHfModel", "bark_hf_semantic": "BarkHfSem
 def _check_model_type(config_cls: type[PretrainedConfig], config_dict: dict[str, Any],
                       source: str | os.PathLike) -> None:
     """Refuse a bark-hf folder of another model: transformers only logs a warning, then built a default-sized
-    model of random weights (the whole model from a stage's folder) or put one stage's weights in another."""
+    model of random weights (the whole model from a stage's folder) or put one stage's weights in another.
+    A config that is not a JSON object failed inside this check with an AttributeError."""
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"The config.json in {os.fspath(source)!r} holds a JSON {type(config_dict).__name__}, not an "
+                         "object of settings; restore that file or save the model again.")
     found = config_dict.get("model_type")
     if found == config_cls.model_type or found not in _MODEL_CLASS_OF_TYPE:
         return

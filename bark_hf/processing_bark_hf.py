@@ -198,6 +198,11 @@ def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as loaded:
             arrays = {key: loaded[key] for key in loaded.files}
+        # numpy hands back a member that is not .npy data as raw bytes, which the checks saw as "shape ()"
+        raw = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+        if raw:
+            raise ValueError(f"its member(s) {', '.join(raw)} are not .npy arrays; save the preset's integer arrays "
+                             "with np.savez")
         return validate_voice_preset(arrays)
     except ValueError as error:
         raise ValueError(f"Voice preset file {path!r}: {_explained(error)}") from error

@@ -474,6 +474,16 @@ def test_a_bare_vocab_txt_loads_as_the_cased_tokenizer(tokenizer_dir, tmp_path):
     assert BertTokenizer.from_pretrained(bare).encode(text, add_special_tokens=False) != expected  # lowercases
 
 
+def test_a_vocab_txt_that_is_not_utf8_is_named_with_the_fix(tokenizer_dir, tmp_path):
+    """A bare UnicodeDecodeError named neither the file nor what to give instead."""
+    folder = tmp_path / "latin1"
+    shutil.copytree(tokenizer_dir, folder)
+    with (folder / "vocab.txt").open("ab") as vocab:
+        vocab.write("\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1/vocab\.txt is not UTF-8 text .*bert-base-multilingual-cased"):
+        load_bark_tokenizer(folder)
+
+
 def _without_unk(folder: Path) -> None:
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
     (folder / "vocab.txt").write_text("\n".join(token for token in vocab if token != "[UNK]"), encoding="utf-8")

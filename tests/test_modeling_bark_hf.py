@@ -690,6 +690,15 @@ def test_a_folder_of_another_model_is_refused_naming_the_class_that_loads_it(mod
     assert isinstance(AutoModel.from_pretrained(tmp_path / "semantic"), BarkHfSemanticModel)
 
 
+def test_a_config_json_that_is_not_an_object_is_refused_naming_the_file(model, tmp_path):
+    """A JSON list failed inside the model-type check with "'list' object has no attribute 'get'"."""
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]", encoding="utf-8")
+    for model_cls in (BarkHfModel, BarkHfSemanticModel):
+        with pytest.raises(ValueError, match="config.json in .* holds a JSON list, not an object of settings"):
+            model_cls.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("text,problem", [("{bad", "is not valid JSON"), ("[1]", "holds a JSON list"),
                                           ('{"semantic_config": {"temperature": 0}}', "temperature must be"),
                                           ('{"semantic_config": [1]}', "has no attribute")])

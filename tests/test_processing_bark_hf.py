@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +390,17 @@ def test_pickled_object_arrays_are_refused_without_pointing_to_allow_pickle(proc
     with pytest.raises(ValueError, match="announcer.*pickled object array.*never loads") as info:
         BarkHfProcessor.from_pretrained(tmp_path / "saved").load_voice_preset("announcer")
     assert "allow_pickle" not in str(info.value)
+
+
+def test_an_npz_whose_members_are_not_npy_data_is_named(processor, tmp_path):
+    """numpy returns such a member as raw bytes, which the shape checks reported as "shape ()"."""
+    with zipfile.ZipFile(tmp_path / "voice.npz", "w") as archive:
+        for key, array in make_preset().items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{key}.npy", buffer.getvalue() if key != "coarse_prompt" else b"not numpy data")
+    with pytest.raises(ValueError, match=r"voice\.npz.*member\(s\) coarse_prompt are not \.npy arrays"):
+        processor("Hello", voice_preset=str(tmp_path / "voice.npz"))
 
 
 def test_folder_without_presets(tokenizer, tmp_path):

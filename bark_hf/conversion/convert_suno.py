@@ -130,10 +130,13 @@ def load_bark_tokenizer(folder: Path) -> BertTokenizer:
     which gives other ids than the original's.
     """
     vocab_file = folder / "vocab.txt"
-    vocab = [line for line in vocab_file.read_text(encoding="utf-8").splitlines() if line]
+    fix = "give bert-base-multilingual-cased's vocab.txt (119 547 tokens)"
+    try:
+        vocab = [line for line in vocab_file.read_text(encoding="utf-8").splitlines() if line]
+    except UnicodeDecodeError as error:  # its message names neither the file nor the fix
+        raise ValueError(f"{vocab_file} is not UTF-8 text ({error}); {fix}.") from error
     text = BarkHfSemanticGenerationConfig()
     room = text.text_pad_token - text.text_encoding_offset  # text ids sit between the offset and the pad token
-    fix = "give bert-base-multilingual-cased's vocab.txt (119 547 tokens)"
     if "[UNK]" not in vocab:
         raise ValueError(f"{vocab_file} has no [UNK] token ({len(vocab)} tokens in all); {fix}.")
     if len(vocab) > room:

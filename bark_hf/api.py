@@ -339,7 +339,7 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
     check_replaceable(path)  # before the overwrite advice: overwrite=True cannot replace a folder either
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+    with atomic_path(path, replace=overwrite) as temporary, open(temporary, "wb") as file:
         np.savez(file, **arrays)
 
 

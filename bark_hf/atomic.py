@@ -68,17 +68,40 @@ def check_writable_folder(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """A temporary file beside `path` to write into; it replaces `path` when the block succeeds and is
     removed when it fails. A replaced file's permissions stay (a private 0600 file stays private); a new
-    file gets ordinary ones (mkstemp's own are owner-only)."""
+    file gets ordinary ones (mkstemp's own are owner-only).
+
+    With `replace=False` the file takes the name only if nothing holds it yet, checked in the same system
+    call (a hard link), so a file created at `path` while the block ran is kept: FileExistsError.
+    """
     path = check_replaceable(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
         os.chmod(temporary, path.stat().st_mode & 0o7777 if path.is_file() else default_mode())
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            _rename_unless_taken(Path(temporary), path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _rename_unless_taken(source: Path, path: Path) -> None:
+    """Give `source` the name `path` unless a file holds it; a plain rename would replace that file."""
+    taken = FileExistsError(f"{path} was created by something else while this output was written; it was kept "
+                            "and nothing was written to it. Choose another path, or allow replacing it.")
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        raise taken from None
+    except OSError:  # a file system without hard links: check, then rename (a short window remains there)
+        if path.exists():
+            raise taken from None
+        os.replace(source, path)
+        return
+    source.unlink()

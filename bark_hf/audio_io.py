@@ -63,6 +63,6 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, over
     """Write mono float audio in [-1, 1] as 16-bit PCM WAV; never leaves a partial file."""
     path = check_output_path(path, overwrite)
     data = wav_bytes(audio, sample_rate)
-    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+    with atomic_path(path, replace=overwrite) as temporary, open(temporary, "wb") as file:
         file.write(data)
     return path

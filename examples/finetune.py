@@ -323,20 +323,30 @@ def load_model(name: str):
 
 
 def write_model_folder(model, processor, output_dir: Path, overwrite: bool, card: ModelCard) -> Path:
-    """Save model, processor and `card` into a temporary folder beside `output_dir`, then rename it."""
+    """Save model, processor and `card` into a temporary folder beside `output_dir`, then rename it.
+
+    Without `overwrite`, a folder that something created at `output_dir` while training ran is kept, and so is
+    the trained model: the error names the folder that holds it.
+    """
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         staging.chmod(default_mode(directory=True))  # mkdtemp's folder is owner-only: others could not load the model
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         save_model_card(card, staging, overwrite=True)
-        replaced = output_dir.with_name(staging.name + ".old") if output_dir.exists() and overwrite else None
-        if replaced is not None:
-            output_dir.rename(replaced)
-        staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replaced = output_dir.with_name(staging.name + ".old") if output_dir.exists() and overwrite else None
+    if replaced is not None:
+        output_dir.rename(replaced)
+    try:
+        staging.rename(output_dir)  # fails over a file or a folder with files in it, replaces an empty folder
+    except OSError as error:
+        if replaced is not None:
+            replaced.rename(output_dir)
+        raise SystemExit(f"{output_dir} was created while training ran, so the trained model was not written "
+                         f"there ({error.strerror or error}); it is kept in {staging}: rename that folder.") from None
     if replaced is not None:
         shutil.rmtree(replaced)
     return output_dir

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY_PRESET_NAMES
 
+from bark_hf import audio_io
 from bark_hf.cli import main
 
 
@@ -73,6 +74,35 @@ def test_say_refuses_to_overwrite(tmp_path, capsys):
     assert main(["say", "Hi.", "-o", str(output), "--model", "tiny-random", "--quiet"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert output.read_bytes() == b"keep me"
+
+
+def _no_hard_links(*args) -> None:
+    raise PermissionError("this file system has no hard links")
+
+
+@pytest.mark.parametrize("overwrite,hard_links", [(False, True), (True, True), (False, False)])
+def test_a_file_made_while_the_wav_is_written_is_kept_unless_overwriting(tmp_path, monkeypatch, overwrite,
+                                                                        hard_links):
+    """The existence check ran before the audio was written and the rename replaced whatever appeared since."""
+    output = tmp_path / "race.wav"
+    if not hard_links:  # as on file systems without them: the existence is checked again just before the rename
+        monkeypatch.setattr(os, "link", _no_hard_links)
+    real_wav_bytes = audio_io.wav_bytes
+
+    def wav_bytes_while_another_writer_wins(audio, sample_rate):
+        output.write_bytes(b"the other writer's file")
+        return real_wav_bytes(audio, sample_rate)
+
+    monkeypatch.setattr(audio_io, "wav_bytes", wav_bytes_while_another_writer_wins)
+    audio = np.zeros(320, dtype=np.float32)
+    if overwrite:
+        audio_io.write_wav(output, audio, 24_000, overwrite=True)
+        assert output.read_bytes().startswith(b"RIFF")
+    else:
+        with pytest.raises(FileExistsError, match="race.wav was created by something else .* it was kept"):
+            audio_io.write_wav(output, audio, 24_000)
+        assert output.read_bytes() == b"the other writer's file"
+    assert [path.name for path in tmp_path.iterdir()] == ["race.wav"]  # no temporary file left
 
 
 def test_unreachable_model_names_the_fix(tmp_path, capsys, monkeypatch):

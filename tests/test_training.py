@@ -793,6 +793,19 @@ def test_example_script_writes_a_model_folder_others_can_read(finetune, tmp_path
     assert torch.equal(BarkHfModel.from_pretrained(folder).semantic.lm_head.weight, model.semantic.lm_head.weight)
 
 
+def test_example_script_keeps_a_folder_made_while_training_and_the_trained_model(finetune, tmp_path):
+    """The final rename failed with a bare OSError and the trained model was deleted with its staging folder."""
+    model, processor = tiny_random_bark()
+    card = bark_model_card(model.config, model_id="tuned")
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "notes.txt").write_text("someone else's", encoding="utf-8")
+    with pytest.raises(SystemExit, match="tuned was created while training ran.*it is kept in") as info:
+        finetune.write_model_folder(model, processor, tmp_path / "tuned", overwrite=False, card=card)
+    kept = Path(str(info.value).rsplit("it is kept in ", 1)[1].removesuffix(": rename that folder."))
+    assert torch.equal(BarkHfModel.from_pretrained(kept).semantic.lm_head.weight, model.semantic.lm_head.weight)
+    assert [path.name for path in (tmp_path / "tuned").iterdir()] == ["notes.txt"]
+
+
 def save_tone_dataset(folder: Path, **columns) -> Path:
     datasets.Dataset.from_dict({
         "text": ["a low tone", "a high tone"],

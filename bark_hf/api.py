@@ -22,7 +22,7 @@ from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
 from .checks import checked_dtype, checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
-from .longform import DEFAULT_SILENCE_S, checked_history, checked_silence, generate_long_form
+from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, checked_history, checked_silence, generate_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
 
@@ -292,13 +292,13 @@ def generate_long_audio(
     silent: bool = False,
     output_full: bool = False,
     seed: int | None = None,
-    history: str = "first",
+    history: str = DEFAULT_HISTORY,
 ) -> np.ndarray | tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """Float32 audio at 24 kHz for text of any length (not in the original API).
 
     The text is cut into sentence chunks that each fit one generation, all spoken in one voice
-    (`history_prompt`, or without one the first chunk's; `history="previous"` conditions each chunk on
-    the one before instead), and joined with `silence_s` seconds of silence; see
+    (`history_prompt` for every chunk; without one each chunk continues the one before, see `history`
+    in `generate_long_form`), and joined with `silence_s` seconds of silence; see
     `bark_hf.longform.generate_long_form`. `output_full=True` returns
     `(full_generations, audio)` with one full generation per chunk.
     """

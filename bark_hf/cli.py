@@ -17,7 +17,7 @@ from .checks import checked_seed
 from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
-from .longform import DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
+from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 
@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default 0.7)")
     say.add_argument("--long-form", choices=("auto", "on", "off"), default="auto",
                      help="split the text into sentences: auto (default) does so when it is too long for one go")
-    say.add_argument("--history", choices=HISTORY_MODES, default="first",
-                     help="what long-form chunks are conditioned on: first (default; the voice, or without one the "
-                          "first chunk; batched) or previous (each chunk continues the one before; one at a time)")
+    say.add_argument("--history", choices=HISTORY_MODES, default=DEFAULT_HISTORY,
+                     help="what long-form chunks are conditioned on: auto (default; the voice for every chunk, "
+                          "batched, or without one each chunk continues the one before), first (without a voice, the "
+                          "first chunk for every other, batched) or previous (each chunk continues the one before)")
     say.add_argument("--silence", type=float, default=DEFAULT_SILENCE_S,
                      help=f"seconds of silence between long-form chunks (default {DEFAULT_SILENCE_S})")
     say.add_argument("--quiet", action="store_true", help="no progress bars or messages")

@@ -4,8 +4,8 @@ One Bark generation reads at most 256 text tokens and speaks at most about 15 s 
 stage stops at 768 tokens). Longer text is cut into sentences, the sentences are grouped into
 chunks that fit one generation each, and the chunks' audio is joined with short silences.
 
-The voice stays the same across chunks because every chunk is conditioned on one history: the
-voice preset, or without one, the first chunk's own tokens (see `generate_long_form`).
+The voice stays the same across chunks because each chunk is conditioned on a history: the voice
+preset, or without one, the chunk before it (or the first chunk: see `generate_long_form`).
 See docs/long-form.md.
 """
 
@@ -50,8 +50,9 @@ DEFAULT_SILENCE_S = 0.25
 MAX_SILENCE_S = 60.0
 """The longest silence between chunks: far above any pause, and far below what overflows or fills memory."""
 DEFAULT_BATCH_SIZE = 8
-HISTORY_MODES = ("first", "previous")
+HISTORY_MODES = ("auto", "first", "previous")
 """What chunks after the first are conditioned on; see `generate_long_form`."""
+DEFAULT_HISTORY = "auto"
 
 ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "mt", "gen", "col", "capt",
                            "sgt", "lt", "rev", "gov", "sen", "inc", "ltd", "corp", "co", "approx", "dept"})
@@ -426,7 +427,7 @@ def generate_long_form(
     *,
     chunks: list[str] | None = None,
     voice_preset: Any = None,
-    history: str = "first",
+    history: str = DEFAULT_HISTORY,
     silence_s: float = DEFAULT_SILENCE_S,
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int | None = None,
@@ -439,9 +440,10 @@ def generate_long_form(
     anything the processor accepts (name, `.npz` path, dict of arrays). `history` picks what the
     chunks are conditioned on:
 
-    - `"first"` (default): with a preset, every chunk uses it; without one, the first chunk is
-      generated alone and its full generation is the history of all the others. Batched by
-      `batch_size`.
+    - `"auto"` (default): with a preset, every chunk uses it, batched by `batch_size`; without one,
+      each chunk continues the one before it, one at a time.
+    - `"first"`: as `"auto"` with a preset; without one, the first chunk is generated alone and its
+      full generation is the history of all the others, which then batch.
     - `"previous"`: each chunk continues the one before it (the first uses the preset, if any),
       as feeding the original's `generate_audio(..., output_full=True)` back in does. Sequential.
 
@@ -476,7 +478,7 @@ def generate_long_form(
     if seed is not None:
         torch.manual_seed(seed)
     with logging.tqdm(total=len(pieces), desc="long-form", unit="chunk", disable=not show_progress) as progress:
-        if history == "previous":
+        if history == "previous" or (history == "auto" and voice is None):
             for index in range(len(pieces)):
                 generate([index], voice)
                 voice = _usable_history(generations[index], index) or voice

@@ -7,9 +7,9 @@ the index of its first chunk, so the audio does not depend on how many processes
 Process 0 gathers the chunks, puts them back in numeric order, joins them with `--silence` seconds
 of silence, optionally normalises the integrated loudness to `--loudness` LUFS, and writes one WAV.
 
-The voice stays the same across chunks, as in `longform.generate_long_form`: every chunk is
-conditioned on `--voice`, or without one on the first chunk's own generation (process 0 makes it
-before the others start).
+The voice stays the same across chunks, as in `longform.generate_long_form(history="first")`: every
+chunk is conditioned on `--voice`, or without one on the first chunk's own generation (process 0 makes
+it before the others start). Chaining each chunk to the one before would leave nothing to spread.
 
     python -m bark_hf.parallel --input script.txt -o out.wav                    # one process
     accelerate launch --multi_gpu --num_processes 4 -m bark_hf.parallel ...     # four GPUs
@@ -142,8 +142,8 @@ def read_script(path: str) -> str:
 def _speak(model: Any, processor: Any, chunks: list[str], voice: dict[str, np.ndarray] | None,
            seed: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """Audio of each chunk (one batch, one seed) and the first chunk's full generation."""
-    output = generate_long_form(model, processor, chunks=chunks, voice_preset=voice, batch_size=len(chunks),
-                                seed=seed, silence_s=0.0, show_progress=False)
+    output = generate_long_form(model, processor, chunks=chunks, voice_preset=voice, history="first",
+                                batch_size=len(chunks), seed=seed, silence_s=0.0, show_progress=False)
     ends = np.cumsum(output.chunk_lengths)
     return np.split(output.audio, ends[:-1]), output.generations[0]
 

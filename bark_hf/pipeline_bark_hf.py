@@ -24,6 +24,7 @@ from .checks import checked_dtype, checked_flag, checked_seed, checked_whole_num
 from .hub import HUB_DOWNLOAD_OPTIONS, MODEL_WEIGHTS, push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_HISTORY,
     DEFAULT_SILENCE_S,
     checked_generate_kwargs,
     checked_history,
@@ -73,8 +74,9 @@ class BarkPipeline(Pipeline):
         batch_size: texts generated together (default 8); also chunks of a long text.
         long_form: split the text into sentences and join the chunks' audio; None (default) turns it
             on for texts longer than one generation holds.
-        history: what long-form chunks are conditioned on: "first" (default; the preset, or without one
-            the first chunk's generation; batched) or "previous" (each chunk continues the one before).
+        history: what long-form chunks are conditioned on: "auto" (default; the preset for every chunk,
+            batched, or without one each chunk continues the one before), "first" (without a preset, the
+            first chunk's generation for every other; batched) or "previous" (each chunk continues the one before).
         silence_s: the silence between long-form chunks, in seconds (default 0.25).
         seed: seeds torch before generating, so a call is repeatable.
     """
@@ -235,7 +237,7 @@ class BarkPipeline(Pipeline):
             generate_kwargs=generate_kwargs,
             batch_size=batch_size,
             long_form=long_form,
-            history=checked_history(forward.get("history", "first"), "history"),
+            history=checked_history(forward.get("history", DEFAULT_HISTORY), "history"),
             silence_s=checked_silence(forward.get("silence_s", DEFAULT_SILENCE_S), "silence_s"),
             seed=checked_seed(forward.get("seed")),
             show_progress=checked_flag(forward.get("show_progress", False), "show_progress"),

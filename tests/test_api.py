@@ -495,7 +495,7 @@ def test_generate_long_audio_passes_its_settings(tiny, monkeypatch):
                                    seed=7).shape == (3,)
     model, processor, text, kwargs = calls[0]
     assert (model, processor, text) == (tiny.model, tiny.processor, "Hi.")
-    assert kwargs == dict(voice_preset="v2/en_speaker_1", history="first", silence_s=0.1, seed=7, show_progress=True,
+    assert kwargs == dict(voice_preset="v2/en_speaker_1", history="auto", silence_s=0.1, seed=7, show_progress=True,
                           generate_kwargs=dict(semantic_temperature=0.9, coarse_temperature=0.3,
                                                fine_temperature=0.5))
     with pytest.raises(ValueError, match="waveform_temp"):
@@ -507,7 +507,7 @@ def test_generate_long_audio_passes_its_settings(tiny, monkeypatch):
     (dict(text=["Hi.", "Bye."]), TypeError, "text must be a string"),
     (dict(text="Hi.", silence_s=-1), ValueError, "silence_s"),
     (dict(text="Hi.", seed=0.5), TypeError, "seed must be an integer"),
-    (dict(text="Hi.", history="last"), ValueError, "history must be one of 'first', 'previous'"),
+    (dict(text="Hi.", history="last"), ValueError, "history must be one of 'auto', 'first', 'previous'"),
 ])
 def test_generate_long_audio_checks_its_arguments_before_loading_a_model(monkeypatch, kwargs, error, match):
     """With nothing loaded, these were refused only after the default model (suno/bark) was loaded."""

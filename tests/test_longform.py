@@ -364,11 +364,28 @@ def test_long_text_with_a_preset_equals_each_chunk_generated_alone(tiny, monkeyp
     assert not np.array_equal(unprompted["fine_prompt"], result.generations[0]["fine_prompt"])
 
 
-def test_without_a_preset_the_first_chunk_is_the_voice_of_the_rest(tiny, monkeypatch):
+def test_by_default_without_a_preset_each_chunk_continues_the_one_before(tiny, monkeypatch):
+    """The issue's rule: with no preset, the previous chunk's tokens are the next chunk's history."""
+    model, processor = tiny
+    chunks = ["The first chunk sets the voice.", "The second follows it.", "So does the third."]
+    calls = record_generate(model, monkeypatch)
+    result = generate_long_form(model, processor, chunks=chunks, generate_kwargs=GREEDY, show_progress=False)
+    monkeypatch.undo()
+
+    assert [call["input_ids"].shape[0] for call in calls] == [1, 1, 1]
+    assert calls[0].get("history_prompt") is None
+    for call, previous in zip(calls[1:], result.generations[:-1], strict=True):
+        assert_arrays_equal(call["history_prompt"][0], previous)
+    histories = [None, *result.generations[:-1]]
+    for chunk, history, generation in zip(chunks, histories, result.generations, strict=True):
+        assert_arrays_equal(generation, generate_alone(model, processor, chunk, history)[1])
+
+
+def test_first_history_without_a_preset_makes_the_first_chunk_the_voice_of_the_rest(tiny, monkeypatch):
     model, processor = tiny
     chunks = ["The first chunk sets the voice.", "The second follows it.", "So does the third.", "And a fourth."]
     calls = record_generate(model, monkeypatch)
-    result = generate_long_form(model, processor, chunks=chunks, batch_size=2, silence_s=0.0,
+    result = generate_long_form(model, processor, chunks=chunks, history="first", batch_size=2, silence_s=0.0,
                                 generate_kwargs=GREEDY, show_progress=False)
     monkeypatch.undo()
 

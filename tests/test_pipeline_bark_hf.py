@@ -189,7 +189,7 @@ def test_long_form_history_previous_chains_the_chunks_as_the_long_form_generator
     expected = generate_long_form(pipe.model, pipe.processor, text, history="previous", generate_kwargs=settings,
                                   show_progress=False)
     np.testing.assert_array_equal(output["audio"], expected.audio)
-    with pytest.raises(ValueError, match="history must be one of 'first', 'previous'.*got 'last'"):
+    with pytest.raises(ValueError, match="history must be one of 'auto', 'first', 'previous'.*got 'last'"):
         pipe(text, long_form=True, history="last")
 
 

@@ -120,9 +120,18 @@ class _JsonConfig:
             )
         return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
 
+    @classmethod
+    def call_settings(cls) -> list[str]:
+        """The fields one `generate` call may set: all but the token layout."""
+        return sorted(item.name for item in dataclasses.fields(cls) if item.name not in cls.TOKEN_LAYOUT)
+
     def for_call(self, **settings: Any):
         """A copy with one `generate` call's `settings` (sampling, lengths, windows), refusing the token layout:
         a call with another vocabulary size or rate gave wrong-length output or an IndexError deep in torch."""
+        unknown = sorted(set(settings) - {item.name for item in dataclasses.fields(self)})
+        if unknown:  # `updated` would list the token layout too, which a call may not set
+            raise ValueError(f"{type(self).__name__} has no setting {', '.join(map(repr, unknown))}; valid settings "
+                             f"are: {', '.join(self.call_settings())}.")
         fixed = sorted(set(settings) & set(self.TOKEN_LAYOUT))
         if fixed:
             raise ValueError(

@@ -2112,11 +2112,12 @@ def _unprefixed_fix(name: str, configs: Mapping[str, Any]) -> str:
     `max_new_tokens=` or `do_sample=` for every stage at once): the prefixed names of the stages that have it."""
     if name == "do_sample":
         return _NO_DO_SAMPLE
-    stages = [f"{prefix}_{name}" for prefix, config in configs.items()
-              if name in {item.name for item in fields(config)} and name not in config.TOKEN_LAYOUT]
+    stages = [f"{prefix}_{name}" for prefix, config in configs.items() if name in config.call_settings()]
     if stages:
         return f"Bark's settings are per stage and take a stage prefix: pass {', '.join(stages)} instead."
-    return "Stage settings take a stage prefix, e.g. semantic_temperature, coarse_top_k, fine_temperature."
+    listed = [setting if setting.startswith(f"{prefix}_") else f"{prefix}_{setting}"  # fine_window_hop as it is
+              for prefix, config in configs.items() for setting in config.call_settings()]
+    return f"Stage settings take a stage prefix; they are: {', '.join(listed)}."
 
 
 __all__ = [

@@ -468,9 +468,12 @@ def test_stage_settings_reach_their_stages(model, monkeypatch):
     ("top_k", ["pass semantic_top_k, coarse_top_k instead"]),
     ("do_sample", ["Unknown generate argument 'do_sample'", "semantic_top_k=1, coarse_top_k=1, fine_temperature=None"]),
     ("semantic_do_sample", ["has no do_sample", "semantic_top_k=1"]),
-    ("foo_bar", ["Unknown generate argument 'foo_bar'", "stage prefix"]),
+    ("foo_bar", ["Unknown generate argument 'foo_bar'", "stage prefix", "semantic_allow_early_stop",
+                 "coarse_sliding_window_len", "fine_window_hop", "fine_temperature."]),
     ("semantic_tempreature", ["Unknown or invalid semantic setting", "'tempreature'", "valid settings are:",
                               "temperature", "top_k", "min_eos_p"]),
+    ("semantic_bogus", ["valid settings are: allow_early_stop, max_gen_duration_s, max_new_tokens, min_eos_p, "
+                        "temperature, top_k, top_p."]),  # not the token layout, which a call may not set
     ("coarse_sliding_window", ["Unknown or invalid coarse setting", "valid settings are:", "sliding_window_len"]),
     ("fine_top_k", ["Unknown or invalid fine setting", "valid settings are:", "temperature"]),
     ("semantic_", ["Unknown generate argument 'semantic_'"]),

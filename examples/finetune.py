@@ -16,6 +16,7 @@ load it. See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -173,7 +174,9 @@ def check_arguments(args: argparse.Namespace) -> Path:
             import peft  # noqa: F401
         except ImportError:
             raise SystemExit("--lora-rank needs peft: pip install 'bark-hf[train]'") from None
-        check_lora_targets(args.stage, args.lora_targets or LORA_TARGETS.split(","))
+        check_lora_targets(args.stage, lora_settings(args)["target_modules"])
+    if args.resume:
+        check_resumable(Path(get_last_checkpoint(str(args.checkpoint_dir))), args)
     if args.push_to_hub is not None:  # else the upload fails after training
         try:
             validate_repo_id(args.push_to_hub)
@@ -184,6 +187,53 @@ def check_arguments(args: argparse.Namespace) -> Path:
             raise SystemExit("--push-to-hub needs a Hugging Face token with write access; log in with `hf auth "
                              "login` or set HF_TOKEN.")
     return output_dir
+
+
+def lora_settings(args: argparse.Namespace) -> dict:
+    """The LoRA settings of a run with --lora-rank, as peft's LoraConfig (and its adapter_config.json) names them."""
+    return {"r": args.lora_rank, "lora_alpha": args.lora_alpha or 2 * args.lora_rank,
+            "target_modules": sorted(args.lora_targets or LORA_TARGETS.split(","))}
+
+
+def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, a checkpoint that another kind of run wrote: the Trainer failed on it deep
+    inside (no weights index, an optimizer group of another size, a state_dict size mismatch)."""
+    fix = "or drop --resume to start afresh"
+    adapter_config = checkpoint / "adapter_config.json"
+    if not adapter_config.is_file():
+        if args.lora_rank > 0:
+            raise SystemExit(f"--resume: {checkpoint} holds a whole stage's weights, but --lora-rank trains LoRA "
+                             f"adapters; drop --lora-rank to continue that run, {fix}.")
+        found = _json_file(checkpoint / "config.json").get("model_type")
+        wanted = STAGE_CLASSES[args.stage][1].model_type
+        if found != wanted:
+            raise SystemExit(f"--resume: {checkpoint} holds a {found} checkpoint, not one of the {args.stage} stage "
+                             f"({wanted}); pass that run's --stage, {fix}.")
+        return
+    if args.lora_rank == 0:
+        raise SystemExit(f"--resume: {checkpoint} holds LoRA adapters, but this run trains the whole stage; add that "
+                         f"run's --lora-rank (and --lora-alpha, --lora-targets), {fix}.")
+    saved = _json_file(adapter_config)
+    saved = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": sorted(saved.get("target_modules") or [])}
+    differ = [name for name, value in lora_settings(args).items() if saved[name] != value]
+    if differ:
+        flags = {"r": "--lora-rank", "lora_alpha": "--lora-alpha", "target_modules": "--lora-targets"}
+        saved["target_modules"] = ",".join(saved["target_modules"])  # as the flag takes them
+        raise SystemExit(f"--resume: the adapters in {checkpoint} were made with "
+                         f"{', '.join(f'{flags[name]} {saved[name]}' for name in differ)}; pass the same, {fix}.")
+
+
+def _json_file(path: Path) -> dict:
+    """A checkpoint's JSON settings; an unreadable file is a one-line refusal."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--resume: cannot read {path} ({error}); resume from an intact checkpoint, or drop "
+                         "--resume to start afresh.") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--resume: {path} holds no JSON object; resume from an intact checkpoint, or drop --resume.")
+    return values
 
 
 def stage_modules(stage: str) -> dict[str, torch.nn.Module]:
@@ -283,8 +333,7 @@ def with_lora(stage, args: argparse.Namespace):
     """`stage` with LoRA adapters on `--lora-targets` (checked by `check_arguments`); only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                        target_modules=args.lora_targets or LORA_TARGETS.split(","), lora_dropout=0.0)
+    config = LoraConfig(**lora_settings(args), lora_dropout=0.0)
     return get_peft_model(stage, config)
 
 

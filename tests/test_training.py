@@ -891,6 +891,36 @@ def test_example_script_resumes_from_its_last_checkpoint(finetune, tmp_path, mon
     assert (tmp_path / "ckpt" / "checkpoint-3").is_dir()
 
 
+@pytest.fixture(scope="module")
+def fine_checkpoints(finetune, tmp_path_factory) -> Path:
+    """Checkpoint folders of one-step fine-stage runs: `whole` trained every weight, `lora` rank-4 adapters."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    data = save_tone_dataset(folder / "data")
+    for name, extra in (("whole", []), ("lora", ["--lora-rank", "4"])):
+        finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",
+                       "--checkpoint-dir", str(folder / name), "--save-steps", "1",
+                       "--output-dir", str(folder / f"{name}-out"), *extra])
+    return folder
+
+
+@pytest.mark.parametrize("checkpoints, extra, message", [
+    ("lora", [], "holds LoRA adapters, but this run trains the whole stage; add that run's --lora-rank"),
+    ("whole", ["--lora-rank", "4"], "holds a whole stage's weights, but --lora-rank trains LoRA adapters"),
+    ("whole", ["--stage", "coarse"], "holds a bark_hf_fine checkpoint, not one of the coarse stage"),
+    ("lora", ["--lora-rank", "8"], "were made with --lora-rank 4, --lora-alpha 8; pass the same"),
+    ("lora", ["--lora-rank", "4", "--lora-targets", "att_proj"], "made with --lora-targets att_proj,in_proj,out_proj;"),
+])
+def test_example_script_refuses_to_resume_another_kind_of_run(finetune, fine_checkpoints, monkeypatch, checkpoints,
+                                                               extra, message):
+    """The Trainer failed deep inside: no weights index, an optimizer group of another size, a size mismatch."""
+    refuse_before_loading(finetune, monkeypatch)
+    argv = ["--model", "tiny-random", "--dataset", str(fine_checkpoints / "data"), "--stage", "fine",
+            "--checkpoint-dir", str(fine_checkpoints / checkpoints), "--resume", "--max-steps", "2",
+            "--output-dir", str(fine_checkpoints / "resumed")]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        finetune.main([*argv, *extra])
+
+
 def test_example_script_trains_in_bf16_without_cuda(finetune, tmp_path):
     data = save_tone_dataset(tmp_path / "data")
     output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",

@@ -749,9 +749,9 @@ def _int_column(values: list[int], device: torch.device) -> torch.Tensor:
     return column.pin_memory().to(device, non_blocking=True)
 
 
-def _checked_tokens(tokens: Any, name: str, layout: str) -> torch.Tensor:
+def _checked_tokens(tokens: Any, name: str, layout: str, allow_empty_batch: bool = False) -> torch.Tensor:
     """`tokens` as int64, refused with a message where they would fail deep in torch: not an integer tensor, of
-    another rank than `layout`'s (`[B, L]` or `[B, K, T]`), or without items."""
+    another rank than `layout`'s (`[B, L]` or `[B, K, T]`), or without items (unless `allow_empty_batch`)."""
     ndim = layout.count(",") + 1
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch tensor {layout}; got {type(tokens).__name__}.")
@@ -760,7 +760,7 @@ def _checked_tokens(tokens: Any, name: str, layout: str) -> torch.Tensor:
     if tokens.dim() != ndim:
         hint = " (a single item: add the batch dimension, tokens[None])" if tokens.dim() == ndim - 1 else ""
         raise ValueError(f"{name} must be {layout}; got shape {tuple(tokens.shape)}{hint}.")
-    if tokens.shape[0] == 0:
+    if tokens.shape[0] == 0 and not allow_empty_batch:
         raise ValueError(f"{name} holds a batch of 0 items; pass at least one.")
     return tokens.long()
 
@@ -1989,7 +1989,21 @@ class BarkHfModel(BarkHfPreTrainedModel):
         Each item is decoded on its own frames, as bark/generation.py `codec_decode` does: a batched
         convolution rounds differently (about 1e-7), and an item of a batch must sound exactly as it
         does alone. The decoder is a small share of the time, so the loop costs little.
+
+        Fewer than 8 codebooks (the coarse two, say) decode at a lower bandwidth. The codes are checked first: a
+        code outside the codebooks failed with an IndexError inside EnCodec, codes `[B, T, 8]` decoded T codebooks,
+        and `lengths` of another count, past `T` or negative gave fewer items or a bare RuntimeError.
         """
+        fine_tokens = _checked_tokens(fine_tokens, "fine_tokens", "[B, 8, T]", allow_empty_batch=True)
+        n_codebooks = self.fine_acoustics.generation_config.n_fine_codebooks
+        if not 1 <= fine_tokens.shape[1] <= n_codebooks:
+            raise ValueError(f"fine_tokens must hold 1 to {n_codebooks} codebooks ([B, {n_codebooks}, T], as the fine "
+                             f"stage gives them); got shape {tuple(fine_tokens.shape)}.")
+        lengths = _checked_lengths(lengths, fine_tokens, "lengths", "fine_tokens")
+        codebook_size = self.config.codec_config.codebook_size
+        _check_token_values(fine_tokens, _length_mask(lengths, fine_tokens), codebook_size, "fine_tokens",
+                            f"codes of {codebook_size}-entry codebooks (pass lengths to leave out the padding after "
+                            "each item's end)")
         batch = fine_tokens.shape[0]
         if lengths is None:
             lengths = torch.full((batch,), fine_tokens.shape[-1])

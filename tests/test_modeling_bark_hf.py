@@ -1067,6 +1067,34 @@ def test_bad_fine_inputs_are_refused_with_a_clear_error(model, tokens, lengths, 
         model.fine_acoustics.generate(tokens, lengths, **QUIET)
 
 
+FINE_2 = torch.cat([CODES_2, CODES_2, CODES_2, CODES_2], dim=1)  # [2, 8, 4]: item 1 valid up to 2
+
+
+@pytest.mark.parametrize("tokens, lengths, error, match", [
+    (FINE_2.float(), None, TypeError, "fine_tokens must hold integer ids"),
+    (FINE_2.numpy(), None, TypeError, r"fine_tokens must be a torch tensor \[B, 8, T\]; got ndarray"),
+    (FINE_2[0], None, ValueError, r"fine_tokens must be \[B, 8, T\]; got shape \(8, 4\) \(a single item"),
+    (torch.zeros(1, 10, 8, dtype=torch.long), None, ValueError, r"1 to 8 codebooks .*got shape \(1, 10, 8\)"),
+    (FINE_2, None, ValueError, r"fine_tokens hold values outside \[0, 1024\), e.g. \[1024\].*pass lengths"),
+    (-FINE_2, torch.tensor([4, 2]), ValueError, r"outside \[0, 1024\), e.g. \[-1023"),
+    (FINE_2, torch.tensor([4]), ValueError, "lengths must hold 2 whole numbers, one per item of fine_tokens"),
+    (FINE_2, torch.tensor([5, 2]), ValueError, r"lengths must be within \[0, 4\]"),
+    (FINE_2, torch.tensor([-1, 2]), ValueError, r"lengths must be within \[0, 4\]"),
+    (FINE_2, torch.tensor([4.0, 2.0]), ValueError, "lengths must hold 2 whole numbers"),
+])
+def test_bad_codec_decode_inputs_are_refused_with_a_clear_error(model, tokens, lengths, error, match):
+    """codec_decode checked nothing: codes past the codebooks failed with an IndexError inside EnCodec, [B, T, 8]
+    codes decoded T codebooks and one length too few dropped an item, silently; other lengths failed in torch."""
+    with pytest.raises(error, match=match):
+        model.codec_decode(tokens, lengths)
+
+
+def test_codec_decode_takes_lengths_as_a_list(model):
+    audio, audio_lengths = model.codec_decode(FINE_2, [4, 2])
+    assert torch.equal(audio, model.codec_decode(FINE_2, torch.tensor([4, 2]))[0])
+    assert audio_lengths.tolist() == [4 * HOP, 2 * HOP]
+
+
 def test_token_lengths_may_be_a_list_and_any_integer_dtype(model):
     expected = model.fine_acoustics.generate(CODES_2, torch.tensor([4, 2]), temperature=None, **QUIET)
     for lengths in ([4, 2], torch.tensor([4, 2], dtype=torch.int32)):

@@ -57,7 +57,7 @@ from .generation_configuration_bark_hf import (
 )
 from .hub import MODEL_WEIGHTS, push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
-from .processing_bark_hf import validate_voice_preset
+from .processing_bark_hf import PRESET_KEYS, validate_voice_preset
 from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
@@ -641,14 +641,20 @@ def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[dict[str, 
     checks presets (`validate_voice_preset`: keys, shapes, integer codes in range, the semantic/coarse ratio that
     the original asserts): one passed straight to `generate` otherwise failed deep in torch or gave wrong output."""
     single = history_prompt is None or isinstance(history_prompt, (Mapping, str, bytes, os.PathLike))
+    if not single and not isinstance(history_prompt, (list, tuple)):  # an int failed in list(), a tensor was rows
+        raise TypeError(f"history_prompt must be a voice preset (a dict of {', '.join(PRESET_KEYS)}), a list with "
+                        f"one preset (or None) per item, or None; got {type(history_prompt).__name__}.")
     prompts = [history_prompt] * batch_size if single else list(history_prompt)
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
         if isinstance(prompt, (str, bytes, os.PathLike)):  # a string was taken for a list of one preset per letter
             raise TypeError(
                 f"history_prompt takes a voice preset's arrays (a dict of semantic_prompt, coarse_prompt and "
                 f"fine_prompt), not the preset name or path {prompt!r}. Load it with the processor: "
                 "model.generate(**processor(text, voice_preset=...)), or processor.load_voice_preset(...)."
             )
+        if prompt is not None and not isinstance(prompt, Mapping):  # the three arrays as a tuple read as 3 items
+            raise TypeError(f"history_prompt[{index}] is a {type(prompt).__name__}; each item's preset is a dict of "
+                            f"{', '.join(PRESET_KEYS)} (or None for no preset).")
     if len(prompts) != batch_size:
         raise ValueError(
             f"history_prompt has {len(prompts)} presets for a batch of {batch_size}; "

@@ -1144,6 +1144,18 @@ def test_a_preset_name_or_path_given_to_generate_names_the_processor(model, pres
         model.fine_acoustics.generate(torch.zeros(1, 2, 5, dtype=torch.long), history_prompt=preset)
 
 
+@pytest.mark.parametrize("preset, match", [
+    (3, "history_prompt must be a voice preset .*got int"),
+    (torch.zeros(20, dtype=torch.long), "history_prompt must be a voice preset .*got Tensor"),
+    (tuple(_preset().values()), r"history_prompt\[0\] is a ndarray; each item's preset is a dict"),
+])
+def test_a_history_prompt_of_another_kind_is_refused_naming_what_it_takes(model, preset, match):
+    """An int failed with "'int' object is not iterable"; a tensor or the three arrays as a tuple were taken for one
+    preset per item ("history_prompt has 3 presets for a batch of 1")."""
+    with pytest.raises(TypeError, match=match):
+        model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=preset, semantic_max_new_tokens=4, **QUIET)
+
+
 def test_forward_refuses_masks_and_inputs_of_the_wrong_shape(causal, fine):
     """A `[B, 1]` mask after a cache broadcast over the cached positions and was taken for all ones, silently; a
     1-D input, another mask shape or 7 fine codebooks failed deep in torch."""

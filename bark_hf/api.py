@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
-from .checks import checked_dtype, checked_positive_number, checked_seed
+from .checks import checked_device, checked_dtype, checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
 from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, checked_history, checked_silence, generate_long_form
 from .modeling_bark_hf import BarkHfModel
@@ -102,7 +102,8 @@ def preload_models(
             logger.warning("No GPU being used. Careful, inference might be very slow!")
         stage_devices = tuple(torch.device("cuda" if has_cuda and flag else "cpu") for flag in use_gpu)
     else:
-        stage_devices = (_checked_device(device),) * len(_STAGES)
+        fix = "pass device='cpu', or None to use CUDA where it is available"
+        stage_devices = (checked_device(device, "device", fix),) * len(_STAGES)
     offload = _env_flag(OFFLOAD_CPU_ENV)
     request = (name, stage_devices, dtype, offload)
     if _loaded is not None and _loaded.request == request and not force_reload:
@@ -121,21 +122,6 @@ def preload_models(
         for stage, stage_device in zip(_STAGES, stage_devices, strict=True):
             getattr(bark, stage).to(stage_device)
     _loaded = _LoadedBark(bark, processor, request)
-
-
-def _checked_device(device: str | torch.device | int) -> torch.device:
-    """`device` as a torch device that can hold the weights, checked before loading: a GPU this torch cannot use
-    failed after the load, with torch's AssertionError or RuntimeError, and the model loaded before was gone."""
-    try:
-        checked = torch.device(device)
-        if checked.type == "meta":
-            raise ValueError("the meta device holds no data")
-        torch.empty(0, device=checked)
-    except Exception as error:  # RuntimeError, AssertionError, ModuleNotFoundError, NotImplementedError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"device={device!r} cannot hold the model here ({reason}); pass device='cpu', or None to "
-                         "use CUDA where it is available.") from None
-    return checked
 
 
 def loaded_model_and_processor() -> tuple[BarkHfModel, BarkHfProcessor]:

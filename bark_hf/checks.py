@@ -105,3 +105,18 @@ def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
         raise ValueError(f"dtype {dtype!r} is not a floating-point dtype; use e.g. torch.float16 or 'bfloat16'. For "
                          "int8 weights on the CPU, load in float32 and call quantize_int8() on the model.")
     return resolved
+
+
+def checked_device(device: str | torch.device | int, name: str, fix: str) -> torch.device:
+    """`device` as a torch device that can hold the model, checked before any loading or moving: a GPU this torch
+    cannot use failed deep inside torch with an AssertionError or RuntimeError (after the load, where one came
+    first). `name` is the argument's, `fix` says what to pass instead."""
+    try:
+        checked = torch.device(device)
+        if checked.type == "meta":
+            raise ValueError("the meta device holds no data")
+        torch.empty(0, device=checked)
+    except Exception as error:  # RuntimeError, AssertionError, ModuleNotFoundError, NotImplementedError, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{name}={device!r} cannot hold the model here ({reason}); {fix}.") from None
+    return checked

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .checks import checked_dtype, checked_flag, checked_seed, checked_whole_number
+from .checks import checked_device, checked_dtype, checked_flag, checked_seed, checked_whole_number
 from .hub import HUB_DOWNLOAD_OPTIONS, MODEL_WEIGHTS, push_folder_to_hub
 from .longform import (
     DEFAULT_BATCH_SIZE,
@@ -104,6 +104,7 @@ class BarkPipeline(Pipeline):
             # The stages wait on the CPU; transformers' default device (GPU 0) would move the whole model there at
             # once, which offload is meant to avoid.
             kwargs["device"] = torch.device("cpu")
+        _check_device(kwargs.get("device"))
         if kwargs.get("num_workers") is not None:
             self._sanitize_parameters(num_workers=kwargs["num_workers"])
         # pipeline(..., dtype="int8"): from_pretrained refused it, and transformers then loaded float32 quietly.
@@ -145,6 +146,7 @@ class BarkPipeline(Pipeline):
         if device_map is not None and device is not None:
             raise ValueError("Got both device and device_map; pass one: device places the whole model, device_map "
                              "its parts.")
+        _check_device(device)  # before the model loads
         # The processor first: it names a missing folder as one, where the model's loader calls it a bad Hub id.
         processor = BarkHfProcessor.from_pretrained(model, **hub_options)
         bark = BarkHfModel.from_pretrained(model, dtype=dtype, device_map=device_map, **hub_options)
@@ -307,6 +309,14 @@ class BarkPipeline(Pipeline):
 
     def postprocess(self, audio: np.ndarray) -> dict[str, Any]:
         return {"audio": np.asarray(audio, dtype=np.float32), "sampling_rate": self.model.sampling_rate}
+
+
+def _check_device(device: Any) -> None:
+    """Refuse a named device this torch cannot use (device="cuda" without CUDA) with the fix: transformers' Pipeline
+    moved the model there and failed inside torch with an AssertionError. Numbers are transformers' to read (-1: the
+    CPU, 0: the first accelerator)."""
+    if isinstance(device, (str, torch.device)):
+        checked_device(device, "device", "pass device='cpu', or leave it unset for the GPU where there is one")
 
 
 def _text_stream(text_inputs: Any) -> Iterator[Any] | None:

@@ -161,6 +161,21 @@ def test_bad_defaults_are_refused_when_building(pipe, default, error, message):
         BarkPipeline(model=pipe.model, processor=pipe.processor, device="cpu", **default)
 
 
+@pytest.mark.parametrize("device", ["meta", "gpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks a torch without CUDA"))])
+def test_an_unusable_device_is_refused_naming_the_fix(pipe, tiny_model_dir, monkeypatch, device):
+    """device='cuda' without CUDA failed inside torch ("Torch not compiled with CUDA enabled"), 'gpu' with torch's
+    list of device types; 'meta' moved the weights away. from_pretrained refuses it before loading."""
+    with pytest.raises(ValueError, match=f"device={device!r} cannot hold the model here.*device='cpu'"):
+        BarkPipeline(model=pipe.model, processor=pipe.processor, device=device)
+    assert pipe.model.device == torch.device("cpu")
+    with pytest.raises(ValueError, match=f"device={device!r} cannot hold the model here"):
+        pipeline("text-to-audio", model=str(tiny_model_dir), device=device)
+    monkeypatch.setattr(BarkHfModel, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=f"device={device!r} cannot hold the model here"):
+        BarkPipeline.from_pretrained(tiny_model_dir, device=device)
+
+
 @pytest.mark.parametrize("setting", [{"num_workers": 2}, {"preprocess_params": {}}, {"processor_kwargs": {}}])
 def test_transformers_settings_without_meaning_here_are_refused_by_name(pipe, tiny_model_dir, setting):
     """num_workers was taken, unused, when building; all three were called unknown at a call."""

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .checks import checked_seed
+from .checks import checked_positive_number, checked_seed
 from .conversion import convert_suno
-from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
 from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
 
@@ -146,12 +145,11 @@ def _say(args: argparse.Namespace) -> int:
         if args.voice is not None:
             check_voice_argument(args.voice)
         generate_kwargs = {}
+        # Checked here, not by the stage configs, whose error names "temperature", not which of the two flags.
         if args.text_temp is not None:
-            BarkHfSemanticGenerationConfig(temperature=args.text_temp)
-            generate_kwargs["semantic_temperature"] = args.text_temp
+            generate_kwargs["semantic_temperature"] = checked_positive_number(args.text_temp, "--text-temp")
         if args.waveform_temp is not None:
-            BarkHfCoarseGenerationConfig(temperature=args.waveform_temp)
-            generate_kwargs["coarse_temperature"] = args.waveform_temp
+            generate_kwargs["coarse_temperature"] = checked_positive_number(args.waveform_temp, "--waveform-temp")
         if args.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:

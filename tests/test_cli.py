@@ -230,7 +230,8 @@ def _usable(device: str) -> bool:
 
 @pytest.mark.parametrize("arguments,message", [
     (["--file", "{dir}/missing.txt"], "missing.txt"),
-    (["Hi.", "--text-temp", "0"], "temperature"),
+    (["Hi.", "--text-temp", "0"], "--text-temp must be a finite number > 0; got 0.0"),
+    (["Hi.", "--waveform-temp", "-1"], "--waveform-temp must be a finite number > 0; got -1.0"),  # was "temperature"
     *[(["Hi.", "--silence", value], "--silence must be a finite number of seconds >= 0") for value in
       ("-1", "nan", "inf")],
     (["Hi.", "--silence", "1e308", "--long-form", "on"], "--silence must be at most 60 seconds"),  # overflowed late
@@ -242,7 +243,7 @@ def _usable(device: str) -> bool:
     *[pytest.param(["Hi.", "--device", device], f"--device {device}: this torch cannot place tensors there",
                    marks=pytest.mark.skipif(_usable(device), reason=f"this torch has {device}"))
       for device in ("xpu", "hpu", "vulkan")],
-    (["Hi.", "--text-temp", "inf"], "temperature must be a finite number > 0"),
+    (["Hi.", "--text-temp", "inf"], "--text-temp must be a finite number > 0"),
 ])
 def test_say_more_bad_input(tmp_path, capsys, arguments, message):
     arguments = [a.format(dir=tmp_path) for a in arguments]

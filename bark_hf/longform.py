@@ -420,6 +420,18 @@ def _usable_history(generation: dict[str, np.ndarray], index: int) -> dict[str, 
         return None
 
 
+def _check_model_and_processor(model: Any, processor: Any) -> None:
+    """Refuse a stage model or a tokenizer in place of the whole model and its processor (chunk_text takes either a
+    tokenizer or a processor): they failed with an AttributeError, deep inside transformers for a tokenizer. Duck
+    typed, as remote code can load these classes as copies of bark_hf's."""
+    if not hasattr(model, "split_stage_settings"):
+        raise TypeError(f"model must be the whole BarkHfModel (text to audio), got {type(model).__name__}; load it "
+                        "with BarkHfModel.from_pretrained(folder).")
+    if not hasattr(processor, "load_voice_preset"):
+        raise TypeError(f"processor must be a BarkHfProcessor (tokenizer and voice presets), got "
+                        f"{type(processor).__name__}; load it with BarkHfProcessor.from_pretrained(folder).")
+
+
 def generate_long_form(
     model: Any,
     processor: Any,
@@ -454,6 +466,7 @@ def generate_long_form(
     """
     if (text is None) == (chunks is None):
         raise ValueError("Pass exactly one of text= (split into chunks here) or chunks= (your own, used as given).")
+    _check_model_and_processor(model, processor)
     history = checked_history(history, "history")
     silence_s = checked_silence(silence_s, "silence_s")
     batch_size = checked_whole_number(batch_size, "batch_size")

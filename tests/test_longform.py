@@ -501,6 +501,16 @@ def test_bad_inputs_raise(tiny, kwargs, error, match):
         generate_long_form(model, processor, show_progress=False, **kwargs)
 
 
+def test_a_tokenizer_or_a_stage_in_place_of_the_processor_or_model_is_named(tiny):
+    """A tokenizer failed inside transformers ("BertTokenizer has no attribute tokenizer"), a stage model with
+    "'BarkHfSemanticModel' object has no attribute 'split_stage_settings'"."""
+    model, processor = tiny
+    with pytest.raises(TypeError, match="processor must be a BarkHfProcessor .*got BertTokenizer"):
+        generate_long_form(model, processor.tokenizer, "Hi.", show_progress=False)
+    with pytest.raises(TypeError, match="model must be the whole BarkHfModel .*got BarkHfSemanticModel"):
+        generate_long_form(model.semantic, processor, "Hi.", show_progress=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(chunks=["Hi there.", "\u200b\u200b"]), re.escape("chunks[1] ('\\u200b\\u200b') gives no tokens")),
     (dict(text="\u200b"), re.escape("Chunk 0 of the text ('\\u200b') gives no tokens")),

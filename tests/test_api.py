@@ -224,6 +224,17 @@ def test_save_as_prompt_bad_input(tmp_path, name, full, error, match):
     assert not list(tmp_path.rglob("*.*"))
 
 
+def test_save_as_prompt_with_its_arguments_mixed_up_names_the_fix(tmp_path):
+    """Swapped arguments failed in os.fspath ("expected str, bytes or os.PathLike object, not dict"); the
+    (full_generation, audio) tuple of output_full=True was refused only as "not a mapping"."""
+    full = random_voice_preset(0)
+    with pytest.raises(TypeError, match=r"filepath must be a path ending in '.npz', got dict; the path comes first"):
+        api.save_as_prompt(full, tmp_path / "voice.npz")
+    with pytest.raises(TypeError, match=r"pass its first item: full_generation, audio = generate_audio"):
+        api.save_as_prompt(tmp_path / "voice.npz", (full, np.zeros(8, dtype=np.float32)))
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_save_as_prompt_onto_a_folder_says_it_is_a_folder(tmp_path, overwrite):
     """Without overwrite=True it advised passing overwrite=True, which then failed with another error."""

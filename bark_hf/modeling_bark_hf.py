@@ -389,6 +389,21 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """Where this model computes, and so where `generate` builds its tensors: see `execution_device`."""
         return execution_device(self)
 
+    @property
+    def generation_config(self) -> Any:
+        """This stage's sampling settings and token layout, read by its `generate`."""
+        return self.__dict__.get("_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        """Refuse a config of another kind: a dict, transformers' GenerationConfig or another stage's was taken, and
+        the next `generate` failed with an AttributeError ("no attribute 'for_call'") or a misleading error."""
+        if not isinstance(value, self.generation_config_class):
+            raise TypeError(f"generation_config must be a {self.generation_config_class.__name__}, got "
+                            f"{type(value).__name__}; set its fields instead (stage.generation_config.temperature = "
+                            "0.6), or assign an edited copy.deepcopy(stage.generation_config).")
+        self.__dict__["_generation_config"] = value
+
     @classmethod
     def can_generate(cls) -> bool:
         """False: each stage's `generate` is its own, not transformers' `GenerationMixin` one. transformers adds

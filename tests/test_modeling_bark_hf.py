@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_
-from transformers import AutoModel
+from transformers import AutoModel, GenerationConfig
 
 import bark_hf.modeling_bark_hf as modeling
 from bark_hf.configuration_bark_hf import (
@@ -1230,6 +1230,21 @@ def test_a_stage_refuses_another_kind_of_generation_config(model, stage):
     with pytest.raises(TypeError, match="generation_config must be a BarkHf\\w+GenerationConfig, got "
                                         "BarkHfGenerationConfig; pass this stage's own kind"):
         getattr(model, stage).generate(INPUT_IDS, generation_config=copy.deepcopy(model.generation_config))
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse_acoustics", "fine_acoustics"])
+@pytest.mark.parametrize("value", [{"temperature": 0.6}, GenerationConfig(), BarkHfGenerationConfig()])
+def test_assigning_a_stage_another_kind_of_generation_config_is_refused(model, stage, value):
+    """A dict, transformers' GenerationConfig or another stage's config was taken, and the next generate failed with
+    "'dict' object has no attribute 'for_call'" (or, for another stage's, named settings the stage never had)."""
+    module = getattr(model, stage)
+    kept = module.generation_config
+    with pytest.raises(TypeError, match=r"generation_config must be a BarkHf\w+GenerationConfig, got "
+                                        rf"{type(value).__name__}; set its fields instead"):
+        module.generation_config = value
+    assert module.generation_config is kept
+    module.generation_config = copy.deepcopy(kept)  # its own kind is taken
+    assert module.generation_config == kept
 
 
 def test_generation_config_save_pretrained_and_from_pretrained(model, tmp_path):

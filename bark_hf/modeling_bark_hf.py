@@ -57,7 +57,7 @@ from .generation_configuration_bark_hf import (
 )
 from .hub import MODEL_WEIGHTS, push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
-from .processing_bark_hf import PRESET_KEYS, validate_voice_preset
+from .processing_bark_hf import PRESET_KEYS, looks_like_local_path, validate_voice_preset
 from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
@@ -528,7 +528,14 @@ class BarkHfPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         # transformers would take a "~/..." folder for a Hub id.
-        pretrained_model_name_or_path = os.path.expanduser(pretrained_model_name_or_path)
+        pretrained_model_name_or_path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        # Else transformers' error was about the syntax of Hub repo ids.
+        if os.path.isfile(pretrained_model_name_or_path):  # a file of the folder, say its config.json
+            raise NotADirectoryError(f"{pretrained_model_name_or_path!r} is a file; pass the model folder that holds "
+                                     "it.")
+        if looks_like_local_path(pretrained_model_name_or_path) and not os.path.isdir(pretrained_model_name_or_path):
+            raise FileNotFoundError(f"No model folder at {pretrained_model_name_or_path!r}; pass a folder saved with "
+                                    "`save_pretrained` or `bark-hf convert`, or a Hub id.")
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
         _check_device_map_arguments(kwargs)

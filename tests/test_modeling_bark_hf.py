@@ -702,6 +702,16 @@ def test_a_config_json_that_is_not_an_object_is_refused_naming_the_file(model, t
             model_cls.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("model_cls", [BarkHfModel, BarkHfSemanticModel])
+def test_a_missing_folder_or_a_file_is_named_as_such(model_cls, tmp_path):
+    """transformers' error was about Hub ids: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    with pytest.raises(FileNotFoundError, match=f"No model folder at '{tmp_path}/missing'; pass a folder saved with"):
+        model_cls.from_pretrained(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match="config.json' is a file; pass the model folder that holds it"):
+        model_cls.from_pretrained(tmp_path / "config.json")
+
+
 @pytest.mark.parametrize("text,problem", [("{bad", "is not valid JSON"), ("[1]", "holds a JSON list"),
                                           ('{"semantic_config": {"temperature": 0}}', "temperature must be"),
                                           ('{"semantic_config": [1]}', "has no attribute")])

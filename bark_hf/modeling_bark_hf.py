@@ -33,7 +33,14 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+    logging,
+)
 
 from .atomic import check_save_directory, default_mode
 from .checks import checked_dtype, checked_flag, env_flag, is_number
@@ -536,6 +543,11 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         if looks_like_local_path(pretrained_model_name_or_path) and not os.path.isdir(pretrained_model_name_or_path):
             raise FileNotFoundError(f"No model folder at {pretrained_model_name_or_path!r}; pass a folder saved with "
                                     "`save_pretrained` or `bark-hf convert`, or a Hub id.")
+        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if os.path.isdir(folder) and kwargs.get("config") is None and not os.path.isfile(
+                os.path.join(folder, CONFIG_NAME)):  # transformers then built a default-sized model around the weights
+            raise FileNotFoundError(f"{folder!r} holds no {CONFIG_NAME}; pass the whole folder written by "
+                                    "`save_pretrained` or `bark-hf convert` (or the config, as config=...).")
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
         _check_device_map_arguments(kwargs)

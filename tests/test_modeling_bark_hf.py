@@ -712,6 +712,18 @@ def test_a_missing_folder_or_a_file_is_named_as_such(model_cls, tmp_path):
         model_cls.from_pretrained(tmp_path / "config.json")
 
 
+def test_a_folder_without_its_config_is_refused(model, tmp_path):
+    """transformers 5 reads a missing config.json as {}: a default-sized model was built around the weights and
+    failed with a RuntimeError under a page-long report, or loaded them where the sizes happened to match."""
+    model.save_pretrained(tmp_path)
+    config = BarkHfModel.config_class.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no config.json; pass the whole folder written by"):
+        BarkHfModel.from_pretrained(tmp_path)
+    loaded = BarkHfModel.from_pretrained(tmp_path, config=config)  # a config given instead: no file needed
+    assert loaded.config.semantic_config.hidden_size == TINY["hidden_size"]
+
+
 @pytest.mark.parametrize("text,problem", [("{bad", "is not valid JSON"), ("[1]", "holds a JSON list"),
                                           ('{"semantic_config": {"temperature": 0}}', "temperature must be"),
                                           ('{"semantic_config": [1]}', "has no attribute")])

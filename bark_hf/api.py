@@ -166,7 +166,11 @@ def _checked_semantic_tokens(semantic_tokens: Any) -> np.ndarray:
     if semantic_tokens is None or isinstance(semantic_tokens, (str, bytes)):
         raise TypeError(f"semantic_tokens must be a 1-D integer array (the output of text_to_semantic); got "
                         f"{type(semantic_tokens).__name__}.")
-    tokens = np.asarray(semantic_tokens)
+    try:
+        tokens = np.asarray(semantic_tokens)
+    except ValueError:  # ragged: the tokens of several texts, as a list
+        raise ValueError("semantic_tokens must be one 1-D array (the output of text_to_semantic for one text); got a "
+                         "list of sequences of different lengths: call semantic_to_waveform once per text.") from None
     if tokens.ndim != 1:
         raise ValueError(
             f"semantic_tokens must be a 1-D array (the output of text_to_semantic); got shape {tuple(tokens.shape)}."

@@ -273,6 +273,8 @@ def test_save_as_prompt_under_a_file_names_the_file(tmp_path):
     (lambda: api.semantic_to_waveform(np.array([3, 4]), temp=None), ValueError, "temp must be"),
     (lambda: api.semantic_to_waveform(None), TypeError, "1-D integer array .* got NoneType"),  # was "shape ()"
     (lambda: api.semantic_to_waveform("abc"), TypeError, "1-D integer array .* got str"),
+    # Two texts' tokens in a list: numpy's "inhomogeneous shape" error named neither the argument nor the fix.
+    (lambda: api.semantic_to_waveform([np.arange(5), np.arange(3)]), ValueError, "call semantic_to_waveform once per"),
 ])
 def test_bad_input_is_one_clear_error(tiny, call, error, match):
     with pytest.raises(error, match=match):

@@ -2132,11 +2132,21 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Route `semantic_x=...` to the semantic stage as `x=...` (or as `semantic_x` where that is the stage's
         field and `x` is not), and so on; refuse anything else, and values the stage's generation config (from
         `generation_config`, default the model's) refuses. `generate` calls it; callers may, to check settings
-        early."""
+        early.
+
+        `do_sample` (every stage) and `semantic_do_sample`-style switches are transformers' Bark's: True keeps the
+        stage configs' sampling, which is Bark's default; False decodes greedily (`_GREEDY_SETTINGS`) where the
+        call sets nothing else for those fields.
+        """
         settings: dict[str, dict[str, Any]] = {prefix: {} for prefix in self.STAGE_PREFIXES}
         configs = self._stage_generation_configs(generation_config)
+        greedy: set[str] = set()
         for name, value in kwargs.items():
             prefix, _, setting = name.partition("_")
+            if name == "do_sample" or (prefix in settings and setting == "do_sample"):
+                if not checked_flag(value, name):
+                    greedy |= set(settings) if name == "do_sample" else {prefix}
+                continue
             if prefix not in settings or not setting:
                 raise ValueError(f"Unknown generate argument {name!r}. {_unprefixed_fix(name, configs)}")
             if setting in _WHOLE_CALL_ARGUMENTS:  # not in the stage configs: the error listed their fields only
@@ -2146,26 +2156,26 @@ class BarkHfModel(BarkHfPreTrainedModel):
             if setting not in names and name in names:  # named with its stage: semantic_rate_hz, fine_window_hop
                 setting = name
             settings[prefix][setting] = value
+        for prefix in greedy:
+            for setting, value in _GREEDY_SETTINGS[prefix].items():
+                settings[prefix].setdefault(setting, value)
         for prefix, values in settings.items():
             try:
                 configs[prefix].for_call(**values)
             except ValueError as error:
-                hint = f" {_NO_DO_SAMPLE}" if "do_sample" in values else ""
-                raise ValueError(f"Unknown or invalid {prefix} setting: {error}{hint}") from None
+                raise ValueError(f"Unknown or invalid {prefix} setting: {error}") from None
         return settings
 
 
 _WHOLE_CALL_ARGUMENTS = ("use_cache", "compile", "show_progress", "history_prompt", "return_dict_in_generate",
                          "generation_config")
-_NO_DO_SAMPLE = ("Bark samples at every stage and has no do_sample; for greedy decoding pass semantic_top_k=1, "
-                 "coarse_top_k=1, fine_temperature=None.")
+_GREEDY_SETTINGS = {"semantic": {"top_k": 1}, "coarse": {"top_k": 1}, "fine": {"temperature": None}}
+"""Each stage's greedy decoding, the deterministic settings under which tokens equal the original's."""
 
 
 def _unprefixed_fix(name: str, configs: Mapping[str, Any]) -> str:
-    """How to pass a generate argument given without a stage prefix (transformers' Bark takes `temperature=`,
-    `max_new_tokens=` or `do_sample=` for every stage at once): the prefixed names of the stages that have it."""
-    if name == "do_sample":
-        return _NO_DO_SAMPLE
+    """How to pass a generate argument given without a stage prefix (transformers' Bark takes `temperature=` or
+    `max_new_tokens=` for every stage at once): the prefixed names of the stages that have it."""
     stages = [f"{prefix}_{name}" for prefix, config in configs.items() if name in config.call_settings()]
     if stages:
         return f"Bark's settings are per stage and take a stage prefix: pass {', '.join(stages)} instead."

@@ -466,8 +466,7 @@ def test_stage_settings_reach_their_stages(model, monkeypatch):
     # transformers' Bark takes these for every stage: the fix names the prefixed ones, or how Bark does it.
     ("max_new_tokens", ["Unknown generate argument 'max_new_tokens'", "pass semantic_max_new_tokens instead"]),
     ("top_k", ["pass semantic_top_k, coarse_top_k instead"]),
-    ("do_sample", ["Unknown generate argument 'do_sample'", "semantic_top_k=1, coarse_top_k=1, fine_temperature=None"]),
-    ("semantic_do_sample", ["has no do_sample", "semantic_top_k=1"]),
+    ("do_sample", ["do_sample must be True or False, got 1"]),  # transformers' switch, a flag here too
     ("foo_bar", ["Unknown generate argument 'foo_bar'", "stage prefix", "semantic_allow_early_stop",
                  "coarse_sliding_window_len", "fine_window_hop", "fine_temperature."]),
     ("semantic_tempreature", ["Unknown or invalid semantic setting", "'tempreature'", "valid settings are:",
@@ -487,6 +486,25 @@ def test_unknown_generate_arguments(model, monkeypatch, name, fragments):
         model.generate(INPUT_IDS, ATTENTION_MASK, **{name: 1}, **QUIET)
     for fragment in fragments:
         assert fragment in str(error.value)
+
+
+def test_do_sample_is_transformers_switch_between_sampling_and_greedy_decoding(model):
+    """transformers' Bark examples pass do_sample=True (its Bark decodes greedily by default); it was refused."""
+    def tokens(**settings):
+        torch.manual_seed(3)
+        output = model.generate(INPUT_IDS, ATTENTION_MASK, return_dict_in_generate=True, **QUIET, **settings)
+        return output.semantic_tokens, output.coarse_tokens, output.fine_tokens
+
+    def assert_same(first, second):
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+    assert not torch.equal(tokens()[2], tokens(**GREEDY)[2])  # so sampling and greedy decoding can be told apart
+    assert_same(tokens(do_sample=True), tokens())  # Bark samples by default
+    assert_same(tokens(do_sample=False), tokens(**GREEDY))
+    assert_same(tokens(coarse_do_sample=False), tokens(coarse_top_k=1))
+    assert_same(tokens(do_sample=False, fine_temperature=0.5), tokens(**{**GREEDY, "fine_temperature": 0.5}))
+    with pytest.raises(ValueError, match="fine_do_sample must be True or False, got 'no'"):
+        model.generate(INPUT_IDS, ATTENTION_MASK, fine_do_sample="no", **QUIET)
 
 
 @pytest.mark.parametrize(("settings", "match"), [

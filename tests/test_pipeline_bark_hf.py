@@ -138,6 +138,15 @@ def test_seed_makes_sampling_repeatable(pipe):
     assert first.shape != other.shape or not np.array_equal(first, other)
 
 
+def test_transformers_forward_params_do_sample_work(pipe):
+    """transformers' text-to-audio examples pass forward_params={"do_sample": True} for Bark; it was refused."""
+    settings = {"semantic_max_new_tokens": 20}
+    sampled = pipe("Hello there.", seed=4, forward_params={**settings, "do_sample": True})["audio"]
+    np.testing.assert_array_equal(sampled, pipe("Hello there.", seed=4, generate_kwargs=settings)["audio"])
+    greedy = pipe("Hello there.", forward_params={**settings, "do_sample": False})["audio"]
+    np.testing.assert_array_equal(greedy, pipe("Hello there.", generate_kwargs={**GREEDY, **settings})["audio"])
+
+
 def test_settings_given_when_building_are_defaults(tiny_model_dir):
     pipe = pipeline("text-to-audio", model=str(tiny_model_dir), device="cpu", voice_preset="v2/en_speaker_1",
                     generate_kwargs=GREEDY)

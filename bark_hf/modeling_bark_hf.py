@@ -34,6 +34,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
 from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
     CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -544,8 +545,10 @@ class BarkHfPreTrainedModel(PreTrainedModel):
             raise FileNotFoundError(f"No model folder at {pretrained_model_name_or_path!r}; pass a folder saved with "
                                     "`save_pretrained` or `bark-hf convert`, or a Hub id.")
         folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        if os.path.isdir(folder) and kwargs.get("config") is None and not os.path.isfile(
-                os.path.join(folder, CONFIG_NAME)):  # transformers then built a default-sized model around the weights
+        # A peft adapter folder names its base model instead, which transformers loads (with the adapters).
+        if os.path.isdir(folder) and kwargs.get("config") is None and not any(
+                os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME)):
+            # transformers then built a default-sized model around the weights
             raise FileNotFoundError(f"{folder!r} holds no {CONFIG_NAME}; pass the whole folder written by "
                                     "`save_pretrained` or `bark-hf convert` (or the config, as config=...).")
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently

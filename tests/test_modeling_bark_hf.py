@@ -742,6 +742,17 @@ def test_a_folder_without_its_config_is_refused(model, tmp_path):
     assert loaded.config.semantic_config.hidden_size == TINY["hidden_size"]
 
 
+def test_a_peft_adapter_folder_loads_onto_its_base_model(model, tmp_path):
+    """An adapter folder holds adapter_config.json, not config.json: transformers loads the base model it names."""
+    from peft import LoraConfig, get_peft_model
+
+    model.semantic.save_pretrained(tmp_path / "base")
+    base = BarkHfSemanticModel.from_pretrained(tmp_path / "base")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["att_proj"])).save_pretrained(tmp_path / "adapters")
+    loaded = BarkHfSemanticModel.from_pretrained(tmp_path / "adapters")
+    assert any("lora_" in name for name, _ in loaded.named_parameters())
+
+
 @pytest.mark.parametrize("text,problem", [("{bad", "is not valid JSON"), ("[1]", "holds a JSON list"),
                                           ('{"semantic_config": {"temperature": 0}}', "temperature must be"),
                                           ('{"semantic_config": [1]}', "has no attribute")])

@@ -814,6 +814,8 @@ def _checked_lengths(lengths: Any, tokens: torch.Tensor, name: str, tokens_name:
     if lengths is None:
         return None
     lengths = torch.as_tensor(lengths)
+    if lengths.numel() == 0:  # torch reads an empty list as float32: the lengths of a batch of 0
+        lengths = lengths.long()
     batch, longest = tokens.shape[0], tokens.shape[-1]
     if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(f"{name} must hold {batch} whole numbers, one per item of {tokens_name}; got {lengths.dtype} "

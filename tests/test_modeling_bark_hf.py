@@ -1146,6 +1146,12 @@ def test_codec_decode_takes_lengths_as_a_list(model):
     assert audio_lengths.tolist() == [4 * HOP, 2 * HOP]
 
 
+def test_codec_decode_takes_a_batch_of_0_with_its_empty_list_of_lengths(model):
+    """torch reads [] as float32, which was refused as lengths that are no whole numbers."""
+    audio, audio_lengths = model.codec_decode(FINE_2[:0], [])
+    assert audio.shape == (0, 0) and audio_lengths.shape == (0,)
+
+
 def test_token_lengths_may_be_a_list_and_any_integer_dtype(model):
     expected = model.fine_acoustics.generate(CODES_2, torch.tensor([4, 2]), temperature=None, **QUIET)
     for lengths in ([4, 2], torch.tensor([4, 2], dtype=torch.int32)):

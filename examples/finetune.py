@@ -192,7 +192,7 @@ def check_arguments(args: argparse.Namespace) -> Path:
 def lora_settings(args: argparse.Namespace) -> dict:
     """The LoRA settings of a run with --lora-rank, as peft's LoraConfig (and its adapter_config.json) names them."""
     return {"r": args.lora_rank, "lora_alpha": args.lora_alpha or 2 * args.lora_rank,
-            "target_modules": sorted(args.lora_targets or LORA_TARGETS.split(","))}
+            "target_modules": sorted(set(args.lora_targets or LORA_TARGETS.split(",")))}  # peft keeps a set
 
 
 def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:

@@ -921,6 +921,16 @@ def test_example_script_refuses_to_resume_another_kind_of_run(finetune, fine_che
         finetune.main([*argv, *extra])
 
 
+def test_example_script_resumes_lora_adapters_given_a_target_twice(finetune, tmp_path):
+    """peft keeps the targets as a set, so the run's own --lora-targets with a name twice were refused as others."""
+    from peft import LoraConfig
+
+    args = finetune.build_parser().parse_args(["--dataset", "d", "--stage", "fine", "--output-dir", "o",
+                                               "--lora-rank", "4", "--lora-targets", "in_proj,in_proj,out_proj"])
+    LoraConfig(**finetune.lora_settings(args)).save_pretrained(tmp_path)
+    finetune.check_resumable(tmp_path, args)
+
+
 def test_example_script_trains_in_bf16_without_cuda(finetune, tmp_path):
     data = save_tone_dataset(tmp_path / "data")
     output = finetune.main(["--model", "tiny-random", "--dataset", str(data), "--stage", "fine", "--max-steps", "1",

@@ -50,6 +50,8 @@ def load_bark(
         try:
             bark = BarkHfModel.from_pretrained(name, dtype=dtype)
             processor = BarkHfProcessor.from_pretrained(name)
+        except (FileNotFoundError, NotADirectoryError):  # a local folder's own problem: no Hub advice
+            raise
         except OSError as error:
             raise OSError(
                 f"Could not load the model {name!r} ({str(error).splitlines()[0]}). If the Hugging Face Hub "

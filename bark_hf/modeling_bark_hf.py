@@ -544,7 +544,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         if looks_like_local_path(pretrained_model_name_or_path) and not os.path.isdir(pretrained_model_name_or_path):
             raise FileNotFoundError(f"No model folder at {pretrained_model_name_or_path!r}; pass a folder saved with "
                                     "`save_pretrained` or `bark-hf convert`, or a Hub id.")
-        folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        subfolder = kwargs.get("subfolder")
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         # A peft adapter folder names its base model instead, which transformers loads (with the adapters).
         if os.path.isdir(folder) and kwargs.get("config") is None and not any(
                 os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME)):

@@ -118,6 +118,21 @@ def test_missing_model_folder_is_named(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_file_or_a_folder_without_config_is_named_without_hub_advice(tmp_path, tiny_model_dir, capsys,
+                                                                            monkeypatch):
+    """load_bark wrapped these local errors in advice for an unreachable Hub."""
+    monkeypatch.chdir(tiny_model_dir)
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    for model, message in ((folder, f"'{folder}' holds no config.json"),
+                           ("config.json", "'config.json' is a file; pass the model folder")):
+        assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", str(model), "--quiet"]) == 1
+        error = capsys.readouterr().err
+        assert message in error and "Hub" not in error and error.count("\n") == 1
+
+
 def _wav_samples(path) -> np.ndarray:
     with wave.open(str(path)) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24_000, 1, 2)

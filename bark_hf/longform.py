@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.utils import logging
 
-from .checks import checked_seconds, checked_seed, checked_whole_number
+from .checks import checked_flag, checked_seconds, checked_seed, checked_whole_number
 from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
 from .processing_bark_hf import gives_tokens, validate_voice_preset
 
@@ -471,6 +471,7 @@ def generate_long_form(
     silence_s = checked_silence(silence_s, "silence_s")
     batch_size = checked_whole_number(batch_size, "batch_size")
     seed = checked_seed(seed)
+    show_progress = checked_flag(show_progress, "show_progress")
     pieces = chunk_text(text, processor.tokenizer) if chunks is None else _checked_chunks(chunks)
     _check_readable(pieces, processor.tokenizer, own_chunks=chunks is not None)
     settings = _stage_settings(generate_kwargs, model)

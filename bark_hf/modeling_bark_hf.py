@@ -1334,6 +1334,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         config = self._call_generation_config(generation_config, settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
+        show_progress = checked_flag(show_progress, "show_progress")  # "no" would show the bar
         self._warn_if_bfloat16_is_emulated()
         device = self.device
         input_ids = _checked_tokens(input_ids, "input_ids", "[B, L]").to(device)
@@ -1464,6 +1465,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         config = self._call_generation_config(generation_config, settings)
         use_cache = self._generation_uses_cache(use_cache)
         compile = self._use_compiled_step(compile, use_cache)
+        show_progress = checked_flag(show_progress, "show_progress")  # "no" would show the bar
         self._warn_if_bfloat16_is_emulated()
         # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).
         longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
@@ -1764,6 +1766,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         `max_fine_input_length` frames (the original pads every item to one), so no mask is needed.
         """
         config = self._call_generation_config(generation_config, settings)
+        show_progress = checked_flag(show_progress, "show_progress")
         window, hop = config.max_fine_input_length, config.fine_window_hop
         coarse_tokens = _checked_tokens(coarse_tokens, "coarse_tokens", "[B, K, T]")
         n_given = coarse_tokens.shape[1]
@@ -2087,6 +2090,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
         for this call; the prefixed settings apply on top of it. Returns audio `[B, samples]` float32,
         or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
         """
+        # Before any work: a string such as "no" read as true. (The stages check show_progress.)
+        return_dict_in_generate = checked_flag(return_dict_in_generate, "return_dict_in_generate")
         configs = self._stage_generation_configs(generation_config)
         stage_settings = self.split_stage_settings(kwargs, generation_config)
         with self.offload_scope():

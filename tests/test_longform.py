@@ -488,6 +488,7 @@ def test_whitespace_in_own_chunks_is_normalised(tiny):
         (dict(text="Hi.", batch_size=0), ValueError, "batch_size"),
         (dict(text="Hi.", history="all"), ValueError, "history"),
         (dict(text="Hi.", seed=1.5), TypeError, "seed"),
+        (dict(text="Hi.", show_progress="no"), ValueError, "show_progress must be True or False"),  # "no" showed it
         (dict(text="Hi.", generate_kwargs=["semantic_top_k"]), TypeError, "generate_kwargs"),
         (dict(text="Hi.", generate_kwargs={"history_prompt": None}), ValueError, "voice_preset="),
         (dict(text="Hi.", generate_kwargs={"semantic_bogus": 1}), ValueError, "bogus"),
@@ -498,7 +499,7 @@ def test_whitespace_in_own_chunks_is_normalised(tiny):
 def test_bad_inputs_raise(tiny, kwargs, error, match):
     model, processor = tiny
     with pytest.raises(error, match=match):
-        generate_long_form(model, processor, show_progress=False, **kwargs)
+        generate_long_form(model, processor, **{"show_progress": False, **kwargs})
 
 
 def test_a_tokenizer_or_a_stage_in_place_of_the_processor_or_model_is_named(tiny):

@@ -488,6 +488,19 @@ def test_unknown_generate_arguments(model, monkeypatch, name, fragments):
         assert fragment in str(error.value)
 
 
+@pytest.mark.parametrize("call", ["model", "semantic", "coarse", "fine"])
+def test_on_off_arguments_given_as_strings_are_refused(model, call):
+    """show_progress="no" showed the bars and return_dict_in_generate="no" returned the dict: strings are true."""
+    calls = {
+        "model": lambda: model.generate(INPUT_IDS, ATTENTION_MASK, show_progress=False, return_dict_in_generate="no"),
+        "semantic": lambda: model.semantic.generate(INPUT_IDS, ATTENTION_MASK, show_progress="no"),
+        "coarse": lambda: model.coarse_acoustics.generate(torch.ones(1, 4, dtype=torch.long), show_progress="no"),
+        "fine": lambda: model.fine_acoustics.generate(torch.ones(1, 2, 4, dtype=torch.long), show_progress="no"),
+    }
+    with pytest.raises(ValueError, match="(show_progress|return_dict_in_generate) must be True or False, got 'no'"):
+        calls[call]()
+
+
 def test_do_sample_is_transformers_switch_between_sampling_and_greedy_decoding(model):
     """transformers' Bark examples pass do_sample=True (its Bark decodes greedily by default); it was refused."""
     def tokens(**settings):

@@ -2078,8 +2078,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
         show_progress: bool = True,
         compile: bool | None = None,
         generation_config: BarkHfGenerationConfig | None = None,
+        return_output_lengths: bool | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor | BarkHfGenerationOutput:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | BarkHfGenerationOutput:
         """Audio for tokenised text: `generate(**processor(text, voice_preset=...))`.
 
         Keyword arguments prefixed `semantic_`, `coarse_` or `fine_` reach that stage's generation
@@ -2088,10 +2089,13 @@ class BarkHfModel(BarkHfPreTrainedModel):
         `BARK_HF_COMPILE` environment variable) decodes the semantic and coarse stages with
         `torch.compile`d one-token steps. `generation_config` (a `BarkHfGenerationConfig`) replaces the model's
         for this call; the prefixed settings apply on top of it. Returns audio `[B, samples]` float32,
-        or with `return_dict_in_generate=True` a `BarkHfGenerationOutput` with every stage's tokens.
+        with `return_output_lengths=True` (transformers' Bark) a tuple of it and the samples of each item `[B]`,
+        or with `return_dict_in_generate=True` (which wins over it) a `BarkHfGenerationOutput` with every stage's
+        tokens and lengths.
         """
         # Before any work: a string such as "no" read as true. (The stages check show_progress.)
         return_dict_in_generate = checked_flag(return_dict_in_generate, "return_dict_in_generate")
+        return_output_lengths = checked_flag(return_output_lengths, "return_output_lengths", "audio only")
         configs = self._stage_generation_configs(generation_config)
         stage_settings = self.split_stage_settings(kwargs, generation_config)
         with self.offload_scope():
@@ -2111,7 +2115,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
             self.offload_all_but(self.codec_model)
             audio, audio_lengths = self.codec_decode(fine.sequences, fine.lengths)
         if not return_dict_in_generate:
-            return audio
+            return (audio, audio_lengths) if return_output_lengths else audio
         return BarkHfGenerationOutput(
             audio=audio,
             audio_lengths=audio_lengths,
@@ -2179,7 +2183,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
 
 
 _WHOLE_CALL_ARGUMENTS = ("use_cache", "compile", "show_progress", "history_prompt", "return_dict_in_generate",
-                         "generation_config")
+                         "generation_config", "return_output_lengths")
 _GREEDY_SETTINGS = {"semantic": {"top_k": 1}, "coarse": {"top_k": 1}, "fine": {"temperature": None}}
 """Each stage's greedy decoding, the deterministic settings under which tokens equal the original's."""
 

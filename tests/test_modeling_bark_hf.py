@@ -347,6 +347,19 @@ def test_return_dict_shapes_and_per_item_lengths(eos_model):
     torch.testing.assert_close(audio, output.audio)
 
 
+def test_return_output_lengths_gives_transformers_tuple(eos_model):
+    """transformers' Bark returns (audio, lengths) with return_output_lengths=True; it was an unknown argument."""
+    seed, _ = _seed_where(eos_model, lambda lengths: len(set(lengths)) == 3 and min(lengths) > 1)
+    output = _generate_eos(eos_model, seed, return_dict_in_generate=True)
+    audio, lengths = _generate_eos(eos_model, seed, return_output_lengths=True)
+    torch.testing.assert_close(audio, output.audio)
+    assert torch.equal(lengths, output.audio_lengths)
+    both = _generate_eos(eos_model, seed, return_output_lengths=True, return_dict_in_generate=True)
+    assert isinstance(both, BarkHfGenerationOutput)  # the dict holds the lengths too
+    with pytest.raises(ValueError, match="return_output_lengths must be True, False or None"):
+        eos_model.generate(INPUT_IDS_3, ATTENTION_MASK_3, return_output_lengths="no", **QUIET)
+
+
 def test_item_stopping_at_once_gives_empty_outputs(eos_model):
     seed, lengths = _seed_where(eos_model, lambda lengths: lengths[1] == 0 and min(lengths[0], lengths[2]) > 1)
     output = _generate_eos(eos_model, seed, return_dict_in_generate=True)

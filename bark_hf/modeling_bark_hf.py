@@ -1951,7 +1951,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         return self.eval()  # int8 layers get no gradients, so training mode (see `train`) would train the rest only
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None,
-                           stages: Sequence[str] = STAGE_MODULES) -> None:
+                           stages: Sequence[str] = STAGE_MODULES, *, accelerator_id: int | None = None) -> None:
         """Keep every stage on the CPU and move each of `stages` to `accelerator_device` only while it runs.
 
         `generate` then holds one stage at a time on the accelerator (semantic, coarse, fine, then the
@@ -1959,7 +1959,16 @@ class BarkHfModel(BarkHfPreTrainedModel):
         its activations, at the price of a host-to-device copy per stage and call. The default device is
         the current CUDA device. Stages left out of `stages` (names from `STAGE_MODULES`, or one name) run
         on the CPU, as the original's stages with `use_gpu=False` do. Outputs stay where the last stage ran.
+        `accelerator_id` is transformers' Bark's way to name the device: an index on the current accelerator.
         """
+        if accelerator_id is not None:
+            if accelerator_device is not None:
+                raise ValueError("enable_cpu_offload: pass accelerator_device or accelerator_id, not both.")
+            if not is_number(accelerator_id, numbers.Integral) or accelerator_id < 0:
+                raise ValueError(f"enable_cpu_offload: accelerator_id must be a device index >= 0; got "
+                                 f"{accelerator_id!r}.")
+            kind = torch.accelerator.current_accelerator() or torch.device("cuda")
+            accelerator_device = torch.device(kind.type, int(accelerator_id))
         if isinstance(stages, str):  # one stage, not its letters
             stages = (stages,)
         unknown = sorted(set(stages) - set(self.STAGE_MODULES))

@@ -233,6 +233,18 @@ def test_cpu_offload_without_cuda_asks_for_a_device(model_dir):
     assert model.offload_device is None  # nothing was turned on
 
 
+def test_cpu_offload_takes_transformers_accelerator_id(model_dir, monkeypatch):
+    """transformers' Bark names the device by index, enable_cpu_offload(accelerator_id=0); it was a TypeError."""
+    model = BarkHfModel.from_pretrained(model_dir)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args, **kwargs: torch.device("cpu"))
+    model.enable_cpu_offload(accelerator_id=0)
+    assert model.offload_device == torch.device("cpu", 0)
+    with pytest.raises(ValueError, match="accelerator_device or accelerator_id, not both"):
+        model.enable_cpu_offload("cpu", accelerator_id=0)
+    with pytest.raises(ValueError, match="accelerator_id must be a device index >= 0"):
+        model.enable_cpu_offload(accelerator_id=-1)
+
+
 def test_cpu_offload_moves_only_the_stages_asked_for(model_dir, reference, monkeypatch):
     model = BarkHfModel.from_pretrained(model_dir)
     accelerator = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu", 0)

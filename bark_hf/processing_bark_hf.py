@@ -559,14 +559,15 @@ class BarkHfProcessor(ProcessorMixin):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        speaker_embeddings_dict_path: str = SPEAKER_EMBEDDINGS_FILE,
+        speaker_embeddings_dict_path: str | None = SPEAKER_EMBEDDINGS_FILE,
         **kwargs: Any,
     ) -> BarkHfProcessor:
         """Load a folder written by this class or by transformers' `BarkProcessor`, or a Hub repo.
 
         For a Hub id only the tokenizer and preset files are downloaded (`revision`, `cache_dir`,
         `token`, `local_files_only` and `force_download` go to `snapshot_download`); other
-        keyword arguments go to `BertTokenizer.from_pretrained`. Presets are read on first use.
+        keyword arguments go to `BertTokenizer.from_pretrained`. Presets are read on first use;
+        `speaker_embeddings_dict_path=None` loads none, as in transformers' `BarkProcessor`.
         """
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_OPTIONS if key in kwargs}
         folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", None) or "")
@@ -583,7 +584,8 @@ class BarkHfProcessor(ProcessorMixin):
             raise ValueError(f"The tokenizer files in {folder!r} ({', '.join(_TOKENIZER_FILES)} and their JSON "
                              f"configs) cannot be read ({error}); save or convert the model again.") from None
         processor = cls(tokenizer)
-        processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
+        if speaker_embeddings_dict_path is not None:
+            processor._preset_files = _read_preset_index(folder, speaker_embeddings_dict_path)
         return processor
 
 

@@ -352,6 +352,14 @@ def test_save_load_round_trip(processor, tmp_path):
         assert torch.equal(loaded(TEXTS["en"])[key], processor(TEXTS["en"])[key])
 
 
+def test_speaker_embeddings_dict_path_none_loads_no_presets(processor, tmp_path):
+    """transformers' BarkProcessor.from_pretrained(..., speaker_embeddings_dict_path=None); it was a TypeError."""
+    processor.save_pretrained(tmp_path)
+    loaded = BarkHfProcessor.from_pretrained(tmp_path, speaker_embeddings_dict_path=None)
+    assert loaded.available_voice_presets == []
+    assert torch.equal(loaded(TEXTS["en"])["input_ids"], processor(TEXTS["en"])["input_ids"])
+
+
 def test_a_subfolder_gives_its_own_presets(processor, tmp_path):
     processor.save_pretrained(tmp_path / "repo" / "voices")
     loaded = BarkHfProcessor.from_pretrained(tmp_path / "repo", subfolder="voices")

@@ -516,6 +516,12 @@ class BarkHfProcessor(ProcessorMixin):
         """
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) is not supported; call processor.push_to_hub(repo_id).")
+        # transformers' BarkProcessor takes other names for the index and the arrays' folder; they were ignored.
+        for setting, fixed in (("speaker_embeddings_dict_path", SPEAKER_EMBEDDINGS_FILE),
+                               ("speaker_embeddings_directory", SPEAKER_EMBEDDINGS_DIR)):
+            if kwargs.pop(setting, fixed) != fixed:
+                raise ValueError(f"save_pretrained: bark-hf always writes the presets' {setting} as {fixed!r}, the "
+                                 "layout that both bark-hf and transformers read by default; leave the setting out.")
         check_save_directory(save_directory)
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)

@@ -458,6 +458,18 @@ def test_save_pretrained_with_push_to_hub_points_to_push_to_hub(processor, tmp_p
         processor.save_pretrained(tmp_path, push_to_hub=True)
 
 
+@pytest.mark.parametrize("setting", ["speaker_embeddings_dict_path", "speaker_embeddings_directory"])
+def test_save_pretrained_refuses_other_preset_file_names(processor, tmp_path, setting):
+    """transformers' BarkProcessor.save_pretrained takes other names; they were silently ignored."""
+    default = {"speaker_embeddings_dict_path": "speaker_embeddings_path.json",
+               "speaker_embeddings_directory": "speaker_embeddings"}[setting]
+    processor.save_pretrained(tmp_path / "default", **{setting: default})
+    assert (tmp_path / "default" / "speaker_embeddings_path.json").is_file()
+    with pytest.raises(ValueError, match=f"always writes the presets' {setting} as '{default}'"):
+        processor.save_pretrained(tmp_path / "other", **{setting: "mine"})
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_save_that_fails_part_way_leaves_the_earlier_files_whole(processor, tmp_path, monkeypatch):
     """Presets and their index were written in place: a failure mid-file left a truncated .npy that the old
     index still named."""

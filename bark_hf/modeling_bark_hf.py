@@ -338,6 +338,22 @@ def refuse_int8(module: nn.Module, action: str) -> None:
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def _drop_attention_implementation(kwargs: dict[str, Any]) -> None:
+    """Take an `attn_implementation` request (an argument, or set on the `config` by the Auto classes) out of a
+    `from_pretrained` call: SDPA, which every stage always uses, is dropped; anything else is refused. transformers
+    passed it on to the codec too, which refused "sdpa" (EnCodec has no SDPA path), and "flash_attention_2" got
+    transformers' generic "not supported yet"."""
+    config = kwargs.get("config")
+    requested = kwargs.pop("attn_implementation", None) or getattr(config, "_attn_implementation_internal", None)
+    if requested not in (None, "sdpa"):
+        raise ValueError(f"attn_implementation={requested!r}: bark-hf's stages always attend through PyTorch's "
+                         "scaled_dot_product_attention, which picks FlashAttention or memory-efficient kernels on a "
+                         "GPU by itself (and SageAttention is used where installed); leave attn_implementation out.")
+    codec_config = getattr(config, "codec_config", None)
+    if codec_config is not None and codec_config._attn_implementation_internal == "sdpa":
+        codec_config._attn_implementation_internal = None  # EnCodec's own default (eager)
+
+
 def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
     """Refuse, before loading, `from_pretrained` arguments transformers would ignore or fail on deep inside.
 
@@ -554,6 +570,7 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                                     "`save_pretrained` or `bark-hf convert` (or the config, as config=...).")
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
+        _drop_attention_implementation(kwargs)
         _check_device_map_arguments(kwargs)
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -746,6 +746,20 @@ def test_a_config_json_that_is_not_an_object_is_refused_naming_the_file(model, t
             model_cls.from_pretrained(tmp_path)
 
 
+def test_attn_implementation_sdpa_loads_and_others_are_refused_with_the_reason(model, tmp_path):
+    """transformers' Bark docs pass attn_implementation: "sdpa" reached the codec, which has no SDPA path, and
+    "flash_attention_2" got transformers' generic "does not support Flash Attention 2 yet"."""
+    model.save_pretrained(tmp_path)
+    for load in (BarkHfModel.from_pretrained, AutoModel.from_pretrained):
+        loaded = load(tmp_path, attn_implementation="sdpa")
+        assert torch.equal(loaded.semantic.lm_head.weight, model.semantic.lm_head.weight)
+        for name in ("flash_attention_2", "eager"):
+            with pytest.raises(ValueError, match=f"attn_implementation='{name}': .* always attend through PyTorch's "
+                                                 "scaled_dot_product_attention.*leave attn_implementation out"):
+                load(tmp_path, attn_implementation=name)
+    BarkHfModel.from_pretrained(tmp_path, config=loaded.config)  # a loaded model's config (codec: eager) still loads
+
+
 @pytest.mark.parametrize("model_cls", [BarkHfModel, BarkHfSemanticModel])
 def test_a_missing_folder_or_a_file_is_named_as_such(model_cls, tmp_path):
     """transformers' error was about Hub ids: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""

@@ -338,6 +338,14 @@ def refuse_int8(module: nn.Module, action: str) -> None:
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def _checked_generation_config(value: Any, config_class: type, fix: str) -> Any:
+    """`value` if it is a `config_class`; another class (a dict, transformers' GenerationConfig, another stage's)
+    failed later with an AttributeError on the first field read. `fix` says what to pass instead."""
+    if not isinstance(value, config_class):
+        raise TypeError(f"generation_config must be a {config_class.__name__}, got {type(value).__name__}; {fix}.")
+    return value
+
+
 def _drop_attention_implementation(kwargs: dict[str, Any]) -> None:
     """Take an `attn_implementation` request (an argument, or set on the `config` by the Auto classes) out of a
     `from_pretrained` call: SDPA, which every stage always uses, is dropped; anything else is refused. transformers
@@ -422,11 +430,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
     def generation_config(self, value: Any) -> None:
         """Refuse a config of another kind: a dict, transformers' GenerationConfig or another stage's was taken, and
         the next `generate` failed with an AttributeError ("no attribute 'for_call'") or a misleading error."""
-        if not isinstance(value, self.generation_config_class):
-            raise TypeError(f"generation_config must be a {self.generation_config_class.__name__}, got "
-                            f"{type(value).__name__}; set its fields instead (stage.generation_config.temperature = "
-                            "0.6), or assign an edited copy.deepcopy(stage.generation_config).")
-        self.__dict__["_generation_config"] = value
+        self.__dict__["_generation_config"] = _checked_generation_config(
+            value, self.generation_config_class, "set its fields instead (stage.generation_config.temperature = 0.6), "
+            "or assign an edited copy.deepcopy(stage.generation_config)")
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -468,10 +474,9 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         `settings` applied. Another class failed with an AttributeError on the first field this stage reads."""
         if generation_config is None:
             generation_config = self.generation_config
-        elif not isinstance(generation_config, self.generation_config_class):
-            raise TypeError(f"generation_config must be a {self.generation_config_class.__name__}, got "
-                            f"{type(generation_config).__name__}; pass this stage's own kind (e.g. an edited "
-                            "copy.deepcopy(stage.generation_config)), or settings such as temperature=0.6.")
+        _checked_generation_config(generation_config, self.generation_config_class, "pass this stage's own kind "
+                                   "(e.g. an edited copy.deepcopy(stage.generation_config)), or settings such as "
+                                   "temperature=0.6")
         return generation_config.for_call(**settings)
 
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
@@ -2040,9 +2045,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
     def generation_config(self, value: BarkHfGenerationConfig) -> None:
         if "semantic" not in self._modules:  # set by PreTrainedModel before the stages exist
             return
-        if not isinstance(value, BarkHfGenerationConfig):
-            raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got {type(value).__name__}; "
-                            "a stage's own config is set on the stage (e.g. model.semantic.generation_config).")
+        _checked_generation_config(value, BarkHfGenerationConfig, "a stage's own config is set on the stage (e.g. "
+                                   "model.semantic.generation_config)")
         if value.sample_rate != self.sampling_rate:
             raise ValueError(f"generation_config.sample_rate is {value.sample_rate}, but this model's codec makes "
                              f"{self.sampling_rate} Hz audio; the rate is the codec's.")
@@ -2157,11 +2161,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """The stage generation configs of `generation_config` (default: the model's), by stage prefix."""
         if generation_config is None:
             generation_config = self.generation_config
-        elif not isinstance(generation_config, BarkHfGenerationConfig):
-            raise TypeError(f"generation_config must be a BarkHfGenerationConfig, got "
-                            f"{type(generation_config).__name__}; copy the model's (copy.deepcopy("
-                            "model.generation_config)) and change its stage configs, or pass prefixed settings "
-                            "such as semantic_temperature=0.6.")
+        _checked_generation_config(generation_config, BarkHfGenerationConfig, "copy the model's (copy.deepcopy("
+                                   "model.generation_config)) and change its stage configs, or pass prefixed "
+                                   "settings such as semantic_temperature=0.6")
         return {
             "semantic": generation_config.semantic_config,
             "coarse": generation_config.coarse_acoustics_config,

@@ -174,7 +174,7 @@ def generate_chunks(model: Any, processor: Any, job: Job, batch_size: int, show_
                 spoken.extend(zip(range(start, start + len(audios)), audios, strict=True))
         return spoken
 
-    return results + on_every_process(state, speak_my_batches)
+    return results + on_every_process(speak_my_batches)
 
 
 def _find_voice(model: Any, processor: Any, job: Job, results: list[tuple[int, np.ndarray]]
@@ -240,7 +240,7 @@ def on_main_process(state: Any, make: Callable[[], T]) -> T:
     return value
 
 
-def on_every_process(state: Any, make: Callable[[], T]) -> T:
+def on_every_process(make: Callable[[], T]) -> T:
     """`make()` run on every process, which then agree on whether all of them succeeded.
 
     A process whose `make()` failed raises its error (one line for a user error, a traceback for any
@@ -266,8 +266,8 @@ def _run(args: argparse.Namespace, state: Any) -> int:
     from accelerate.utils import gather_object
 
     text = on_main_process(state, lambda: _script_and_output(args))
-    model, processor = on_every_process(state, lambda: load_bark(args.model, device=state.device,
-                                                                dtype=getattr(torch, args.dtype)))
+    model, processor = on_every_process(lambda: load_bark(args.model, device=state.device,
+                                                         dtype=getattr(torch, args.dtype)))
     job = on_main_process(state, lambda: _job(args, text, processor))
     if state.is_main_process and not args.quiet:
         print(f"{len(job.chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)

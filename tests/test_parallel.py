@@ -188,16 +188,16 @@ def test_an_error_on_any_process_is_raised_there_and_stops_the_others(monkeypatc
         return lambda flags: [*flags_elsewhere, *flags]
 
     monkeypatch.setattr(accelerate.utils, "gather_object", gather_with([False]))
-    assert on_every_process(types.SimpleNamespace(), lambda: "loaded") == "loaded"
+    assert on_every_process(lambda: "loaded") == "loaded"
 
     def fail():
         raise FileNotFoundError("no model here")
 
     with pytest.raises(FileNotFoundError, match="no model here"):  # raised where it happened, after the agreement
-        on_every_process(types.SimpleNamespace(), fail)
+        on_every_process(fail)
     monkeypatch.setattr(accelerate.utils, "gather_object", gather_with([True]))  # the other process failed
     with pytest.raises(SystemExit) as stopped:
-        on_every_process(types.SimpleNamespace(), lambda: "loaded")
+        on_every_process(lambda: "loaded")
     assert stopped.value.code == 1
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .atomic import atomic_path
 from .checks import checked_flag, checked_positive_number, checked_whole_number, is_number
@@ -49,6 +49,8 @@ COARSE_HISTORY_RANGE = (60, 630)
 """Allowed `max_coarse_history`, as the original enforces: 60 is fastest, 630 the most context."""
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+
+_ConfigT = TypeVar("_ConfigT", bound="_JsonConfig")
 
 
 class _JsonConfig:
@@ -91,7 +93,7 @@ class _JsonConfig:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
+    def from_dict(cls: type[_ConfigT], values: dict[str, Any]) -> _ConfigT:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -102,14 +104,14 @@ class _JsonConfig:
         save_generation_config(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike):
+    def from_pretrained(cls: type[_ConfigT], directory: str | os.PathLike) -> _ConfigT:
         """The config in `directory`'s `generation_config.json` (a local folder, e.g. a saved model's)."""
         if not os.path.isfile(os.path.join(directory, GENERATION_CONFIG_NAME)):
             raise FileNotFoundError(f"{directory} holds no {GENERATION_CONFIG_NAME}; pass a local folder written by "
                                     "save_pretrained (a config's or a model's).")
         return load_generation_config(cls, directory)
 
-    def updated(self, **overrides: Any):
+    def updated(self: _ConfigT, **overrides: Any) -> _ConfigT:
         """A copy with `overrides` applied; unknown names raise a `ValueError` listing valid ones."""
         known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - known)
@@ -125,7 +127,7 @@ class _JsonConfig:
         """The fields one `generate` call may set: all but the token layout."""
         return sorted(item.name for item in dataclasses.fields(cls) if item.name not in cls.TOKEN_LAYOUT)
 
-    def for_call(self, **settings: Any):
+    def for_call(self: _ConfigT, **settings: Any) -> _ConfigT:
         """A copy with one `generate` call's `settings` (sampling, lengths, windows), refusing the token layout:
         a call with another vocabulary size or rate gave wrong-length output or an IndexError deep in torch."""
         unknown = sorted(set(settings) - {item.name for item in dataclasses.fields(self)})
@@ -327,7 +329,7 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"A generation setting of type {kind} ({value!r}) cannot be saved as JSON; use a plain number.")
 
 
-def load_generation_config(config_cls: type, directory: str | os.PathLike):
+def load_generation_config(config_cls: type[_ConfigT], directory: str | os.PathLike) -> _ConfigT:
     """Read `generation_config.json` from `directory`, or the defaults when there is none.
 
     A transformers-format Bark folder has a generation config of another layout; its values

@@ -157,7 +157,7 @@ class BarkHfKVCache:
         end = self._lengths[layer]
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]  # [B, H, length, D] each
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self[layer] for layer in range(len(self)))
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -555,7 +555,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         return push_folder_to_hub(repo_id, write, type(self).__name__, replaces=MODEL_WEIGHTS, **hub_options)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        **kwargs: Any) -> BarkHfPreTrainedModel | tuple[BarkHfPreTrainedModel, dict[str, Any]]:
         # transformers would take a "~/..." folder for a Hub id.
         pretrained_model_name_or_path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
         # Else transformers' error was about the syntax of Hub repo ids.
@@ -1891,7 +1892,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        **kwargs: Any) -> BarkHfModel | tuple[BarkHfModel, dict[str, Any]]:
         """transformers' `from_pretrained`, ready to generate under any `device_map` (with `max_memory`,
         `offload_folder`) and with `dtype=torch.float16` or `torch.bfloat16` (the codec stays float32).
         """

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from ..configuration_bark_hf import BarkHfCoarseConfig, BarkHfFineConfig, BarkHfSemanticConfig
@@ -32,7 +33,7 @@ logger = logging.get_logger(__name__)
 STAGES = ("text", "coarse", "fine")
 """The original's names for the semantic, coarse and fine stages (and their file names)."""
 
-STAGE_CLASSES: dict[str, tuple[type, type[BarkHfPreTrainedModel]]] = {
+STAGE_CLASSES: dict[str, tuple[type[PretrainedConfig], type[BarkHfPreTrainedModel]]] = {
     "text": (BarkHfSemanticConfig, BarkHfSemanticModel),
     "coarse": (BarkHfCoarseConfig, BarkHfCoarseModel),
     "fine": (BarkHfFineConfig, BarkHfFineModel),
@@ -129,7 +130,7 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], d
     return dict(model_args), dict(state_dict)
 
 
-def stage_config(stage: str, model_args: Mapping[str, Any]):
+def stage_config(stage: str, model_args: Mapping[str, Any]) -> PretrainedConfig:
     """Our stage config from the original's `model_args` (numpy numbers as Python ones, which JSON can hold)."""
     args = {key: value.item() if isinstance(value, np.generic) else value for key, value in model_args.items()}
     if "vocab_size" in args:  # the oldest checkpoints name one vocabulary for both ends

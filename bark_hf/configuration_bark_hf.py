@@ -103,8 +103,9 @@ class BarkHfCoarseConfig(_BarkHfStageConfig):
 class BarkHfFineConfig(_BarkHfStageConfig):
     """Non-causal fine GPT: one input embedding per codebook, one head per predicted codebook.
 
-    `n_codes_given` codebooks come from the coarse stage (1 at training time); heads predict the
-    remaining `n_codes_total - n_codes_given`. Head `i` shares its weight with embedding `i + 1`.
+    `n_codes_given` is the first codebook it has a head for (1 in Bark's checkpoints): head `i` predicts
+    codebook `n_codes_given + i` and shares its weight with that codebook's embedding. Generation gives
+    it the coarse stage's codebooks and predicts the rest.
     """
 
     model_type = "bark_hf_fine"

@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .checks import checked_flag, checked_seconds, checked_seed, checked_whole_number
 from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
-from .processing_bark_hf import gives_tokens, validate_voice_preset
+from .processing_bark_hf import gives_tokens, normalize_whitespace, validate_voice_preset
 
 logger = logging.get_logger(__name__)
 
@@ -92,7 +92,7 @@ def _normalized_text(text: Any) -> str:
         fix = ("to speak chunks you cut yourself, pass chunks= instead" if isinstance(text, (list, tuple))
                else "convert it with str() first")
         raise TypeError(f"text must be a string; got {type(text).__name__}: {fix}.")
-    normalized = re.sub(r"\s+", " ", text).strip()
+    normalized = normalize_whitespace(text)
     if not normalized:
         raise ValueError("text is empty or whitespace only; pass the words to speak.")
     return normalized
@@ -364,7 +364,7 @@ def _checked_chunks(chunks: Any) -> list[str]:
             raise TypeError(f"chunks[{index}] is a {type(chunk).__name__}; pass strings only.")
         if not chunk.strip():
             raise ValueError(f"chunks[{index}] is empty or whitespace only; remove it or give it words.")
-        checked.append(re.sub(r"\s+", " ", chunk).strip())
+        checked.append(normalize_whitespace(chunk))
     return checked
 
 

@@ -89,7 +89,9 @@ def _check_tokenizer_settings(settings: Mapping[str, Any]) -> None:
                              "Leave the setting out (max_length sets the window's length).")
 
 
-def _normalize_whitespace(text: str) -> str:
+def normalize_whitespace(text: str) -> str:
+    """Every whitespace run as one space, none at the ends: the original's `_normalize_whitespace`, also used by
+    long-form chunking, whose token counts must be the processor's."""
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -496,7 +498,7 @@ class BarkHfProcessor(ProcessorMixin):
 
     def _encode(self, text: str, max_length: int, name: str) -> list[int]:
         """Token ids of `text`; `name` says which text an error is about ("text[3]" in a batch)."""
-        normalized = _normalize_whitespace(text)
+        normalized = normalize_whitespace(text)
         if not normalized:
             raise ValueError(f"{name} is empty or whitespace only; pass at least one word to speak.")
         ids = self.tokenizer.encode(normalized, add_special_tokens=False)

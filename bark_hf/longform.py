@@ -336,6 +336,15 @@ def needs_long_form(text: str, tokenizer: Any = None) -> bool:
     return len(chunk_text(text, tokenizer)) > 1
 
 
+def join_with_silence(audios: Sequence[np.ndarray], silence_samples: int) -> np.ndarray:
+    """The chunks' audio in order as one float32 array, `silence_samples` zeros between each two."""
+    silence = np.zeros(silence_samples, dtype=np.float32)
+    joined = [audios[0]]
+    for audio in audios[1:]:
+        joined += [silence, audio]
+    return np.concatenate(joined).astype(np.float32)
+
+
 @dataclass
 class LongFormOutput:
     """The joined audio of a long text and what each chunk produced."""
@@ -505,12 +514,8 @@ def generate_long_form(
             for batch_start in range(start, len(pieces), batch_size):
                 generate(list(range(batch_start, min(batch_start + batch_size, len(pieces)))), voice)
 
-    silence = np.zeros(round(silence_s * model.sampling_rate), dtype=np.float32)
-    joined = [audios[0]]
-    for audio in audios[1:]:
-        joined += [silence, audio]
     return LongFormOutput(
-        audio=np.concatenate(joined).astype(np.float32),
+        audio=join_with_silence(audios, round(silence_s * model.sampling_rate)),
         sampling_rate=model.sampling_rate,
         chunks=pieces,
         chunk_lengths=[audio.shape[0] for audio in audios],

@@ -37,7 +37,14 @@ from .audio_io import check_output_path, write_wav
 from .checks import checked_whole_number
 from .cli import DTYPES, quiet_output
 from .loading import DEFAULT_MODEL, load_bark
-from .longform import DEFAULT_BATCH_SIZE, DEFAULT_SILENCE_S, checked_silence, chunk_text, generate_long_form
+from .longform import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SILENCE_S,
+    checked_silence,
+    chunk_text,
+    generate_long_form,
+    join_with_silence,
+)
 from .processing_bark_hf import gives_tokens, validate_voice_preset
 
 logger = logging.get_logger(__name__)
@@ -200,11 +207,7 @@ def join_chunks(results: list[tuple[int, np.ndarray]], n_chunks: int, silence_sa
     indices = [index for index, _ in ordered]
     if indices != list(range(n_chunks)):
         raise RuntimeError(f"Gathered chunks {indices}, expected 0..{n_chunks - 1} once each.")
-    silence = np.zeros(silence_samples, dtype=np.float32)
-    pieces = [ordered[0][1]]
-    for _, audio in ordered[1:]:
-        pieces += [silence, audio]
-    return np.concatenate(pieces).astype(np.float32)
+    return join_with_silence([audio for _, audio in ordered], silence_samples)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from .checks import checked_positive_number, checked_seed
 from .conversion import convert_suno
+from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
 from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
 
@@ -35,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(say)
     say.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
     say.add_argument("--seed", type=int, help="random seed, for a repeatable generation")
-    say.add_argument("--text-temp", type=float, help="semantic stage temperature (default 0.7)")
-    say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default 0.7)")
+    say.add_argument("--text-temp", type=float, help="semantic stage temperature (default: the model's generation "
+                     f"config, {BarkHfSemanticGenerationConfig.temperature} in Bark's)")
+    say.add_argument("--waveform-temp", type=float, help="coarse stage temperature (default: the model's generation "
+                     f"config, {BarkHfCoarseGenerationConfig.temperature} in Bark's)")
     say.add_argument("--long-form", choices=("auto", "on", "off"), default="auto",
                      help="split the text into sentences: auto (default) does so when it is too long for one go")
     say.add_argument("--history", choices=HISTORY_MODES, default=DEFAULT_HISTORY,

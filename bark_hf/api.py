@@ -1,9 +1,9 @@
 """Suno's `bark` API on bark-hf models: change `from bark import ...` to `from bark_hf.api import ...`.
 
-The functions keep the original's names, arguments and return values (bark/api.py and
-`preload_models` of bark/generation.py). Like the original, the API is stateful: `preload_models`
-loads one model and its processor into `_loaded`, and every function uses them, loading the
-default model on first use.
+The functions keep the original's names, arguments and return values (bark/api.py, and
+`preload_models` and the one-stage functions of bark/generation.py). Like the original, the API
+is stateful: `preload_models` loads one model and its processor into `_loaded`, and every function
+uses them, loading the default model on first use.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from transformers.utils import logging
 from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
 from .checks import checked_device, checked_dtype, checked_positive_number, checked_seed
-from .generation_configuration_bark_hf import SAMPLE_RATE, SEMANTIC_VOCAB_SIZE, BarkHfFineGenerationConfig
+from .generation_configuration_bark_hf import (
+    CODEBOOK_SIZE,
+    N_FINE_CODEBOOKS,
+    SAMPLE_RATE,
+    SEMANTIC_VOCAB_SIZE,
+    BarkHfFineGenerationConfig,
+)
 from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, checked_history, checked_silence, generate_long_form
 from .modeling_bark_hf import BarkHfModel
 from .processing_bark_hf import BarkHfProcessor, VoicePreset, validate_voice_preset
@@ -156,35 +162,60 @@ def _voice_preset(processor: BarkHfProcessor, history_prompt: VoicePreset | None
     return processor.load_voice_preset(history_prompt)
 
 
-def _checked_semantic_tokens(semantic_tokens: Any) -> np.ndarray:
+def _checked_semantic_tokens(semantic_tokens: Any, name: str = "semantic_tokens",
+                             caller: str = "semantic_to_waveform") -> np.ndarray:
     """The int64 copy of a 1-D array of semantic tokens, refusing what the coarse stage cannot read.
 
     An empty array passes (the semantic stage gives one when speech ends at once): its audio is empty.
+    `name` and `caller` are the argument and function that errors name.
     """
     if isinstance(semantic_tokens, torch.Tensor):
         semantic_tokens = semantic_tokens.detach().cpu().numpy()
     if semantic_tokens is None or isinstance(semantic_tokens, (str, bytes)):
-        raise TypeError(f"semantic_tokens must be a 1-D integer array (the output of text_to_semantic); got "
+        raise TypeError(f"{name} must be a 1-D integer array (the output of text_to_semantic); got "
                         f"{type(semantic_tokens).__name__}.")
     try:
         tokens = np.asarray(semantic_tokens)
     except ValueError:  # ragged: the tokens of several texts, as a list
-        raise ValueError("semantic_tokens must be one 1-D array (the output of text_to_semantic for one text); got a "
-                         "list of sequences of different lengths: call semantic_to_waveform once per text.") from None
+        raise ValueError(f"{name} must be one 1-D array (the output of text_to_semantic for one text); got a "
+                         f"list of sequences of different lengths: call {caller} once per text.") from None
     if tokens.ndim != 1:
         raise ValueError(
-            f"semantic_tokens must be a 1-D array (the output of text_to_semantic); got shape {tuple(tokens.shape)}."
+            f"{name} must be a 1-D array (the output of text_to_semantic); got shape {tuple(tokens.shape)}."
         )
     if tokens.size == 0:
         return tokens.astype(np.int64)
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise TypeError(f"semantic_tokens must hold integers; got dtype {tokens.dtype}.")
+        raise TypeError(f"{name} must hold integers; got dtype {tokens.dtype}.")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= SEMANTIC_VOCAB_SIZE:
         raise ValueError(
-            f"semantic_tokens has values in [{low}, {high}]; expected values in [0, {SEMANTIC_VOCAB_SIZE})."
+            f"{name} has values in [{low}, {high}]; expected values in [0, {SEMANTIC_VOCAB_SIZE})."
         )
     return tokens.astype(np.int64)
+
+
+def _checked_codes(codes: Any, name: str, rows: tuple[int, int], source: str) -> np.ndarray:
+    """The int64 copy of EnCodec codes `[K, T]` with `rows[0] <= K <= rows[1]`, values in the codebooks.
+
+    The stages check batches `[B, K, T]`; this names the original's argument and the function that makes it.
+    """
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().numpy()
+    try:
+        array = np.asarray(codes) if isinstance(codes, (np.ndarray, list, tuple)) else None
+    except ValueError:  # ragged lists
+        array = None
+    if array is None or array.ndim != 2 or not rows[0] <= array.shape[0] <= rows[1]:
+        got = f"shape {tuple(array.shape)}" if array is not None else type(codes).__name__
+        raise ValueError(f"{name} must be a 2-D array of {rows[0]} to {rows[1]} codebooks [K, T] (the output of "
+                         f"{source}); got {got}.")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers; got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() >= CODEBOOK_SIZE):
+        raise ValueError(f"{name} has values in [{array.min()}, {array.max()}]; expected codes in "
+                         f"[0, {CODEBOOK_SIZE}).")
+    return array.astype(np.int64)
 
 
 def text_to_semantic(
@@ -273,6 +304,102 @@ def generate_audio(
                                 output_full=output_full)
 
 
+# --- the original's low-level functions (bark/generation.py), one stage each -----------------------------------
+
+
+def generate_text_semantic(
+    text: str,
+    history_prompt: VoicePreset | None = None,
+    temp: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    silent: bool = False,
+    min_eos_p: float | None = 0.2,
+    max_gen_duration_s: float | None = None,
+    allow_early_stop: bool = True,
+    use_kv_caching: bool = False,
+) -> np.ndarray:
+    """Semantic tokens `[S]` (int64) for `text`, with every setting of the original's semantic stage.
+
+    Code such as the original long-form notebook's (`generate_text_semantic(sentence, ..., min_eos_p=0.05)`)
+    runs unchanged. `use_kv_caching=False`, the original's default, recomputes the whole prefix at each step,
+    as the original does; True is much faster (`text_to_semantic` uses it).
+    """
+    _check_text(text)
+    temp = _check_temperature("temp", temp)
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    inputs = processor(text)
+    with model.offload_scope():
+        model.offload_all_but(model.semantic)
+        output = model.semantic.generate(
+            inputs["input_ids"], inputs["attention_mask"], preset, use_cache=use_kv_caching,
+            show_progress=not silent, temperature=temp, top_k=top_k, top_p=top_p, min_eos_p=min_eos_p,
+            max_gen_duration_s=max_gen_duration_s, allow_early_stop=allow_early_stop)
+    return output.sequences[0, : output.lengths[0]].cpu().numpy()
+
+
+def generate_coarse(
+    x_semantic: np.ndarray,
+    history_prompt: VoicePreset | None = None,
+    temp: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    silent: bool = False,
+    max_coarse_history: int = 630,
+    sliding_window_len: int = 60,
+    use_kv_caching: bool = False,
+) -> np.ndarray:
+    """The first two EnCodec codebooks `[2, T]` (int64) for semantic tokens `[S]`, as the original's function.
+
+    `max_coarse_history` (60 to 630 frames of history) and `sliding_window_len` work as in the original;
+    `use_kv_caching` as in `generate_text_semantic`.
+    """
+    tokens = _checked_semantic_tokens(x_semantic, "x_semantic", "generate_coarse")
+    temp = _check_temperature("temp", temp)
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    with model.offload_scope():
+        model.offload_all_but(model.coarse_acoustics)
+        output = model.coarse_acoustics.generate(
+            torch.from_numpy(tokens)[None], None, preset, use_cache=use_kv_caching, show_progress=not silent,
+            temperature=temp, top_k=top_k, top_p=top_p, max_coarse_history=max_coarse_history,
+            sliding_window_len=sliding_window_len)
+    return output.sequences[0, :, : output.lengths[0]].cpu().numpy()
+
+
+def generate_fine(
+    x_coarse_gen: np.ndarray,
+    history_prompt: VoicePreset | None = None,
+    temp: float | None = 0.5,
+    silent: bool = True,
+) -> np.ndarray:
+    """All eight EnCodec codebooks `[8, T]` (int64) for the coarse ones `[K, T]`, as the original's function.
+
+    `temp=None` takes the most likely code instead of sampling, as in the original.
+    """
+    codes = _checked_codes(x_coarse_gen, "x_coarse_gen", (1, N_FINE_CODEBOOKS - 1), "generate_coarse")
+    if temp is not None:
+        temp = checked_positive_number(temp, "temp", hint=" (0.5 is the default; None takes the argmax)")
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    with model.offload_scope():
+        model.offload_all_but(model.fine_acoustics)
+        output = model.fine_acoustics.generate(torch.from_numpy(codes)[None], None, preset,
+                                               show_progress=not silent, temperature=temp)
+    return output.sequences[0, :, : output.lengths[0]].cpu().numpy()
+
+
+def codec_decode(fine_tokens: np.ndarray) -> np.ndarray:
+    """Float32 audio `[samples]` at 24 kHz for EnCodec codes `[8, T]` (the output of `generate_fine`)."""
+    codes = _checked_codes(fine_tokens, "fine_tokens", (1, N_FINE_CODEBOOKS), "generate_fine")
+    model, _ = loaded_model_and_processor()
+    with model.offload_scope():
+        model.offload_all_but(model.codec_model)
+        audio, audio_lengths = model.codec_decode(torch.from_numpy(codes)[None])
+    return audio[0, : audio_lengths[0]].cpu().numpy()
+
+
 def generate_long_audio(
     text: str,
     history_prompt: VoicePreset | None = None,
@@ -341,8 +468,12 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
 
 __all__ = [
     "SAMPLE_RATE",
+    "codec_decode",
     "generate_audio",
+    "generate_coarse",
+    "generate_fine",
     "generate_long_audio",
+    "generate_text_semantic",
     "loaded_model_and_processor",
     "preload_models",
     "save_as_prompt",

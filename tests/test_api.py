@@ -545,3 +545,63 @@ def test_preload_refuses_a_dtype_before_dropping_the_loaded_model(fake_loader, d
     with pytest.raises(ValueError, match=match):
         api.preload_models("tiny-random", dtype=dtype)
     assert api._loaded is loaded and fake_loader == ["tiny-random"]
+
+
+# --- the original's low-level functions (bark.generation) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("use_kv_caching", [False, True])
+def test_low_level_functions_equal_the_originals(original, converted_dir, tmp_path, use_kv_caching):  # noqa: F811
+    """The original long-form notebook calls bark.generation's generate_text_semantic(..., min_eos_p=0.05); bark_hf.api
+    had only the four bark.api functions, so that code failed with an ImportError."""
+    preset = str(tmp_path / "voice.npz")
+    np.savez(preset, **random_voice_preset(3, n_semantic=60))
+    semantic_settings = dict(history_prompt=preset, temp=0.6, min_eos_p=0.05, top_k=50, silent=True,
+                             use_kv_caching=use_kv_caching)
+    coarse_settings = dict(history_prompt=preset, temp=0.8, top_p=0.9, max_coarse_history=120, sliding_window_len=30,
+                           silent=True, use_kv_caching=use_kv_caching)
+    torch.manual_seed(1)
+    expected = {"semantic": original.generate_text_semantic(TEXTS["de"], **semantic_settings)}
+    expected["coarse"] = original.generate_coarse(expected["semantic"], **coarse_settings)
+    expected["fine"] = original.generate_fine(expected["coarse"], history_prompt=preset, temp=0.4)
+    expected["audio"] = original.codec_decode(expected["fine"])
+    api.preload_models(model=str(converted_dir), device="cpu")
+    torch.manual_seed(1)
+    ours = {"semantic": api.generate_text_semantic(TEXTS["de"], **semantic_settings)}
+    ours["coarse"] = api.generate_coarse(ours["semantic"], **coarse_settings)
+    ours["fine"] = api.generate_fine(ours["coarse"], history_prompt=preset, temp=0.4)
+    ours["audio"] = api.codec_decode(ours["fine"])
+    assert expected["coarse"].size > coarse_settings["sliding_window_len"]  # two coarse windows at least
+    for key in ("semantic", "coarse", "fine"):
+        assert ours[key].dtype == np.int64
+        np.testing.assert_array_equal(ours[key], expected[key], err_msg=f"{key} differs from the original")
+    assert ours["audio"].dtype == np.float32 and ours["audio"].shape == expected["audio"].shape
+    np.testing.assert_allclose(ours["audio"], expected["audio"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: api.generate_text_semantic("  "), ValueError, "text is empty"),
+    (lambda: api.generate_text_semantic(TEXT, temp=0), ValueError, "temp must be"),
+    (lambda: api.generate_text_semantic(TEXT, min_eos_p=2), ValueError, "min_eos_p must be None or a number"),
+    (lambda: api.generate_coarse(np.zeros((2, 3), dtype=np.int64)), ValueError, r"x_semantic must be a 1-D.*\(2, 3\)"),
+    (lambda: api.generate_coarse(np.arange(5), max_coarse_history=700), ValueError, "max_coarse_history must be"),
+    (lambda: api.generate_fine(np.arange(5)), ValueError, r"x_coarse_gen must be a 2-D array of 1 to 7 codebooks"),
+    (lambda: api.generate_fine(np.zeros((8, 4), dtype=np.int64)), ValueError, r"x_coarse_gen .* got shape \(8, 4\)"),
+    (lambda: api.generate_fine(np.full((2, 4), 1024)), ValueError, r"x_coarse_gen has values in \[1024, 1024\]"),
+    (lambda: api.generate_fine(np.zeros((2, 4), dtype=np.int64), temp=0), ValueError, "None takes the argmax"),
+    (lambda: api.codec_decode(np.zeros((2, 4))), TypeError, "fine_tokens must hold integers"),
+    (lambda: api.codec_decode("codes"), ValueError, "fine_tokens must be a 2-D array .* got str"),
+])
+def test_low_level_functions_refuse_bad_input_clearly(tiny, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_low_level_functions_chain_on_the_loaded_model(tiny):
+    torch.manual_seed(0)
+    semantic = api.generate_text_semantic(TEXT, "v2/en_speaker_1", silent=True, max_gen_duration_s=SEMANTIC_SECONDS)
+    coarse = api.generate_coarse(semantic, "v2/en_speaker_1", silent=True)
+    fine = api.generate_fine(torch.from_numpy(coarse), "v2/en_speaker_1", temp=None)  # tensors are taken too
+    audio = api.codec_decode(fine)
+    assert coarse.shape[0] == 2 and fine.shape == (8, coarse.shape[1]) and np.array_equal(fine[:2], coarse)
+    assert audio.dtype == np.float32 and audio.shape == (fine.shape[1] * 320,)

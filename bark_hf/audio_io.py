@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, check_replaceable, check_writable_folder, link_target
+from .checks import is_number
 
 # Names that promise another format than the WAV data written (any other name is taken as given).
 _OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff", ".wma",
@@ -18,10 +19,11 @@ _OTHER_AUDIO_SUFFIXES = (".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False,
-                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+                      inputs: Sequence[str | os.PathLike | None] = (), overwrite_fix: str = "pass --overwrite") -> Path:
     """Fail early, before any generation, on an output path that cannot be written or that names one of `inputs`
     (the text file or voice preset the command reads: `--overwrite` would replace it with audio).
-    A symlink is written through: the file it points to is the output, and the link stays."""
+    A symlink is written through: the file it points to is the output, and the link stays.
+    `overwrite_fix` is how the caller's user asks to replace a file (a flag of the commands, an argument in Python)."""
     if not str(path).strip():
         raise ValueError("The output path is empty; give a file name such as out.wav.")
     if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of the folder's name
@@ -41,7 +43,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False,
     if not path.parent.is_dir():
         raise FileNotFoundError(f"The folder {path.parent} does not exist; create it or choose another output path.")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it.")
+        raise FileExistsError(f"{path} already exists; {overwrite_fix} to replace it.")
     check_writable_folder(path)
     return path
 
@@ -61,7 +63,14 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, overwrite: bool = False) -> Path:
     """Write mono float audio in [-1, 1] as 16-bit PCM WAV; never leaves a partial file."""
-    path = check_output_path(path, overwrite)
+    if not is_number(sample_rate):
+        # scipy.io.wavfile.write, which Suno's README uses, takes (path, rate, data): the rate comes first there
+        fix = ("the audio comes before the rate here: write_wav(path, audio, sample_rate), not scipy's "
+               "write(path, rate, data)") if is_number(audio) else "pass the rate in Hz, e.g. SAMPLE_RATE"
+        raise TypeError(f"sample_rate must be a number of Hz; got {type(sample_rate).__name__}: {fix}.")
+    if not sample_rate > 0:
+        raise ValueError(f"sample_rate must be > 0 Hz; got {sample_rate!r}.")
+    path = check_output_path(path, overwrite, overwrite_fix="pass overwrite=True")
     data = wav_bytes(audio, sample_rate)
     with atomic_path(path, replace=overwrite) as temporary, open(temporary, "wb") as file:
         file.write(data)

@@ -404,3 +404,23 @@ def test_say_refuses_an_invalid_preset_file_and_names_close_preset_names(tmp_pat
     error = capsys.readouterr().err
     assert "v2/en_speaker_1" in error and "Traceback" not in error
     assert not list(tmp_path.glob("*.wav"))
+
+
+def test_write_wav_in_scipys_argument_order_names_the_fix(tmp_path):
+    """Suno's README writes with scipy's write(path, rate, data); docs/api.md swaps in write_wav(path, audio, rate),
+    where that order failed inside the wave module with "sampling rate not specified"."""
+    audio = np.zeros(320, dtype=np.float32)
+    with pytest.raises(TypeError, match=r"audio comes before the rate here: write_wav\(path, audio, sample_rate\)"):
+        audio_io.write_wav(tmp_path / "x.wav", 24_000, audio)
+    with pytest.raises(ValueError, match="sample_rate must be > 0 Hz; got 0"):
+        audio_io.write_wav(tmp_path / "x.wav", audio, 0)
+    assert list(tmp_path.iterdir()) == []
+    audio_io.write_wav(tmp_path / "x.wav", audio, 24_000.0)  # as wave takes it
+
+
+def test_write_wav_names_its_own_overwrite_argument(tmp_path):
+    """A Python caller was told to 'pass --overwrite', the command-line flag."""
+    audio = np.zeros(320, dtype=np.float32)
+    audio_io.write_wav(tmp_path / "x.wav", audio, 24_000)
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it"):
+        audio_io.write_wav(tmp_path / "x.wav", audio, 24_000)

@@ -8,6 +8,7 @@ uses them, loading the default model on first use.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from transformers.utils import logging
 from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
 from .checks import checked_device, checked_dtype, checked_positive_number, checked_seed
-from .generation_configuration_bark_hf import (
+from .generation_configuration_bark_hf import (  # the constants of bark.generation are importable from here too
+    COARSE_RATE_HZ,
     CODEBOOK_SIZE,
+    N_COARSE_CODEBOOKS,
     N_FINE_CODEBOOKS,
     SAMPLE_RATE,
+    SEMANTIC_RATE_HZ,
     SEMANTIC_VOCAB_SIZE,
     BarkHfFineGenerationConfig,
 )
@@ -135,6 +139,26 @@ def loaded_model_and_processor() -> tuple[BarkHfModel, BarkHfProcessor]:
     if _loaded is None:
         preload_models()
     return _loaded.model, _loaded.processor
+
+
+_MODEL_KEYS = ("text", "coarse", "fine", "codec")
+"""The original's names of its four models, which `clean_models` takes."""
+
+
+def clean_models(model_key: str | None = None) -> None:
+    """Drop the loaded model to free its memory, as the original's `clean_models`; the next call loads one again.
+
+    The original keeps one model per stage (`model_key` "text", "coarse", "fine" or "codec"); here the four
+    stages are one model, so any key drops all of them.
+    """
+    global _loaded
+    if model_key is not None and model_key not in _MODEL_KEYS:
+        raise ValueError(f"model_key must be None (all) or one of {', '.join(map(repr, _MODEL_KEYS))}; "
+                         f"got {model_key!r}.")
+    _loaded = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _check_text(text: Any) -> str:
@@ -467,7 +491,14 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
 
 
 __all__ = [
+    "COARSE_RATE_HZ",
+    "CODEBOOK_SIZE",
+    "N_COARSE_CODEBOOKS",
+    "N_FINE_CODEBOOKS",
     "SAMPLE_RATE",
+    "SEMANTIC_RATE_HZ",
+    "SEMANTIC_VOCAB_SIZE",
+    "clean_models",
     "codec_decode",
     "generate_audio",
     "generate_coarse",

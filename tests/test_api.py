@@ -605,3 +605,25 @@ def test_low_level_functions_chain_on_the_loaded_model(tiny):
     audio = api.codec_decode(fine)
     assert coarse.shape[0] == 2 and fine.shape == (8, coarse.shape[1]) and np.array_equal(fine[:2], coarse)
     assert audio.dtype == np.float32 and audio.shape == (fine.shape[1] * 320,)
+
+
+def test_the_originals_other_generation_names_are_here():
+    """`from bark.generation import SEMANTIC_RATE_HZ, clean_models, ...` had no bark_hf.api counterpart."""
+    import bark.generation
+
+    for name in ("SAMPLE_RATE", "SEMANTIC_RATE_HZ", "SEMANTIC_VOCAB_SIZE", "COARSE_RATE_HZ", "CODEBOOK_SIZE",
+                 "N_COARSE_CODEBOOKS", "N_FINE_CODEBOOKS"):
+        assert getattr(api, name) == getattr(bark.generation, name) and name in api.__all__
+
+
+def test_clean_models_drops_the_loaded_model(fake_loader):
+    api.preload_models("tiny-random")
+    api.clean_models("text")  # the original's stage keys: here the stages are one model
+    assert api._loaded is None
+    api.preload_models("tiny-random")
+    assert len(fake_loader) == 2
+    with pytest.raises(ValueError, match="model_key must be None .* 'codec'; got 'semantic'"):
+        api.clean_models("semantic")
+    assert api._loaded is not None
+    api.clean_models()
+    assert api._loaded is None

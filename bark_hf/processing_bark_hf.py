@@ -89,6 +89,10 @@ def _check_tokenizer_settings(settings: Mapping[str, Any]) -> None:
                              "Leave the setting out (max_length sets the window's length).")
 
 
+_FLOAT_FIX = (" The original casts whole-number floats silently; here convert them first: array.astype(np.int64) "
+              "or tensor.long().")
+
+
 def normalize_whitespace(text: str) -> str:
     """Every whitespace run as one space, none at the ends: the original's `_normalize_whitespace`, also used by
     long-form chunking, whose token counts must be the processor's."""
@@ -99,7 +103,7 @@ def _as_array(key: str, value: Any) -> np.ndarray:
     """`value` as a numpy array; what numpy cannot take (bfloat16, meta or sparse tensors, ragged lists) is named."""
     if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"Voice preset {key!r} has dtype {value.dtype}; expected an integer dtype "
-                         f"({_PRESET_MEANING[key]}).")
+                         f"({_PRESET_MEANING[key]}).{_FLOAT_FIX if value.is_floating_point() else ''}")
     try:
         if isinstance(value, torch.Tensor):
             return value.detach().cpu().numpy()
@@ -119,6 +123,7 @@ def _checked_codes(key: str, value: Any) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(
             f"Voice preset {key!r} has dtype {array.dtype}; expected an integer dtype ({_PRESET_MEANING[key]})."
+            f"{_FLOAT_FIX if np.issubdtype(array.dtype, np.floating) else ''}"
         )
     if key in _PRESET_ROWS and array.shape[0] != _PRESET_ROWS[key]:
         raise ValueError(

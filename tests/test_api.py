@@ -627,3 +627,19 @@ def test_clean_models_drops_the_loaded_model(fake_loader):
     assert api._loaded is not None
     api.clean_models()
     assert api._loaded is None
+
+
+def test_low_level_functions_move_their_stage_under_cpu_offload(tiny, monkeypatch):
+    model = tiny.model
+    running = []
+    offload_all_but = model.offload_all_but
+
+    def spy(stage):
+        running.append(next((name for name in api._STAGES if getattr(model, name) is stage), None))
+        offload_all_but(stage)
+
+    monkeypatch.setattr(model, "offload_device", torch.device("cpu"))  # what enable_cpu_offload("cpu") sets
+    monkeypatch.setattr(model, "offload_all_but", spy)
+    semantic = api.generate_text_semantic(TEXT, silent=True, max_gen_duration_s=SEMANTIC_SECONDS)
+    api.codec_decode(api.generate_fine(api.generate_coarse(semantic, silent=True)))
+    assert running == ["semantic", None, "coarse_acoustics", None, "fine_acoustics", None, "codec_model", None]

@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from . import loading
 from .atomic import atomic_path, check_replaceable, link_target
-from .checks import checked_device, checked_dtype, checked_positive_number, checked_seed
+from .checks import checked_device, checked_dtype, checked_flag, checked_positive_number, checked_seed
 from .generation_configuration_bark_hf import (  # the constants of bark.generation are importable from here too
     COARSE_RATE_HZ,
     CODEBOOK_SIZE,
@@ -351,6 +351,7 @@ def generate_text_semantic(
     """
     _check_text(text)
     temp = _check_temperature("temp", temp)
+    use_kv_caching = checked_flag(use_kv_caching, "use_kv_caching")
     model, processor = loaded_model_and_processor()
     preset = _voice_preset(processor, history_prompt)
     inputs = processor(text)
@@ -381,6 +382,7 @@ def generate_coarse(
     """
     tokens = _checked_semantic_tokens(x_semantic, "x_semantic", "generate_coarse")
     temp = _check_temperature("temp", temp)
+    use_kv_caching = checked_flag(use_kv_caching, "use_kv_caching")
     model, processor = loaded_model_and_processor()
     preset = _voice_preset(processor, history_prompt)
     with model.offload_scope():

@@ -583,6 +583,8 @@ def test_low_level_functions_equal_the_originals(original, converted_dir, tmp_pa
     (lambda: api.generate_text_semantic("  "), ValueError, "text is empty"),
     (lambda: api.generate_text_semantic(TEXT, temp=0), ValueError, "temp must be"),
     (lambda: api.generate_text_semantic(TEXT, min_eos_p=2), ValueError, "min_eos_p must be None or a number"),
+    (lambda: api.generate_text_semantic(TEXT, use_kv_caching="yes"), ValueError, "use_kv_caching must be True or"),
+    (lambda: api.generate_coarse(np.arange(5), use_kv_caching=None), ValueError, "use_kv_caching must be True or"),
     (lambda: api.generate_coarse(np.zeros((2, 3), dtype=np.int64)), ValueError, r"x_semantic must be a 1-D.*\(2, 3\)"),
     (lambda: api.generate_coarse(np.arange(5), max_coarse_history=700), ValueError, "max_coarse_history must be"),
     (lambda: api.generate_fine(np.arange(5)), ValueError, r"x_coarse_gen must be a 2-D array of 1 to 7 codebooks"),

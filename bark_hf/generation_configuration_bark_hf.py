@@ -22,6 +22,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy as np
+
 from .atomic import atomic_path
 from .checks import checked_flag, checked_positive_number, checked_whole_number, is_number
 
@@ -52,6 +54,11 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 
 _ConfigT = TypeVar("_ConfigT", bound="_JsonConfig")
 
+_PROBABILITIES = {"top_p": "the probability mass kept; 0 keeps only the likeliest token",
+                  "min_eos_p": "the end-of-speech probability that stops an item; 0 stops at once"}
+"""Settings that are probabilities, with what they mean, for their error."""
+_LARGEST_FLOAT32 = float(np.finfo(np.float32).max)
+
 
 class _JsonConfig:
     """Plain-dataclass configs saved as JSON.
@@ -64,30 +71,41 @@ class _JsonConfig:
     TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = ()
     """Fields that describe the checkpoint's token layout (vocabularies, special tokens, rates, codebooks,
     prompt windows): the weights were trained with them, so one `generate` call cannot change them."""
+    _GREEDY_HINT: ClassVar[str] = " (top_k=1 decodes greedily)"
+    """What a temperature error adds: 0 or None is how other libraries ask for greedy decoding."""
 
     def __post_init__(self) -> None:
         """Refuse settings that would fail deep inside torch or silently do something else: a zero temperature
         divides by zero, a window of 0 tokens too, a history of 0 frames slices them all, a rate of -75 runs."""
-        # Stored as Python numbers: torch.topk, slices and range() take no 2.0 or numpy integers. Every whole-number
-        # field is a count, a length, a hop or a token id, every float field a temperature, a rate or a duration:
-        # all > 0. Optional fields may be None; top_p and min_eos_p have ranges of their own, below.
+        # Stored as Python numbers: torch.topk, slices and range() take no 2.0 or numpy integers, and tensors
+        # compare with no Fraction. Every whole-number field is a count, a length, a hop or a token id, every float
+        # field a temperature, a rate or a duration: all > 0. Optional fields may be None; top_p and min_eos_p are
+        # probabilities, below.
         for item in dataclasses.fields(self):  # type: ignore[arg-type]
             value, type_name = getattr(self, item.name), str(item.type)  # annotations are strings here
-            if (value is None and type_name.endswith(" | None")) or item.name in ("top_p", "min_eos_p"):
+            if (value is None and type_name.endswith(" | None")) or item.name in _PROBABILITIES:
                 continue
             name = f"{item.name} (or None)" if type_name.endswith(" | None") else item.name
             if type_name.startswith("int"):
                 setattr(self, item.name, checked_whole_number(value, name))
             elif type_name.startswith("float"):
-                setattr(self, item.name, checked_positive_number(value, name))
+                hint = self._GREEDY_HINT if item.name == "temperature" else ""
+                setattr(self, item.name, checked_positive_number(value, name, hint))
             elif type_name == "bool":
                 checked_flag(value, item.name)
-        top_p = getattr(self, "top_p", None)
-        if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be None or a number within (0, 1], got {top_p!r}.")
-        min_eos_p = getattr(self, "min_eos_p", None)
-        if min_eos_p is not None and not (is_number(min_eos_p) and 0 <= min_eos_p <= 1):
-            raise ValueError(f"min_eos_p must be None or a number within [0, 1], got {min_eos_p!r}.")
+        for name, meaning in _PROBABILITIES.items():
+            value = getattr(self, name, None)
+            if value is not None:  # [0, 1] as the original and transformers take them; NaN fails both tests
+                if not (is_number(value) and 0 <= value <= 1):
+                    raise ValueError(f"{name} must be None or a number within [0, 1] ({meaning}), got {value!r}.")
+                setattr(self, name, float(value))
+        temperature = getattr(self, "temperature", None)
+        filters = [name for name in ("top_k", "top_p") if getattr(self, name, None) is not None]
+        if temperature is not None and temperature > _LARGEST_FLOAT32 and filters:
+            raise ValueError(
+                f"temperature={temperature!r} is larger than float32 can hold (sampling divides float32 logits by "
+                f"it), so the logits that {' and '.join(filters)} removed (-inf) would become NaN; use a temperature "
+                "of at most 3.4e38.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -156,7 +174,7 @@ class BarkHfSemanticGenerationConfig(_JsonConfig):
     top_k: int | None = None
     """Keep only the k most likely tokens before sampling (1 gives greedy decoding)."""
     top_p: float | None = None
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (0: the likeliest alone)."""
     min_eos_p: float | None = 0.2
     """Stop as soon as the end-of-speech probability reaches this, even if it was not drawn."""
     allow_early_stop: bool = True
@@ -232,6 +250,7 @@ class BarkHfFineGenerationConfig(_JsonConfig):
     """Coarse codebooks -> all eight. Follows bark/generation.py `generate_fine`."""
 
     TOKEN_LAYOUT: ClassVar[tuple[str, ...]] = ("codebook_size", "n_fine_codebooks")
+    _GREEDY_HINT: ClassVar[str] = " (None takes the argmax)"
 
     temperature: float | None = 0.5
     """Softmax temperature; None takes the argmax."""

@@ -555,9 +555,11 @@ def test_bad_coarse_settings(model, settings, match):
     (dict(fine_fine_window_hop=2000), r"got 512 \+ 2000: frames between two windows would never be predicted"),
     (dict(semantic_max_gen_duration_s="2"), r"max_gen_duration_s \(or None\) must be a finite number > 0; got '2'"),
     (dict(semantic_max_gen_duration_s=math.inf), r"max_gen_duration_s \(or None\) must be a finite number > 0; got in"),
-    (dict(fine_temperature=math.inf), r"temperature \(or None\) must be a finite number > 0; got inf"),
+    (dict(fine_temperature=math.inf), r"temperature \(or None\) must be a finite number > 0 \(None takes the "
+                                    r"argmax\); got inf"),
     (dict(semantic_allow_early_stop="no"), "allow_early_stop must be True or False, got 'no'"),
-    (dict(semantic_temperature=10**400), "temperature must be a finite number > 0; got 1000"),  # float() overflowed
+    (dict(semantic_temperature=10**400), r"temperature must be a finite number > 0 \(top_k=1 decodes greedily\); "
+                                        "got 1000"),  # float() overflowed
 ])
 def test_bad_stage_setting_values_are_refused_before_generating(model, monkeypatch, settings, match):
     def must_not_run(*args, **kwargs):
@@ -1065,6 +1067,51 @@ def test_numpy_scalars_are_accepted_as_settings(model):
     output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=5.0, temperature=0.5, max_new_tokens=4.0,
                                      **QUIET)
     assert torch.equal(output.sequences, expected.sequences)
+
+
+
+def test_probability_settings_of_any_real_number_type_are_accepted(model):
+    """top_p and min_eos_p were kept as given: a Fraction (a real number, which the checks accept) failed inside the
+    decoding loop with "'>' not supported between instances of 'Tensor' and 'Fraction'"."""
+    torch.manual_seed(0)
+    expected = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, temperature=1.0, top_p=0.5, min_eos_p=0.25,
+                                       max_new_tokens=4, **QUIET)
+    torch.manual_seed(0)
+    output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, temperature=1.0, top_p=fractions.Fraction(1, 2),
+                                     min_eos_p=np.float16(0.25), max_new_tokens=4, **QUIET)
+    assert torch.equal(output.sequences, expected.sequences)
+    assert type(BarkHfCoarseGenerationConfig(top_p=fractions.Fraction(1, 2)).top_p) is float
+    assert type(BarkHfSemanticGenerationConfig(min_eos_p=np.int64(1)).min_eos_p) is float
+
+
+def test_top_p_zero_keeps_only_the_likeliest_token(model):
+    """The original and transformers take top_p=0 (one token left: greedy decoding); it was refused as outside
+    (0, 1]. With the likeliest token alone, sampling at any temperature gives top_k=1's tokens."""
+    greedy = model.generate(INPUT_IDS, ATTENTION_MASK, return_dict_in_generate=True, **GREEDY, **QUIET)
+    torch.manual_seed(0)
+    nucleus = model.generate(INPUT_IDS, ATTENTION_MASK, return_dict_in_generate=True, semantic_top_p=0,
+                             coarse_top_p=0.0, fine_temperature=None, **QUIET)
+    for name in ("semantic_tokens", "coarse_tokens", "fine_tokens"):
+        assert torch.equal(getattr(nucleus, name), getattr(greedy, name)), name
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(semantic_temperature=0), r"temperature must be a finite number > 0 \(top_k=1 decodes greedily\); got 0"),
+    (dict(coarse_temperature=None), r"temperature must be a finite number > 0 \(top_k=1 decodes greedily\); got No"),
+    (dict(fine_temperature=0), r"temperature \(or None\) must be a finite number > 0 \(None takes the argmax\)"),
+    (dict(semantic_top_p=1.5), r"top_p must be None or a number within \[0, 1\] \(the probability mass kept"),
+    (dict(semantic_min_eos_p=-0.1), r"min_eos_p must be None or a number within \[0, 1\] \(the end-of-speech"),
+    # float32 holds no 1e39: the sampling's -inf logits divided by it were NaN, reported as a float16 overflow after
+    # the whole stage ran; without a filter every logit / inf is 0, uniform sampling, as in the original.
+    (dict(semantic_temperature=1e39, semantic_top_k=5), r"temperature=1e\+39 is larger than float32 can hold .* "
+                                                        r"logits that top_k removed \(-inf\) would become NaN"),
+    (dict(coarse_temperature=10**40, coarse_top_p=0.9), "the logits that top_p removed"),
+])
+def test_sampling_settings_that_cannot_work_are_refused_with_the_fix(model, monkeypatch, settings, match):
+    monkeypatch.setattr(BarkHfSemanticModel, "generate", lambda *args, **kwargs: pytest.fail("generation started"))
+    with pytest.raises(ValueError, match=match):
+        model.generate(INPUT_IDS, ATTENTION_MASK, **settings, **QUIET)
+    assert BarkHfSemanticGenerationConfig(temperature=1e39).temperature == 1e39  # no filter: the original's result
 
 
 # --- inputs the stages' generate refuse, or take as documented -----------------------------------------

@@ -178,6 +178,17 @@ def test_sampling_settings_top_p_top_k_equal_original(ours, original, request):
     assert_same(expected, actual)
 
 
+def test_top_p_zero_equals_original(ours, original):
+    """top_p=0, which the original takes (the likeliest token alone), was refused as outside (0, 1]."""
+    path = random_voice_preset(5, n_semantic=60)
+    torch.manual_seed(5)
+    expected = run_original(original, TEXTS["de"], path, use_cache=True, semantic=dict(temp=1.0, top_p=0.0),
+                            coarse=dict(top_p=0))
+    torch.manual_seed(5)
+    actual = run_ours(ours, TEXTS["de"], path, use_cache=True, semantic_temperature=1.0, semantic_top_p=0.0,
+                      coarse_top_p=0)
+    assert_same(expected, actual)
+
 def test_history_window_options_equal_original(ours, original, request):
     path = preset_path(request, "v2/fr_speaker_2")
     expected = run_original(original, TEXTS["en"], path, use_cache=True, semantic=dict(top_k=1),

@@ -479,6 +479,17 @@ class BarkHfPreTrainedModel(PreTrainedModel):
                                    "temperature=0.6")
         return generation_config.for_call(**settings)
 
+    def _check_positions(self, needed: int, settings: str) -> None:
+        """Refuse, before any work, settings whose sequences outgrow the position embeddings."""
+        if needed > self.config.block_size:
+            raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
+                             f"{self.config.block_size} (block_size); lower the setting.")
+
+    def check_call_positions(self, config: Any) -> None:
+        """Refuse a call's generation `config` whose sequences outgrow this stage's position embeddings. The
+        composite's `split_stage_settings` runs it for every stage, so a later stage's refusal comes before the
+        earlier stages' work."""
+
     def train(self, mode: bool = True) -> BarkHfPreTrainedModel:
         """Refuse training mode with int8 layers: they get no gradients, so only the float32 rest would learn."""
         if mode:
@@ -998,12 +1009,6 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                 "than float32 here. On this CPU use float32, or int8 for speed (`quantize_int8()`, CLI `--dtype int8`)."
             )
 
-    def _check_positions(self, needed: int, settings: str) -> None:
-        """Refuse, before any work, settings whose sequences outgrow the position embeddings."""
-        if needed > self.config.block_size:
-            raise ValueError(f"{settings} needs {needed} positions, but the {self.base_model_prefix} stage has "
-                             f"{self.config.block_size} (block_size); lower the setting.")
-
     @staticmethod
     def _generation_uses_cache(use_cache: bool | None) -> bool:
         """Whether `generate` decodes with the KV cache: unless `use_cache=False` (None, transformers' usual
@@ -1332,6 +1337,23 @@ class BarkHfSemanticModel(BarkHfCausalModel):
     base_model_prefix = "semantic"
     generation_config_class = BarkHfSemanticGenerationConfig
 
+    @staticmethod
+    def _most_tokens(config: BarkHfSemanticGenerationConfig) -> int:
+        """The most tokens a call with `config` can generate: `max_new_tokens`, or fewer by `max_gen_duration_s`."""
+        if config.max_gen_duration_s is None:
+            return config.max_new_tokens
+        # The loop stops once the tokens last longer (+1: float sums). inf past 3.6e306 s: no floor.
+        duration_tokens = config.max_gen_duration_s * config.semantic_rate_hz
+        return min(config.max_new_tokens, math.floor(min(duration_tokens, config.max_new_tokens)) + 2)
+
+    def check_call_positions(self, config: BarkHfSemanticGenerationConfig) -> None:
+        limit = f"max_new_tokens={config.max_new_tokens}"
+        if config.max_gen_duration_s is not None:
+            limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
+        # The prompt (window + infer token), then every generated token but the last is fed back.
+        window = config.max_input_semantic_length
+        self._check_positions(window + self._most_tokens(config), f"{limit} after the {window + 1}-token prompt")
+
     @torch.no_grad()
     def generate(
         self,
@@ -1364,13 +1386,8 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         batch = input_ids.shape[0]
         window = config.max_input_semantic_length
 
-        most_tokens, limit = config.max_new_tokens, f"max_new_tokens={config.max_new_tokens}"
-        if config.max_gen_duration_s is not None:  # the loop stops once the tokens last longer (+1: float sums)
-            duration_tokens = config.max_gen_duration_s * config.semantic_rate_hz  # inf past 3.6e306 s: no floor
-            most_tokens = min(most_tokens, math.floor(min(duration_tokens, most_tokens)) + 2)
-            limit += f" with max_gen_duration_s={config.max_gen_duration_s}"
-        # The prompt (window + infer token), then every generated token but the last is fed back.
-        self._check_positions(window + most_tokens, f"{limit} after the {window + 1}-token prompt")
+        self.check_call_positions(config)
+        most_tokens = self._most_tokens(config)
         if attention_mask is None:  # the processor pads with [PAD]: generate(processor(text)["input_ids"]) then
             attention_mask = input_ids != TOKENIZER_PAD_ID  # reads the padding as the text pad, as with the mask
         elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -1490,10 +1507,8 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         compile = self._use_compiled_step(compile, use_cache)
         show_progress = checked_flag(show_progress, "show_progress")  # "no" would show the bar
         self._warn_if_bfloat16_is_emulated()
-        # The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back).
-        longest_window = config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
-        self._check_positions(longest_window - 1, f"max_coarse_history={config.max_coarse_history} with "
-                                                  f"sliding_window_len={config.sliding_window_len}")
+        self.check_call_positions(config)
+        longest_window = self._longest_window(config)
         semantic_tokens = _checked_tokens(semantic_tokens, "semantic_tokens", "[B, S]")
         semantic_lengths = _checked_lengths(semantic_lengths, semantic_tokens, "semantic_lengths", "semantic_tokens")
         valid = _length_mask(semantic_lengths, semantic_tokens)
@@ -1522,6 +1537,15 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         codes = [(item.coarse[item.n_coarse_history :].view(-1, n_codebooks).T - offsets[:, None]) for item in items]
         lengths = torch.tensor([code.shape[-1] for code in codes], dtype=torch.long, device=self.device)
         return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
+
+    @staticmethod
+    def _longest_window(config: BarkHfCoarseGenerationConfig) -> int:
+        """The longest window: semantic prompt, infer token, history, then new tokens (the last not fed back)."""
+        return config.max_coarse_input_length + 1 + config.max_coarse_history + config.sliding_window_len
+
+    def check_call_positions(self, config: BarkHfCoarseGenerationConfig) -> None:
+        self._check_positions(self._longest_window(config) - 1, f"max_coarse_history={config.max_coarse_history} "
+                                                                f"with sliding_window_len={config.sliding_window_len}")
 
     def _start_item(
         self, semantic: torch.Tensor, prompt: Mapping[str, Any] | None, config: BarkHfCoarseGenerationConfig
@@ -1789,6 +1813,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         `max_fine_input_length` frames (the original pads every item to one), so no mask is needed.
         """
         config = self._call_generation_config(generation_config, settings)
+        self.check_call_positions(config)
         show_progress = checked_flag(show_progress, "show_progress")
         window, hop = config.max_fine_input_length, config.fine_window_hop
         coarse_tokens = _checked_tokens(coarse_tokens, "coarse_tokens", "[B, K, T]")
@@ -1820,6 +1845,11 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         codes = [item.codes.T[:, item.n_history : item.n_history + item.length] for item in items]  # [8, T] each
         lengths = torch.tensor([item.length for item in items], dtype=torch.long, device=self.device)
         return BarkHfStageOutput(sequences=_pad_stack(codes, config.codebook_size), lengths=lengths)
+
+    def check_call_positions(self, config: BarkHfFineGenerationConfig) -> None:
+        # Every window is a whole one: a longer one than the position embeddings failed in forward, after the
+        # semantic and coarse stages had run, without naming the setting.
+        self._check_positions(config.max_fine_input_length, f"max_fine_input_length={config.max_fine_input_length}")
 
     @staticmethod
     def _start_item(
@@ -2175,9 +2205,9 @@ class BarkHfModel(BarkHfPreTrainedModel):
     def split_stage_settings(self, kwargs: dict[str, Any],
                              generation_config: BarkHfGenerationConfig | None = None) -> dict[str, dict[str, Any]]:
         """Route `semantic_x=...` to the semantic stage as `x=...` (or as `semantic_x` where that is the stage's
-        field and `x` is not), and so on; refuse anything else, and values the stage's generation config (from
-        `generation_config`, default the model's) refuses. `generate` calls it; callers may, to check settings
-        early.
+        field and `x` is not), and so on; refuse anything else, values the stage's generation config (from
+        `generation_config`, default the model's) refuses, and windows longer than the stage's positions
+        (`check_call_positions`). `generate` calls it; callers may, to check settings early.
 
         `do_sample` (every stage) and `semantic_do_sample`-style switches are transformers' Bark's: True keeps the
         stage configs' sampling, which is Bark's default; False decodes greedily (`_GREEDY_SETTINGS`) where the
@@ -2204,11 +2234,13 @@ class BarkHfModel(BarkHfPreTrainedModel):
         for prefix in greedy:
             for setting, value in _GREEDY_SETTINGS[prefix].items():
                 settings[prefix].setdefault(setting, value)
+        stages = dict(zip(self.STAGE_PREFIXES, self.STAGE_MODULES, strict=False))  # the codec has no settings
         for prefix, values in settings.items():
             try:
-                configs[prefix].for_call(**values)
+                call_config = configs[prefix].for_call(**values)
             except ValueError as error:
                 raise ValueError(f"Unknown or invalid {prefix} setting: {error}") from None
+            getattr(self, stages[prefix]).check_call_positions(call_config)
         return settings
 
 

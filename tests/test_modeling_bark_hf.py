@@ -570,6 +570,24 @@ def test_bad_stage_setting_values_are_refused_before_generating(model, monkeypat
         model.generate(INPUT_IDS, ATTENTION_MASK, **settings, **QUIET)
 
 
+@pytest.mark.parametrize(("settings", "match"), [
+    (dict(max_fine_input_length=2048), r"max_fine_input_length=2048 needs 2048 positions, but the fine_acoustics "
+                                       r"stage has 1024 \(block_size\); lower the setting"),
+    (dict(max_fine_input_length=1536, fine_window_hop=1024), "max_fine_input_length=1536 needs 1536 positions"),
+])
+def test_a_fine_window_longer_than_its_positions_is_refused_before_any_stage_runs(model, monkeypatch, settings, match):
+    """The fine stage's window was not checked: forward failed ("Sequence of 2048 frames exceeds block_size") after
+    the semantic and coarse stages had run, without naming the setting. The fine stage's generate, and
+    split_stage_settings (the composite's, the pipeline's and long-form's early check), now refuse it first."""
+    with pytest.raises(ValueError, match=match):
+        model.fine_acoustics.generate(torch.zeros((1, 2, 4), dtype=torch.long), **settings)
+    prefixed = {f"fine_{name}": value for name, value in settings.items()}
+    monkeypatch.setattr(BarkHfSemanticModel, "generate", lambda *args, **kwargs: pytest.fail("generation started"))
+    with pytest.raises(ValueError, match=match):
+        model.split_stage_settings(prefixed)
+    with pytest.raises(ValueError, match=match):
+        model.generate(INPUT_IDS, ATTENTION_MASK, **prefixed, **QUIET)
+
 @pytest.mark.parametrize("settings", [dict(coarse_coarse_rate_hz=10), dict(semantic_semantic_vocab_size=5),
                                       dict(fine_n_fine_codebooks=4), dict(semantic_text_pad_token=0)])
 def test_token_layout_is_refused_as_a_call_setting(model, monkeypatch, settings):

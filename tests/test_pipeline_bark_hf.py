@@ -114,6 +114,8 @@ def test_streams_of_texts_give_an_iterator_of_outputs_batch_by_batch(pipe, monke
         ({"long_form": "yes"}, ValueError, "long_form must be"),
         ({"generate_kwargs": {"semantic_temperature": 0}}, ValueError, "temperature must be a finite number > 0"),
         ({"generate_kwargs": {"semantic_temp": 0.5}}, ValueError, "Unknown or invalid semantic setting"),
+        # Was found by the fine stage's forward, after the semantic and coarse stages: a stream's first batch.
+        ({"generate_kwargs": {"fine_max_fine_input_length": 2048}}, ValueError, "max_fine_input_length=2048 needs"),
     ]:
         with pytest.raises(error, match=message):
             pipe((pytest.fail("read a text") for _ in range(1)), **settings)

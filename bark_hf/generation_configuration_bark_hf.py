@@ -228,10 +228,11 @@ class BarkHfCoarseGenerationConfig(_JsonConfig):
     """Positions the coarse GPT can attend over; bounds history + window + semantic context."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         low, high = COARSE_HISTORY_RANGE
-        if not low <= self.max_coarse_history <= high:
+        # Before the base class's checks, so that 0 is told the range rather than "a whole number >= 1".
+        if is_number(self.max_coarse_history) and not low <= self.max_coarse_history <= high:
             raise ValueError(f"max_coarse_history must be within [{low}, {high}], got {self.max_coarse_history}.")
+        super().__post_init__()
         room = self.context_window_size - self.max_coarse_input_length
         if self.max_coarse_history + self.sliding_window_len > room:
             raise ValueError(

@@ -696,10 +696,11 @@ def raise_if_nan(saw_nan: torch.Tensor, stage: str, temperature: float | None = 
     """The clear error for NaN probabilities that `sample_tokens` saw during a stage: a tiny `temperature` is named
     as the cause (the logits divided by it overflow), else the float16 overflow that usually causes them."""
     if bool(saw_nan) and temperature is not None and temperature < _TINY_TEMPERATURE:
+        greedy = "temperature=None" if stage == "fine" else "top_k=1"
         raise FloatingPointError(
             f"The {stage} stage produced NaN probabilities: temperature={temperature} is so small that the logits "
-            "divided by it overflow float32. For greedy decoding use top_k=1 (fine stage: temperature=None); "
-            f"otherwise use a temperature of at least {_TINY_TEMPERATURE}."
+            f"divided by it overflow float32. For greedy decoding use {greedy}; otherwise use a temperature of at "
+            f"least {_TINY_TEMPERATURE}."
         )
     if bool(saw_nan):
         raise FloatingPointError(

@@ -535,6 +535,7 @@ def test_do_sample_is_transformers_switch_between_sampling_and_greedy_decoding(m
 
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(coarse_max_coarse_history=10), r"max_coarse_history must be within \[60, 630\], got 10"),
+    (dict(coarse_max_coarse_history=0), r"max_coarse_history must be within \[60, 630\], got 0"),  # not ">= 1"
     (dict(coarse_max_coarse_history=700), r"max_coarse_history must be within \[60, 630\], got 700"),
     (dict(coarse_max_coarse_history=630, coarse_sliding_window_len=200),
      r"max_coarse_history \+ sliding_window_len must be at most 768, got 630 \+ 200"),
@@ -1355,15 +1356,16 @@ def test_forward_refuses_ids_and_positions_outside_the_embeddings(causal, fine):
         fine(2, codes)
 
 
-@pytest.mark.parametrize("stage, settings", [
-    ("semantic", dict(semantic_temperature=1e-300)),
-    ("semantic", dict(semantic_temperature=1e-300, semantic_top_k=1)),
-    ("coarse", dict(coarse_temperature=1e-300)),
-    ("fine", dict(fine_temperature=1e-300)),
+@pytest.mark.parametrize("stage, settings, greedy", [
+    ("semantic", dict(semantic_temperature=1e-300), "top_k=1"),
+    ("semantic", dict(semantic_temperature=1e-300, semantic_top_k=1), "top_k=1"),
+    ("coarse", dict(coarse_temperature=1e-300), "top_k=1"),
+    ("fine", dict(fine_temperature=1e-300), "temperature=None"),  # the fine stage has no top_k
 ])
-def test_a_temperature_so_small_that_logits_overflow_is_named(model, stage, settings):
+def test_a_temperature_so_small_that_logits_overflow_is_named(model, stage, settings, greedy):
     """The NaN this gives was blamed on float16 weights, with advice to load the model in bfloat16."""
-    with pytest.raises(FloatingPointError, match=f"The {stage} stage produced NaN .*temperature=1e-300 is so small"):
+    with pytest.raises(FloatingPointError, match=f"The {stage} stage produced NaN .*temperature=1e-300 is so small.*"
+                                                 f"For greedy decoding use {greedy};"):
         model.generate(INPUT_IDS, ATTENTION_MASK, semantic_max_new_tokens=4, semantic_allow_early_stop=False,
                        **settings, **QUIET)
 

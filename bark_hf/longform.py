@@ -388,7 +388,8 @@ def _check_readable(pieces: list[str], tokenizer: Any, own_chunks: bool) -> None
 
 def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None, model: Any) -> dict[str, Any]:
     """The caller's `model.generate` settings, checked before anything is generated: those set from other
-    arguments are refused, and so are stage settings that the stage's generation config refuses."""
+    arguments are refused, and so are stage settings that the stage's generation config refuses (the one they
+    pass as `generation_config`, else the model's, as `generate` reads them)."""
     if generate_kwargs is None:
         return {}
     if not isinstance(generate_kwargs, Mapping):
@@ -400,7 +401,8 @@ def checked_generate_kwargs(generate_kwargs: Mapping[str, Any] | None, model: An
             "voice as voice_preset= and progress bars as show_progress=."
         )
     own = inspect.signature(type(model).generate).parameters  # use_cache, compile, ...; the rest are stages'
-    model.split_stage_settings({name: value for name, value in generate_kwargs.items() if name not in own})
+    model.split_stage_settings({name: value for name, value in generate_kwargs.items() if name not in own},
+                               generate_kwargs.get("generation_config"))
     return dict(generate_kwargs)
 
 

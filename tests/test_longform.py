@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -462,6 +463,24 @@ def test_settings_reach_generate_and_the_last_generation_is_a_preset(tiny, monke
     assert calls[-1]["semantic_min_eos_p"] == 0.5
     preset = validate_voice_preset(result.generations[-1])
     assert processor("Next.", voice_preset=preset)["history_prompt"]["semantic_prompt"].shape == (8,)
+
+
+def test_settings_are_checked_against_the_generation_config_they_pass(tiny, monkeypatch):
+    """The early check read the model's generation config, not generate_kwargs' generation_config: a hop that the
+    passed config's shorter fine history allows was refused, and a window too long for the fine stage's positions
+    in the passed config was found only when the first chunk was generated."""
+    model, processor = tiny
+    calls = record_generate(model, monkeypatch)
+    config = copy.deepcopy(model.generation_config)
+    config.fine_acoustics_config.max_fine_history_length = 256
+    settings = {**GREEDY, "generation_config": config, "fine_fine_window_hop": 768}
+    generate_long_form(model, processor, chunks=["Short one."], generate_kwargs=settings, show_progress=False)
+    assert calls[-1]["generation_config"] is config and calls[-1]["fine_fine_window_hop"] == 768
+    config.fine_acoustics_config.max_fine_input_length = 2048
+    with pytest.raises(ValueError, match="max_fine_input_length=2048 needs 2048 positions"):
+        generate_long_form(model, processor, chunks=["Short one."], show_progress=False,
+                           generate_kwargs={**GREEDY, "generation_config": config})
+    assert len(calls) == 1
 
 
 def test_whitespace_in_own_chunks_is_normalised(tiny):

@@ -242,6 +242,19 @@ def _checked_codes(codes: Any, name: str, rows: tuple[int, int], source: str) ->
     return array.astype(np.int64)
 
 
+def _run_stage(stage_name: str, tokens: torch.Tensor, mask_or_lengths: torch.Tensor | None,
+               history_prompt: VoicePreset | None, **settings: Any) -> np.ndarray:
+    """The loaded model's stage `stage_name` on one item, its output trimmed to the item's length. Under
+    enable_cpu_offload only that stage sits on the accelerator, as in `BarkHfModel.generate`."""
+    model, processor = loaded_model_and_processor()
+    preset = _voice_preset(processor, history_prompt)
+    stage = getattr(model, stage_name)
+    with model.offload_scope():
+        model.offload_all_but(stage)
+        output = stage.generate(tokens, mask_or_lengths, preset, **settings)
+    return output.sequences[0, ..., : output.lengths[0]].cpu().numpy()
+
+
 def text_to_semantic(
     text: str,
     history_prompt: VoicePreset | None = None,
@@ -255,15 +268,9 @@ def text_to_semantic(
     """
     _check_text(text)
     temp = _check_temperature("temp", temp)
-    model, processor = loaded_model_and_processor()
-    preset = _voice_preset(processor, history_prompt)
-    inputs = processor(text)
-    # Under enable_cpu_offload only the running stage sits on the accelerator, as in BarkHfModel.generate.
-    with model.offload_scope():
-        model.offload_all_but(model.semantic)
-        output = model.semantic.generate(inputs["input_ids"], inputs["attention_mask"], preset,
-                                         show_progress=not silent, temperature=temp)
-    return output.sequences[0, : output.lengths[0]].cpu().numpy()
+    inputs = loaded_model_and_processor()[1](text)
+    return _run_stage("semantic", inputs["input_ids"], inputs["attention_mask"], history_prompt,
+                      show_progress=not silent, temperature=temp)
 
 
 def semantic_to_waveform(
@@ -352,16 +359,10 @@ def generate_text_semantic(
     _check_text(text)
     temp = _check_temperature("temp", temp)
     use_kv_caching = checked_flag(use_kv_caching, "use_kv_caching")
-    model, processor = loaded_model_and_processor()
-    preset = _voice_preset(processor, history_prompt)
-    inputs = processor(text)
-    with model.offload_scope():
-        model.offload_all_but(model.semantic)
-        output = model.semantic.generate(
-            inputs["input_ids"], inputs["attention_mask"], preset, use_cache=use_kv_caching,
-            show_progress=not silent, temperature=temp, top_k=top_k, top_p=top_p, min_eos_p=min_eos_p,
-            max_gen_duration_s=max_gen_duration_s, allow_early_stop=allow_early_stop)
-    return output.sequences[0, : output.lengths[0]].cpu().numpy()
+    inputs = loaded_model_and_processor()[1](text)
+    return _run_stage("semantic", inputs["input_ids"], inputs["attention_mask"], history_prompt,
+                      use_cache=use_kv_caching, show_progress=not silent, temperature=temp, top_k=top_k, top_p=top_p,
+                      min_eos_p=min_eos_p, max_gen_duration_s=max_gen_duration_s, allow_early_stop=allow_early_stop)
 
 
 def generate_coarse(
@@ -383,15 +384,9 @@ def generate_coarse(
     tokens = _checked_semantic_tokens(x_semantic, "x_semantic", "generate_coarse")
     temp = _check_temperature("temp", temp)
     use_kv_caching = checked_flag(use_kv_caching, "use_kv_caching")
-    model, processor = loaded_model_and_processor()
-    preset = _voice_preset(processor, history_prompt)
-    with model.offload_scope():
-        model.offload_all_but(model.coarse_acoustics)
-        output = model.coarse_acoustics.generate(
-            torch.from_numpy(tokens)[None], None, preset, use_cache=use_kv_caching, show_progress=not silent,
-            temperature=temp, top_k=top_k, top_p=top_p, max_coarse_history=max_coarse_history,
-            sliding_window_len=sliding_window_len)
-    return output.sequences[0, :, : output.lengths[0]].cpu().numpy()
+    return _run_stage("coarse_acoustics", torch.from_numpy(tokens)[None], None, history_prompt,
+                      use_cache=use_kv_caching, show_progress=not silent, temperature=temp, top_k=top_k, top_p=top_p,
+                      max_coarse_history=max_coarse_history, sliding_window_len=sliding_window_len)
 
 
 def generate_fine(
@@ -407,13 +402,8 @@ def generate_fine(
     codes = _checked_codes(x_coarse_gen, "x_coarse_gen", (1, N_FINE_CODEBOOKS - 1), "generate_coarse")
     if temp is not None:
         temp = checked_positive_number(temp, "temp", hint=" (0.5 is the default; None takes the argmax)")
-    model, processor = loaded_model_and_processor()
-    preset = _voice_preset(processor, history_prompt)
-    with model.offload_scope():
-        model.offload_all_but(model.fine_acoustics)
-        output = model.fine_acoustics.generate(torch.from_numpy(codes)[None], None, preset,
-                                               show_progress=not silent, temperature=temp)
-    return output.sequences[0, :, : output.lengths[0]].cpu().numpy()
+    return _run_stage("fine_acoustics", torch.from_numpy(codes)[None], None, history_prompt,
+                      show_progress=not silent, temperature=temp)
 
 
 def codec_decode(fine_tokens: np.ndarray) -> np.ndarray:

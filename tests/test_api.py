@@ -411,8 +411,9 @@ def test_preload_refuses_an_unusable_device_before_loading(fake_loader, device):
     assert fake_loader == [] and api._loaded is None
 
 
-def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):
-    """Under enable_cpu_offload each stage is held on the accelerator only while it runs."""
+@pytest.fixture
+def running(tiny, monkeypatch) -> list[str | None]:
+    """The stage each `offload_all_but` call keeps on the accelerator (None: the scope's end), offload on."""
     model = tiny.model
     running = []
     offload_all_but = model.offload_all_but
@@ -423,6 +424,11 @@ def test_api_moves_stages_under_cpu_offload(tiny, monkeypatch):
 
     monkeypatch.setattr(model, "offload_device", torch.device("cpu"))  # what enable_cpu_offload("cpu") sets
     monkeypatch.setattr(model, "offload_all_but", spy)
+    return running
+
+
+def test_api_moves_stages_under_cpu_offload(running):
+    """Under enable_cpu_offload each stage is held on the accelerator only while it runs."""
     audio = api.generate_audio(TEXT, silent=True, seed=0)
     assert running == ["semantic", None, "coarse_acoustics", "fine_acoustics", "codec_model", None]
     assert audio.size > 0
@@ -631,17 +637,7 @@ def test_clean_models_drops_the_loaded_model(fake_loader):
     assert api._loaded is None
 
 
-def test_low_level_functions_move_their_stage_under_cpu_offload(tiny, monkeypatch):
-    model = tiny.model
-    running = []
-    offload_all_but = model.offload_all_but
-
-    def spy(stage):
-        running.append(next((name for name in api._STAGES if getattr(model, name) is stage), None))
-        offload_all_but(stage)
-
-    monkeypatch.setattr(model, "offload_device", torch.device("cpu"))  # what enable_cpu_offload("cpu") sets
-    monkeypatch.setattr(model, "offload_all_but", spy)
+def test_low_level_functions_move_their_stage_under_cpu_offload(running):
     semantic = api.generate_text_semantic(TEXT, silent=True, max_gen_duration_s=SEMANTIC_SECONDS)
     api.codec_decode(api.generate_fine(api.generate_coarse(semantic, silent=True)))
     assert running == ["semantic", None, "coarse_acoustics", None, "fine_acoustics", None, "codec_model", None]

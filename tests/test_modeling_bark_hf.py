@@ -589,6 +589,7 @@ def test_a_fine_window_longer_than_its_positions_is_refused_before_any_stage_run
     with pytest.raises(ValueError, match=match):
         model.generate(INPUT_IDS, ATTENTION_MASK, **prefixed, **QUIET)
 
+
 @pytest.mark.parametrize("settings", [dict(coarse_coarse_rate_hz=10), dict(semantic_semantic_vocab_size=5),
                                       dict(fine_n_fine_codebooks=4), dict(semantic_text_pad_token=0)])
 def test_token_layout_is_refused_as_a_call_setting(model, monkeypatch, settings):
@@ -1086,7 +1087,6 @@ def test_numpy_scalars_are_accepted_as_settings(model):
     output = model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=5.0, temperature=0.5, max_new_tokens=4.0,
                                      **QUIET)
     assert torch.equal(output.sequences, expected.sequences)
-
 
 
 def test_probability_settings_of_any_real_number_type_are_accepted(model):

@@ -189,6 +189,7 @@ def test_top_p_zero_equals_original(ours, original):
                       coarse_top_p=0)
     assert_same(expected, actual)
 
+
 def test_history_window_options_equal_original(ours, original, request):
     path = preset_path(request, "v2/fr_speaker_2")
     expected = run_original(original, TEXTS["en"], path, use_cache=True, semantic=dict(top_k=1),

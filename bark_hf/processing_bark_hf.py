@@ -89,7 +89,7 @@ def _check_tokenizer_settings(settings: Mapping[str, Any]) -> None:
                              "Leave the setting out (max_length sets the window's length).")
 
 
-_FLOAT_FIX = (" The original casts whole-number floats silently; here convert them first: array.astype(np.int64) "
+_FLOAT_FIX = (" The original casts floats to integers silently; here convert them first: array.astype(np.int64) "
               "or tensor.long().")
 
 

@@ -594,7 +594,7 @@ def test_we_read_transformers_folder(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("value", [np.zeros(10, np.float64), torch.zeros(10), torch.zeros(10, dtype=torch.bfloat16)])
 def test_float_preset_arrays_name_the_conversion(value):
-    """The original casts whole-number float presets to integers; the refusal here named no fix."""
+    """The original casts float presets to integers; the refusal here named no fix."""
     with pytest.raises(ValueError, match=r"has dtype .*float.* convert them first: array.astype\(np.int64\)"):
         validate_voice_preset(_with("semantic_prompt", value))
     with pytest.raises(ValueError, match="has dtype bool.*\\)\\.$"):  # no cast to suggest for flags

@@ -78,6 +78,10 @@ _CUE = re.compile(rf"{_BRACKET_CUE.pattern}|♪[^♪]*♪")
 # upper-case speaker tags ([MAN], [WOMAN]) and ♪ introduce the next one. The first letter class leaves out
 # a-z so that an unclosed "[" is read once, not once per lower-case letter after it.
 _REACTION_CUES = re.compile(r"(?: ?\[[^\[\]a-z]*[a-z][^\[\]]*\])+")
+# Line breaks (a Windows "\r\n" counts once) and what a line that starts a new sentence without an end mark
+# begins with: a bullet, a list number ("1." or "2)"), a letter item ("a)"), or an upper-case speaker tag.
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+_NEW_LINE_ITEM = re.compile(r"[-*•‣◦▪●○–—·]\s|\d{1,3}[.)]\s|[^\W\d_]\)\s|\[[^\[\]a-z]*[A-Z][^\[\]a-z]*\]")
 # Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts), then between words.
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|—|[，、；：]")
 _WORD_END = re.compile(r" ")
@@ -96,6 +100,25 @@ def _normalized_text(text: Any) -> str:
     if not normalized:
         raise ValueError("text is empty or whitespace only; pass the words to speak.")
     return normalized
+
+
+def _normalized_with_breaks(text: Any) -> tuple[str, list[int]]:
+    """`_normalized_text(text)` and the positions of its spaces that stand for a break between sentences.
+
+    Normalising turns every line break into a space, so a list or paragraphs without end marks ran on as one
+    sentence. A break is a paragraph break (two line breaks, or U+2029), or a line break before a line that
+    begins a list item or a speaker tag. A single line break before anything else is only where the text was
+    wrapped, and stays a space.
+    """
+    normalized = _normalized_text(text)
+    stripped, breaks, removed = text.strip(), [], 0
+    for run in re.finditer(r"\s+", stripped):
+        line_breaks = len(_LINE_BREAK.findall(run.group()))
+        paragraph = line_breaks >= 2 or "\u2029" in run.group()
+        if paragraph or (line_breaks and _NEW_LINE_ITEM.match(stripped, run.end())):
+            breaks.append(run.start() - removed)
+        removed += len(run.group()) - 1
+    return normalized, breaks
 
 
 def _trimmed(text: str, start: int, end: int) -> Span | None:
@@ -147,13 +170,19 @@ def _has_words(text: str) -> bool:
     return re.search(r"\w", _BRACKET_CUE.sub("", text)) is not None
 
 
-def _sentence_spans(text: str) -> list[Span]:
-    """Sentences of normalised `text`; a piece without words (a lone `[laughs]`) joins its neighbour."""
+def _sentence_spans(text: str, breaks: Sequence[int] = ()) -> list[Span]:
+    """Sentences of normalised `text`, also ended at `breaks` (see `_normalized_with_breaks`) outside cues;
+    a piece without words (a lone `[laughs]`) joins its neighbour."""
     cues = [match.span() for match in _CUE.finditer(text)]
+    ends = [
+        (_REACTION_CUES.match(text, match.end()) or match).end()
+        for match in _SENTENCE_END.finditer(text)
+        if not _inside(match.start(), cues) and _ends_sentence(text, match)
+    ]
+    ends += [position for position in breaks if not _inside(position, cues)]
     spans, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        if not _inside(match.start(), cues) and _ends_sentence(text, match):
-            end = (_REACTION_CUES.match(text, match.end()) or match).end()
+    for end in sorted(ends):
+        if end > start:
             spans.append(_trimmed(text, start, end))
             start = end
     spans.append(_trimmed(text, start, len(text)))
@@ -170,7 +199,8 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`, whitespace normalised, none empty.
 
     Ends at `.`, `?`, `!`, `…` and "..." followed by a space (closing quotes and brackets stay with
-    the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one.
+    the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one; also at a
+    paragraph break, and at a line break before a list item or a speaker tag (`_normalized_with_breaks`).
     Does not end after abbreviations (`ABBREVIATIONS`; `NUMBER_ABBREVIATIONS` before a number), initialisms
     ("U.S.", "Ph.D.", "e.g.") or single capital initials ("J. R. R."), even before a capitalised word;
     nor inside numbers ("3.5", "v2.0"),
@@ -178,8 +208,8 @@ def split_sentences(text: str) -> list[str]:
     inside Bark cues (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:
     `[laughs]` right after a sentence end belongs to that sentence, `[MAN]` and `♪` to the next.
     """
-    normalized = _normalized_text(text)
-    return [normalized[start:end] for start, end in _sentence_spans(normalized)]
+    normalized, breaks = _normalized_with_breaks(text)
+    return [normalized[start:end] for start, end in _sentence_spans(normalized, breaks)]
 
 
 def checked_silence(value: Any, name: str) -> float:
@@ -314,7 +344,7 @@ def chunk_text(
     tokenises it. Sentences are packed greedily in order; a sentence over budget is cut at clause
     marks (`,;:—，、；：`), then between words, then anywhere.
     """
-    normalized = _normalized_text(text)
+    normalized, breaks = _normalized_with_breaks(text)
     max_seconds = checked_seconds(max_seconds, "max_seconds", allow_zero=False)
     max_tokens = checked_whole_number(max_tokens, "max_tokens")
     if max_tokens > MAX_CHUNK_TOKENS:  # else each chunk's end past the window was dropped at generation
@@ -327,7 +357,7 @@ def chunk_text(
             f"tokenizer must be a transformers tokenizer, a BarkHfProcessor or None; got {type(tokenizer).__name__}."
         )
     fits = _fits_budget(tokenizer, max_seconds, max_tokens)
-    pieces = [piece for span in _sentence_spans(normalized) for piece in _fitting_spans(normalized, span, fits)]
+    pieces = [piece for span in _sentence_spans(normalized, breaks) for piece in _fitting_spans(normalized, span, fits)]
     return [normalized[start:end] for start, end in _pack(normalized, pieces, fits)]
 
 

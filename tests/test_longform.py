@@ -210,6 +210,19 @@ def test_split_sentences_normalises_whitespace_and_drops_empty_pieces():
     assert split_sentences("No end mark at all") == ["No end mark at all"]
 
 
+def test_split_sentences_ends_at_paragraphs_list_items_and_speaker_lines():
+    """Whitespace was normalised before splitting, so a list without end marks ran on as one sentence."""
+    text = ("Shopping list:\n- milk\n- eggs\n• bread\n\nThat's all\n\nSteps\n1) Open it\n2) Close it\n"
+            "[MAN] Hi there\n[WOMAN] Hello\nthis line\nwraps on. ♪ la la\nla ♪")
+    assert split_sentences(text) == [
+        "Shopping list:", "- milk", "- eggs", "• bread", "That's all", "Steps", "1) Open it", "2) Close it",
+        "[MAN] Hi there", "[WOMAN] Hello this line wraps on.", "♪ la la la ♪",
+    ]
+    assert split_sentences("One.\r\n\r\nTwo\u2029Three") == ["One.", "Two", "Three"]
+    text = "First paragraph\n\nsecond one [laughs]\n\n[music]\n\nthird"
+    assert " ".join(chunk_text(text, max_seconds=1.5)) == "First paragraph second one [laughs] [music] third"
+
+
 def test_split_sentences_long_text():
     text, sentences = long_text()
     assert len(text) >= 2_000

@@ -54,11 +54,29 @@ HISTORY_MODES = ("auto", "first", "previous")
 """What chunks after the first are conditioned on; see `generate_long_form`."""
 DEFAULT_HISTORY = "auto"
 
-ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "mt", "gen", "col", "capt",
-                           "sgt", "lt", "rev", "gov", "sen", "inc", "ltd", "corp", "co", "approx", "dept"})
-"""Words (lower case, without their period) whose period does not end a sentence; initialisms are found by shape."""
-NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "nr", "fig", "figs", "vol", "ch", "pp", "art", "op"})
+ABBREVIATIONS = frozenset({
+    # English
+    "dr", "mr", "mrs", "ms", "prof", "st", "vs", "jr", "sr", "etc", "mt", "gen", "col", "capt", "sgt", "lt", "rev",
+    "gov", "sen", "inc", "ltd", "corp", "co", "approx", "dept",
+    # Titles and street words of Bark's other languages, mostly followed by a name, which starts with a capital
+    "sra", "srta", "sres", "dra", "dña", "avda", "av", "lic", "ing",  # Spanish, Portuguese
+    "sig", "sigg", "dott", "avv", "gent",  # Italian
+    "mme", "mlle", "mgr", "bd",  # French
+    "hr", "fr", "ca", "bzw", "vgl", "evtl", "inkl",  # German
+    "ul", "al", "pl", "ks", "inż", "tzw",  # Polish
+    "ул", "пр", "пл", "пер", "им", "проф", "акад", "св",  # Russian
+    "cad", "sok", "mah", "doç", "yrd",  # Turkish
+    "डॉ", "प्रो",  # Hindi (Dr., Prof.)
+})
+"""Words (lower case, without their period) whose period does not end a sentence; initialisms are found by shape,
+and so are single letters and short words before a lower-case word (`_is_abbreviation`)."""
+NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "nr", "fig", "figs", "vol", "ch", "pp", "art", "op", "tel", "núm", "pág",
+                                  "pag", "godz", "стр"})
 """Words whose period ends no sentence before a number ("No. 5", "Fig. 3"); elsewhere it may ("No. I won't.")."""
+MAX_ORDINAL_DIGITS = 3
+"""A number this short before a period is an ordinal or a list number ("am 1. Mai", "2. Close it"); years end."""
+MAX_SHORT_ABBREVIATION = 3
+"""Letters of a word whose period does not end a sentence before a lower-case word ("usw. und", "np. jabłka")."""
 
 _LATIN_MARKS = ".?!…"
 # Marks that end a sentence with or without a space after them: CJK full stops, question and exclamation
@@ -136,6 +154,33 @@ def _inside(position: int, cues: list[Span]) -> bool:
     return index >= 0 and position < cues[index][1]
 
 
+def _word_before(text: str, position: int) -> str:
+    """The word of normalised `text` that ends at `position`, without opening quotes or brackets."""
+    return text[text.rfind(" ", 0, position) + 1 : position].lstrip(_OPENERS)
+
+
+def _is_abbreviation(text: str, period: int) -> bool:
+    """Whether the period at `period` (a space or the end after it) ends an abbreviation, an initial or an ordinal.
+
+    Listed abbreviations, initialisms and single letters ("J.", "p.", "т.") end no sentence even before a capital
+    ("Dr. Who", "the U.S. Navy"): missing a cut is safer than cutting a sentence in two. Nor does a period before a
+    lower-case word after a short word, since sentences in cased scripts begin with a capital: "usw. und", "ecc. e",
+    "np. jabłka", "vb. aldık" (in text written all in lower case, longer words still end sentences).
+    A short number's period is an ordinal's or a list number's ("am 1. Mai", "2. Close it"), unless the number
+    follows a number abbreviation ("p. 12.", "No. 5."), where it is a reference that often ends the sentence.
+    """
+    word = _word_before(text, period)
+    following = text[period + 2 : period + 3]
+    if word.lower() in ABBREVIATIONS or _INITIALISM.fullmatch(word) or (len(word) == 1 and word.isalpha()):
+        return True
+    if word.lower() in NUMBER_ABBREVIATIONS and following.isdigit():
+        return True
+    if word.isdecimal() and len(word) <= MAX_ORDINAL_DIGITS:
+        before = text.rfind(" ", 0, period) - 1  # the last character of the word before, if any
+        return not (before > 0 and text[before] == "." and _is_abbreviation(text, before))
+    return following.islower() and word.isalpha() and len(word) <= MAX_SHORT_ABBREVIATION
+
+
 def _ends_sentence(text: str, match: re.Match) -> bool:
     """Whether the marks in `match` end a sentence (and are not a number, an abbreviation, an initial...).
 
@@ -152,13 +197,8 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
         return not (marks == "．" and preceding.isdigit() and following.isdigit())
     if following and following != " ":  # "3.5", "v2.0", "e.g.," and "example.com" go on
         return False
-    if marks == ".":
-        word = text[text.rfind(" ", 0, match.start()) + 1 : match.start()].lstrip(_OPENERS)
-        # Even before a capital: "Dr. Who", "the U.S. Navy". Missing a cut is safer than cutting a sentence in two.
-        if word.lower() in ABBREVIATIONS or _INITIALISM.fullmatch(word) or (len(word) == 1 and word.isupper()):
-            return False
-        if word.lower() in NUMBER_ABBREVIATIONS and text[match.end() + 1 : match.end() + 2].isdigit():
-            return False
+    if marks == "." and _is_abbreviation(text, match.start()):
+        return False
     if quoted or (marks != "." and set(marks) <= {".", "…"}):
         # After a quotation or an ellipsis, a lower-case word continues the sentence: '"Why?" she asked.'
         return not text[match.end() + 1 : match.end() + 2].islower()
@@ -202,7 +242,8 @@ def split_sentences(text: str) -> list[str]:
     the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one; also at a
     paragraph break, and at a line break before a list item or a speaker tag (`_normalized_with_breaks`).
     Does not end after abbreviations (`ABBREVIATIONS`; `NUMBER_ABBREVIATIONS` before a number), initialisms
-    ("U.S.", "Ph.D.", "e.g.") or single capital initials ("J. R. R."), even before a capitalised word;
+    ("U.S.", "Ph.D.", "e.g."), single letters ("J. R. R.", "p. 12") or ordinals ("am 1. Mai"), even before a
+    capitalised word, nor after a short word before a lower-case one ("usw. und"); see `_is_abbreviation`;
     nor inside numbers ("3.5", "v2.0"),
     at an ellipsis or a closing quote followed by a lower-case word (or, in CJK text, by any word), or
     inside Bark cues (`[laughs]`, `♪ ... ♪`). Cues stay with their sentence:

@@ -152,6 +152,40 @@ def test_split_sentences_in_barks_languages(text, sentences):
     assert split_sentences(text) == sentences
 
 
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ("Am 1. Mai war es warm. Der 2. Weltkrieg endete 1945. Wir kauften Äpfel usw. und gingen. Ca. 100 kamen.",
+         ["Am 1. Mai war es warm.", "Der 2. Weltkrieg endete 1945.", "Wir kauften Äpfel usw. und gingen.",
+          "Ca. 100 kamen."]),
+        ("Steps: 1. Open it. 2. Close it.", ["Steps: 1. Open it.", "2. Close it."]),
+        ("El Sr. García y la Sra. López, p. ej. la Dra. Pérez, viven en la Avda. Sol, núm. 5. Adiós.",
+         ["El Sr. García y la Sra. López, p. ej. la Dra. Pérez, viven en la Avda. Sol, núm. 5.", "Adiós."]),
+        ("Voir p. 12. Le Sig. Rossi e il dott. Bianchi comprano mele, pere ecc. e poi pag. 5. Fine.",
+         ["Voir p. 12.", "Le Sig. Rossi e il dott. Bianchi comprano mele, pere ecc. e poi pag. 5.", "Fine."]),
+        ("Mieszkam przy ul. Długiej, mamy np. jabłka, jest godz. 10:30. Dobrze.",
+         ["Mieszkam przy ul. Długiej, mamy np. jabłka, jest godz. 10:30.", "Dobrze."]),
+        ("Я живу на ул. Ленина, д. 5. А. С. Пушкин родился в 1799 г. в Москве, т. е. давно. Привет!",
+         ["Я живу на ул. Ленина, д. 5.", "А. С. Пушкин родился в 1799 г. в Москве, т. е. давно.", "Привет!"]),
+        ("Elma, armut vb. aldık. Atatürk Cad. No. 5'te oturuyor.", ["Elma, armut vb. aldık.",
+                                                                    "Atatürk Cad. No. 5'te oturuyor."]),
+        ("डॉ. शर्मा आए। ठीक है।", ["डॉ. शर्मा आए।", "ठीक है।"]),
+    ],
+    ids=["german", "numbered-list", "spanish", "french-italian", "polish", "russian", "turkish", "hindi"],
+)
+def test_split_sentences_ordinals_and_abbreviations_in_barks_languages(text, sentences):
+    """Cut after "1." before "Mai", after "usw." before "und", after "Sra.", "ul.", "т." and "डॉ."."""
+    assert split_sentences(text) == sentences
+
+
+def test_split_sentences_still_ends_at_short_words_and_years():
+    text = "It ended in 1945. Then peace came. i did it. and so on. Is it ok. Yes it is. We were two. Go."
+    assert split_sentences(text) == [
+        "It ended in 1945.", "Then peace came.", "i did it. and so on.", "Is it ok.", "Yes it is.", "We were two.",
+        "Go.",
+    ]
+
+
 def test_split_sentences_numbers_and_versions():
     text = "Pi is 3.14 and the bill was 1,000.25 dollars. Install v2.0 now! Is 2.5 more than 2? Yes."
     assert split_sentences(text) == [

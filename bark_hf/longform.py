@@ -84,9 +84,15 @@ _LATIN_MARKS = ".?!…"
 _UNSPACED_MARKS = "。！？．｡।॥"
 _OPENERS = "\"'“‘«([{「『（【〈《〔¿¡"
 _CLOSERS = "\"'”’»)]}」』）】〉》〕"
+# German quotations close with the marks that open English ones: „Hallo.“ and ‚Gut.‘
+_GERMAN_CLOSERS = "“‘"
 # A run of sentence marks ("?!", "...", "。") and the closing quotes or brackets right after it, or after a
 # space a French closing guillemet ("« Oui. »"; a » before a word opens a German quotation instead).
-_SENTENCE_END = re.compile(f"[{re.escape(_LATIN_MARKS + _UNSPACED_MARKS)}]+(?:[{re.escape(_CLOSERS)}]| »(?!\\S))*")
+# “ and ‘ close only before a space or the end: in CJK text ”“ closes one quotation and opens the next.
+_SENTENCE_END = re.compile(
+    f"[{re.escape(_LATIN_MARKS + _UNSPACED_MARKS)}]+"
+    f"(?:[{re.escape(_CLOSERS)}]|[{_GERMAN_CLOSERS}](?=[{re.escape(_CLOSERS + _GERMAN_CLOSERS)}]*(?!\\S))| »(?!\\S))*"
+)
 # Letters in groups of one or two joined by periods, the last period left out: U.S, Ph.D, e.g, a.m, z.B.
 _INITIALISM = re.compile(r"[^\W\d_]{1,2}(?:\.[^\W\d_]{1,2})+")
 # Bark cues that must not be cut: [laughs], [MAN], and ♪ lyrics ♪ (the latter only into sentences).
@@ -186,7 +192,7 @@ def _ends_sentence(text: str, match: re.Match) -> bool:
 
     `text` is normalised, so one space at most separates the marks from the next word.
     """
-    marks = match.group().rstrip(_CLOSERS + " ")
+    marks = match.group().rstrip(_CLOSERS + _GERMAN_CLOSERS + " ")
     quoted = marks != match.group()  # the marks end a quotation, which the sentence may go on after
     following = text[match.end() : match.end() + 1]
     if any(mark in _UNSPACED_MARKS for mark in marks):
@@ -239,8 +245,9 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`, whitespace normalised, none empty.
 
     Ends at `.`, `?`, `!`, `…` and "..." followed by a space (closing quotes and brackets stay with
-    the sentence, French "« Oui. »" too), and at `。！？．｡` and Hindi's `।` and `॥` without one; also at a
-    paragraph break, and at a line break before a list item or a speaker tag (`_normalized_with_breaks`).
+    the sentence, French "« Oui. »" and German "„Hallo.“" too), and at `。！？．｡` and Hindi's `।` and `॥`
+    without one; also at a paragraph break, and at a line break before a list item or a speaker tag
+    (`_normalized_with_breaks`).
     Does not end after abbreviations (`ABBREVIATIONS`; `NUMBER_ABBREVIATIONS` before a number), initialisms
     ("U.S.", "Ph.D.", "e.g."), single letters ("J. R. R.", "p. 12") or ordinals ("am 1. Mai"), even before a
     capitalised word, nor after a short word before a lower-case one ("usw. und"); see `_is_abbreviation`;

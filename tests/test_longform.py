@@ -220,6 +220,14 @@ def test_split_sentences_closing_quotes_and_brackets():
     ]
 
 
+def test_split_sentences_german_closing_quotes():
+    """German quotations close with “ and ‘, which were only opening quotes: „Hallo.“ Dann ... was one sentence."""
+    text = "Er sagte: „Hallo.“ Dann ging er. „Ja!“, rief sie. ‚Gut.‘ Ende. „Wer?“ fragte er."
+    assert split_sentences(text) == [
+        "Er sagte: „Hallo.“", "Dann ging er.", "„Ja!“, rief sie.", "‚Gut.‘", "Ende.", "„Wer?“ fragte er."
+    ]
+
+
 def test_split_sentences_keeps_cues_with_their_sentence():
     text = ("I like pizza. [laughs] [MAN] Me too. ♪ In the jungle. The mighty jungle ♪ "
             "[clears throat] Anyway. Bye! [sighs]")

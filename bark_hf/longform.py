@@ -107,8 +107,8 @@ _REACTION_CUES = re.compile(r"(?: ?\[[^\[\]a-z]*[a-z][^\[\]]*\])+")
 _LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _NEW_LINE_ITEM = re.compile(r"[-*•‣◦▪●○–—·]\s|\d{1,3}[.)]\s|[^\W\d_]\)\s|\[[^\[\]a-z]*[A-Z][^\[\]a-z]*\]")
 # Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts), then between words.
+_SPACE = re.compile(" ")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|—|[，、；：]")
-_WORD_END = re.compile(r" ")
 
 Span = tuple[int, int]
 """`(start, end)` of a piece inside the whitespace-normalised text."""
@@ -335,46 +335,64 @@ def _pack(text: str, spans: list[Span], fits: Callable[[str], bool]) -> list[Spa
     return packed
 
 
-def _hard_split(text: str, span: Span, fits: Callable[[str], bool]) -> list[Span]:
-    """Cut a piece with no clause or word boundary into the longest prefixes that fit (at least one character).
+def _longest_fitting_stop(text: str, start: int, end: int, fits: Callable[[str], bool]) -> int:
+    """The largest stop in (start, end] with `text[start:stop]` fitting, or start + 1 when none fits.
 
-    Each prefix's length is doubled until it no longer fits, then bisected: finding it costs about its own
-    length, not the rest of the piece's (a 40,000-character word took seconds, quadratic in its length).
+    The prefix's length is doubled until it no longer fits, then bisected: finding it costs about its own
+    length, not the rest of the text's (a 40,000-character word took seconds, quadratic in its length).
+    """
+    low, high = start + 1, end  # the longest fitting stop lies in [low, high]
+    while low < high:
+        probe = min(high, 2 * low - start)
+        if not fits(text[start:probe]):
+            high = probe - 1
+            break
+        low = probe
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(text[start:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _cut_between_words(text: str, span: Span, fits: Callable[[str], bool]) -> list[Span]:
+    """`span` cut into the longest pieces that fit, between words (a `[...]` cue counts as one word).
+
+    A piece ends at the last space in it, unless the word across the cut is longer than a chunk itself (CJK
+    text without spaces, a long URL): that word is cut anyway, so the piece is filled up to where it is full.
+    Cutting words apart first and packing them again left the word or `[WOMAN]` tag before such a run alone.
     """
     start, end = span
+    cues = [match.span() for match in _BRACKET_CUE.finditer(text, start, end)]
+    spaces = [match.start() for match in _SPACE.finditer(text, start, end) if not _inside(match.start(), cues)]
     pieces = []
     while start < end:
-        low, high = start + 1, end  # the longest fitting stop lies in [low, high]
-        while low < high:
-            probe = min(high, 2 * low - start)
-            if not fits(text[start:probe]):
-                high = probe - 1
-                break
-            low = probe
-        while low < high:
-            middle = (low + high + 1) // 2
-            if fits(text[start:middle]):
-                low = middle
-            else:
-                high = middle - 1
-        piece = _trimmed(text, start, low)
+        if text[start] == " ":
+            start += 1
+            continue
+        stop = _longest_fitting_stop(text, start, end, fits)
+        index = bisect_left(spaces, stop + 1) - 1  # the last space at or before stop
+        if stop < end and index >= 0 and spaces[index] > start:
+            word_end = spaces[index + 1] if index + 1 < len(spaces) else end
+            if fits(text[spaces[index] + 1 : word_end]):
+                stop = spaces[index]
+        piece = _trimmed(text, start, stop)
         if piece is not None:
             pieces.append(piece)
-        start = low
+        start = stop
     return pieces
 
 
-def _fitting_spans(text: str, span: Span, fits: Callable[[str], bool], level: int = 0) -> list[Span]:
-    """`span` as pieces that fit: cut at clause marks, then between words, then anywhere."""
+def _fitting_spans(text: str, span: Span, fits: Callable[[str], bool]) -> list[Span]:
+    """`span` as pieces that fit: cut at clause marks, then between words, then anywhere; packed again."""
     if fits(text[slice(*span)]):
         return [span]
-    boundaries = (_CLAUSE_END, _WORD_END)
-    if level == len(boundaries):
-        return _hard_split(text, span, fits)
     pieces = [
         piece
-        for part in _cut_spans(text, span, boundaries[level])
-        for piece in _fitting_spans(text, part, fits, level + 1)
+        for part in _cut_spans(text, span, _CLAUSE_END)
+        for piece in ([part] if fits(text[slice(*part)]) else _cut_between_words(text, part, fits))
     ]
     return _pack(text, pieces, fits)
 
@@ -390,7 +408,7 @@ def chunk_text(
     A chunk's estimated speech (`estimate_speech_seconds`) is at most `max_seconds`, and with a
     `tokenizer` (or a `BarkHfProcessor`) it is at most `max_tokens` tokens as the processor
     tokenises it. Sentences are packed greedily in order; a sentence over budget is cut at clause
-    marks (`,;:—，、；：`), then between words, then anywhere.
+    marks (`,;:—，、；：`), then between words, then anywhere (`_cut_between_words`).
     """
     normalized, breaks = _normalized_with_breaks(text)
     max_seconds = checked_seconds(max_seconds, "max_seconds", allow_zero=False)

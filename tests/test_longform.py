@@ -334,6 +334,21 @@ def test_chunk_text_cuts_a_long_sentence_at_clauses_then_words_then_anywhere():
     ]
 
 
+def test_a_short_word_or_tag_before_a_run_without_spaces_is_not_left_alone():
+    """Words were cut apart and packed again, so a run longer than a chunk (CJK text without spaces) came after
+    its first word or speaker tag in a chunk of its own: "[WOMAN]" and "ja" were generated alone."""
+    text = "[WOMAN] " + "我" * 60
+    chunks = chunk_text(text)
+    assert chunks[0].startswith("[WOMAN] 我") and " ".join(chunks).replace("我 我", "我我") == text
+    assert len(chunks) == 2
+    text = "ja " + "これはながいぶんです" * 10
+    chunks = chunk_text(text)
+    assert chunks[0].startswith("ja これは") and "".join(chunks) == text and len(chunks) == 2
+    # Between words that fit a chunk, the cut stays between words.
+    words = "lorem ipsum dolor sit amet " * 8
+    assert all(set(chunk.split()) <= set(words.split()) for chunk in chunk_text(words, max_seconds=3.0))
+
+
 def test_cutting_a_long_word_reads_each_character_a_few_times(monkeypatch):
     read = []
     monkeypatch.setattr(longform, "estimate_speech_seconds",

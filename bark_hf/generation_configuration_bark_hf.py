@@ -349,11 +349,54 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"A generation setting of type {kind} ({value!r}) cannot be saved as JSON; use a plain number.")
 
 
+_TRANSFORMERS_SAME_FIELDS = {
+    "semantic_config": ("max_new_tokens", "max_input_semantic_length", "semantic_vocab_size", "semantic_pad_token",
+                        "text_encoding_offset", "text_pad_token", "semantic_infer_token", "semantic_rate_hz"),
+    "coarse_acoustics_config": ("max_coarse_history", "sliding_window_len", "max_coarse_input_length",
+                                "coarse_semantic_pad_token", "coarse_infer_token", "n_coarse_codebooks",
+                                "coarse_rate_hz"),
+    "fine_acoustics_config": ("max_fine_history_length", "max_fine_input_length", "n_fine_codebooks"),
+}
+"""Fields of transformers' `BarkGenerationConfig` stages that mean what ours of the same name mean."""
+
+
+def from_transformers_generation_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings of transformers' nested `BarkGenerationConfig` (as `suno/bark` saves it) in our layout, taken
+    where they change what transformers' Bark does; Bark's defaults fill the rest.
+
+    Lengths, windows and the token layout are taken as they are. A semantic or coarse temperature is taken only
+    where the stage has `do_sample` true, since transformers' Bark decodes greedily otherwise and ignores it
+    (greedy decoding is asked per call here: `do_sample=False`). A fine temperature of 1.0 or None is
+    transformers' argmax, which is our None. `top_k` and `top_p` are left out: suno/bark's file holds
+    `GenerationConfig`'s generic top_k=50, which Bark's sampling never had. Before, the whole file was
+    replaced by the defaults, so an edited max_new_tokens or temperature was dropped without a word.
+    """
+    stages = {name: values[name] if isinstance(values.get(name), dict) else {} for name in _TRANSFORMERS_SAME_FIELDS}
+    ours = {name: {key: stages[name][key] for key in keys if key in stages[name]}
+            for name, keys in _TRANSFORMERS_SAME_FIELDS.items()}
+    for name in ("semantic_config", "coarse_acoustics_config"):
+        if stages[name].get("do_sample") is True and stages[name].get("temperature") is not None:
+            ours[name]["temperature"] = stages[name]["temperature"]
+    if is_number(stages["semantic_config"].get("min_eos_p")):  # None is transformers' "not set"
+        ours["semantic_config"]["min_eos_p"] = stages["semantic_config"]["min_eos_p"]
+    if "temperature" in stages["fine_acoustics_config"]:
+        temperature = stages["fine_acoustics_config"]["temperature"]
+        ours["fine_acoustics_config"]["temperature"] = None if temperature in (None, 1) else temperature
+    # transformers keeps these once; each of our stages that reads them holds its own copy.
+    for key in ("semantic_vocab_size", "semantic_rate_hz"):
+        if key in ours["semantic_config"]:
+            ours["coarse_acoustics_config"][key] = ours["semantic_config"][key]
+    if "codebook_size" in values:
+        for name in ("coarse_acoustics_config", "fine_acoustics_config"):
+            ours[name]["codebook_size"] = values["codebook_size"]
+    return ours
+
+
 def load_generation_config(config_cls: type[_ConfigT], directory: str | os.PathLike) -> _ConfigT:
     """Read `generation_config.json` from `directory`, or the defaults when there is none.
 
-    A transformers-format Bark folder has a generation config of another layout; its values
-    are Bark's published constants, so our defaults stand in for it.
+    A transformers-format Bark folder's file (another layout) is read through
+    `from_transformers_generation_config`.
     """
     path = os.path.join(directory, GENERATION_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -367,7 +410,7 @@ def load_generation_config(config_cls: type[_ConfigT], directory: str | os.PathL
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object of generation settings; {fix}.")
     if values.get("model_type") == "bark" or "transformers_version" in values:
-        return config_cls()
+        values = from_transformers_generation_config(values)
     # A stage loaded from a whole model's folder: its settings are one part of the file (else all were defaults).
     for name, stage_cls in BarkHfGenerationConfig.STAGE_CLASSES.items():
         if config_cls is stage_cls and isinstance(values.get(name), dict):

@@ -21,11 +21,13 @@ from safetensors import safe_open
 from torch.testing import assert_close
 from transformers import BarkConfig, BarkModel, BarkProcessor, BertTokenizer
 from transformers.initialization import no_init_weights
+from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
 
 from bark_hf import (
     BarkHfCoarseModel,
     BarkHfConfig,
     BarkHfFineModel,
+    BarkHfGenerationConfig,
     BarkHfModel,
     BarkHfProcessor,
     BarkHfSemanticModel,
@@ -291,8 +293,50 @@ def test_transformers_folder_weights_equal_ours(ours, loaded):
     assert type(from_transformers.config.semantic_config) is type(model.config.semantic_config)
     assert from_transformers.config.to_diff_dict()["semantic_config"] == model.config.to_diff_dict()["semantic_config"]
     assert_same_weights_with_tied_heads(from_transformers, model)
-    # transformers' generation_config.json has another layout: our defaults (Bark's constants) stand in.
+    # transformers 5 saves a plain GenerationConfig for a new BarkModel: no Bark settings, so our defaults apply.
     assert from_transformers.generation_config.to_dict() == model.generation_config.to_dict()
+
+
+def _with_transformers_generation_config(bark: BarkModel, folder, **stages) -> BarkHfModel:
+    """`bark` saved by transformers with a generation_config.json in its nested `BarkGenerationConfig` layout (as
+    suno/bark holds it; transformers 5 fails to save one itself), loaded by bark-hf."""
+    bark.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(BarkGenerationConfig(**stages).to_json_string())
+    return BarkHfModel.from_pretrained(folder)
+
+
+def test_transformers_generation_config_values_are_honoured(reference, tmp_path):
+    """The settings in transformers' generation_config.json were replaced by the defaults: an edited max_new_tokens
+    or temperature was dropped without a word."""
+    loaded = _with_transformers_generation_config(
+        reference[0], tmp_path,
+        semantic_config=dict(do_sample=True, temperature=0.6, max_new_tokens=100, min_eos_p=0.3),
+        coarse_acoustics_config=dict(do_sample=True, temperature=0.9, max_coarse_history=120, sliding_window_len=30),
+        fine_acoustics_config=dict(temperature=0.4, max_fine_history_length=256))
+    semantic = loaded.semantic.generation_config
+    assert (semantic.temperature, semantic.max_new_tokens, semantic.min_eos_p) == (0.6, 100, 0.3)
+    coarse = loaded.coarse_acoustics.generation_config
+    assert (coarse.temperature, coarse.max_coarse_history, coarse.sliding_window_len) == (0.9, 120, 30)
+    fine = loaded.fine_acoustics.generation_config
+    assert (fine.temperature, fine.max_fine_history_length) == (0.4, 256)
+    assert semantic.top_k is None and coarse.top_k is None  # GenerationConfig's generic top_k=50 is not Bark's
+
+
+def test_transformers_generation_config_greedy_and_published_forms(reference, tmp_path):
+    """Where transformers' Bark ignores a temperature (do_sample false: greedy) Bark's default stays; its fine
+    temperature 1.0 is an argmax, our None. The published values load as Bark's defaults."""
+    loaded = _with_transformers_generation_config(
+        reference[0], tmp_path / "greedy", semantic_config=dict(temperature=1.0),
+        coarse_acoustics_config=dict(temperature=1.0, do_sample=False), fine_acoustics_config=dict(temperature=1.0))
+    assert loaded.semantic.generation_config.temperature == 0.7
+    assert loaded.coarse_acoustics.generation_config.temperature == 0.7
+    assert loaded.fine_acoustics.generation_config.temperature is None
+    published = _with_transformers_generation_config(
+        reference[0], tmp_path / "published",
+        semantic_config=dict(do_sample=True, temperature=0.7, max_new_tokens=768, top_k=50, top_p=1.0),
+        coarse_acoustics_config=dict(do_sample=True, temperature=0.7, top_k=50, top_p=1.0),
+        fine_acoustics_config=dict(temperature=0.5))
+    assert published.generation_config.to_dict() == BarkHfGenerationConfig().to_dict()
 
 
 @torch.no_grad()

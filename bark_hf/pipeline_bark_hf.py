@@ -136,9 +136,11 @@ class BarkPipeline(Pipeline):
         """A pipeline for any Bark folder or Hub id, transformers' format included (`suno/bark`,
         `suno/bark-small`), which `pipeline("text-to-audio")` hands to transformers' own Bark.
         `device_map` and `dtype` (`torch_dtype`, transformers' older name) go to `BarkHfModel.from_pretrained`;
-        the Hub options `revision`, `token`, `cache_dir`, `local_files_only` and `force_download` to the model's
-        and the processor's `from_pretrained`; other `settings` are call defaults (`voice_preset=`, `batch_size=`)."""
-        hub_options = {key: settings.pop(key) for key in HUB_DOWNLOAD_OPTIONS if key in settings}
+        the Hub options `revision`, `token`, `cache_dir`, `local_files_only`, `force_download` and `subfolder` to the
+        model's and the processor's `from_pretrained`; other `settings` are call defaults (`voice_preset=`,
+        `batch_size=`). (`subfolder` was kept as a call default, and the processor looked for its tokenizer in the
+        folder above.)"""
+        hub_options = {key: settings.pop(key) for key in (*HUB_DOWNLOAD_OPTIONS, "subfolder") if key in settings}
         if torch_dtype is not None:  # was taken by Pipeline.__init__ and ignored: the model stayed float32
             if dtype is not None:
                 raise ValueError("Got both dtype and torch_dtype; pass only dtype (torch_dtype is its older name).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -417,6 +418,15 @@ def test_transformers_format_folder_keeps_their_pipeline_and_loads_in_ours(tmp_p
     assert isinstance(ours.model, BarkHfModel)
     output = ours("a b", generate_kwargs={**GREEDY, "semantic_max_new_tokens": 5})
     assert output["sampling_rate"] == 24_000 and output["audio"].shape[0] > 0
+
+
+def test_from_pretrained_takes_a_subfolder(tiny_model_dir, tmp_path):
+    """subfolder= was kept as a call default, so the processor looked for the tokenizer in the folder above."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "bark")
+    built = BarkPipeline.from_pretrained(tmp_path / "models", subfolder="bark")
+    assert built.processor.available_voice_presets == BarkHfProcessor.from_pretrained(
+        tiny_model_dir).available_voice_presets
+    assert built("Hi!", generate_kwargs=GREEDY)["audio"].dtype == np.float32
 
 
 def test_pipeline_from_a_model_in_memory(pipe):

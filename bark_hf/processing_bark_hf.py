@@ -198,7 +198,8 @@ def read_voice_preset_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if os.path.isdir(path):
         raise IsADirectoryError(f"The voice preset {path!r} is a folder; give the path of an .npz file.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No voice preset file at {path!r}.")
+        raise FileNotFoundError(f"No voice preset file at {path!r}. A preset stored with the model is named without "
+                                "'.npz' (see `processor.available_voice_presets` or `bark-hf voices`).")
     if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle, and its error advises loading that
         raise ValueError(f"Voice preset file {path!r} is not an .npz archive; a Bark preset is an .npz of "
                          "semantic_prompt, coarse_prompt and fine_prompt.")
@@ -387,21 +388,44 @@ class BarkHfProcessor(ProcessorMixin):
         if isinstance(preset, str) and (preset in self._presets or preset in self._preset_files):
             return {key: array.copy() for key, array in self._stored_preset(preset).items()}
         path = os.fspath(preset)
-        if path.endswith(".npz") or os.path.isfile(path):
+        expanded = os.path.expanduser(path)
+        if path.endswith(".npz"):
+            if not os.path.exists(expanded):  # Suno's file name of a stored preset, say: name the fix
+                raise FileNotFoundError(f"No voice preset file at {path!r}. {self._npz_name_hint(path[:-4])}")
+            return read_voice_preset_file(path)
+        if os.path.isfile(expanded):
             return read_voice_preset_file(path)
         if path in self._presets or path in self._preset_files:  # only a path object gets here with a stored name
             raise ValueError(f"voice_preset is a {type(preset).__name__}, read as a file, and there is no file at "
                              f"{path!r}; to use the stored preset of that name, pass it as a string: {path!r}.")
+        if os.path.isfile(f"{expanded}.npz"):  # transformers' BarkProcessor adds the suffix to a name it lacks
+            return read_voice_preset_file(f"{path}.npz")
         raise ValueError(self._unknown_preset_message(path))
 
+    def _close_names(self, name: str) -> list[str]:
+        """Stored names like `name`, ignoring case and '\\' for '/' (the original's names on Windows)."""
+        by_key: dict[str, list[str]] = {}
+        for stored in self.available_voice_presets:
+            by_key.setdefault(stored.lower(), []).append(stored)
+        keys = difflib.get_close_matches(name.replace("\\", "/").lower(), list(by_key), n=5, cutoff=0.6)
+        return [stored for key in keys for stored in by_key[key]][:5]
+
+    def _close_matches_hint(self, name: str) -> str:
+        close = self._close_names(name)
+        return f"Close matches: {', '.join(close)}." if close else "No stored preset has a similar name."
+
+    def _npz_name_hint(self, stem: str) -> str:
+        if stem in self._presets or stem in self._preset_files:
+            return (f"The stored preset {stem!r} has this name without '.npz'; to use it, pass "
+                    f"voice_preset={stem!r}.")
+        return (f"{self._close_matches_hint(stem)} Stored presets are named without '.npz' "
+                "(see `processor.available_voice_presets` or `bark-hf voices`).")
+
     def _unknown_preset_message(self, name: str) -> str:
-        names = self.available_voice_presets
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-        hint = f"Close matches: {', '.join(close)}." if close else "No stored preset has a similar name."
         return (
-            f"Unknown voice preset {name!r}. {hint} This processor holds {len(names)} presets "
-            "(see `processor.available_voice_presets`). To use an original Bark preset file instead, pass "
-            "its path ending in '.npz'."
+            f"Unknown voice preset {name!r}. {self._close_matches_hint(name)} This processor holds "
+            f"{len(self.available_voice_presets)} presets (see `processor.available_voice_presets` or "
+            "`bark-hf voices`). To use an original Bark preset file instead, pass its path ending in '.npz'."
         )
 
     def _stored_preset(self, name: str) -> dict[str, np.ndarray]:

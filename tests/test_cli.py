@@ -424,3 +424,12 @@ def test_write_wav_names_its_own_overwrite_argument(tmp_path):
     audio_io.write_wav(tmp_path / "x.wav", audio, 24_000)
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it"):
         audio_io.write_wav(tmp_path / "x.wav", audio, 24_000)
+
+
+def test_say_with_a_stored_name_and_npz_names_the_fix_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """`--voice v2/en_speaker_1.npz` (Suno's file name) said only "No voice preset file at ..."."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["say", "Hi.", "-o", "x.wav", "--voice", "v2/en_speaker_1.npz", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "named without '.npz'" in error and "bark-hf voices" in error and len(error.strip().splitlines()) == 1

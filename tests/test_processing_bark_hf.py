@@ -599,3 +599,37 @@ def test_float_preset_arrays_name_the_conversion(value):
         validate_voice_preset(_with("semantic_prompt", value))
     with pytest.raises(ValueError, match="has dtype bool.*\\)\\.$"):  # no cast to suggest for flags
         validate_voice_preset(_with("semantic_prompt", np.zeros(10, bool)))
+
+
+# --- how users name presets ---------------------------------------------------------------------
+
+
+def test_close_matches_ignore_case_and_backslashes(processor):
+    """'V2/EN_SPEAKER_1' and the original's Windows spelling 'v2\\en_speaker_1' were called unlike any stored name."""
+    for name in ("V2/EN_SPEAKER_1", "Announcer", "v2\\en_speaker_1"):
+        with pytest.raises(ValueError, match="Close matches: (v2/en_speaker_1|announcer)") as info:
+            processor.load_voice_preset(name)
+        assert "No stored preset" not in str(info.value)
+
+
+def test_a_stored_name_with_npz_and_no_such_file_names_the_stored_preset(processor, tmp_path, monkeypatch):
+    """'v2/en_speaker_1.npz', Suno's asset file name, only said "No voice preset file at ...", naming no fix."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"stored preset 'v2/en_speaker_1'.*voice_preset='v2/en_speaker_1'"):
+        processor.load_voice_preset("v2/en_speaker_1.npz")
+    with pytest.raises(FileNotFoundError, match=r"Close matches: v2/en_speaker_1"):
+        processor.load_voice_preset("v2/en_speakr_1.npz")
+    (tmp_path / "v2").mkdir()
+    np.savez(tmp_path / "v2" / "en_speaker_1.npz", **make_preset(seed=11))  # a file of that name is read, as before
+    assert_presets_equal(processor.load_voice_preset("v2/en_speaker_1.npz"), make_preset(seed=11))
+
+
+def test_a_path_without_npz_reads_the_npz_file_as_transformers_does(processor, tmp_path, monkeypatch):
+    """transformers' BarkProcessor adds '.npz' to a name it does not hold; here such a path was an unknown preset."""
+    np.savez(tmp_path / "voice.npz", **make_preset(seed=12))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in (str(tmp_path / "voice"), tmp_path / "voice", "~/voice"):
+        assert_presets_equal(processor.load_voice_preset(source), make_preset(seed=12))
+    processor.add_voice_preset("voice", make_preset(seed=13))  # a stored name still comes first
+    monkeypatch.chdir(tmp_path)
+    assert_presets_equal(processor.load_voice_preset("voice"), make_preset(seed=13))

@@ -467,9 +467,6 @@ def save_as_prompt(filepath: str | os.PathLike, full_generation: Mapping[str, An
     if Path(filepath).suffix != ".npz":
         raise ValueError(f"A voice preset file name ends in '.npz'; got {filepath!r}.")
     path = link_target(filepath)  # a symlink is written through and stays
-    if isinstance(full_generation, tuple) and full_generation and isinstance(full_generation[0], Mapping):
-        raise TypeError("full_generation is a tuple, as generate_audio(..., output_full=True) returns it with the "
-                        "audio; pass its first item: full_generation, audio = generate_audio(..., output_full=True).")
     arrays = validate_voice_preset(full_generation)
     if path.parent.exists() and not path.parent.is_dir():
         raise NotADirectoryError(f"{path.parent} is a file, not a folder; choose a path inside a folder.")

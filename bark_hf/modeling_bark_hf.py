@@ -65,7 +65,7 @@ from .generation_configuration_bark_hf import (
 )
 from .hub import MODEL_WEIGHTS, push_folder_to_hub
 from .model_card import bark_model_card, save_model_card
-from .processing_bark_hf import PRESET_KEYS, looks_like_local_path, validate_voice_preset
+from .processing_bark_hf import PRESET_KEYS, check_not_output_pair, looks_like_local_path, validate_voice_preset
 from .sage_attention import sage_attention
 
 logger = logging.get_logger(__name__)
@@ -713,6 +713,7 @@ def _per_item(history_prompt: HistoryPrompt, batch_size: int) -> list[dict[str, 
     """One preset (or None) per batch item, from a single preset or a list of them, each checked as the processor
     checks presets (`validate_voice_preset`: keys, shapes, integer codes in range, the semantic/coarse ratio that
     the original asserts): one passed straight to `generate` otherwise failed deep in torch or gave wrong output."""
+    check_not_output_pair(history_prompt)
     single = history_prompt is None or isinstance(history_prompt, (Mapping, str, bytes, os.PathLike))
     if not single and not isinstance(history_prompt, (list, tuple)):  # an int failed in list(), a tensor was rows
         raise TypeError(f"history_prompt must be a voice preset (a dict of {', '.join(PRESET_KEYS)}), a list with "

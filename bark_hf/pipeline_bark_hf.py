@@ -34,7 +34,7 @@ from .longform import (
 )
 from .model_card import bark_model_card, save_model_card
 from .modeling_bark_hf import BarkHfModel, refuse_int8
-from .processing_bark_hf import BarkHfProcessor, gives_tokens
+from .processing_bark_hf import BarkHfProcessor, check_not_output_pair, gives_tokens
 
 # Settings the pipeline understands, and the call step each belongs to.
 _PREPROCESS_KEYS = ("voice_preset",)
@@ -234,6 +234,7 @@ class BarkPipeline(Pipeline):
         preprocess = {**self._preprocess_params, **preprocess}
         forward = {**self._forward_params, **forward}
         long_form = checked_flag(forward.get("long_form"), "long_form", none_means="on when the text needs it")
+        check_not_output_pair(preprocess.get("voice_preset"))  # else read as one preset per text
         generate_kwargs = {**checked_generate_kwargs(forward.get("forward_params"), self.model),
                            **checked_generate_kwargs(forward.get("generate_kwargs"), self.model)}
         return _Call(

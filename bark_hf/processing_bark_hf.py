@@ -142,6 +142,16 @@ def _checked_codes(key: str, value: Any) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def check_not_output_pair(value: Any) -> None:
+    """Refuse the `(full_generation, audio)` pair of `generate_audio(..., output_full=True)` where a preset is meant,
+    with one message at every entry point; a tuple otherwise reads as one preset per text, or is "not a mapping"."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Mapping) \
+            and not isinstance(value[1], Mapping):
+        raise TypeError("A voice preset is a dict of arrays, not the (full_generation, audio) tuple that "
+                        "generate_audio(..., output_full=True) returns; pass its first item: full_generation, audio "
+                        "= generate_audio(..., output_full=True).")
+
+
 def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Check a voice preset as the original's three stages do, and return int64 copies.
 
@@ -150,6 +160,7 @@ def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
     Two checks are stricter than the original's: exactly the three keys, and as many fine frames
     as coarse frames (a preset the original saves always has both).
     """
+    check_not_output_pair(preset)
     if not isinstance(preset, Mapping):
         raise TypeError(
             f"A voice preset is a mapping of {', '.join(PRESET_KEYS)} to integer arrays; "
@@ -159,9 +170,11 @@ def validate_voice_preset(preset: Mapping[str, Any]) -> dict[str, np.ndarray]:
     extra = sorted(map(str, set(preset) - set(PRESET_KEYS)))
     if missing or extra:
         found = ", ".join(sorted(map(str, preset))) or "no keys"
+        # a processor's whole output (input_ids, attention_mask, history_prompt) passed as the preset
+        hint = " This is a processor's output; pass its ['history_prompt']." if "history_prompt" in preset else ""
         raise ValueError(
             f"A voice preset holds exactly the keys {', '.join(PRESET_KEYS)}; found {found} "
-            f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})."
+            f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'}).{hint}"
         )
     arrays = {key: _checked_codes(key, preset[key]) for key in PRESET_KEYS}
     n_semantic = arrays["semantic_prompt"].shape[0]
@@ -380,6 +393,7 @@ class BarkHfProcessor(ProcessorMixin):
         """The validated int64 arrays of a preset name, an original `.npz` path, or a dict of arrays."""
         if isinstance(preset, Mapping):
             return validate_voice_preset(preset)
+        check_not_output_pair(preset)
         if not isinstance(preset, (str, os.PathLike)):
             raise TypeError(
                 "voice_preset must be a preset name, a path to an .npz file or a dict of arrays; "
@@ -489,6 +503,7 @@ class BarkHfProcessor(ProcessorMixin):
 
         convert = torch.from_numpy if return_tensors == "pt" else (lambda array: array)
         encoding = BatchEncoding({"input_ids": convert(input_ids), "attention_mask": convert(attention_mask)})
+        check_not_output_pair(voice_preset)
         if isinstance(voice_preset, (list, tuple)):
             if isinstance(text, str) or len(voice_preset) != len(texts):
                 raise ValueError(
@@ -629,6 +644,7 @@ class BarkHfProcessor(ProcessorMixin):
 __all__ = [
     "PRESET_KEYS",
     "BarkHfProcessor",
+    "check_not_output_pair",
     "check_voice_preset_name",
     "read_voice_preset_file",
     "validate_voice_preset",

@@ -641,3 +641,13 @@ def test_low_level_functions_move_their_stage_under_cpu_offload(running):
     semantic = api.generate_text_semantic(TEXT, silent=True, max_gen_duration_s=SEMANTIC_SECONDS)
     api.codec_decode(api.generate_fine(api.generate_coarse(semantic, silent=True)))
     assert running == ["semantic", None, "coarse_acoustics", None, "fine_acoustics", None, "codec_model", None]
+
+
+def test_the_output_full_pair_as_history_prompt_names_its_first_item(tiny):
+    """It was refused as "voice_preset must be a preset name, a path to an .npz file or a dict of arrays; got tuple";
+    save_as_prompt named the fix for the same pair."""
+    pair = (random_voice_preset(0), np.zeros(100, dtype=np.float32))
+    for call in (lambda: api.generate_audio(TEXT, history_prompt=pair, silent=True),
+                 lambda: api.semantic_to_waveform(np.arange(20), history_prompt=pair, silent=True)):
+        with pytest.raises(TypeError, match=r"not the \(full_generation, audio\) tuple .* pass its first item"):
+            call()

@@ -1421,3 +1421,11 @@ def test_generation_config_save_pretrained_and_from_pretrained(model, tmp_path):
     assert BarkHfSemanticGenerationConfig.from_pretrained(tmp_path / "new").top_k == 5  # a stage of a whole file
     with pytest.raises(FileNotFoundError, match="holds no generation_config.json; pass a local folder"):
         BarkHfGenerationConfig.from_pretrained(tmp_path)
+
+
+def test_the_output_full_pair_as_history_prompt_names_its_first_item(model):
+    """generate_audio(..., output_full=True)'s (full_generation, audio) read as two presets: "history_prompt[1] is
+    a ndarray"; save_as_prompt named the fix, the other entry points did not."""
+    pair = (_preset(), np.zeros(100, dtype=np.float32))
+    with pytest.raises(TypeError, match=r"not the \(full_generation, audio\) tuple .* pass its first item"):
+        model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], history_prompt=pair, semantic_max_new_tokens=4, **QUIET)

@@ -540,3 +540,12 @@ def test_from_pretrained_takes_the_hub_options(tiny_model_dir, tmp_path, monkeyp
         token="hf_x", cache_dir=str(tmp_path), force_download=False)
     with pytest.raises(ConnectionError, match="Could not reach the Hugging Face Hub"):
         BarkPipeline.from_pretrained("nobody/no-such-bark", local_files_only=True, cache_dir=str(tmp_path))
+
+
+def test_the_output_full_pair_as_voice_preset_names_its_first_item(pipe):
+    """generate_audio(..., output_full=True)'s (full_generation, audio) was read as one preset per text ("voice_preset
+    has 2 entries for 1 texts")."""
+    pair = (random_voice_preset(0), np.zeros(100, dtype=np.float32))
+    for texts in ("Hello.", ["Hello.", "Hi."], iter(["Hello."])):
+        with pytest.raises(TypeError, match=r"not the \(full_generation, audio\) tuple .* pass its first item"):
+            pipe(texts, voice_preset=pair)

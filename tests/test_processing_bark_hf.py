@@ -633,3 +633,15 @@ def test_a_path_without_npz_reads_the_npz_file_as_transformers_does(processor, t
     processor.add_voice_preset("voice", make_preset(seed=13))  # a stored name still comes first
     monkeypatch.chdir(tmp_path)
     assert_presets_equal(processor.load_voice_preset("voice"), make_preset(seed=13))
+
+
+def test_the_output_full_pair_or_a_whole_processor_output_as_a_preset_names_the_fix(processor):
+    """The (full_generation, audio) pair of generate_audio(..., output_full=True) was read as one preset per text
+    ("got 2 presets for one text"); a processor's whole output only listed its keys."""
+    pair = (make_preset(), np.zeros(100, dtype=np.float32))
+    for call in (lambda: processor("Hello", voice_preset=pair), lambda: processor.load_voice_preset(pair),
+                 lambda: validate_voice_preset(pair)):
+        with pytest.raises(TypeError, match=r"not the \(full_generation, audio\) tuple .* pass its first item"):
+            call()
+    with pytest.raises(ValueError, match=r"processor's output; pass its \['history_prompt'\]"):
+        processor("Hello", voice_preset=processor("Hello", voice_preset="announcer"))

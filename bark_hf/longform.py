@@ -31,7 +31,7 @@ from .processing_bark_hf import gives_tokens, normalize_whitespace, validate_voi
 logger = logging.get_logger(__name__)
 
 # Speech-duration estimate, per character by script. Rough on purpose: it only has to keep each chunk
-# safely below Bark's ~13 s limit. Spaces, digits and punctuation count as Latin characters.
+# safely below the ~15 s one generation holds. Spaces, digits and punctuation count as Latin characters.
 LATIN_CHARS_PER_SECOND = 14.0
 """Alphabetic scripts (Latin, Cyrillic, Greek, ...): about 150 words a minute, spaces included."""
 KANA_CHARS_PER_SECOND = 7.0
@@ -40,7 +40,7 @@ SYLLABLE_CHARS_PER_SECOND = 5.0
 """Chinese characters and Korean Hangul syllables: one syllable each."""
 
 DEFAULT_MAX_CHUNK_SECONDS = 10.0
-"""Estimated speech per chunk; leaves room under Bark's ~13 s so a chunk is not cut off."""
+"""Estimated speech per chunk; leaves room under the ~15 s of one generation so a chunk is not cut off."""
 MAX_CHUNK_TOKENS = BarkHfSemanticGenerationConfig.max_input_semantic_length
 """Tokenizer tokens per chunk: the semantic stage's text window (256); the processor drops the rest."""
 LONG_FORM_MIN_EOS_P = 0.05

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     say = commands.add_parser("say", help="generate speech from text into a WAV file",
                               description="Generate speech from text into a 24 kHz mono WAV file. Text longer than "
-                                          "one generation (~13 s) is split into sentences and joined.")
+                                          "one generation (~15 s) is split into sentences and joined.")
     say.add_argument("text", nargs="?", help="the text to speak; - (or nothing, with --file unset) reads stdin")
     say.add_argument("-f", "--file", help="read the text from this UTF-8 file")
     say.add_argument("-o", "--output", required=True,
@@ -232,7 +232,12 @@ def run_voices(args: argparse.Namespace) -> int:
     if not names:
         print(f"The model {args.model} has no voice presets; pass --voice a path to an .npz instead.", file=sys.stderr)
         return 0
-    print("\n".join(names))
+    try:
+        print("\n".join(names))
+        sys.stdout.flush()  # a reader that stopped early (`| head`) fails the write here, not at exit
+    except BrokenPipeError:
+        # Stop quietly, as `ls | head` does: what is still buffered goes nowhere instead of to a closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

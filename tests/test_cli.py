@@ -232,6 +232,18 @@ def test_voices_lists_the_presets(tiny_model_dir, capsys):
     assert capsys.readouterr().out.split() == sorted(TINY_PRESET_NAMES)
 
 
+def test_voices_into_a_reader_that_stops_early_ends_quietly(tiny_model_dir):
+    """`bark-hf voices | head -1`: the reader closes the pipe before the names are written; that printed a
+    BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "bark_hf", "voices", "--model", str(tiny_model_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.close()  # before the child has loaded the processor and written anything
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err.decode()
+    assert b"BrokenPipeError" not in err and b"Traceback" not in err
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without CUDA")
 
 

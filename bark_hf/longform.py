@@ -173,7 +173,8 @@ def _is_abbreviation(text: str, period: int) -> bool:
     lower-case word after a short word, since sentences in cased scripts begin with a capital: "usw. und", "ecc. e",
     "np. jabłka", "vb. aldık" (in text written all in lower case, longer words still end sentences).
     A short number's period is an ordinal's or a list number's ("am 1. Mai", "2. Close it"), unless the number
-    follows a number abbreviation ("p. 12.", "No. 5."), where it is a reference that often ends the sentence.
+    follows a number abbreviation ("p. 12.", "No. 5."), where it is a reference that often ends the sentence;
+    a number before it is no abbreviation ("1. 2. 3." are list numbers, read without recursing through them).
     """
     word = _word_before(text, period)
     following = text[period + 2 : period + 3]
@@ -183,7 +184,8 @@ def _is_abbreviation(text: str, period: int) -> bool:
         return True
     if word.isdecimal() and len(word) <= MAX_ORDINAL_DIGITS:
         before = text.rfind(" ", 0, period) - 1  # the last character of the word before, if any
-        return not (before > 0 and text[before] == "." and _is_abbreviation(text, before))
+        return not (before > 0 and text[before] == "." and not _word_before(text, before).isdecimal()
+                    and _is_abbreviation(text, before))
     return following.islower() and word.isalpha() and len(word) <= MAX_SHORT_ABBREVIATION
 
 

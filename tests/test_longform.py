@@ -178,6 +178,15 @@ def test_split_sentences_ordinals_and_abbreviations_in_barks_languages(text, sen
     assert split_sentences(text) == sentences
 
 
+def test_a_run_of_list_numbers_is_read_alike_and_without_recursion():
+    """Each number's period looked back through the numbers before it: "1. 2." and "3. 4." alternated, and a
+    count of a few hundred numbers raised RecursionError."""
+    assert split_sentences("Count: 1. 2. 3. 4. Go. See p. 12. Then.") == ["Count: 1. 2. 3. 4. Go.", "See p. 12.",
+                                                                          "Then."]
+    text = " ".join(f"{n}." for n in range(1, 1000))
+    assert split_sentences(text) == [text]
+
+
 def test_split_sentences_still_ends_at_short_words_and_years():
     text = "It ended in 1945. Then peace came. i did it. and so on. Is it ok. Yes it is. We were two. Go."
     assert split_sentences(text) == [

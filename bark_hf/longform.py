@@ -106,9 +106,10 @@ _REACTION_CUES = re.compile(r"(?: ?\[[^\[\]a-z]*[a-z][^\[\]]*\])+")
 # begins with: a bullet, a list number ("1." or "2)"), a letter item ("a)"), or an upper-case speaker tag.
 _LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _NEW_LINE_ITEM = re.compile(r"[-*•‣◦▪●○–—·]\s|\d{1,3}[.)]\s|[^\W\d_]\)\s|\[[^\[\]a-z]*[A-Z][^\[\]a-z]*\]")
-# Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts), then between words.
+# Where an over-long sentence may be cut: after clause marks ("1,000" and "10:30" are not cuts) and after a period
+# that `_ends_sentence` passed over ("We were 25. Then ..."), then between words.
 _SPACE = re.compile(" ")
-_CLAUSE_END = re.compile(r"[,;:](?=\s)|—|[，、；：]")
+_CLAUSE_END = re.compile(r"[,;:.](?=\s)|—|[，、；：]")
 
 Span = tuple[int, int]
 """`(start, end)` of a piece inside the whitespace-normalised text."""
@@ -410,7 +411,8 @@ def chunk_text(
     A chunk's estimated speech (`estimate_speech_seconds`) is at most `max_seconds`, and with a
     `tokenizer` (or a `BarkHfProcessor`) it is at most `max_tokens` tokens as the processor
     tokenises it. Sentences are packed greedily in order; a sentence over budget is cut at clause
-    marks (`,;:—，、；：`), then between words, then anywhere (`_cut_between_words`).
+    marks (`,;:—，、；：` and a period that ended no sentence), then between words, then anywhere
+    (`_cut_between_words`).
     """
     normalized, breaks = _normalized_with_breaks(text)
     max_seconds = checked_seconds(max_seconds, "max_seconds", allow_zero=False)

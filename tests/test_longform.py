@@ -343,6 +343,14 @@ def test_chunk_text_cuts_a_long_sentence_at_clauses_then_words_then_anywhere():
     ]
 
 
+def test_a_sentence_end_the_splitter_missed_is_where_an_over_long_sentence_is_cut():
+    """A short number's period ends no sentence ("am 1. Mai"), so "... he was 25. After that ..." was one sentence
+    over budget and was cut between two words of its second half rather than after "25."."""
+    first = "My grandfather lived in a small village near the coast until he was 25."
+    second = "After that he moved to the big city where he worked as a carpenter for more than forty long years."
+    assert chunk_text(f"{first} {second}") == [first, second]
+
+
 def test_a_short_word_or_tag_before_a_run_without_spaces_is_not_left_alone():
     """Words were cut apart and packed again, so a run longer than a chunk (CJK text without spaces) came after
     its first word or speaker tag in a chunk of its own: "[WOMAN]" and "ja" were generated alone."""

@@ -144,9 +144,11 @@ def _checked_codes(key: str, value: Any) -> np.ndarray:
 
 def check_not_output_pair(value: Any) -> None:
     """Refuse the `(full_generation, audio)` pair of `generate_audio(..., output_full=True)` where a preset is meant,
-    with one message at every entry point; a tuple otherwise reads as one preset per text, or is "not a mapping"."""
+    with one message at every entry point; a tuple otherwise reads as one preset per text, or is "not a mapping".
+    Only an audio array second tells the pair apart: `(preset, "v2/en_speaker_1")` or `(preset, None)` are presets
+    for two texts."""
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Mapping) \
-            and not isinstance(value[1], Mapping):
+            and isinstance(value[1], (np.ndarray, torch.Tensor)):
         raise TypeError("A voice preset is a dict of arrays, not the (full_generation, audio) tuple that "
                         "generate_audio(..., output_full=True) returns; pass its first item: full_generation, audio "
                         "= generate_audio(..., output_full=True).")

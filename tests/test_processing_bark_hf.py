@@ -645,3 +645,12 @@ def test_the_output_full_pair_or_a_whole_processor_output_as_a_preset_names_the_
             call()
     with pytest.raises(ValueError, match=r"processor's output; pass its \['history_prompt'\]"):
         processor("Hello", voice_preset=processor("Hello", voice_preset="announcer"))
+
+
+def test_a_tuple_of_a_preset_and_a_name_or_none_is_one_preset_per_text(processor):
+    """Any 2-tuple starting with a dict was taken for the (full_generation, audio) pair: (preset, "announcer") and
+    (preset, None), one preset per text, were refused."""
+    for second in ("announcer", None):
+        history = processor(["Hi.", "Bye."], voice_preset=(make_preset(seed=3), second))["history_prompt"]
+        assert len(history) == 2 and (history[1] is None) == (second is None)
+        assert_presets_equal(history[0], make_preset(seed=3))

@@ -59,7 +59,8 @@ def sage_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
     `key` and `value` must not be the KV cache's buffers: SageAttention 1.x subtracts the keys' mean
     from `key` in place. A call that raises (an architecture its dispatch does not list, such as
-    sm100) logs a warning once and SageAttention is not tried again in this process.
+    sm100) logs a warning once and SageAttention is not tried again in this process; running out of GPU
+    memory is raised, as it is from PyTorch's attention, and turns nothing off.
     """
     global _kernel_failed
     if _kernel_failed or not env_flag(SAGE_ATTENTION_ENV_VAR, default=True) or query.requires_grad:
@@ -71,6 +72,8 @@ def sage_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return None
     try:
         return kernel(query, key, value, tensor_layout="HND", is_causal=is_causal)
+    except torch.OutOfMemoryError:  # this call's batch, not the kernel: it stays on for later calls
+        raise
     except (RuntimeError, ValueError, AssertionError) as error:
         _kernel_failed = True
         logger.warning(f"SageAttention failed ({error}); using PyTorch's attention from here on.")

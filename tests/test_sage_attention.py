@@ -164,6 +164,26 @@ def test_a_kernel_that_refuses_the_gpu_warns_once_and_is_not_tried_again(tiny, m
     assert len(calls) == 1 and caplog.text.count("Unsupported CUDA architecture") == 1
 
 
+def test_running_out_of_memory_is_raised_and_leaves_sage_on_for_the_next_call(tiny, sage_calls, monkeypatch):
+    """An OutOfMemoryError (a RuntimeError) of one call's batch turned SageAttention off for the whole process, so
+    every later call's tokens changed; it is raised as PyTorch's attention raises it, and the next call uses Sage."""
+    expected = _semantic(tiny).sequences
+    used = len(sage_calls)
+    working = sys.modules["sageattention"].sageattn
+
+    def out_of_memory(q, k, v, **settings):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sys.modules["sageattention"], "sageattn", out_of_memory)
+    sage_attention.load_sage_kernel.cache_clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        _semantic(tiny)
+    monkeypatch.setattr(sys.modules["sageattention"], "sageattn", working)
+    sage_attention.load_sage_kernel.cache_clear()
+    assert torch.equal(_semantic(tiny).sequences, expected)
+    assert len(sage_calls) == 2 * used > 0
+
+
 def test_device_support_needs_a_half_precision_cuda_tensor():
     assert not sage_attention.device_supports_sage(torch.zeros(1, 2, 4, 64))
     assert not sage_attention.device_supports_sage(torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16))

@@ -1426,38 +1426,38 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         # mode a forward pass may draw random numbers (dropout), so there the host reads it before the step.
         all_stopped = None
         read_before_step = self.training
-        progress = logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic")
-        for _ in range(config.max_new_tokens):
-            if read_before_step and all_stopped is not None and bool(all_stopped):
-                break
-            if cache is not None and cache.length > 0:
-                logits = self._decode(generated[:, -1:], cache, no_padding, compile)  # [B, V]
-            else:
-                step_embeds = torch.cat([prompt_embeds, embed(torch.cat([infer, generated], dim=1))], dim=1)
-                logits = self._next_logits(step_embeds, cache)  # [B, V]
-            if not read_before_step and all_stopped is not None and bool(all_stopped):
-                break
-            relevant = logits[:, : config.semantic_vocab_size]  # [B, 10000]
-            if config.allow_early_stop:
-                eos_logit = logits[:, config.semantic_pad_token : config.semantic_pad_token + 1]
-                relevant = torch.cat([relevant, eos_logit], dim=1)  # [B, 10001]: the last entry is EOS
-            probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
-            next_token = sample_tokens(probs, saw_nan)  # [B, 1]
-            if config.allow_early_stop:
-                stopped = next_token[:, 0] == config.semantic_vocab_size
-                if config.min_eos_p is not None:
-                    stopped |= probs[:, -1] >= config.min_eos_p
-                lengths = torch.where(stopped & (lengths < 0), generated.shape[1], lengths)
-                all_stopped = (lengths >= 0).all() | saw_nan  # stop early on NaN too
-            generated = torch.cat([generated, next_token], dim=1)
-            progress.update(1)
-            duration_s += 1 / config.semantic_rate_hz
-            if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
-                break
-        if all_stopped is not None and bool(all_stopped):
-            generated = generated[:, :-1]  # the token drawn when the last item stopped is no item's
-            progress.n = generated.shape[1]  # the bar counted it
-        progress.close()
+        # A bar left open by an error or Ctrl-C pushed every later call's bars a line down.
+        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic") as progress:
+            for _ in range(config.max_new_tokens):
+                if read_before_step and all_stopped is not None and bool(all_stopped):
+                    break
+                if cache is not None and cache.length > 0:
+                    logits = self._decode(generated[:, -1:], cache, no_padding, compile)  # [B, V]
+                else:
+                    step_embeds = torch.cat([prompt_embeds, embed(torch.cat([infer, generated], dim=1))], dim=1)
+                    logits = self._next_logits(step_embeds, cache)  # [B, V]
+                if not read_before_step and all_stopped is not None and bool(all_stopped):
+                    break
+                relevant = logits[:, : config.semantic_vocab_size]  # [B, 10000]
+                if config.allow_early_stop:
+                    eos_logit = logits[:, config.semantic_pad_token : config.semantic_pad_token + 1]
+                    relevant = torch.cat([relevant, eos_logit], dim=1)  # [B, 10001]: the last entry is EOS
+                probs = sampling_probabilities(relevant, config.temperature, config.top_k, config.top_p)
+                next_token = sample_tokens(probs, saw_nan)  # [B, 1]
+                if config.allow_early_stop:
+                    stopped = next_token[:, 0] == config.semantic_vocab_size
+                    if config.min_eos_p is not None:
+                        stopped |= probs[:, -1] >= config.min_eos_p
+                    lengths = torch.where(stopped & (lengths < 0), generated.shape[1], lengths)
+                    all_stopped = (lengths >= 0).all() | saw_nan  # stop early on NaN too
+                generated = torch.cat([generated, next_token], dim=1)
+                progress.update(1)
+                duration_s += 1 / config.semantic_rate_hz
+                if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
+                    break
+            if all_stopped is not None and bool(all_stopped):
+                generated = generated[:, :-1]  # the token drawn when the last item stopped is no item's
+                progress.n = generated.shape[1]  # the bar counted it
         raise_if_nan(saw_nan, "semantic", config.temperature)
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]

@@ -383,12 +383,36 @@ def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatc
         def close(self):
             pass
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.close()
+
     monkeypatch.setattr(modeling.logging, "tqdm", RecordingBar)
     seed, lengths = _seed_where(eos_model, lambda lengths: max(lengths) < EOS_SETTINGS["max_new_tokens"] - 1)
     torch.manual_seed(seed)
     output = eos_model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **EOS_SETTINGS)
     assert output.sequences.shape[1] == max(lengths)
     assert (bars[-1].total, bars[-1].n) == (EOS_SETTINGS["max_new_tokens"], max(lengths))
+
+
+def test_an_interrupted_call_leaves_no_progress_bar_open(model):
+    """Ctrl-C in the semantic loop left its bar open while the traceback lived (an interactive session keeps the
+    last one), so every later call's bars were drawn a line further down."""
+    from tqdm import tqdm
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    hook = model.semantic.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupted:
+            model.semantic.generate(INPUT_IDS, ATTENTION_MASK, top_k=1, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert interrupted.traceback  # still alive, holding the call's frames
+    assert not [bar for bar in tqdm._instances if bar.desc == "semantic"]
 
 
 def test_compiled_steps_stop_as_eager_ones(eos_model, monkeypatch):

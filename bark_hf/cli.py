@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import logging as stdlib_logging
 import os
@@ -82,24 +83,41 @@ def read_text(args: argparse.Namespace) -> str:
         if args.text is not None:
             raise ValueError("Give the text either as an argument or with --file, not both.")
         try:
-            return Path(args.file).read_text(encoding="utf-8-sig")  # as from standard input: without a BOM
+            return decode_text(Path(args.file).read_bytes(), f"The text file {args.file}")
         except FileNotFoundError:
             raise FileNotFoundError(f"The text file {args.file} does not exist.") from None
         except IsADirectoryError:
             raise IsADirectoryError(f"--file {args.file} is a folder; give the text file in it.") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"The text file {args.file} is not UTF-8 text.") from None
     if args.text is None or args.text == "-":
         if sys.stdin.isatty():
             raise ValueError("No text given: pass it as an argument, with --file, or through standard input.")
         raw = getattr(sys.stdin, "buffer", None)  # None where stdin is text only (a notebook, a test)
         if raw is None:
-            return sys.stdin.read()
-        try:  # strictly: under a C.UTF-8 locale sys.stdin would keep undecodable bytes as surrogates
-            return raw.read().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ValueError("The text on standard input is not UTF-8 text.") from None
+            return sys.stdin.read().replace(BOM, "")
+        # As bytes, decoded strictly: under a C.UTF-8 locale sys.stdin would keep undecodable bytes as surrogates.
+        return decode_text(raw.read(), "The text on standard input")
     return args.text
+
+
+BOM = "\ufeff"
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """`data` as UTF-8 text without byte order marks: each file joined with `cat` brings its own, which the
+    sentence splitter would take for a letter (a list item after one was not seen as one).
+    UTF-16 (Windows' "Unicode" save, PowerShell's `>`) is named, with or without its BOM: without one, its
+    ASCII text is valid UTF-8, and was spoken with a NUL after every letter."""
+    fix = "save it as UTF-8 (in Notepad: Save As, Encoding: UTF-8) and try again"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(f"{source} is UTF-16 text (a Windows \"Unicode\" save), not UTF-8; {fix}.")
+    if b"\x00" in data:
+        raise ValueError(f"{source} holds NUL bytes: it is UTF-16 text without a BOM, or no text at all; {fix}.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source} is not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); {fix}."
+                         ) from None
+    return text.replace(BOM, "")
 
 
 def run_say(args: argparse.Namespace) -> int:

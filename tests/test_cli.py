@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import stat
@@ -15,7 +16,8 @@ import torch
 from conftest import TINY_PRESET_NAMES
 
 from bark_hf import audio_io
-from bark_hf.cli import main
+from bark_hf.cli import main, read_text
+from bark_hf.longform import split_sentences
 
 
 def test_say_writes_a_24khz_mono_wav(tmp_path, capsys):
@@ -166,6 +168,34 @@ def test_say_drops_the_bom_of_a_file(tmp_path, capsys):
     assert main(["say", "--file", str(tmp_path / "bom.txt"), "-o", str(tmp_path / "x.wav"), "--model", "tiny-random",
                  "--quiet"]) == 1
     assert "The text is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data,message", [
+    ("Hello there.\r\n".encode("utf-16"), "is UTF-16 text"),  # Notepad's "Unicode", PowerShell's >: with a BOM
+    ("Hello there.".encode("utf-16-be"), "holds NUL bytes"),  # without one, ASCII text is valid UTF-8
+    (b"caf\xe9 au lait", "byte 3 is 0xe9"),
+])
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_say_names_utf16_and_other_non_utf8_text_and_the_fix(tmp_path, monkeypatch, capsys, data, message, source):
+    """UTF-16 text was "not UTF-8 text" with no fix, or, without a BOM, spoken with a NUL after every letter."""
+    (tmp_path / "text.txt").write_bytes(data)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *a, **k: pytest.fail("the model was loaded"))
+    text = ["--file", str(tmp_path / "text.txt")] if source == "file" else ["-"]
+    assert main(["say", *text, "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert message in error and "save it as UTF-8" in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.wav"))
+
+
+def test_say_drops_the_bom_of_every_file_joined_on_standard_input(monkeypatch):
+    """`cat intro.txt list.txt | bark-hf say -`: the second file's BOM stayed in the text, before its first list
+    item, which was then not cut from the line before."""
+    joined = "\ufeffIntro line\r\n".encode() + "\ufeff- item one\r\n- item two\r\n".encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(joined)))
+    text = read_text(argparse.Namespace(file=None, text="-"))
+    assert "\ufeff" not in text
+    assert split_sentences(text) == ["Intro line", "- item one", "- item two"]
 
 
 def test_say_refuses_to_write_over_its_input(tmp_path, capsys):

@@ -191,8 +191,7 @@ def _say(args: argparse.Namespace) -> int:
                          long_form=long_form, history=args.history, silence_s=args.silence,
                          show_progress=not args.quiet)
         if to_stdout:
-            sys.stdout.buffer.write(wav_bytes(output["audio"], output["sampling_rate"]))
-            sys.stdout.buffer.flush()
+            write_stdout(wav_bytes(output["audio"], output["sampling_rate"]))
             path = "standard output"
         else:
             path = write_wav(args.output, output["audio"], output["sampling_rate"], overwrite=args.overwrite)
@@ -219,6 +218,21 @@ def check_stdout() -> None:
     if sys.stdout.isatty():
         raise ValueError("-o - writes the WAV to standard output, which is a terminal; redirect it "
                          "(-o - > out.wav, or | a player) or give a file name.")
+
+
+def write_stdout(data: bytes) -> None:
+    """Write the WAV's bytes to standard output. A reader that stops early (`| head -c 100`, a player that failed)
+    closes the pipe: that is said in words ("[Errno 32] Broken pipe" was), and what is still buffered goes to
+    os.devnull, not into a BrokenPipeError at exit."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a stream without a file descriptor (a test)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise BrokenPipeError("standard output was closed before the whole WAV was written: the program reading it "
+                              "stopped early (or failed); write the audio to a file with -o out.wav to keep it."
+                              ) from None
 
 
 def check_voice_argument(voice: str) -> None:

@@ -42,6 +42,18 @@ def test_say_writes_the_wav_to_standard_output_with_a_dash(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_say_into_a_reader_that_stops_early_says_so_in_one_line(monkeypatch, capsys):
+    """`bark-hf say ... -o - | head -c 100`: the error read "[Errno 32] Broken pipe"."""
+    class ClosedPipe(io.BufferedWriter):
+        def write(self, data: bytes) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(ClosedPipe(io.BytesIO())))
+    assert main(["say", "Hello world.", "-o", "-", "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "reading it stopped early" in error and "-o out.wav" in error and len(error.strip().splitlines()) == 1
+
+
 def test_say_refuses_a_dash_output_on_a_terminal_before_loading(tmp_path, monkeypatch, capsys):
     class Terminal(io.TextIOWrapper):
         def isatty(self) -> bool:

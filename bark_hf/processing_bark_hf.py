@@ -313,8 +313,10 @@ def gives_tokens(tokenizer: Any, text: str) -> bool:
 
 
 def looks_like_local_path(path: str) -> bool:
-    """Whether `path` can only mean a local path, never a Hub id (`user/name`), so a missing one is named as such."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+    """Whether `path` can only mean a local path, never a Hub id (`user/name`), so a missing one is named as such.
+    A trailing `/` is a folder's (shell completion adds it), never a Hub id's."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+            or path.endswith("/"))
 
 
 def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], subfolder: str = "") -> str:

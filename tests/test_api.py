@@ -363,6 +363,8 @@ def test_preload_takes_dtype_names_for_tiny_random_as_for_a_folder(tmp_path):
         api.preload_models("tiny-random", dtype="float17")
     with pytest.raises(FileNotFoundError, match="No model folder at"):  # not the Hub's repo id syntax
         api.preload_models(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="No model folder at 'missing/'"):  # as shell completion writes it
+        api.preload_models("missing/")
 
 
 def test_preload_keeps_the_loaded_model_unless_forced(fake_loader):

@@ -220,16 +220,21 @@ def check_stdout() -> None:
                          "(-o - > out.wav, or | a player) or give a file name.")
 
 
+def _discard_stdout() -> None:
+    """Point standard output at os.devnull once its reader has closed the pipe, so that what is still buffered goes
+    nowhere instead of into a BrokenPipeError when Python exits."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a stream without a file descriptor (a test)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def write_stdout(data: bytes) -> None:
     """Write the WAV's bytes to standard output. A reader that stops early (`| head -c 100`, a player that failed)
-    closes the pipe: that is said in words ("[Errno 32] Broken pipe" was), and what is still buffered goes to
-    os.devnull, not into a BrokenPipeError at exit."""
+    closes the pipe: that is said in words ("[Errno 32] Broken pipe" was)."""
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):  # ValueError: a stream without a file descriptor (a test)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         raise BrokenPipeError("standard output was closed before the whole WAV was written: the program reading it "
                               "stopped early (or failed); write the audio to a file with -o out.wav to keep it."
                               ) from None
@@ -268,8 +273,7 @@ def run_voices(args: argparse.Namespace) -> int:
         print("\n".join(names))
         sys.stdout.flush()  # a reader that stopped early (`| head`) fails the write here, not at exit
     except BrokenPipeError:
-        # Stop quietly, as `ls | head` does: what is still buffered goes nowhere instead of to a closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()  # stop quietly, as `ls | head` does
     return 0
 
 

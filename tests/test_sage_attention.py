@@ -4,6 +4,7 @@ fallbacks. SageAttention runs on NVIDIA GPUs only, so these tests install a stan
 """
 
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 import types
@@ -206,3 +207,19 @@ def test_one_query_attention_equals_sdpa_with_a_padding_mask():
     half = _one_query_attention(query.bfloat16(), key.bfloat16(), value.bfloat16(), mask, dropout=0.0)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("sageattention") is None,
+                    reason="needs a CUDA GPU and the sageattention package")
+@pytest.mark.parametrize("batch, heads, length, is_causal",
+                         [(1, 16, 887, True), (2, 16, 1024, False), (3, 12, 513, True)])
+def test_the_installed_kernel_stays_close_to_pytorch_attention(batch, heads, length, is_causal):
+    """The real kernel on this GPU, at the shapes of bark's passes that use it (a coarse window prefill,
+    a fine window, a semantic prompt): bfloat16 in and out, and within int8 rounding of float32 SDPA."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(batch, heads, length, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    expected = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=is_causal)
+    actual = sage_attention.sage_attention(query, key.clone(), value, is_causal)
+    assert actual is not None and actual.dtype == torch.bfloat16 and actual.shape == expected.shape
+    relative_error = (actual.float() - expected).norm() / expected.norm()
+    assert relative_error < 0.05, f"relative error {relative_error:.4f}"

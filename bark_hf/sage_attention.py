@@ -7,7 +7,7 @@ slightly from PyTorch's, so with it the tokens are no longer bit-identical to th
 `BARK_HF_SAGE_ATTENTION=0` to turn it off. One-token decoding steps and padded (masked) batches
 never use it: it takes no mask, and a single query gains nothing from it. SageAttention 2, built
 from its repository, is the one to install; 1.0.6 (on PyPI) works too, but converts bfloat16
-values to float16.
+values to float16, and on an H100 it was slower than PyTorch's attention (docs/performance.md).
 """
 
 from __future__ import annotations

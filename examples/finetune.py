@@ -236,14 +236,16 @@ def _json_file(path: Path) -> dict:
     return values
 
 
-def stage_modules(stage: str) -> dict[str, torch.nn.Module]:
-    """The modules of a `stage` by name, as peft matches them. Built small on the meta device: the names do not
-    depend on the sizes, so --lora-targets is checked before the model loads (and peft's own check, after it,
-    raised a traceback, or ignored a wrong name given beside a right one)."""
+def stage_modules(stage: str) -> tuple[dict[str, torch.nn.Module], set[str]]:
+    """The modules of a `stage` by name, as peft matches them, and the names of those that share their weight with
+    another (the fine stage's heads and embeddings). Built small on the meta device: the names do not depend on the
+    sizes, so --lora-targets is checked before the model loads (and peft's own check, after it, raised a traceback,
+    or ignored a wrong name given beside a right one)."""
     model_class, config_class = STAGE_CLASSES[stage]
     with torch.device("meta"):
         model = model_class(config_class(num_layers=1, num_heads=1, hidden_size=8))
-    return dict(model.named_modules())
+    tied = {name.rsplit(".", 1)[0] for pair in model.all_tied_weights_keys.items() for name in pair}
+    return dict(model.named_modules()), tied
 
 
 def _short_name(name: str) -> str:
@@ -253,13 +255,23 @@ def _short_name(name: str) -> str:
 
 
 def check_lora_targets(stage: str, targets: list[str]) -> None:
-    """Refuse a `--lora-targets` name that matches no layer LoRA can adapt in `stage` (peft's suffix match)."""
-    modules = stage_modules(stage)
-    choices = sorted({_short_name(name) for name, module in modules.items() if isinstance(module, LORA_LAYERS)})
+    """Refuse a `--lora-targets` name that matches no layer LoRA can adapt in `stage` (peft's suffix match), or a
+    layer whose weight is tied to another: merging its adapter changed the twin too, so the saved model was not the
+    one trained."""
+    modules, tied = stage_modules(stage)
+    adaptable = [name for name, module in modules.items() if isinstance(module, LORA_LAYERS) and name not in tied]
+    partly_tied = {_short_name(name) for name in tied}  # e.g. only input_embeds_layers.0 may be adapted: name it
+    choices = sorted({name if _short_name(name) in partly_tied else _short_name(name) for name in adaptable})
     codebook = " (<i>: a codebook)" if any("<i>" in choice for choice in choices) else ""
     for target in targets:
-        matched = [module for name, module in modules.items() if name == target or name.endswith("." + target)]
+        names = [name for name in modules if name == target or name.endswith("." + target)]
+        matched = [modules[name] for name in names]
         others = sorted({type(module).__name__ for module in matched if not isinstance(module, LORA_LAYERS)})
+        if tied.intersection(names):
+            raise SystemExit(f"--lora-targets {target}: names {', '.join(sorted(tied.intersection(names)))}, whose "
+                             f"weight the {stage} stage ties to another layer (each fine head to a codebook's "
+                             "embedding), so merging its adapter would change that layer too; choose from "
+                             f"{', '.join(choices)}{codebook}. The default is {LORA_TARGETS}.")
         if not matched or others:
             problem = ("has no module of that name" if not matched
                        else f"names a {' and a '.join(others)}, which LoRA cannot adapt")

@@ -706,6 +706,25 @@ def test_saving_a_model_with_unmerged_lora_adapters_is_refused(tone_rows, tmp_pa
     torch.testing.assert_close(reloaded.coarse_acoustics.state_dict(), model.coarse_acoustics.state_dict())
 
 
+@pytest.mark.parametrize("target", ["lm_heads.2", "input_embeds_layers.3"])
+def test_example_script_refuses_lora_on_a_tied_fine_layer_whose_merge_changes_its_twin(finetune, target, tmp_path):
+    """Head i and embedding i + 1 of the fine stage are one weight: merging an adapter of either changed the other
+    too, so the script saved a model that was not the one trained. It allowed both as --lora-targets."""
+    from peft import LoraConfig, get_peft_model
+
+    fine = tiny_random_bark(seed=1)[0].fine_acoustics
+    lora = get_peft_model(fine, LoraConfig(r=2, target_modules=[target], init_lora_weights=False))
+    codes = torch.randint(0, 1024, (1, 40, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = [lora(codebook_idx=k, input_ids=codes).logits for k in (3, 4)]
+        lora.merge_and_unload()
+        merged = [fine(codebook_idx=k, input_ids=codes).logits for k in (3, 4)]
+    assert any(not torch.allclose(a, m, atol=1e-4) for a, m in zip(adapted, merged, strict=True))
+    with pytest.raises(SystemExit, match=f"names {re.escape(target)}, whose weight the fine stage ties"):
+        finetune.check_lora_targets("fine", [target])
+    finetune.check_lora_targets("fine", ["input_embeds_layers.0", "att_proj"])  # embedding 0 has no head
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
 def test_lora_under_reentrant_gradient_checkpointing_gets_gradients(stage, processor):
     """Reentrant checkpointing needs inputs that require gradients (enable_input_require_grads); the fine stage's
@@ -1017,7 +1036,11 @@ def refuse_before_loading(finetune, monkeypatch) -> None:
 @pytest.mark.parametrize("extra, message", [
     # peft's NoMatchingPeftModuleError, with a traceback, after the model loaded
     (["--lora-rank", "4", "--lora-targets", "attn_proj"], r"--lora-targets attn_proj: the fine stage has no module of "
-     r"that name; choose from att_proj, in_proj, input_embeds_layers.<i>, lm_heads.<i>, out_proj, "),
+     r"that name; choose from att_proj, in_proj, input_embeds_layers.0, out_proj, "),
+    # each fine head shares its weight with a codebook's embedding: merging an adapter changed both
+    (["--lora-rank", "4", "--lora-targets", "att_proj,lm_heads.2"], "names lm_heads.2, whose weight the fine stage "
+     "ties to another layer"),
+    (["--lora-rank", "4", "--lora-targets", "input_embeds_layers.3"], "names input_embeds_layers.3, whose weight"),
     # silently ignored beside a name that matched
     (["--lora-rank", "4", "--lora-targets", "att_proj,nope"], "--lora-targets nope: the fine stage has no module"),
     (["--lora-rank", "4", "--lora-targets", "layernorm_1"], "names a LayerNorm, which LoRA cannot adapt"),

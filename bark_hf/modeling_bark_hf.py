@@ -362,6 +362,15 @@ def _drop_attention_implementation(kwargs: dict[str, Any]) -> None:
         codec_config._attn_implementation_internal = None  # EnCodec's own default (eager)
 
 
+def _device_names(device_map: Any) -> Any:
+    """`device_map` with its `torch.device` values written as names ("cpu", "cuda:1"), which transformers also
+    takes: accelerate reads disk-offloaded weights with safetensors' `safe_open`, which failed on a torch.device
+    ("device device(type='cpu') is invalid")."""
+    if not isinstance(device_map, Mapping):
+        return device_map
+    return {name: str(device) if isinstance(device, torch.device) else device for name, device in device_map.items()}
+
+
 def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
     """Refuse, before loading, `from_pretrained` arguments transformers would ignore or fail on deep inside.
 
@@ -588,6 +597,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         for name in ("dtype", "torch_dtype"):  # transformers loaded an integer dtype ("int8") as float32, silently
             checked_dtype(kwargs.get(name))
         _drop_attention_implementation(kwargs)
+        if "device_map" in kwargs:
+            kwargs["device_map"] = _device_names(kwargs["device_map"])
         _check_device_map_arguments(kwargs)
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -59,6 +59,8 @@ DEVICE_MAPS = {
     # The boundary falls in the fine stage, where transformers' planner used to fail on its tied heads.
     "sequential-budget": dict(device_map="sequential", max_memory={"cpu": "16MB"}),
     "stages-on-disk": dict(device_map=STAGES_ON_DISK),
+    # torch.device values, as transformers documents them; safetensors took only names for disk-offloaded weights.
+    "torch-devices": dict(device_map={**STAGES_ON_DISK, "semantic": torch.device("cpu")}),
     "layers-on-disk": dict(device_map=LAYERS_ON_DISK),
     "all-on-disk": dict(device_map={"": "disk"}),
 }

@@ -15,6 +15,7 @@ The collators turn rows of a prepared dataset into batches for `transformers.Tra
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging as stdlib_logging
 import math
@@ -22,6 +23,7 @@ import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -379,17 +381,24 @@ class SemanticTokenizer(Protocol):
     def __call__(self, audio: np.ndarray) -> np.ndarray: ...
 
 
+def _train_extra(module: str, purpose: str) -> ModuleType:
+    """`module`, imported; if it is missing, an ImportError naming the optional extra that installs it (a bare
+    "No module named 'soundfile'" said nothing of how to get it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{purpose} needs {module.split('.')[0]}, an optional extra: "
+                          "pip install 'bark-hf[train]'.") from None
+
+
 def resample_audio(audio: np.ndarray, sampling_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 audio at `target_rate`, by polyphase filtering (`scipy.signal.resample_poly`)."""
     if sampling_rate < 1 or target_rate < 1:
         raise ValueError(f"Sampling rates must be positive, got {sampling_rate} Hz -> {target_rate} Hz.")
     if sampling_rate == target_rate:
         return audio
-    try:
-        from scipy.signal import resample_poly
-    except ImportError:
-        raise ImportError(f"Audio at {sampling_rate} Hz must be resampled to {target_rate} Hz, which needs scipy: "
-                          "pip install 'bark-hf[train]'.") from None
+    resample_poly = _train_extra("scipy.signal", f"Resampling audio from {sampling_rate} Hz to {target_rate} Hz"
+                                 ).resample_poly
     divisor = math.gcd(int(sampling_rate), int(target_rate))
     return resample_poly(audio, target_rate // divisor, sampling_rate // divisor).astype(np.float32)
 
@@ -436,8 +445,7 @@ def decode_audio(value: Any, sample_dtype: Any = None) -> tuple[np.ndarray, int]
             raise ValueError(f"An audio cell's sampling_rate must be a whole number of Hz above 0, got {rate}.")
         samples = _mono(_float_samples(np.asarray(value["array"], dtype=sample_dtype)))
     elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
-        import soundfile
-
+        soundfile = _train_extra("soundfile", "Reading an audio cell's bytes or file")
         source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
         if isinstance(source, str) and not os.path.isfile(source):
             raise FileNotFoundError(f"The audio file {source} does not exist.")
@@ -542,8 +550,7 @@ def prepare_dataset(
     Runs as a batched `.map` with a progress bar; a dataset with cache files (e.g. from
     `load_from_disk`) caches the result, keyed on its fingerprint, the codec weights and the settings.
     """
-    import datasets
-
+    datasets = _train_extra("datasets", "prepare_dataset")
     # A DatasetDict failed as "no column 'audio'" and a streamed IterableDataset as an AttributeError.
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise TypeError(f"prepare_dataset takes one split (a datasets.Dataset); got a {type(dataset).__name__} with "

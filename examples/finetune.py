@@ -281,7 +281,10 @@ def check_lora_targets(stage: str, targets: list[str]) -> None:
 
 def load_training_data(name: str, split: str):
     """The dataset `name` (a save_to_disk folder or a Hub id); a name that is neither is refused in one line."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit("--dataset needs datasets: pip install 'bark-hf[train]'") from None
 
     if os.path.isdir(name):
         try:

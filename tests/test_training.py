@@ -485,6 +485,24 @@ def test_prepare_names_the_row_of_a_bad_rate_or_unusable_audio():
         resample_audio(tone(300), 0)
 
 
+@pytest.mark.parametrize("module, call", [
+    ("scipy.signal", lambda: resample_audio(tone(300), 16_000)),
+    ("soundfile", lambda: decode_audio({"bytes": b"RIFF", "path": None})),  # was: No module named 'soundfile'
+    ("datasets", lambda: prepare_dataset(None, None)),                       # was: No module named 'datasets'
+])
+def test_a_missing_train_extra_names_its_pip_command(monkeypatch, module, call):
+    monkeypatch.setitem(sys.modules, module, None)  # as if bark-hf[train] were not installed
+    package = module.split(".")[0]
+    with pytest.raises(ImportError, match=rf"needs {package}, an optional extra: pip install 'bark-hf\[train\]'"):
+        call()
+
+
+def test_example_script_names_the_pip_command_for_datasets(finetune, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(SystemExit, match=r"--dataset needs datasets: pip install 'bark-hf\[train\]'"):
+        finetune.load_training_data("some/dataset", "train")
+
+
 def test_collators_explain_missing_columns_and_wrong_models(processor):
     with pytest.raises(KeyError, match="no 'fine_tokens' column.*remove_unused_columns=False"):
         BarkHfCoarseCollator()([{"semantic_tokens": [1, 2]}])

@@ -386,6 +386,11 @@ def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
                              "device_map; add device_map='auto' (or "
                              "'sequential', 'balanced', or a dict of modules to devices).")
         return
+    offload_folder = kwargs.get("offload_folder")
+    if offload_folder is not None and os.path.exists(offload_folder) and not os.path.isdir(offload_folder):
+        # transformers failed with "[Errno 17] File exists" once it came to offload a stage
+        raise NotADirectoryError(f"offload_folder={os.fspath(offload_folder)!r} is a file; pass a folder for the "
+                                 "weights the device map puts on disk (it is made if missing).")
     named = {"max_memory": set(max_memory or ())}
     if isinstance(device_map, Mapping):
         named["device_map"] = set(device_map.values())

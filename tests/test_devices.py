@@ -313,6 +313,13 @@ def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir,
         BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path, **setting)
 
 
+def test_an_offload_folder_that_is_a_file_is_refused(model_dir, tmp_path):
+    taken = tmp_path / "offload"
+    taken.write_text("")
+    with pytest.raises(NotADirectoryError, match="offload_folder=.* is a file; pass a folder"):  # was: "File exists"
+        BarkHfModel.from_pretrained(model_dir, device_map=STAGES_ON_DISK, offload_folder=taken)
+
+
 def test_moving_an_offloaded_stage_is_refused_and_leaves_it_working(model_dir, reference, tmp_path):
     """torch failed deep ("Cannot copy out of meta tensor"); casting the weights stays allowed."""
     model = BarkHfModel.from_pretrained(model_dir, device_map=LAYERS_ON_DISK, offload_folder=tmp_path)

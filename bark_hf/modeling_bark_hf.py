@@ -371,6 +371,22 @@ def _device_names(device_map: Any) -> Any:
     return {name: str(device) if isinstance(device, torch.device) else device for name, device in device_map.items()}
 
 
+def _check_no_offload_inside_a_mapped_module(device_map: Mapping[str, Any]) -> None:
+    """Refuse a map that offloads part of a module it maps elsewhere ({"": "cpu", "semantic": "disk"}): accelerate
+    then hooked the outer module without the offloaded weights and failed with "weight is on the meta device, we
+    need a `value` to put in on cpu"."""
+    if not {"cpu", "disk"} & set(map(str, device_map.values())):
+        return
+    for outer in device_map:
+        for inner in device_map:
+            if inner != outer and (outer == "" or inner.startswith(outer + ".")) and \
+                    str(device_map[inner]) != str(device_map[outer]):
+                whole = repr(outer) if outer else "'' (the whole model)"
+                raise ValueError(f"The device map puts {inner!r} on {device_map[inner]!r} inside {whole} on "
+                                 f"{device_map[outer]!r}, which accelerate cannot offload; map the other parts of "
+                                 f"{whole} one by one instead (see docs/devices.md for module names).")
+
+
 def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
     """Refuse, before loading, `from_pretrained` arguments transformers would ignore or fail on deep inside.
 
@@ -393,6 +409,7 @@ def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
                                  "weights the device map puts on disk (it is made if missing).")
     named = {"max_memory": set(max_memory or ())}
     if isinstance(device_map, Mapping):
+        _check_no_offload_inside_a_mapped_module(device_map)
         named["device_map"] = set(device_map.values())
     elif not (isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES):
         named["device_map"] = {device_map}

@@ -313,6 +313,14 @@ def test_a_device_map_onto_a_missing_device_is_refused_before_loading(model_dir,
         BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path, **setting)
 
 
+@pytest.mark.parametrize("device_map", [{"": "cpu", "semantic": "disk"},
+                                        {**STAGES_ON_DISK, "coarse_acoustics.layers.0": "cpu"}])
+def test_a_map_offloading_part_of_a_mapped_module_is_refused_before_loading(model_dir, tmp_path, device_map):
+    with pytest.raises(ValueError, match=r"inside .* which accelerate cannot offload; map the other parts"):
+        BarkHfModel.from_pretrained(model_dir, device_map=device_map, offload_folder=tmp_path)  # was: "weight is on
+    assert not any(tmp_path.iterdir())                                                        # the meta device"
+
+
 def test_an_offload_folder_that_is_a_file_is_refused(model_dir, tmp_path):
     taken = tmp_path / "offload"
     taken.write_text("")

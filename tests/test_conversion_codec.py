@@ -112,6 +112,18 @@ def test_missing_key(original_state, tmp_path):
     assert "missing keys: decoder.layers.3.conv.parametrizations.weight.original0" in str(error.value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(original_state, tmp_path, value):
+    """A damaged codec was converted (inf) or reported only as weights that differ from the source (NaN)."""
+    key = "decoder.model.3.convtr.convtr.weight_v"
+    tensor = original_state[key].clone()
+    tensor.view(-1)[7] = value
+    path = tmp_path / "damaged.th"
+    torch.save({**original_state, key: tensor}, path)
+    with pytest.raises(ValueError, match="NaN or infinite weights at decoder.layers.3.conv.parametrizations.weight"):
+        load_codec(path)
+
+
 def test_key_without_rename_rule(original_state):
     state = {**original_state, "encoder.model.0.conv.conv.scale": torch.zeros(1)}
     with pytest.raises(ValueError, match="no rename rule for keys encoder.model.0.conv.conv.scale"):

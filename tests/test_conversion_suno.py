@@ -355,6 +355,13 @@ def _drop_key(state: dict, key: str) -> dict:
     return {k: v for k, v in state.items() if k != key}
 
 
+def _with_value(state: dict, key: str, value: float) -> dict:
+    """`state` with one entry of `key` set to `value` (NaN, inf), the source tensor left as it was."""
+    tensor = state[key].clone()
+    tensor.view(-1)[1] = value
+    return {**state, key: tensor}
+
+
 def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, tuple[str, ...], type]]:
     """name -> (how to build the checkpoint folder, message fragments, exception type)."""
     text, coarse, fine = originals["text"], originals["coarse"], originals["fine"]
@@ -385,6 +392,15 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
                                **text["model"], "_orig_mod.transformer.h.2.attn.c_attn.weight": torch.zeros(96, 32)}}}),
                            ("text.pt", "missing keys []", "unexpected keys ['layers.2.attn.att_proj.weight']"),
                            CheckpointError),
+        # NaN was reported as "Converted weights differ" (NaN never equals itself) and inf was converted silently.
+        "nan_weight": (dict(replace={"coarse": {**coarse, "model": _with_value(
+                           coarse["model"], "_orig_mod.transformer.h.0.mlp.c_fc.weight", float("nan"))}}),
+                       ("coarse.pt", "NaN or infinite weights at layers.0.mlp.in_proj.weight (1 NaN, 0 inf)"),
+                       CheckpointError),
+        "inf_weight": (dict(replace={"fine": {**fine, "model": _with_value(
+                           fine["model"], "_orig_mod.transformer.ln_f.weight", -float("inf"))}}),
+                       ("fine.pt", "NaN or infinite weights at layernorm_final.weight (0 NaN, 1 inf)"),
+                       CheckpointError),
         "missing_stage_file": (dict(omit=("fine",)), ("must hold text.pt, coarse.pt, fine.pt",), FileNotFoundError),
         "model_args_not_a_dict": (dict(replace={"coarse": {**coarse, "model_args": [1, 2]}}),
                                   ("coarse.pt",), CheckpointError),
@@ -408,7 +424,7 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
 
 BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "pickle_payload_blocked_module",
                   "not_a_checkpoint", "wrong_shapes", "wrong_block_size", "bad_model_args", "missing_key",
-                  "unexpected_key", "missing_stage_file",
+                  "unexpected_key", "nan_weight", "inf_weight", "missing_stage_file",
                   "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type",
                   "text_and_coarse_swapped", "fine_with_four_codebooks"]
 

@@ -18,6 +18,7 @@ from transformers import EncodecConfig, EncodecModel, PretrainedConfig
 from ..configuration_bark_hf import bark_codec_config
 from ..generation_configuration_bark_hf import COARSE_RATE_HZ, CODEBOOK_SIZE, N_FINE_CODEBOOKS, SAMPLE_RATE
 from .safe_load import load_torch_file
+from .suno_checkpoint import check_finite
 
 # A weight-normed convolution of the `encodec` package: `<stack>.model.<i>.conv.conv`, or
 # `.convtr.convtr` for the decoder's upsampling layers, optionally inside a residual block
@@ -89,6 +90,7 @@ def load_codec(path: str | os.PathLike) -> EncodecModel:
     else:
         model = EncodecModel(bark_codec_config())
         model.load_state_dict(convert_encodec_state_dict(_read_state_dict(path)), strict=True)
+    check_finite(model.state_dict(), source=str(path))
     return model.float().eval()
 
 

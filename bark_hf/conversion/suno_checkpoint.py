@@ -179,6 +179,7 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
              for key, value in expected.items() if weights[key].shape != value.shape]
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape for its model_args: {'; '.join(wrong[:8])}.")
+    check_finite(weights, source=str(path))
     model.load_state_dict(weights, strict=True)
     verify_weights(model, weights, source=str(path))
     if stage != "fine" and config.dropout > 0:
@@ -186,6 +187,20 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
                        "generating, so its outputs are random there; bark-hf applies dropout in training only, and "
                        "its tokens will not equal the original's. Suno's released checkpoints have dropout 0.")
     return model.eval()
+
+
+def check_finite(weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise, naming the tensors, if any weight is NaN or infinite: such a model generates noise or silence, and
+    `verify_weights` would only report that the converted weights differ (NaN never equals itself)."""
+    bad = []
+    for key, value in weights.items():
+        n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+        if n_nan or n_inf:
+            bad.append(f"{key} ({n_nan} NaN, {n_inf} inf)")
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights at {', '.join(bad[:8])}"
+                              f"{f' and {len(bad) - 8} more tensors' if len(bad) > 8 else ''}: the file is damaged or "
+                              "comes from a diverged training run. Use an intact copy of the original file.")
 
 
 def verify_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:

@@ -104,7 +104,8 @@ class BarkHfFineConfig(_BarkHfStageConfig):
     """Non-causal fine GPT: one input embedding per codebook, one head per predicted codebook.
 
     `n_codes_given` is the first codebook it has a head for (1 in Bark's checkpoints): head `i` predicts
-    codebook `n_codes_given + i` and shares its weight with that codebook's embedding. Generation gives
+    codebook `n_codes_given + i` and shares its weight with embedding `i + 1`, as in the original `FineGPT`
+    and transformers' Bark (that codebook's own embedding when `n_codes_given` is 1). Generation gives
     it the coarse stage's codebooks and predicts the rest.
     """
 

@@ -1730,9 +1730,10 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         self.lm_heads = nn.ModuleList(
             [nn.Linear(config.hidden_size, config.output_vocab_size, bias=False) for _ in range(n_heads)]
         )
-        # Head i predicts codebook n_codes_given + i and shares its matrix with that codebook's embedding.
+        # Head i predicts codebook n_codes_given + i but shares its matrix with embedding i + 1, as the original
+        # FineGPT and transformers' Bark tie them: the same codebook's only when n_codes_given is 1 (Bark's).
         self._tied_weights_keys = {
-            f"lm_heads.{i}.weight": f"input_embeds_layers.{i + config.n_codes_given}.weight" for i in range(n_heads)
+            f"lm_heads.{i}.weight": f"input_embeds_layers.{i + 1}.weight" for i in range(n_heads)
         }
         self.generation_config = self.generation_config_class()
         self.post_init()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_voice_preset
+from conftest import TINY_MODEL_ARGS, random_voice_preset, write_original_checkpoint
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import BertTokenizer
@@ -154,6 +154,26 @@ def test_numpy_scalars_of_the_released_checkpoints_load(originals, original_chec
     converted, reference = convert_stage("text", path), convert_stage("text", original_checkpoint_dir / "text.pt")
     for key, value in reference.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key
+
+
+def test_fine_heads_tie_as_the_original_when_more_codebooks_are_given(tmp_path):
+    """The original FineGPT (and transformers' Bark) ties head i to embedding i + 1 whatever n_codes_given is; ours
+    tied it to embedding i + n_codes_given, so a checkpoint with n_codes_given 2 was refused as 'weights differ'."""
+    from bark.model_fine import FineGPT, FineGPTConfig
+    from transformers import BarkFineConfig, BarkFineModel
+
+    args = {**TINY_MODEL_ARGS["fine"], "n_codes_given": 2}
+    path = write_original_checkpoint(tmp_path / "fine.pt", "fine", seed=4, model_args=args)
+    converted = convert_stage("fine", path)
+    original = FineGPT(FineGPTConfig(**args)).eval()
+    original.load_state_dict(_without_prefix(torch.load(path, weights_only=True)["model"]))
+    codes = torch.randint(0, 1024, (1, 50, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for codebook in range(2, 8):
+            torch.testing.assert_close(converted(codebook, codes).logits, original(codebook, codes), rtol=1e-5,
+                                       atol=1e-5)
+    theirs = BarkFineModel(BarkFineConfig(**{**converted.config.to_dict(), "model_type": "fine_acoustics"}))
+    assert converted._tied_weights_keys == theirs._tied_weights_keys
 
 
 @pytest.fixture(scope="module")

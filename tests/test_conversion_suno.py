@@ -421,6 +421,12 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
                            fine["model"], "_orig_mod.transformer.ln_f.weight", -float("inf"))}}),
                        ("fine.pt", "NaN or infinite weights at layernorm_final.weight (0 NaN, 1 inf)"),
                        CheckpointError),
+        # The original keeps the prefixed tensor; the plain one, renamed last here, silently replaced it.
+        "prefixed_and_plain_key": (dict(replace={"coarse": {**coarse, "model": {
+                                       **coarse["model"], "transformer.wpe.weight": torch.zeros(1024, 32)}}}),
+                                   ("coarse.pt holds both '_orig_mod.transformer.wpe.weight' and "
+                                    "'transformer.wpe.weight'", "same weight 'position_embeds_layer.weight'"),
+                                   CheckpointError),
         "missing_stage_file": (dict(omit=("fine",)), ("must hold text.pt, coarse.pt, fine.pt",), FileNotFoundError),
         "model_args_not_a_dict": (dict(replace={"coarse": {**coarse, "model_args": [1, 2]}}),
                                   ("coarse.pt",), CheckpointError),
@@ -444,8 +450,9 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
 
 BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "pickle_payload_blocked_module",
                   "not_a_checkpoint", "wrong_shapes", "wrong_block_size", "bad_model_args", "missing_key",
-                  "unexpected_key", "nan_weight", "inf_weight", "missing_stage_file",
-                  "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight", "model_args_of_wrong_type",
+                  "unexpected_key", "nan_weight", "inf_weight", "prefixed_and_plain_key",
+                  "missing_stage_file", "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight",
+                  "model_args_of_wrong_type",
                   "text_and_coarse_swapped", "fine_with_four_codebooks"]
 
 

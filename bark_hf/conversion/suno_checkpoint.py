@@ -140,14 +140,25 @@ def stage_config(stage: str, model_args: Mapping[str, Any]) -> PretrainedConfig:
     return config_cls(**{ours: args[theirs] for theirs, ours in MODEL_ARG_NAMES.items() if theirs in args})
 
 
-def rename_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply `KEY_RENAMES` and drop the named ignorable keys."""
-    renamed = {}
-    for key, value in state_dict.items():
+def rename_state_dict(state_dict: Mapping[str, torch.Tensor],
+                      source: str = "The state dict") -> dict[str, torch.Tensor]:
+    """Apply `KEY_RENAMES` and drop the named ignorable keys.
+
+    Two keys that rename to one (`x` beside `_orig_mod.x`) are refused: keeping either would silently drop the
+    other, and the original keeps the prefixed one whatever their order.
+    """
+    renamed, sources = {}, {}
+    for original_key, value in state_dict.items():
+        key = original_key
         for pattern, replacement in KEY_RENAMES:
             key = re.sub(pattern, replacement, key)
-        if not IGNORED_KEYS.search(key):
-            renamed[key] = value
+        if IGNORED_KEYS.search(key):
+            continue
+        if key in renamed:
+            raise CheckpointError(f"{source} holds both {sources[key]!r} and {original_key!r}, which name the "
+                                  f"same weight {key!r}; keep one of them (a file saved from one model has no such "
+                                  "pair).")
+        renamed[key], sources[key] = value, original_key
     return renamed
 
 
@@ -165,7 +176,7 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
     if small:
         raise CheckpointError(f"{path} is not a Bark {stage} checkpoint: {', '.join(small)}. Check that the files "
                               "are named text*.pt, coarse*.pt and fine*.pt for what they hold.")
-    weights = rename_state_dict(state_dict)
+    weights = rename_state_dict(state_dict, source=str(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

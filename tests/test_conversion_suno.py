@@ -427,6 +427,11 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
                                    ("coarse.pt holds both '_orig_mod.transformer.wpe.weight' and "
                                     "'transformer.wpe.weight'", "same weight 'position_embeds_layer.weight'"),
                                    CheckpointError),
+        # Reported only as "Converted weights differ ... at ['input_embeds_layers.1.weight']".
+        "fine_head_untied": (dict(replace={"fine": {**fine, "model": _with_value(
+                                 fine["model"], "_orig_mod.lm_heads.0.weight", 5.0)}}),
+                             ("fine.pt holds different values for lm_heads.0.weight and input_embeds_layers.1.weight",
+                              "ties into one tensor"), CheckpointError),
         "missing_stage_file": (dict(omit=("fine",)), ("must hold text.pt, coarse.pt, fine.pt",), FileNotFoundError),
         "model_args_not_a_dict": (dict(replace={"coarse": {**coarse, "model_args": [1, 2]}}),
                                   ("coarse.pt",), CheckpointError),
@@ -450,10 +455,9 @@ def _bad_cases(originals, source: Path, marker: Path) -> dict[str, tuple[dict, t
 
 BAD_CASE_NAMES = ["truncated", "not_a_pytorch_file", "pickle_payload", "pickle_payload_blocked_module",
                   "not_a_checkpoint", "wrong_shapes", "wrong_block_size", "bad_model_args", "missing_key",
-                  "unexpected_key", "nan_weight", "inf_weight", "prefixed_and_plain_key",
+                  "unexpected_key", "nan_weight", "inf_weight", "prefixed_and_plain_key", "fine_head_untied",
                   "missing_stage_file", "model_args_not_a_dict", "model_not_a_dict", "non_tensor_weight",
-                  "model_args_of_wrong_type",
-                  "text_and_coarse_swapped", "fine_with_four_codebooks"]
+                  "model_args_of_wrong_type", "text_and_coarse_swapped", "fine_with_four_codebooks"]
 
 
 @pytest.mark.parametrize("case", BAD_CASE_NAMES)

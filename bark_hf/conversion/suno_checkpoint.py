@@ -191,6 +191,13 @@ def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape for its model_args: {'; '.join(wrong[:8])}.")
     check_finite(weights, source=str(path))
+    # One tensor loads into each tied pair: different values would end as 'Converted weights differ'.
+    untied = [f"{head} and {embedding}" for head, embedding in (model._tied_weights_keys or {}).items()
+              if not torch.equal(weights[head], weights[embedding])]
+    if untied:
+        raise CheckpointError(f"{path} holds different values for {', '.join(untied[:8])}, which the {stage} model "
+                              "ties into one tensor (as the original does); the file was not saved from one Bark "
+                              "model. Use the original file.")
     model.load_state_dict(weights, strict=True)
     verify_weights(model, weights, source=str(path))
     if stage != "fine" and config.dropout > 0:

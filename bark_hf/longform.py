@@ -594,7 +594,8 @@ def generate_long_form(
     def generate(indices: list[int], history_prompt: dict[str, np.ndarray] | None) -> None:
         presets = None if history_prompt is None else [history_prompt] * len(indices)
         inputs = processor([pieces[index] for index in indices], voice_preset=presets)
-        output = model.generate(**inputs, return_dict_in_generate=True, show_progress=False, **settings)
+        # Each stage's bar too: a batch of chunks can run for minutes with the chunk bar standing still.
+        output = model.generate(**inputs, return_dict_in_generate=True, show_progress=show_progress, **settings)
         for row, index in enumerate(indices):
             audios[index] = output.audio[row, : int(output.audio_lengths[row])].float().cpu().numpy()
             generations[index] = _full_generation(output, row)

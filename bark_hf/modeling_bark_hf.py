@@ -1459,8 +1459,9 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         # mode a forward pass may draw random numbers (dropout), so there the host reads it before the step.
         all_stopped = None
         read_before_step = self.training
-        # A bar left open by an error or Ctrl-C pushed every later call's bars a line down.
-        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic") as progress:
+        # A bar left open by an error or Ctrl-C pushed every later call's bars a line down. leave=None (here, in
+        # coarse and in fine): a stage's bar stays when alone, and goes when done under long-form's chunk bar.
+        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic", leave=None) as progress:
             for _ in range(config.max_new_tokens):
                 if read_before_step and all_stopped is not None and bool(all_stopped):
                     break
@@ -1557,7 +1558,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         # compiled step fits them all.
         cache = self._new_cache(longest_window - 1, compile) if use_cache else None
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
-        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse"):
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse", leave=None):
             first_step = index * config.sliding_window_len  # every item still here has made this many steps
             active = [item for item in items if item.n_steps > first_step]
             contexts = [self._window_context(item, first_step, config) for item in active]
@@ -1866,7 +1867,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         items = [self._start_item(codes, prompt, config) for codes, prompt in zip(coarse, prompts, strict=True)]
         n_windows = max((item.n_windows for item in items), default=0)
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
-        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine"):
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine", leave=None):
             active = [item for item in items if item.n_windows > index]
             starts = [min(index * hop, item.codes.shape[0] - window) for item in active]
             fill_starts = [min(item.n_history + index * hop, item.codes.shape[0] - hop) for item in active]

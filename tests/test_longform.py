@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from transformers.utils import logging as hf_logging
 
 from bark_hf import longform
 from bark_hf.longform import (
@@ -77,6 +80,18 @@ def generate_alone(model, processor, chunk: str, history_prompt=None) -> tuple[n
         "fine_prompt": output.fine_tokens[0, :, : output.fine_lengths[0]].numpy(),
     }
     return output.audio[0, : output.audio_lengths[0]].numpy(), generation
+
+
+@contextlib.contextmanager
+def hf_logging_progress_bars() -> Iterator[None]:
+    """transformers' progress bars on, whatever an earlier test left."""
+    were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not were_on:
+            hf_logging.disable_progress_bar()
 
 
 def assert_arrays_equal(actual: dict, expected: dict) -> None:
@@ -450,6 +465,21 @@ def test_long_text_with_a_preset_equals_each_chunk_generated_alone(tiny, monkeyp
     # And the preset matters: without it the first chunk comes out different.
     _, unprompted = generate_alone(model, processor, result.chunks[0])
     assert not np.array_equal(unprompted["fine_prompt"], result.generations[0]["fine_prompt"])
+
+
+def test_progress_shows_each_stage_under_the_chunk_bar(tiny, capsys):
+    """The issue's "a progress bar per stage on long work": with only the chunk bar, a batch of chunks (minutes
+    on a real model) showed no progress until it was done. Stage bars go when done; the chunk bar stays."""
+    model, processor = tiny
+    chunks = ["The first chunk.", "The second chunk."]
+    with hf_logging_progress_bars():
+        generate_long_form(model, processor, chunks=chunks, voice_preset=PRESET, generate_kwargs=GREEDY)
+        shown = capsys.readouterr().err
+        generate_long_form(model, processor, chunks=chunks, voice_preset=PRESET, generate_kwargs=GREEDY,
+                           show_progress=False)
+    for bar in ("long-form:", "semantic:", "coarse:", "fine:"):
+        assert bar in shown
+    assert capsys.readouterr().err == ""
 
 
 def test_by_default_without_a_preset_each_chunk_continues_the_one_before(tiny, monkeypatch):

@@ -373,7 +373,7 @@ def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatc
     bars = []
 
     class RecordingBar:
-        def __init__(self, total, disable, desc):
+        def __init__(self, total, disable, desc, leave):
             self.total, self.n = total, 0
             bars.append(self)
 

@@ -132,7 +132,10 @@ def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows):
     ids = _ids(3, 10, seed=5)
     full = causal(ids).logits
     torch.testing.assert_close(causal(ids, vocab_rows=rows).logits, full[..., rows])
-    assert torch.equal(causal(ids, logits_to_keep=1, vocab_rows=rows).logits, full[:, -1:, rows])
+    # Against the whole head at the same one position: the head's product over 1 and over 10 positions may round
+    # differently (it does on AVX2 CPUs), and generation never compares those.
+    last = causal(ids, logits_to_keep=1).logits
+    assert torch.equal(causal(ids, logits_to_keep=1, vocab_rows=rows).logits, last[..., rows])
     with torch.no_grad():  # a cache with autograd history cannot be deep-copied
         cache = causal(ids[:, :9], use_cache=True).cache
     whole_step = causal(ids[:, 9:], cache=copy.deepcopy(cache), use_cache=True).logits
@@ -992,7 +995,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     assert cache is None  # and turned the cache off while training
     assert set(actual) == set(expected)
     for name, grad in expected.items():
-        torch.testing.assert_close(actual[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        # Recomputing a block may round differently (AVX2 CPUs): tolerance on the scale of each gradient.
+        torch.testing.assert_close(actual[name], grad, atol=1e-6 * max(1.0, grad.abs().max().item()), rtol=1e-5,
+                                   msg=name)
     assert any(grad.abs().sum() > 0 for grad in expected.values())
 
 

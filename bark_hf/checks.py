@@ -80,15 +80,15 @@ def env_flag(name: str, default: bool) -> bool:
                      "or unset it for the default.")
 
 
-def checked_seed(value: Any) -> int | None:
-    """`value` as an int that torch can seed with, or None."""
+def checked_seed(value: Any, name: str = "seed") -> int | None:
+    """`value` as an int that torch can seed with, or None; `name` is what the user wrote (`--seed` in the CLI)."""
     if value is None:
         return None
     if not is_number(value, numbers.Integral):
-        raise TypeError(f"seed must be an integer or None; got {type(value).__name__}.")
+        raise TypeError(f"{name} must be an integer or None; got {type(value).__name__}.")
     low, high = _SEED_RANGE
     if not low <= value <= high:
-        raise ValueError(f"seed must be within [{low}, {high}] (what torch can seed with); got {value}.")
+        raise ValueError(f"{name} must be within [{low}, {high}] (what torch can seed with); got {value}.")
     return int(value)
 
 

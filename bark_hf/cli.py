@@ -162,7 +162,7 @@ def _say(args: argparse.Namespace) -> int:
         else:
             check_output_path(args.output, args.overwrite, inputs=(args.file, args.voice))
         checked_silence(args.silence, "--silence")
-        checked_seed(args.seed)
+        checked_seed(args.seed, "--seed")
         if args.voice is not None:
             check_voice_argument(args.voice)
         generate_kwargs = {}

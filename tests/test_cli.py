@@ -334,7 +334,7 @@ def test_say_refuses_an_out_of_range_seed_before_loading(tmp_path, monkeypatch, 
     monkeypatch.setattr("bark_hf.loading.load_bark", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--seed", str(2**64), "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert "seed must be within" in error and len(error.strip().splitlines()) == 1
+    assert "--seed must be within" in error and len(error.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
 
 

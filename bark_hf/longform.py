@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .checks import checked_flag, checked_seconds, checked_seed, checked_whole_number
 from .generation_configuration_bark_hf import BarkHfSemanticGenerationConfig
+from .modeling_bark_hf import stage_bars_under_an_outer_bar
 from .processing_bark_hf import gives_tokens, normalize_whitespace, validate_voice_preset
 
 logger = logging.get_logger(__name__)
@@ -595,7 +596,8 @@ def generate_long_form(
         presets = None if history_prompt is None else [history_prompt] * len(indices)
         inputs = processor([pieces[index] for index in indices], voice_preset=presets)
         # Each stage's bar too: a batch of chunks can run for minutes with the chunk bar standing still.
-        output = model.generate(**inputs, return_dict_in_generate=True, show_progress=show_progress, **settings)
+        with stage_bars_under_an_outer_bar():
+            output = model.generate(**inputs, return_dict_in_generate=True, show_progress=show_progress, **settings)
         for row, index in enumerate(indices):
             audios[index] = output.audio[row, : int(output.audio_lengths[row])].float().cpu().numpy()
             generations[index] = _full_generation(output, row)

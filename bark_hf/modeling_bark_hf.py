@@ -11,6 +11,7 @@ step for step: exact parity includes the order in which random numbers are drawn
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -360,6 +361,26 @@ def _drop_attention_implementation(kwargs: dict[str, Any]) -> None:
     codec_config = getattr(config, "codec_config", None)
     if codec_config is not None and codec_config._attn_implementation_internal == "sdpa":
         codec_config._attn_implementation_internal = None  # EnCodec's own default (eager)
+
+
+# True while an outer bar (long-form's chunk bar) stands above the stage bars. tqdm's leave=None (keep a bar only at
+# position 0) did this in a terminal, but a notebook's bar reads None as "do not leave" and hid a lone stage's bar too.
+_UNDER_AN_OUTER_BAR: contextvars.ContextVar[bool] = contextvars.ContextVar("bark_hf_under_an_outer_bar", default=False)
+
+
+@contextlib.contextmanager
+def stage_bars_under_an_outer_bar() -> Iterator[None]:
+    """Inside, each stage's progress bar goes when done: under an outer bar, one finished line per stage and
+    `generate` call would pile up beneath it. Outside, a stage's bar stays, as a lone bar should."""
+    token = _UNDER_AN_OUTER_BAR.set(True)
+    try:
+        yield
+    finally:
+        _UNDER_AN_OUTER_BAR.reset(token)
+
+
+def _leave_stage_bar() -> bool:
+    return not _UNDER_AN_OUTER_BAR.get()
 
 
 def _device_names(device_map: Any) -> Any:
@@ -1459,9 +1480,9 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         # mode a forward pass may draw random numbers (dropout), so there the host reads it before the step.
         all_stopped = None
         read_before_step = self.training
-        # A bar left open by an error or Ctrl-C pushed every later call's bars a line down. leave=None (here, in
-        # coarse and in fine): a stage's bar stays when alone, and goes when done under long-form's chunk bar.
-        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic", leave=None) as progress:
+        # A bar left open by an error or Ctrl-C pushed every later call's bars a line down.
+        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic",
+                          leave=_leave_stage_bar()) as progress:
             for _ in range(config.max_new_tokens):
                 if read_before_step and all_stopped is not None and bool(all_stopped):
                     break
@@ -1558,7 +1579,8 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         # compiled step fits them all.
         cache = self._new_cache(longest_window - 1, compile) if use_cache else None
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
-        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse", leave=None):
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse",
+                                  leave=_leave_stage_bar()):
             first_step = index * config.sliding_window_len  # every item still here has made this many steps
             active = [item for item in items if item.n_steps > first_step]
             contexts = [self._window_context(item, first_step, config) for item in active]
@@ -1867,7 +1889,8 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         items = [self._start_item(codes, prompt, config) for codes, prompt in zip(coarse, prompts, strict=True)]
         n_windows = max((item.n_windows for item in items), default=0)
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
-        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine", leave=None):
+        for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="fine",
+                                  leave=_leave_stage_bar()):
             active = [item for item in items if item.n_windows > index]
             starts = [min(index * hop, item.codes.shape[0] - window) for item in active]
             fill_starts = [min(item.n_history + index * hop, item.codes.shape[0] - hop) for item in active]

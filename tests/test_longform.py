@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import tqdm
 from transformers.utils import logging as hf_logging
 
 from bark_hf import longform
@@ -480,6 +481,28 @@ def test_progress_shows_each_stage_under_the_chunk_bar(tiny, capsys):
     for bar in ("long-form:", "semantic:", "coarse:", "fine:"):
         assert bar in shown
     assert capsys.readouterr().err == ""
+
+
+def test_stage_bars_stay_when_alone_and_go_under_the_chunk_bar(tiny, monkeypatch):
+    """leave=None kept a lone bar only at tqdm's position 0, in a terminal; a notebook's bar (tqdm.auto) read None as
+    "do not leave" and hid the bars of a plain model.generate too. The stage bars now say which they want."""
+    model, processor = tiny
+    leaves: dict[str, list] = {}
+
+    def recording_tqdm(*args, **kwargs):
+        leaves.setdefault(kwargs["desc"], []).append(kwargs.get("leave", True))
+        return tqdm.tqdm(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(hf_logging, "tqdm", recording_tqdm)
+    model.generate(**processor(["Hello."]), show_progress=True, **GREEDY)
+    assert {stage: leaves.pop(stage) for stage in ("semantic", "coarse", "fine")} == {
+        "semantic": [True], "coarse": [True], "fine": [True]}
+    generate_long_form(model, processor, chunks=["The first chunk.", "The second chunk."], voice_preset=PRESET,
+                       generate_kwargs=GREEDY)
+    assert leaves["long-form"] == [True]
+    assert leaves["semantic"] == leaves["coarse"] == leaves["fine"] == [False]
+    model.generate(**processor(["Hello."]), show_progress=True, **GREEDY)  # and a lone one after it stays again
+    assert leaves["semantic"][-1] is True
 
 
 def test_by_default_without_a_preset_each_chunk_continues_the_one_before(tiny, monkeypatch):

@@ -383,10 +383,13 @@ class SemanticTokenizer(Protocol):
 
 def _train_extra(module: str, purpose: str) -> ModuleType:
     """`module`, imported; if it is missing, an ImportError naming the optional extra that installs it (a bare
-    "No module named 'soundfile'" said nothing of how to get it)."""
+    "No module named 'soundfile'" said nothing of how to get it). An installed package that fails to import (a
+    datasets too old for this huggingface_hub) keeps its own error: reinstalling the extra would not fix it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ModuleNotFoundError as error:
+        if error.name is None or not f"{module}.".startswith(f"{error.name}."):
+            raise
         raise ImportError(f"{purpose} needs {module.split('.')[0]}, an optional extra: "
                           "pip install 'bark-hf[train]'.") from None
 

@@ -497,6 +497,16 @@ def test_a_missing_train_extra_names_its_pip_command(monkeypatch, module, call):
         call()
 
 
+def test_an_installed_extra_that_fails_to_import_keeps_its_own_error(monkeypatch, tmp_path):
+    """Only a missing package is named as a missing extra: a broken one (here soundfile, as a datasets too old for
+    huggingface_hub fails) was reported as 'needs soundfile ... pip install', which pip then calls satisfied."""
+    (tmp_path / "soundfile.py").write_text("from numpy import no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "soundfile", raising=False)
+    with pytest.raises(ImportError, match="cannot import name 'no_such_name'"):
+        decode_audio({"bytes": b"RIFF", "path": None})
+
+
 def test_example_script_names_the_pip_command_for_datasets(finetune, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(SystemExit, match=r"--dataset needs datasets: pip install 'bark-hf\[train\]'"):

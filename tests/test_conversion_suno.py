@@ -176,6 +176,18 @@ def test_fine_heads_tie_as_the_original_when_more_codebooks_are_given(tmp_path):
     assert converted._tied_weights_keys == theirs._tied_weights_keys
 
 
+def test_a_plain_key_beside_its_prefixed_twin_with_the_same_tensor_converts(tmp_path):
+    """The original loads a checkpoint holding both x and _orig_mod.x (it keeps the prefixed one); with equal
+    tensors nothing is lost, so only differing ones are refused (see the prefixed_and_plain_key bad case)."""
+    path = write_original_checkpoint(tmp_path / "coarse.pt", "coarse", seed=2)
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["model"]
+    state["transformer.wpe.weight"] = state["_orig_mod.transformer.wpe.weight"].clone()
+    torch.save(checkpoint, path)
+    converted = convert_stage("coarse", path)
+    assert torch.equal(converted.position_embeds_layer.weight, state["transformer.wpe.weight"])
+
+
 @pytest.fixture(scope="module")
 def small_and_large_dir(tmp_path_factory, original_checkpoint_dir, originals) -> Path:
     """Both releases side by side. The large one (`*_2.pt`) has other weights and the plain layout:

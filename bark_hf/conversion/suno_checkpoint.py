@@ -144,8 +144,9 @@ def rename_state_dict(state_dict: Mapping[str, torch.Tensor],
                       source: str = "The state dict") -> dict[str, torch.Tensor]:
     """Apply `KEY_RENAMES` and drop the named ignorable keys.
 
-    Two keys that rename to one (`x` beside `_orig_mod.x`) are refused: keeping either would silently drop the
-    other, and the original keeps the prefixed one whatever their order.
+    Two keys that rename to one (`x` beside `_orig_mod.x`) are refused when their tensors differ: keeping either
+    would silently drop the other (the original keeps the prefixed one whatever their order). Equal ones lose
+    nothing and load in the original, so one of them is kept.
     """
     renamed, sources = {}, {}
     for original_key, value in state_dict.items():
@@ -154,12 +155,17 @@ def rename_state_dict(state_dict: Mapping[str, torch.Tensor],
             key = re.sub(pattern, replacement, key)
         if IGNORED_KEYS.search(key):
             continue
-        if key in renamed:
+        if key in renamed and not _same_tensor(renamed[key], value):
             raise CheckpointError(f"{source} holds both {sources[key]!r} and {original_key!r}, which name the "
                                   f"same weight {key!r}; keep one of them (a file saved from one model has no such "
                                   "pair).")
         renamed[key], sources[key] = value, original_key
     return renamed
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def convert_stage(stage: str, path: str | os.PathLike) -> BarkHfPreTrainedModel:

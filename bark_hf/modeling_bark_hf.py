@@ -424,7 +424,12 @@ def _check_device_map_arguments(kwargs: Mapping[str, Any]) -> None:
                              "'sequential', 'balanced', or a dict of modules to devices).")
         return
     offload_folder = kwargs.get("offload_folder")
-    if offload_folder is not None and os.path.exists(offload_folder) and not os.path.isdir(offload_folder):
+    # Only a map that may put weights on disk uses the folder: with any other (device_map="cpu", a dict without
+    # "disk") transformers ignores it, and a file there loaded fine.
+    may_use_disk = (device_map in DEVICE_MAP_STRATEGIES if isinstance(device_map, str)
+                    else isinstance(device_map, Mapping) and "disk" in map(str, device_map.values()))
+    if may_use_disk and offload_folder is not None and os.path.exists(offload_folder) and \
+            not os.path.isdir(offload_folder):
         # transformers failed with "[Errno 17] File exists" once it came to offload a stage
         raise NotADirectoryError(f"offload_folder={os.fspath(offload_folder)!r} is a file; pass a folder for the "
                                  "weights the device map puts on disk (it is made if missing).")

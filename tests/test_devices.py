@@ -328,6 +328,17 @@ def test_an_offload_folder_that_is_a_file_is_refused(model_dir, tmp_path):
         BarkHfModel.from_pretrained(model_dir, device_map=STAGES_ON_DISK, offload_folder=taken)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, {**STAGES_ON_DISK, "coarse_acoustics": "cpu",
+                                                             "fine_acoustics": "cpu", "codec_model": "cpu"}])
+def test_an_offload_folder_that_is_a_file_is_ignored_by_a_map_without_disk(model_dir, reference, tmp_path, device_map):
+    """transformers never uses the folder when nothing goes to disk, and such a load worked; the file check refused
+    it."""
+    taken = tmp_path / "offload"
+    taken.write_text("")
+    model = BarkHfModel.from_pretrained(model_dir, device_map=device_map, offload_folder=taken)
+    _assert_same_output(_generate(model), reference)
+
+
 def test_moving_an_offloaded_stage_is_refused_and_leaves_it_working(model_dir, reference, tmp_path):
     """torch failed deep ("Cannot copy out of meta tensor"); casting the weights stays allowed."""
     model = BarkHfModel.from_pretrained(model_dir, device_map=LAYERS_ON_DISK, offload_folder=tmp_path)

@@ -11,7 +11,7 @@
 # says how to download them. The later steps reuse inductor's on-disk cache of the earlier ones.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUTPUT_FOLDER}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1  # absolute: a relative one would name a folder under the repo
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if compgen -G ".whl/*.whl" >/dev/null; then

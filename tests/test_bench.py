@@ -205,3 +205,23 @@ def test_profile_decoding_int8(tmp_path):
     refused = subprocess.run([*script, "--int8", "--dtype", "bfloat16"], capture_output=True, text=True, env=env,
                              timeout=300)
     assert refused.returncode == 2 and "--int8 runs eager, on the CPU, in float32" in refused.stderr
+
+
+def test_gpu_checks_writes_a_relative_output_folder_where_it_was_run(tmp_path):
+    """The script changes to the repository before its steps, so a relative OUTPUT_FOLDER was made where it was run
+    but written under the repository (where it did not exist: every log and JSON was lost). python3, nvidia-smi
+    and git are stand-ins here: nothing runs on a GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python3", "nvidia-smi", "git"):
+        (bin_dir / tool).write_text("#!/bin/sh\necho stand-in \"$@\"\n")
+        (bin_dir / tool).chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    completed = subprocess.run(["bash", str(BENCHMARKS / "gpu_checks.sh"), "out"], cwd=run_dir, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    written = sorted(path.name for path in (run_dir / "out").iterdir())
+    assert written == ["bench_b1.log", "bench_b32.log", "bench_b32_sage.log", "machine.txt", "tests.log"]
+    assert not (ROOT / "out").exists()

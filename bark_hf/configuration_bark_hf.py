@@ -120,6 +120,11 @@ class BarkHfFineConfig(_BarkHfStageConfig):
         tie_word_embeddings: bool = True,
         **kwargs: Any,
     ):
+        if not 1 <= n_codes_given <= n_codes_total:
+            # Head i shares its weight with embedding i + 1, so with none given the last head had no embedding and
+            # building the model failed as "ModuleList has no attribute `8`" (the original cannot build it either).
+            raise ValueError(f"n_codes_given ({n_codes_given}) must be in [1, n_codes_total ({n_codes_total})]: "
+                             "codebook 0 always comes from the coarse stage.")
         self.n_codes_total = n_codes_total
         self.n_codes_given = n_codes_given
         super().__init__(

@@ -697,6 +697,16 @@ STAGE_GENERATION = {
 }
 
 
+@pytest.mark.parametrize("n_codes_given", [0, 9])
+def test_a_fine_config_without_a_given_codebook_is_refused_naming_it(n_codes_given):
+    """Head i is tied to embedding i + 1 (as in the original FineGPT): with n_codes_given 0 the last head had no
+    embedding, and building the model failed as "ModuleList has no attribute `8`"."""
+    with pytest.raises(ValueError, match=rf"n_codes_given \({n_codes_given}\) must be in \[1, n_codes_total \(8\)\]"):
+        BarkHfFineConfig(n_codes_given=n_codes_given)
+    fine = BarkHfFineModel(BarkHfFineConfig(num_layers=1, num_heads=1, hidden_size=8, n_codes_given=2))
+    assert len(fine.lm_heads) == 6
+
+
 @pytest.mark.parametrize("stage", sorted(STAGE_GENERATION))
 def test_stage_generation_config_round_trip(stage, tmp_path):
     model_cls, config_cls, changes = STAGE_GENERATION[stage]

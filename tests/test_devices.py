@@ -321,6 +321,17 @@ def test_a_map_offloading_part_of_a_mapped_module_is_refused_before_loading(mode
     assert not any(tmp_path.iterdir())                                                        # the meta device"
 
 
+def test_a_nested_map_without_disk_is_left_to_accelerate():
+    """Only disk inside (or around) a module mapped elsewhere was seen to fail; a GPU model with a part on "cpu",
+    and devices written two ways ("0", "cuda:0"), are not refused by this check."""
+    from bark_hf.modeling_bark_hf import _check_no_offload_inside_a_mapped_module
+
+    _check_no_offload_inside_a_mapped_module({"": 0, "semantic": "cpu"})
+    _check_no_offload_inside_a_mapped_module({"semantic": 0, "semantic.layers.0": "cuda:0", "codec_model": "disk"})
+    with pytest.raises(ValueError, match="inside"):
+        _check_no_offload_inside_a_mapped_module({"": 0, "semantic.layers.1": "disk"})
+
+
 def test_an_offload_folder_that_is_a_file_is_refused(model_dir, tmp_path):
     taken = tmp_path / "offload"
     taken.write_text("")

@@ -381,7 +381,7 @@ class SemanticTokenizer(Protocol):
     def __call__(self, audio: np.ndarray) -> np.ndarray: ...
 
 
-def _train_extra(module: str, purpose: str) -> ModuleType:
+def import_train_extra(module: str, purpose: str) -> ModuleType:
     """`module`, imported; if it is missing, an ImportError naming the optional extra that installs it (a bare
     "No module named 'soundfile'" said nothing of how to get it). An installed package that fails to import (a
     datasets too old for this huggingface_hub) keeps its own error: reinstalling the extra would not fix it."""
@@ -400,8 +400,8 @@ def resample_audio(audio: np.ndarray, sampling_rate: int, target_rate: int = SAM
         raise ValueError(f"Sampling rates must be positive, got {sampling_rate} Hz -> {target_rate} Hz.")
     if sampling_rate == target_rate:
         return audio
-    resample_poly = _train_extra("scipy.signal", f"Resampling audio from {sampling_rate} Hz to {target_rate} Hz"
-                                 ).resample_poly
+    resample_poly = import_train_extra("scipy.signal",
+                                       f"Resampling audio from {sampling_rate} Hz to {target_rate} Hz").resample_poly
     divisor = math.gcd(int(sampling_rate), int(target_rate))
     return resample_poly(audio, target_rate // divisor, sampling_rate // divisor).astype(np.float32)
 
@@ -448,7 +448,7 @@ def decode_audio(value: Any, sample_dtype: Any = None) -> tuple[np.ndarray, int]
             raise ValueError(f"An audio cell's sampling_rate must be a whole number of Hz above 0, got {rate}.")
         samples = _mono(_float_samples(np.asarray(value["array"], dtype=sample_dtype)))
     elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
-        soundfile = _train_extra("soundfile", "Reading an audio cell's bytes or file")
+        soundfile = import_train_extra("soundfile", "Reading an audio cell's bytes or file")
         source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
         if isinstance(source, str) and not os.path.isfile(source):
             raise FileNotFoundError(f"The audio file {source} does not exist.")
@@ -553,7 +553,7 @@ def prepare_dataset(
     Runs as a batched `.map` with a progress bar; a dataset with cache files (e.g. from
     `load_from_disk`) caches the result, keyed on its fingerprint, the codec weights and the settings.
     """
-    datasets = _train_extra("datasets", "prepare_dataset")
+    datasets = import_train_extra("datasets", "prepare_dataset")
     # A DatasetDict failed as "no column 'audio'" and a streamed IterableDataset as an AttributeError.
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise TypeError(f"prepare_dataset takes one split (a datasets.Dataset); got a {type(dataset).__name__} with "

@@ -39,7 +39,14 @@ from bark_hf.model_card import bark_model_card, save_model_card
 from bark_hf.modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfSemanticModel
 from bark_hf.processing_bark_hf import looks_like_local_path
 from bark_hf.tiny_random import TINY_RANDOM
-from bark_hf.training import FINE_TOKENS_COLUMN, SEMANTIC_TOKENS_COLUMN, TEXT_COLUMN, collator_for, prepare_dataset
+from bark_hf.training import (
+    FINE_TOKENS_COLUMN,
+    SEMANTIC_TOKENS_COLUMN,
+    TEXT_COLUMN,
+    collator_for,
+    import_train_extra,
+    prepare_dataset,
+)
 
 STAGE_ATTRIBUTES = {"semantic": "semantic", "coarse": "coarse_acoustics", "fine": "fine_acoustics"}
 STAGE_CLASSES = {"semantic": (BarkHfSemanticModel, BarkHfSemanticConfig),
@@ -282,9 +289,9 @@ def check_lora_targets(stage: str, targets: list[str]) -> None:
 def load_training_data(name: str, split: str):
     """The dataset `name` (a save_to_disk folder or a Hub id); a name that is neither is refused in one line."""
     try:
-        import datasets
-    except ImportError:
-        raise SystemExit("--dataset needs datasets: pip install 'bark-hf[train]'") from None
+        datasets = import_train_extra("datasets", "--dataset")
+    except ImportError as error:
+        raise SystemExit(str(error)) from None
 
     if os.path.isdir(name):
         try:

@@ -52,7 +52,7 @@ from .configuration_bark_hf import (
     BarkHfFineConfig,
     BarkHfSemanticConfig,
 )
-from .cpu_features import cpu_has_native_bfloat16
+from .cpu_features import cpu_has_native_bfloat16, use_onednn_linear
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
     TOKENIZER_PAD_ID,
@@ -199,6 +199,32 @@ class BarkHfKVCache:
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`, through oneDNN on CPUs where MKL is slow (`cpu_features.use_onednn_linear`).
+
+    Only for float32 on a CPU without autograd: oneDNN's op has no backward (training takes MKL), and
+    torch.compile picks its own kernels.
+    """
+    if (inputs.device.type == "cpu" and weight.device.type == "cpu" and inputs.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and use_onednn_linear()):
+        return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
+    return F.linear(inputs, weight, bias)
+
+
+def project(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """`layer(inputs)`; a plain `nn.Linear` without hooks (none of peft's, accelerate's or a user's) goes through
+    `linear`."""
+    if type(layer) is not nn.Linear or _has_forward_hooks(layer):
+        return layer(inputs)
+    return linear(inputs, layer.weight, layer.bias)
+
+
+def _has_forward_hooks(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 class BarkHfAttention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`, causal or not."""
 
@@ -223,7 +249,7 @@ class BarkHfAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, width = hidden_states.shape
         head_dim = width // self.num_heads
-        query, key, value = self.att_proj(hidden_states).split(width, dim=2)
+        query, key, value = project(self.att_proj, hidden_states).split(width, dim=2)
         query = query.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         key = key.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
         value = value.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -256,7 +282,7 @@ class BarkHfAttention(nn.Module):
     def _merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
         batch, _, length, head_dim = attended.shape
         attended = attended.transpose(1, 2).contiguous().view(batch, length, self.num_heads * head_dim)  # [B, T, C]
-        return self.resid_dropout(self.out_proj(attended))
+        return self.resid_dropout(project(self.out_proj, attended))
 
 
 def _one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -285,7 +311,7 @@ class BarkHfMLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.out_proj(self.gelu(self.in_proj(hidden_states))))
+        return self.dropout(project(self.out_proj, self.gelu(project(self.in_proj, hidden_states))))
 
 
 class BarkHfBlock(GradientCheckpointingLayer):
@@ -1219,16 +1245,16 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         bound by memory bandwidth, reading only those rows of the head saves a tenth of a step's weight
         bytes, and at one position per item the CPU's kernels give bit for bit the whole head's values
         (tested). Elsewhere (GPU libraries pick kernels by shape, so the last bits could change), and
-        for a head that is not a plain `nn.Linear` (int8, peft) or that accelerate loads in a hook
-        (offload), the whole head runs and is sliced.
+        for a head that is not a plain `nn.Linear` (int8, peft) or that has hooks (accelerate's offload, a
+        user's), the whole head runs and is sliced.
         """
         head = self.lm_head
         if vocab_rows is None:
-            return head(hidden_states)
-        if type(head) is not nn.Linear or hasattr(head, "_hf_hook") or hidden_states.device.type != "cpu":
+            return project(head, hidden_states)
+        if type(head) is not nn.Linear or _has_forward_hooks(head) or hidden_states.device.type != "cpu":
             return head(hidden_states)[..., vocab_rows]
         bias = None if head.bias is None else head.bias[vocab_rows]
-        return F.linear(hidden_states, head.weight[vocab_rows], bias)
+        return linear(hidden_states, head.weight[vocab_rows], bias)
 
     def _next_logits(
         self,
@@ -1849,7 +1875,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         for block in self.layers:
             hidden_states = block(hidden_states, mask)
         hidden_states = self.layernorm_final(hidden_states)
-        logits = self.lm_heads[codebook_idx - self.config.n_codes_given](hidden_states)  # [B, T, V]
+        logits = project(self.lm_heads[codebook_idx - self.config.n_codes_given], hidden_states)  # [B, T, V]
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape[:2]:

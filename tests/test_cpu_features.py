@@ -1,4 +1,4 @@
-"""Reading the CPU's bfloat16 support from /proc/cpuinfo."""
+"""Reading the CPU's bfloat16 support and vendor from /proc/cpuinfo."""
 
 import pytest
 
@@ -11,8 +11,10 @@ def cpuinfo(tmp_path, monkeypatch):
     path = tmp_path / "cpuinfo"
     monkeypatch.setattr(cpu_features, "CPUINFO", path)
     cpu_features.cpu_has_native_bfloat16.cache_clear()
+    cpu_features.cpu_vendor.cache_clear()
     yield path
     cpu_features.cpu_has_native_bfloat16.cache_clear()
+    cpu_features.cpu_vendor.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -33,3 +35,33 @@ def test_native_bfloat16_is_read_from_the_flags(cpuinfo, text, expected):
 
 def test_an_unreadable_cpuinfo_means_unknown(cpuinfo):
     assert cpu_features.cpu_has_native_bfloat16() is None
+
+
+needs_onednn = pytest.mark.skipif(not cpu_features._onednn_available(), reason="this PyTorch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("vendor", "expected"),
+    [("GenuineIntel", False), ("AuthenticAMD", True), ("HygonGenuine", True), (None, False)],
+)
+def test_onednn_linear_is_the_default_on_x86_cpus_not_made_by_intel(cpuinfo, monkeypatch, vendor, expected):
+    monkeypatch.delenv(cpu_features.ONEDNN_LINEAR_ENV_VAR, raising=False)
+    cpuinfo.write_text("processor\t: 0\n" + (f"vendor_id\t: {vendor}\n" if vendor else "") + "flags\t\t: avx2\n")
+    assert cpu_features.cpu_vendor() == vendor
+    assert cpu_features.use_onednn_linear() is expected
+
+
+@needs_onednn
+@pytest.mark.parametrize(("vendor", "value", "expected"), [("GenuineIntel", "1", True), ("AuthenticAMD", "off", False)])
+def test_the_switch_overrides_the_vendor(cpuinfo, monkeypatch, vendor, value, expected):
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
+    monkeypatch.setenv(cpu_features.ONEDNN_LINEAR_ENV_VAR, value)
+    assert cpu_features.use_onednn_linear() is expected
+
+
+@needs_onednn
+def test_an_unknown_switch_value_is_named(monkeypatch):
+    monkeypatch.setenv(cpu_features.ONEDNN_LINEAR_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="BARK_HF_ONEDNN_LINEAR is 'fast'"):
+        cpu_features.use_onednn_linear()

@@ -125,26 +125,76 @@ def test_logits_to_keep(causal, keep):
     torch.testing.assert_close(kept, full[:, -keep:])
 
 
+@pytest.mark.parametrize("onednn", ["0", "1"])
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("rows", [slice(0, 40), slice(8, 24), slice(20, 40)])
-def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows):
+def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows, grad, onednn, monkeypatch):
     """Coarse generation reads one codebook's rows of the head at one position per item (a prefill's last,
-    or a decoding step): there they must be bit for bit the whole head's, for an int8 head too."""
-    ids = _ids(3, 10, seed=5)
-    full = causal(ids).logits
-    torch.testing.assert_close(causal(ids, vocab_rows=rows).logits, full[..., rows])
-    # Against the whole head at the same one position: the head's product over 1 and over 10 positions may round
-    # differently (it does on AVX2 CPUs), and generation never compares those.
-    last = causal(ids, logits_to_keep=1).logits
-    assert torch.equal(causal(ids, logits_to_keep=1, vocab_rows=rows).logits, last[..., rows])
-    with torch.no_grad():  # a cache with autograd history cannot be deep-copied
-        cache = causal(ids[:, :9], use_cache=True).cache
-    whole_step = causal(ids[:, 9:], cache=copy.deepcopy(cache), use_cache=True).logits
-    assert torch.equal(causal(ids[:, 9:], cache=cache, use_cache=True, vocab_rows=rows).logits, whole_step[..., rows])
-    with pytest.raises(ValueError, match="vocab_rows None"):
-        causal(ids, labels=ids, vocab_rows=rows)
+    or a decoding step): there they must be bit for bit the whole head's, for an int8 head too; without
+    autograd (as in generation) through either CPU library."""
+    monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", onednn)
+    with torch.set_grad_enabled(grad):
+        ids = _ids(3, 10, seed=5)
+        full = causal(ids).logits
+        torch.testing.assert_close(causal(ids, vocab_rows=rows).logits, full[..., rows])
+        # Against the whole head at the same one position: the head's product over 1 and over 10 positions may
+        # round differently (it does on AVX2 CPUs), and generation never compares those.
+        last = causal(ids, logits_to_keep=1).logits
+        assert torch.equal(causal(ids, logits_to_keep=1, vocab_rows=rows).logits, last[..., rows])
+        with torch.no_grad():  # a cache with autograd history cannot be deep-copied
+            cache = causal(ids[:, :9], use_cache=True).cache
+        whole_step = causal(ids[:, 9:], cache=copy.deepcopy(cache), use_cache=True).logits
+        step = causal(ids[:, 9:], cache=cache, use_cache=True, vocab_rows=rows).logits
+        assert torch.equal(step, whole_step[..., rows])
+        with pytest.raises(ValueError, match="vocab_rows None"):
+            causal(ids, labels=ids, vocab_rows=rows)
 
-    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(causal), {torch.nn.Linear}, dtype=torch.qint8)
-    assert torch.equal(quantized(ids, vocab_rows=rows).logits, quantized(ids).logits[..., rows])
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(causal), {torch.nn.Linear}, dtype=torch.qint8)
+        assert torch.equal(quantized(ids, vocab_rows=rows).logits, quantized(ids).logits[..., rows])
+
+
+def _ops_run(call) -> set[str]:
+    with torch.profiler.profile() as profile:
+        call()
+    return {event.name for event in profile.events()}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+def test_linear_layers_take_onednn_only_without_autograd_or_hooks(monkeypatch):
+    monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
+    layer, inputs = torch.nn.Linear(16, 24), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _ops_run(lambda: modeling.project(layer, inputs))
+        torch.testing.assert_close(modeling.project(layer, inputs), layer(inputs))
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "0")
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer.double(), inputs.double()))
+        layer.float()
+
+    # oneDNN's op has no backward: training must get MKL's, and the right gradient.
+    assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
+    modeling.project(layer, inputs).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((24,), 6.0))
+
+    seen = []
+    layer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
+    assert seen == [(2, 3, 24)]
+
+
+def test_greedy_generation_is_the_same_through_either_cpu_library(model, monkeypatch):
+    outputs = []
+    for onednn in ("0", "1"):
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", onednn)
+        outputs.append(model.generate(INPUT_IDS, ATTENTION_MASK, semantic_allow_early_stop=False,
+                                      semantic_max_new_tokens=40, return_dict_in_generate=True, **GREEDY, **QUIET))
+    mkl, onednn = outputs
+    assert mkl.fine_tokens.shape[-1] == 60  # 40 semantic tokens: 60 frames, two coarse windows
+    for name in ("semantic_tokens", "coarse_tokens", "fine_tokens"):
+        assert torch.equal(getattr(mkl, name), getattr(onednn, name)), name
+    torch.testing.assert_close(mkl.audio, onednn.audio, atol=1e-5, rtol=0)
 
 
 def test_forward_arguments_keep_their_positions(causal):

@@ -213,8 +213,8 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def project(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """`layer(inputs)`; a plain `nn.Linear` without hooks (none of peft's, accelerate's or a user's) goes through
-    `linear`."""
+    """`layer(inputs)`; a plain `nn.Linear` whose call nothing changes (no hooks, peft's, accelerate's or a user's,
+    and no replaced `forward`) goes through `linear`."""
     if type(layer) is not nn.Linear or _has_forward_hooks(layer):
         return layer(inputs)
     return linear(inputs, layer.weight, layer.bias)
@@ -222,6 +222,7 @@ def project(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def _has_forward_hooks(layer: nn.Module) -> bool:
     return bool(layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
+                or "forward" in vars(layer)
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 

@@ -183,6 +183,11 @@ def test_linear_layers_take_onednn_only_without_autograd_or_hooks(monkeypatch):
         assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
     assert seen == [(2, 3, 24)]
 
+    replaced = torch.nn.Linear(16, 24)
+    replaced.forward = lambda values: torch.zeros(7)
+    with torch.no_grad():
+        assert torch.equal(modeling.project(replaced, inputs), torch.zeros(7))
+
 
 def test_greedy_generation_is_the_same_through_either_cpu_library(model, monkeypatch):
     outputs = []

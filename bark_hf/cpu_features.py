@@ -36,7 +36,7 @@ def use_onednn_linear() -> bool:
 
     MKL picks its kernels by CPU vendor and gives other vendors' CPUs slow ones: on a 2-core AMD EPYC its
     one-row products (a decoding step) read weights at 8-10 GB/s where oneDNN, which PyTorch bundles and
-    which picks by instruction set, reads at 11-13, and its window-sized products run 17 % slower
+    which picks by instruction set, reads at 11-13; over a window prefill's rows MKL takes 17 % longer
     (docs/performance.md). So oneDNN is the default on x86 CPUs not made by Intel; `BARK_HF_ONEDNN_LINEAR`
     (1 or 0) overrides that where PyTorch has oneDNN. The two libraries round differently, in the last bits.
     """

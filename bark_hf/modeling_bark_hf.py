@@ -213,14 +213,18 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def project(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """`layer(inputs)`; a plain `nn.Linear` whose call nothing changes (no hooks, peft's, accelerate's or a user's,
-    and no replaced `forward`) goes through `linear`."""
-    if type(layer) is not nn.Linear or _has_forward_hooks(layer):
+    """`layer(inputs)`; a plain `nn.Linear` in eval mode whose call nothing changes (no hooks, peft's, accelerate's
+    or a user's, and no replaced `forward`) goes through `linear`.
+
+    Not in training mode: gradient checkpointing runs the forward pass without autograd and repeats it with
+    autograd for the backward pass, and both must take the same library.
+    """
+    if type(layer) is not nn.Linear or layer.training or _changes_its_call(layer):
         return layer(inputs)
     return linear(inputs, layer.weight, layer.bias)
 
 
-def _has_forward_hooks(layer: nn.Module) -> bool:
+def _changes_its_call(layer: nn.Module) -> bool:
     return bool(layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
                 or "forward" in vars(layer)
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
@@ -1252,10 +1256,10 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         head = self.lm_head
         if vocab_rows is None:
             return project(head, hidden_states)
-        if type(head) is not nn.Linear or _has_forward_hooks(head) or hidden_states.device.type != "cpu":
+        if type(head) is not nn.Linear or _changes_its_call(head) or hidden_states.device.type != "cpu":
             return head(hidden_states)[..., vocab_rows]
         bias = None if head.bias is None else head.bias[vocab_rows]
-        return linear(hidden_states, head.weight[vocab_rows], bias)
+        return (F.linear if head.training else linear)(hidden_states, head.weight[vocab_rows], bias)
 
     def _next_logits(
         self,

@@ -160,9 +160,9 @@ def _ops_run(call) -> set[str]:
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
-def test_linear_layers_take_onednn_only_without_autograd_or_hooks(monkeypatch):
+def test_linear_layers_take_onednn_only_in_eval_mode_without_autograd_or_hooks(monkeypatch):
     monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
-    layer, inputs = torch.nn.Linear(16, 24), torch.randn(2, 3, 16)
+    layer, inputs = torch.nn.Linear(16, 24).eval(), torch.randn(2, 3, 16)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in _ops_run(lambda: modeling.project(layer, inputs))
         torch.testing.assert_close(modeling.project(layer, inputs), layer(inputs))
@@ -171,8 +171,11 @@ def test_linear_layers_take_onednn_only_without_autograd_or_hooks(monkeypatch):
         monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
         assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer.double(), inputs.double()))
         layer.float()
+        # Gradient checkpointing runs a training forward pass without autograd, then again with it.
+        assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer.train(), inputs))
+        layer.eval()
 
-    # oneDNN's op has no backward: training must get MKL's, and the right gradient.
+    # oneDNN's op has no backward: autograd must get MKL's, and the right gradient.
     assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
     modeling.project(layer, inputs).sum().backward()
     torch.testing.assert_close(layer.bias.grad, torch.full((24,), 6.0))
@@ -183,7 +186,7 @@ def test_linear_layers_take_onednn_only_without_autograd_or_hooks(monkeypatch):
         assert "mkldnn::_linear_pointwise" not in _ops_run(lambda: modeling.project(layer, inputs))
     assert seen == [(2, 3, 24)]
 
-    replaced = torch.nn.Linear(16, 24)
+    replaced = torch.nn.Linear(16, 24).eval()
     replaced.forward = lambda values: torch.zeros(7)
     with torch.no_grad():
         assert torch.equal(modeling.project(replaced, inputs), torch.zeros(7))

@@ -326,14 +326,15 @@ def _local_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], s
         if not os.path.isdir(os.path.join(path, subfolder)):  # else the tokenizer takes it for a malformed Hub id
             raise FileNotFoundError(f"{path!r} has no subfolder {subfolder!r}; pass a subfolder that holds the "
                                     "tokenizer and presets.")
-        return os.path.join(path, subfolder)
+        return os.path.join(path, subfolder) if subfolder else path  # errors name the folder without a "/" added
     if os.path.exists(path):
         raise ValueError(f"{path!r} is a file; pass the folder that holds the tokenizer and presets.")
     if looks_like_local_path(path):
         raise FileNotFoundError(f"No folder at {path!r}; pass a folder saved with `save_pretrained`.")
     try:
         patterns = [f"{subfolder}/{pattern}" if subfolder else pattern for pattern in _HUB_ALLOW_PATTERNS]
-        return os.path.join(snapshot_download(path, allow_patterns=patterns, **hub_kwargs), subfolder)
+        snapshot = snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
+        return os.path.join(snapshot, subfolder) if subfolder else snapshot
     except RepositoryNotFoundError as error:
         raise OSError(
             f"{path!r} is neither a local folder nor a repository on the Hugging Face Hub (or it is private: "
@@ -631,8 +632,12 @@ class BarkHfProcessor(ProcessorMixin):
         # model folder holding only weights generated noise for any text, without an error.
         if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
             raise FileNotFoundError(
-                f"{folder!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}); pass a folder saved with "
-                "`save_pretrained` or `bark-hf convert`, which writes the tokenizer beside the weights."
+                f"{folder!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}): save a processor there with "
+                "`BarkHfProcessor.from_pretrained(<the folder or Hub id the model came from, e.g. "
+                f"'suno/bark-small'>).save_pretrained({folder!r})`, or pass a folder written by `bark-hf convert` "
+                "or by both the model's and the processor's `save_pretrained`. transformers' pipeline() also takes "
+                "them directly: pipeline('text-to-audio', model=..., tokenizer=processor.tokenizer, "
+                "processor=processor)."
             )
         try:
             tokenizer = BertTokenizer.from_pretrained(folder, **kwargs)

@@ -6,10 +6,11 @@ other model (its Bark port, VITS, MusicGen...): only bark-hf models get a `BarkP
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import transformers
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BertTokenizer
 from transformers.pipelines import PIPELINE_REGISTRY, TextToAudioPipeline
 
 from .configuration_bark_hf import BarkHfConfig
@@ -40,14 +41,33 @@ class TextToAudioDispatch(TextToAudioPipeline):
         return pipeline
 
 
+class _BarkHfTokenizerLoader:
+    """What `AutoTokenizer` loads for a bark-hf config whose folder names no tokenizer class: the processor's
+    tokenizer, through the processor's loader, so that a folder saved without its processor is refused as such.
+
+    `pipeline("text-to-audio", model=folder)` loads the tokenizer before it builds the pipeline, so before
+    `TextToAudioDispatch` sees the model: for a folder of weights alone, transformers guessed its generic tokenizer
+    and failed asking for sentencepiece or tiktoken. Folders that name their class (every processor save) never
+    come here.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BertTokenizer:
+        """A plain `BertTokenizer`, as a processor save writes it (no presets: they are not the tokenizer's)."""
+        return BarkHfProcessor.from_pretrained(pretrained_model_name_or_path, speaker_embeddings_dict_path=None,
+                                               **kwargs).tokenizer
+
+
 def register() -> None:
-    """Register configs, models, the processor and the text-to-audio pipeline with transformers."""
+    """Register configs, models, the processor, the tokenizer's loader and the text-to-audio pipeline with
+    transformers."""
     for model_class in (BarkHfSemanticModel, BarkHfCoarseModel, BarkHfFineModel, BarkHfModel):
         config_class = model_class.config_class
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_class in model_class.auto_classes:
             getattr(transformers, auto_class).register(config_class, model_class, exist_ok=True)
     AutoProcessor.register(BarkHfConfig, BarkHfProcessor, exist_ok=True)
+    AutoTokenizer.register(BarkHfConfig, tokenizer_class=_BarkHfTokenizerLoader, exist_ok=True)
 
     task = PIPELINE_REGISTRY.supported_tasks[TEXT_TO_AUDIO]
     if task["impl"] is not TextToAudioDispatch:

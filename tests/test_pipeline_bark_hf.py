@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForTextToWaveform,
     AutoProcessor,
+    AutoTokenizer,
     BarkConfig,
     BarkModel,
     BertTokenizer,
@@ -435,6 +436,30 @@ def test_pipeline_from_a_model_in_memory(pipe):
     assert type(built) is BarkPipeline
     np.testing.assert_array_equal(built("Hi!", generate_kwargs=GREEDY)["audio"],
                                   pipe("Hi!", generate_kwargs=GREEDY)["audio"])
+
+
+def test_the_pipeline_factory_names_a_folder_saved_without_its_processor(pipe, tiny_model_dir, tmp_path):
+    """pipeline() loads the tokenizer before it builds the pipeline: for a folder of weights alone, transformers
+    guessed its generic tokenizer and failed asking for sentencepiece or tiktoken."""
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    for load in (lambda: pipeline("text-to-audio", model=str(folder), device="cpu"),
+                 lambda: AutoTokenizer.from_pretrained(folder)):
+        with pytest.raises(FileNotFoundError, match=r"holds no tokenizer \(tokenizer.json or vocab.txt\)") as error:
+            load()
+        assert repr(str(folder)) in str(error.value)
+        assert f"save_pretrained({str(folder)!r})" in str(error.value)
+        assert "tokenizer=processor.tokenizer, processor=processor" in str(error.value)
+    # The ways out that the message names.
+    given = pipeline("text-to-audio", model=str(folder), device="cpu", tokenizer=pipe.processor.tokenizer,
+                     processor=pipe.processor)
+    np.testing.assert_array_equal(given("Hi!", generate_kwargs=GREEDY)["audio"],
+                                  pipe("Hi!", generate_kwargs=GREEDY)["audio"])
+    pipe.processor.save_pretrained(folder)
+    assert pipeline("text-to-audio", model=str(folder), device="cpu").processor.available_voice_presets == \
+        pipe.processor.available_voice_presets
 
 
 @pytest.mark.parametrize("dtype", ["int8", torch.int8, "float17"])

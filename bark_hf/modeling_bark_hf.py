@@ -423,6 +423,24 @@ def _device_names(device_map: Any) -> Any:
     return {name: str(device) if isinstance(device, torch.device) else device for name, device in device_map.items()}
 
 
+def _budget_device_names(max_memory: Any) -> Any:
+    """`max_memory` with its `torch.device` keys written as accelerate names devices: a GPU's index
+    (torch.device("cuda", 0) -> 0), else the type ("cpu", "mps"). accelerate took no torch.device key ("Device cpu
+    is not recognized"), though transformers takes them as the values of a `device_map`."""
+    if not isinstance(max_memory, Mapping):
+        return max_memory
+    budgets: dict[Any, Any] = {}
+    for device, budget in max_memory.items():
+        if isinstance(device, torch.device):
+            # An accelerator without an index stays a name, which accelerate refuses naming the keys it takes.
+            device = device.type if device.type in ("cpu", "mps", "meta") or device.index is None else device.index
+        if device in budgets:
+            raise ValueError(f"max_memory gives {device!r} two budgets ({budgets[device]!r} and {budget!r}), one of "
+                             "them keyed by a torch.device; give each device one.")
+        budgets[device] = budget
+    return budgets
+
+
 def _check_no_offload_inside_a_mapped_module(device_map: Mapping[str, Any]) -> None:
     """Refuse a map that sends part of a module to disk while mapping the module elsewhere, or the reverse
     ({"": "cpu", "semantic": "disk"}): accelerate then hooked the outer module without the offloaded weights and
@@ -678,6 +696,8 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         _drop_attention_implementation(kwargs)
         if "device_map" in kwargs:
             kwargs["device_map"] = _device_names(kwargs["device_map"])
+        if "max_memory" in kwargs:
+            kwargs["max_memory"] = _budget_device_names(kwargs["max_memory"])
         _check_device_map_arguments(kwargs)
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

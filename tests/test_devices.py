@@ -157,6 +157,28 @@ def test_budgets_never_split_blocks_the_fine_stage_or_the_codec(model_dir, tmp_p
         assert not key.startswith(("fine_acoustics.", "codec_model.")), key
 
 
+def test_a_budget_keyed_by_torch_device_is_the_budget_keyed_by_name(model_dir, reference, tmp_path):
+    """accelerate takes only GPU indices and names as max_memory's keys: torch.device("cpu") failed with "Device cpu is
+    not recognized"."""
+    by_name = BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path / "by-name", device_map="auto",
+                                          max_memory={"cpu": "14MB"})
+    model = BarkHfModel.from_pretrained(model_dir, offload_folder=tmp_path / "by-device", device_map="auto",
+                                        max_memory={torch.device("cpu"): "14MB"})
+    assert model.hf_device_map == by_name.hf_device_map and {"cpu", "disk"} <= set(model.hf_device_map.values())
+    _assert_same_output(_generate(model), reference)
+
+
+def test_budget_keys_are_named_as_accelerate_names_devices():
+    from bark_hf.modeling_bark_hf import _budget_device_names
+
+    budgets = {torch.device("cuda", 1): "2GiB", torch.device("cpu"): "8GiB", torch.device("mps"): "1GiB", "disk": "1TB",
+               0: "3GiB"}
+    assert _budget_device_names(budgets) == {1: "2GiB", "cpu": "8GiB", "mps": "1GiB", "disk": "1TB", 0: "3GiB"}
+    assert _budget_device_names({torch.device("cuda"): "1GiB"}) == {"cuda": "1GiB"}  # accelerate names the fix
+    with pytest.raises(ValueError, match=r"max_memory gives 0 two budgets \('1GiB' and '2GiB'\)"):
+        _budget_device_names({0: "1GiB", torch.device("cuda", 0): "2GiB"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_generates_with_a_float32_codec(model_dir, reference, dtype):
     model = BarkHfModel.from_pretrained(model_dir, dtype=dtype)

@@ -1458,6 +1458,21 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         duration_tokens = config.max_gen_duration_s * config.semantic_rate_hz
         return min(config.max_new_tokens, math.floor(min(duration_tokens, config.max_new_tokens)) + 2)
 
+    @staticmethod
+    def _token_cap(config: BarkHfSemanticGenerationConfig, most_tokens: int) -> int:
+        """The tokens a call makes when no item stops: `max_new_tokens`, or the first count whose duration, summed
+        token by token in floats as bark does, passes `max_gen_duration_s`. `_most_tokens` only bounds that count
+        (float sums), and as the bar's total it left a run that hit the cap one short (150/151). Call it after
+        `check_call_positions`: that keeps `most_tokens`, the loop's length here, within the positions."""
+        if config.max_gen_duration_s is None:
+            return most_tokens
+        duration_s = 0.0
+        for count in range(1, most_tokens + 1):
+            duration_s += 1 / config.semantic_rate_hz
+            if duration_s > config.max_gen_duration_s:
+                return count
+        return most_tokens
+
     def check_call_positions(self, config: BarkHfSemanticGenerationConfig) -> None:
         limit = f"max_new_tokens={config.max_new_tokens}"
         if config.max_gen_duration_s is not None:
@@ -1529,7 +1544,6 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         cache = self._new_cache(window + most_tokens, compile) if use_cache else None
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         saw_nan = torch.zeros((), dtype=torch.bool, device=device)
-        duration_s = 0.0
         # Whether every item had stopped (or NaN came up) after the last token appended. The host reads it
         # only once the next step is queued, so the GPU does not idle while the host catches up; that token
         # and the queued step are then dropped, and no random numbers were drawn for the step. In training
@@ -1537,9 +1551,10 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         all_stopped = None
         read_before_step = self.training
         # A bar left open by an error or Ctrl-C pushed every later call's bars a line down.
-        with logging.tqdm(total=most_tokens, disable=not show_progress, desc="semantic",
+        token_cap = self._token_cap(config, most_tokens)
+        with logging.tqdm(total=token_cap, disable=not show_progress, desc="semantic",
                           leave=_leave_stage_bar()) as progress:
-            for _ in range(config.max_new_tokens):
+            for _ in range(token_cap):
                 if read_before_step and all_stopped is not None and bool(all_stopped):
                     break
                 if cache is not None and cache.length > 0:
@@ -1563,12 +1578,11 @@ class BarkHfSemanticModel(BarkHfCausalModel):
                     all_stopped = (lengths >= 0).all() | saw_nan  # stop early on NaN too
                 generated = torch.cat([generated, next_token], dim=1)
                 progress.update(1)
-                duration_s += 1 / config.semantic_rate_hz
-                if config.max_gen_duration_s is not None and duration_s > config.max_gen_duration_s:
-                    break
             if all_stopped is not None and bool(all_stopped):
                 generated = generated[:, :-1]  # the token drawn when the last item stopped is no item's
-                progress.n = generated.shape[1]  # the bar counted it
+                # The bar counted that token; and it ends full, as the coarse and fine bars do (a notebook's bar
+                # left short of its total turns red, as for an error).
+                progress.n = progress.total = generated.shape[1]
         raise_if_nan(saw_nan, "semantic", config.temperature)
         lengths = torch.where(lengths < 0, generated.shape[1], lengths)
         positions = torch.arange(generated.shape[1], device=device)[None]  # [1, S]

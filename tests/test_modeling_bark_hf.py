@@ -429,20 +429,26 @@ def test_item_stopping_at_once_gives_empty_outputs(eos_model):
     assert (output.audio[1] == 0).all()
 
 
-def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatch):
-    """Once every item has stopped the loop drops the token it drew last; the bar must not count it."""
-    bars = []
+def _record_bars(monkeypatch) -> list[tuple[str, int, int]]:
+    """Stands in for the module's tqdm; the list gets (desc, n, total) of each bar as it closes."""
+    closed = []
 
     class RecordingBar:
-        def __init__(self, total, disable, desc, leave):
-            self.total, self.n = total, 0
-            bars.append(self)
+        def __init__(self, iterable=None, total=None, desc=None, **kwargs):
+            self.iterable, self.desc, self.n = iterable, desc, 0
+            self.total = len(iterable) if total is None else total
+
+        def __iter__(self):
+            for item in self.iterable:
+                yield item
+                self.n += 1
+            self.close()
 
         def update(self, n):
             self.n += n
 
         def close(self):
-            pass
+            closed.append((self.desc, self.n, self.total))
 
         def __enter__(self):
             return self
@@ -451,11 +457,36 @@ def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatc
             self.close()
 
     monkeypatch.setattr(modeling.logging, "tqdm", RecordingBar)
+    return closed
+
+
+def test_semantic_progress_bar_ends_at_the_tokens_returned(eos_model, monkeypatch):
+    """Once every item has stopped the loop drops the token it drew last; the bar must not count it. It ends full
+    (total set to the steps made), as the coarse and fine bars do: a notebook's bar left short turns red."""
     seed, lengths = _seed_where(eos_model, lambda lengths: max(lengths) < EOS_SETTINGS["max_new_tokens"] - 1)
+    closed = _record_bars(monkeypatch)
     torch.manual_seed(seed)
     output = eos_model.semantic.generate(INPUT_IDS_3, ATTENTION_MASK_3, **EOS_SETTINGS)
     assert output.sequences.shape[1] == max(lengths)
-    assert (bars[-1].total, bars[-1].n) == (EOS_SETTINGS["max_new_tokens"], max(lengths))
+    assert closed == [("semantic", max(lengths), max(lengths))]
+
+
+@pytest.mark.parametrize("cap, tokens", [
+    (dict(semantic_max_new_tokens=7), 7),
+    (dict(semantic_max_gen_duration_s=0.1), 5),  # 0.1 s at 49.9 Hz: the 5th token passes it
+    (dict(semantic_max_gen_duration_s=3), 150),  # ended at 150/151
+    (dict(semantic_max_gen_duration_s=4 / 49.9), 5),  # 4 tokens' float sum is not above 4 / 49.9
+])
+def test_semantic_progress_bar_that_runs_to_the_cap_ends_full(model, monkeypatch, cap, tokens):
+    """The bar's total was an upper bound on the tokens a duration cap lets through (+1 for float sums), so a run
+    that hit max_gen_duration_s ended one short of it (150/151)."""
+    closed = _record_bars(monkeypatch)
+    settings = dict(semantic_allow_early_stop=False, semantic_max_new_tokens=200, **GREEDY) | cap
+    output = model.generate(INPUT_IDS[:1], ATTENTION_MASK[:1], return_dict_in_generate=True, **settings)
+    assert output.semantic_tokens.shape[1] == tokens
+    semantic = [bar for bar in closed if bar[0] == "semantic"]
+    assert semantic == [("semantic", tokens, tokens)]
+    assert all(n == total for _, n, total in closed)  # the coarse and fine bars too
 
 
 def test_an_interrupted_call_leaves_no_progress_bar_open(model):

@@ -19,6 +19,7 @@ from .conversion import convert_suno
 from .generation_configuration_bark_hf import BarkHfCoarseGenerationConfig, BarkHfSemanticGenerationConfig
 from .loading import DEFAULT_MODEL
 from .longform import DEFAULT_HISTORY, DEFAULT_SILENCE_S, HISTORY_MODES, checked_silence
+from .processing_bark_hf import has_visible_text
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 
@@ -77,13 +78,23 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
                               "(for GPUs with little memory)")
 
 
+def text_source(args: argparse.Namespace) -> str:
+    """Which input the text comes from, as errors about it start: "The text file notes.txt", "The text on
+    standard input", or "The text argument"."""
+    if args.file is not None:
+        return f"The text file {args.file}"
+    if args.text is None or args.text == "-":
+        return "The text on standard input"
+    return "The text argument"
+
+
 def read_text(args: argparse.Namespace) -> str:
     """The text to speak from the argument, --file, or standard input."""
     if args.file is not None:
         if args.text is not None:
             raise ValueError("Give the text either as an argument or with --file, not both.")
         try:
-            return decode_text(Path(args.file).read_bytes(), f"The text file {args.file}")
+            return decode_text(Path(args.file).read_bytes(), text_source(args))
         except FileNotFoundError:
             raise FileNotFoundError(f"The text file {args.file} does not exist.") from None
         except IsADirectoryError:
@@ -95,7 +106,7 @@ def read_text(args: argparse.Namespace) -> str:
         if raw is None:
             return sys.stdin.read().replace(BOM, "")
         # As bytes, decoded strictly: under a C.UTF-8 locale sys.stdin would keep undecodable bytes as surrogates.
-        return decode_text(raw.read(), "The text on standard input")
+        return decode_text(raw.read(), text_source(args))
     return args.text
 
 
@@ -118,6 +129,17 @@ def decode_text(data: bytes, source: str) -> str:
         raise ValueError(f"{source} is not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); {fix}."
                          ) from None
     return text.replace(BOM, "")
+
+
+def check_text(text: str, source: str) -> None:
+    """Refuse a text with nothing to speak before the model loads. Zero-width characters alone (pasted from a web
+    page, say) were refused only after loading, by the pipeline's tokenizer check, as "Text 0", which names no
+    input; that check stays, for what only the tokenizer drops. `source` is `text_source`'s name for the input."""
+    if not text.strip():
+        raise ValueError(f"{source} is empty; give the words to speak.")
+    if not has_visible_text(text):
+        raise ValueError(f"{source} has nothing to say: it holds only invisible characters (such as zero-width "
+                         "spaces or joiners) and whitespace; give the words to speak.")
 
 
 def run_say(args: argparse.Namespace) -> int:
@@ -154,8 +176,7 @@ def _say(args: argparse.Namespace) -> int:
     try:
         # Everything the user can get wrong is checked before a model (maybe gigabytes) is loaded.
         text = read_text(args)
-        if not text.strip():
-            raise ValueError("The text is empty; give the words to speak.")
+        check_text(text, text_source(args))
         to_stdout = args.output == STDOUT
         if to_stdout:  # "-" was written as a file of that name
             check_stdout()

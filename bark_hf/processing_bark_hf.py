@@ -15,6 +15,7 @@ import logging
 import numbers
 import os
 import re
+import unicodedata
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import PureWindowsPath
@@ -310,6 +311,14 @@ def gives_tokens(tokenizer: Any, text: str) -> bool:
     long-form text drew transformers' warning that it is longer than the model's maximum; the first word with a
     token ends the check."""
     return any(tokenizer.tokenize(word) for word in text.split())
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character other than whitespace and Unicode format characters (category Cf:
+    zero-width spaces and joiners, direction marks, soft hyphens, BOMs), which show nothing and which Bark's BERT
+    tokenizer drops (or, the few its Unicode tables predate, reads as [UNK]). Needs no tokenizer, so the CLI can
+    refuse such a text before a model loads; `gives_tokens` is the full check, for what only the tokenizer drops."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
 
 
 def looks_like_local_path(path: str) -> bool:

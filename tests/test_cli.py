@@ -179,7 +179,34 @@ def test_say_drops_the_bom_of_a_file(tmp_path, capsys):
     (tmp_path / "bom.txt").write_bytes("\ufeff\r\n".encode())
     assert main(["say", "--file", str(tmp_path / "bom.txt"), "-o", str(tmp_path / "x.wav"), "--model", "tiny-random",
                  "--quiet"]) == 1
-    assert "The text is empty" in capsys.readouterr().err
+    assert f"The text file {tmp_path / 'bom.txt'} is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200b", "\u200b \u200d\n\u2060\u00ad", "\u200e\ufeff"])
+@pytest.mark.parametrize("source", ["argument", "file", "stdin"])
+def test_say_refuses_invisible_text_before_loading_and_names_its_input(tmp_path, monkeypatch, capsys, text, source):
+    """Zero-width characters alone were refused only after the model had loaded, as "Text 0 ... gives no tokens"
+    from the pipeline, which named no input."""
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    monkeypatch.setattr("bark_hf.loading.load_bark", lambda *a, **k: pytest.fail("the model was loaded"))
+    given = {"argument": [text], "file": ["--file", str(tmp_path / "text.txt")], "stdin": ["-"]}[source]
+    assert main(["say", *given, "-o", str(tmp_path / "x.wav"), "--model", "tiny-random", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    named = {"argument": "The text argument has", "file": f"The text file {tmp_path / 'text.txt'} has",
+             "stdin": "The text on standard input has"}[source]
+    assert f"error: {named} nothing to say: it holds only invisible characters" in error
+    assert "give the words to speak" in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.wav"))
+
+
+def test_say_speaks_a_text_with_a_zero_width_character_inside(tmp_path):
+    """The invisible-text check looks at the whole text: one zero-width space among words is spoken."""
+    output = tmp_path / "x.wav"
+    assert main(["say", "Hello\u200b world.", "-o", str(output), "--model", "tiny-random", "--seed", "3",
+                 "--quiet"]) == 0
+    with wave.open(str(output)) as wav:
+        assert wav.getnframes() > 0
 
 
 @pytest.mark.parametrize("data,message", [

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import sys
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from bark_hf.generation_configuration_bark_hf import (
     SEMANTIC_VOCAB_SIZE,
     BarkHfSemanticGenerationConfig,
 )
-from bark_hf.processing_bark_hf import BarkHfProcessor, validate_voice_preset
+from bark_hf.processing_bark_hf import BarkHfProcessor, gives_tokens, has_visible_text, validate_voice_preset
 
 WINDOW = BarkHfSemanticGenerationConfig().max_input_semantic_length
 
@@ -137,6 +139,20 @@ def test_numpy_output_and_shorter_window(processor):
 def test_bad_text(processor, text, error, match):
     with pytest.raises(error, match=match):
         processor(text)
+
+
+def test_text_the_cli_refuses_as_invisible_has_no_word_for_the_tokenizer(tokenizer):
+    """has_visible_text, the CLI's check before a model loads, must refuse no text with a word in it. Bark's BERT
+    tokenizer drops the Unicode format characters (category Cf), alone or among whitespace, but for the few its
+    Unicode tables predate (U+0890, Egyptian hieroglyph format controls, ...), which it reads as [UNK]."""
+    format_characters = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) == "Cf")
+    assert "\u200b" in format_characters and "\ufeff" in format_characters
+    for text in [*format_characters, f" \n{format_characters}\u3000"]:
+        assert not has_visible_text(text)
+        assert set(tokenizer.tokenize(text)) <= {tokenizer.unk_token}, repr(text)
+    assert not gives_tokens(tokenizer, "\u200b\u200d \u2060\u00ad\u200e\ufeff")
+    for text in ["Hello\u200b world", "\u200bHi", "[laughs]", "\u00e9"]:
+        assert has_visible_text(text)
 
 
 def test_max_length_takes_numpy_integers(processor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from .checks import env_flag
 
 CPUINFO = Path("/proc/cpuinfo")
 ONEDNN_LINEAR_ENV_VAR = "BARK_HF_ONEDNN_LINEAR"
+X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})  # platform.machine(), lower-cased
 NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 and AMX; Arm (Features)
 
 
@@ -32,19 +34,22 @@ def cpu_vendor() -> str | None:
 
 
 def use_onednn_linear() -> bool:
-    """Whether float32 linear layers without autograd run through oneDNN rather than PyTorch's default, MKL.
+    """Whether generation's float32 linear layers run through oneDNN rather than PyTorch's default, MKL.
 
     MKL picks its kernels by CPU vendor and gives other vendors' CPUs slow ones: on a 2-core AMD EPYC its
-    one-row products (a decoding step) read weights at 8-10 GB/s where oneDNN, which PyTorch bundles and
-    which picks by instruction set, reads at 11-13; over a window prefill's rows MKL takes 17 % longer
-    (docs/performance.md). So oneDNN is the default on x86 CPUs not made by Intel; `BARK_HF_ONEDNN_LINEAR`
-    (1 or 0) overrides that where PyTorch has oneDNN. The two libraries round differently, in the last bits.
+    one-row products (a decoding step) read weights at 8-11 GB/s on one core, the second idle, where oneDNN,
+    which PyTorch bundles and which picks by instruction set, reads at 11-13 on both; over a window prefill's
+    rows MKL takes 17 % longer (docs/performance.md). So oneDNN is the default on x86 CPUs not made by Intel
+    (read from /proc/cpuinfo: Linux only); `BARK_HF_ONEDNN_LINEAR` (1 or 0) overrides that, where PyTorch has
+    oneDNN and `torch.backends.mkldnn` is enabled. The two libraries round differently, in the last bits.
     """
-    return _onednn_available() and env_flag(ONEDNN_LINEAR_ENV_VAR, default=cpu_vendor() not in (None, "GenuineIntel"))
+    vendor = cpu_vendor() if platform.machine().lower() in X86_MACHINES else None
+    wanted = env_flag(ONEDNN_LINEAR_ENV_VAR, default=vendor not in (None, "GenuineIntel"))
+    return wanted and _onednn_built() and torch.backends.mkldnn.enabled
 
 
 @functools.cache
-def _onednn_available() -> bool:
+def _onednn_built() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

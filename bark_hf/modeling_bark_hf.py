@@ -199,27 +199,51 @@ class BarkHfKVCache:
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, through oneDNN on CPUs where MKL is slow (`cpu_features.use_onednn_linear`).
+# True inside a stage's `generate` (`generation_kernels`): only there do linear layers take oneDNN (see `linear`).
+_GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("bark_hf_generating", default=False)
 
-    Only for float32 on a CPU without autograd: oneDNN's op has no backward (training takes MKL), and
-    torch.compile picks its own kernels.
+
+@contextlib.contextmanager
+def generation_kernels() -> Iterator[None]:
+    """Inside, plain float32 linear layers on a CPU take the library chosen for generation (`linear`)."""
+    token = _GENERATING.set(True)
+    try:
+        yield
+    finally:
+        _GENERATING.reset(token)
+
+
+def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with generation_kernels():
+            return method(*args, **kwargs)
+
+    return generate
+
+
+def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`; inside `generation_kernels`, through oneDNN on CPUs where MKL is slow
+    (`cpu_features.use_onednn_linear`).
+
+    Only there, and only for plain float32 tensors on a CPU with autograd, autocast and torch.compile out of
+    the way: oneDNN's op has no backward, ignores autocast, and is not what a tensor subclass (torchao's
+    quantized weights, DTensor) expects. Evaluation, scoring and training keep PyTorch's own choice.
     """
-    if (inputs.device.type == "cpu" and weight.device.type == "cpu" and inputs.dtype == weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and use_onednn_linear()):
+    if (_GENERATING.get() and type(inputs) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
+            and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
+            and inputs.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2
+            and inputs.dtype == weight.dtype == torch.float32 and inputs.shape[-1] > 0
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, weight, bias)))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and use_onednn_linear()):
         return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
 
 
 def project(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """`layer(inputs)`; a plain `nn.Linear` in eval mode whose call nothing changes (no hooks, peft's, accelerate's
-    or a user's, and no replaced `forward`) goes through `linear`.
-
-    Not in training mode: gradient checkpointing runs the forward pass without autograd and repeats it with
-    autograd for the backward pass, and both must take the same library.
-    """
-    if type(layer) is not nn.Linear or layer.training or _changes_its_call(layer):
+    """`layer(inputs)`; a plain `nn.Linear` whose call nothing changes (no hooks, peft's, accelerate's or a user's,
+    and no replaced `forward`) goes through `linear`."""
+    if type(layer) is not nn.Linear or _changes_its_call(layer):
         return layer(inputs)
     return linear(inputs, layer.weight, layer.bias)
 
@@ -424,19 +448,23 @@ def _device_names(device_map: Any) -> Any:
 
 
 def _budget_device_names(max_memory: Any) -> Any:
-    """`max_memory` with its `torch.device` keys written as accelerate names devices: a GPU's index
-    (torch.device("cuda", 0) -> 0), else the type ("cpu", "mps"). accelerate took no torch.device key ("Device cpu
-    is not recognized"), though transformers takes them as the values of a `device_map`."""
+    """`max_memory` with its device keys written as accelerate names devices: a GPU's index
+    (torch.device("cuda", 0) or "cuda:0" -> 0), else the type ("cpu", "mps"). accelerate took neither a
+    torch.device key ("Device cpu is not recognized") nor "cuda:0", though transformers takes both as the values
+    of a `device_map`."""
     if not isinstance(max_memory, Mapping):
         return max_memory
     budgets: dict[Any, Any] = {}
     for device, budget in max_memory.items():
+        if isinstance(device, str) and ":" in device:
+            with contextlib.suppress(RuntimeError):  # not a device name: accelerate names the keys it takes
+                device = torch.device(device)
         if isinstance(device, torch.device):
             # An accelerator without an index stays a name, which accelerate refuses naming the keys it takes.
             device = device.type if device.type in ("cpu", "mps", "meta") or device.index is None else device.index
         if device in budgets:
-            raise ValueError(f"max_memory gives {device!r} two budgets ({budgets[device]!r} and {budget!r}), one of "
-                             "them keyed by a torch.device; give each device one.")
+            raise ValueError(f"max_memory gives {device!r} two budgets ({budgets[device]!r} and {budget!r}) under two "
+                             "names of one device; give each device one.")
         budgets[device] = budget
     return budgets
 
@@ -1279,7 +1307,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if type(head) is not nn.Linear or _changes_its_call(head) or hidden_states.device.type != "cpu":
             return head(hidden_states)[..., vocab_rows]
         bias = None if head.bias is None else head.bias[vocab_rows]
-        return (F.linear if head.training else linear)(hidden_states, head.weight[vocab_rows], bias)
+        return linear(hidden_states, head.weight[vocab_rows], bias)
 
     def _next_logits(
         self,
@@ -1482,6 +1510,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         self._check_positions(window + self._most_tokens(config), f"{limit} after the {window + 1}-token prompt")
 
     @torch.no_grad()
+    @_generation_method
     def generate(
         self,
         input_ids: torch.LongTensor,
@@ -1610,6 +1639,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
     generation_config_class = BarkHfCoarseGenerationConfig
 
     @torch.no_grad()
+    @_generation_method
     def generate(
         self,
         semantic_tokens: torch.LongTensor,
@@ -1925,6 +1955,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
+    @_generation_method
     def generate(
         self,
         coarse_tokens: torch.LongTensor,

@@ -636,16 +636,21 @@ class BarkHfProcessor(ProcessorMixin):
         `speaker_embeddings_dict_path=None` loads none, as in transformers' `BarkProcessor`.
         """
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_DOWNLOAD_OPTIONS if key in kwargs}
-        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, kwargs.pop("subfolder", None) or "")
+        subfolder = kwargs.pop("subfolder", None) or ""
+        folder = _local_folder(pretrained_model_name_or_path, hub_kwargs, subfolder)
         # Without these files BertTokenizer loads with only its 5 special tokens: every word became [UNK], and a
         # model folder holding only weights generated noise for any text, without an error.
         if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+            source = os.fspath(pretrained_model_name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
+            if os.path.isdir(pretrained_model_name_or_path):
+                fix = (f"save a processor there with `BarkHfProcessor.from_pretrained(<the folder or Hub id the model "
+                       f"came from, e.g. 'suno/bark-small'>).save_pretrained({folder!r})`, or pass a folder written "
+                       "by `bark-hf convert` or by both the model's and the processor's `save_pretrained`")
+            else:  # a Hub repo: the folder is a download cache, not a place to save into
+                fix = "push a processor to that repo with `BarkHfProcessor.push_to_hub`, or use a repo that has one"
             raise FileNotFoundError(
-                f"{folder!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}): save a processor there with "
-                "`BarkHfProcessor.from_pretrained(<the folder or Hub id the model came from, e.g. "
-                f"'suno/bark-small'>).save_pretrained({folder!r})`, or pass a folder written by `bark-hf convert` "
-                "or by both the model's and the processor's `save_pretrained`. transformers' pipeline() also takes "
-                "them directly: pipeline('text-to-audio', model=..., tokenizer=processor.tokenizer, "
+                f"{source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}): {fix}. transformers' pipeline() "
+                "also takes them directly: pipeline('text-to-audio', model=..., tokenizer=processor.tokenizer, "
                 "processor=processor)."
             )
         try:

@@ -175,6 +175,8 @@ def test_budget_keys_are_named_as_accelerate_names_devices():
                0: "3GiB"}
     assert _budget_device_names(budgets) == {1: "2GiB", "cpu": "8GiB", "mps": "1GiB", "disk": "1TB", 0: "3GiB"}
     assert _budget_device_names({torch.device("cuda"): "1GiB"}) == {"cuda": "1GiB"}  # accelerate names the fix
+    assert _budget_device_names({"cuda:1": "2GiB", "cpu": "8GiB", "xpu:0": "1GiB", "nowhere:3": "1GiB"}) == \
+        {1: "2GiB", "cpu": "8GiB", 0: "1GiB", "nowhere:3": "1GiB"}
     with pytest.raises(ValueError, match=r"max_memory gives 0 two budgets \('1GiB' and '2GiB'\)"):
         _budget_device_names({0: "1GiB", torch.device("cuda", 0): "2GiB"})
 

@@ -545,6 +545,17 @@ def test_unreachable_hub_is_explained(tmp_path, monkeypatch):
         BarkHfProcessor.from_pretrained("suno/bark")
 
 
+def test_a_hub_repo_without_a_tokenizer_is_named_not_its_download_cache(tmp_path, monkeypatch):
+    """The message named the snapshot folder in the download cache and said to save a processor there."""
+    snapshot = tmp_path / "models--someone--bark-weights" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setattr(processing_bark_hf, "snapshot_download", lambda *args, **kwargs: str(snapshot))
+    with pytest.raises(FileNotFoundError, match=r"^'someone/bark-weights' holds no tokenizer") as error:
+        BarkHfProcessor.from_pretrained("someone/bark-weights")
+    assert "push_to_hub" in str(error.value)
+    assert str(snapshot) not in str(error.value)
+
+
 # --- real presets and transformers interop ------------------------------------------------------
 
 

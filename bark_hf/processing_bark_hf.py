@@ -641,7 +641,8 @@ class BarkHfProcessor(ProcessorMixin):
         # Without these files BertTokenizer loads with only its 5 special tokens: every word became [UNK], and a
         # model folder holding only weights generated noise for any text, without an error.
         if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
-            source = os.fspath(pretrained_model_name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
+            source = repr(os.fspath(pretrained_model_name_or_path))
+            source += f" (subfolder {subfolder!r})" if subfolder else ""
             if os.path.isdir(pretrained_model_name_or_path):
                 fix = (f"save a processor there with `BarkHfProcessor.from_pretrained(<the folder or Hub id the model "
                        f"came from, e.g. 'suno/bark-small'>).save_pretrained({folder!r})`, or pass a folder written "
@@ -649,7 +650,7 @@ class BarkHfProcessor(ProcessorMixin):
             else:  # a Hub repo: the folder is a download cache, not a place to save into
                 fix = "push a processor to that repo with `BarkHfProcessor.push_to_hub`, or use a repo that has one"
             raise FileNotFoundError(
-                f"{source!r} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}): {fix}. transformers' pipeline() "
+                f"{source} holds no tokenizer ({' or '.join(_TOKENIZER_FILES)}): {fix}. transformers' pipeline() "
                 "also takes them directly: pipeline('text-to-audio', model=..., tokenizer=processor.tokenizer, "
                 "processor=processor)."
             )

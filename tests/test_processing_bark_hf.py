@@ -554,6 +554,9 @@ def test_a_hub_repo_without_a_tokenizer_is_named_not_its_download_cache(tmp_path
         BarkHfProcessor.from_pretrained("someone/bark-weights")
     assert "push_to_hub" in str(error.value)
     assert str(snapshot) not in str(error.value)
+    (snapshot / "voices").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^'someone/bark-weights' \(subfolder 'voices'\) holds no tokenizer"):
+        BarkHfProcessor.from_pretrained("someone/bark-weights", subfolder="voices")
 
 
 # --- real presets and transformers interop ------------------------------------------------------

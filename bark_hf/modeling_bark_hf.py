@@ -222,6 +222,9 @@ def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
     return generate
 
 
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear`; inside `generation_kernels`, through oneDNN on CPUs where MKL is slow
     (`cpu_features.use_onednn_linear`).
@@ -230,12 +233,13 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the way: oneDNN's op has no backward, ignores autocast, and is not what a tensor subclass (torchao's
     quantized weights, DTensor) expects. Evaluation, scoring and training keep PyTorch's own choice.
     """
-    if (_GENERATING.get() and type(inputs) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
-            and (bias is None or type(bias) in (torch.Tensor, nn.Parameter))
-            and inputs.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2
-            and inputs.dtype == weight.dtype == torch.float32 and inputs.shape[-1] > 0
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, weight, bias)))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and use_onednn_linear()):
+    tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
+    # is_compiling first: torch.compile cannot trace a ContextVar.
+    if (not torch.compiler.is_compiling() and _GENERATING.get()
+            and all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and weight.dim() == 2 and inputs.shape[-1] > 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.is_autocast_enabled("cpu") and use_onednn_linear()):
         return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
 

@@ -199,18 +199,20 @@ class BarkHfKVCache:
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# True inside a stage's `generate` (`generation_kernels`): only there do linear layers take oneDNN (see `linear`).
-_GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("bark_hf_generating", default=False)
+# True inside a stage's `generate` (`generation_kernels`) where oneDNN is the CPU's library for it (see `linear`).
+_ONEDNN_IN_GENERATION: contextvars.ContextVar[bool] = contextvars.ContextVar("bark_hf_onednn", default=False)
 
 
 @contextlib.contextmanager
 def generation_kernels() -> Iterator[None]:
-    """Inside, plain float32 linear layers on a CPU take the library chosen for generation (`linear`)."""
-    token = _GENERATING.set(True)
+    """Inside, plain float32 linear layers on a CPU take the library chosen for generation (`linear`). The choice
+    (`use_onednn_linear`: the CPU, `BARK_HF_ONEDNN_LINEAR`, torch's oneDNN switch) is made once, on entering: not
+    on every layer call of every step, and a bad switch value is reported at the call."""
+    token = _ONEDNN_IN_GENERATION.set(use_onednn_linear())
     try:
         yield
     finally:
-        _GENERATING.reset(token)
+        _ONEDNN_IN_GENERATION.reset(token)
 
 
 def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -235,11 +237,11 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     # is_compiling first: torch.compile cannot trace a ContextVar.
-    if (not torch.compiler.is_compiling() and _GENERATING.get()
+    if (not torch.compiler.is_compiling() and _ONEDNN_IN_GENERATION.get()
             and all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and weight.dim() == 2 and inputs.shape[-1] > 0
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.is_autocast_enabled("cpu") and use_onednn_linear()):
+            and not torch.is_autocast_enabled("cpu")):
         return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
 

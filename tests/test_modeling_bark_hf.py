@@ -179,17 +179,23 @@ def test_linear_layers_take_onednn_only_in_generation_without_autograd_autocast_
         with modeling.generation_kernels():
             assert ONEDNN_OP in _ops_run(lambda: modeling.project(layer, inputs))
             torch.testing.assert_close(modeling.project(layer, inputs), layer(inputs))
-            monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "0")
-            assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer, inputs))
-            monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
-            with torch.backends.mkldnn.flags(enabled=False):
-                assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer, inputs))
             assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer.double(), inputs.double()))
             layer.float()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert modeling.project(layer, inputs).dtype == torch.bfloat16
             assert type(modeling.linear(inputs.as_subclass(_Wrapped), layer.weight, layer.bias)) is _Wrapped
             torch.testing.assert_close(modeling.linear(inputs, layer.weight[3], None), inputs @ layer.weight[3])
+        # The switches are read on entering: once per `generate`, not per layer call.
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "0")
+        with modeling.generation_kernels():
+            assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer, inputs))
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
+        with torch.backends.mkldnn.flags(enabled=False), modeling.generation_kernels():
+            assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer, inputs))
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "fast")
+        with pytest.raises(ValueError, match="BARK_HF_ONEDNN_LINEAR is 'fast'"), modeling.generation_kernels():
+            pass
+        monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
 
     # oneDNN's op has no backward: autograd must get MKL's, and the right gradients (a bias alone trained too).
     layer.weight.requires_grad_(False)

@@ -23,8 +23,15 @@ def cpu_has_native_bfloat16() -> bool | None:
     Without them PyTorch converts bfloat16 values to float32 and back around its arithmetic, so
     bfloat16 runs slower than float32 on such a CPU (see docs/performance.md).
     """
-    flags = _cpuinfo_field(("flags", "Features"))
+    flags = cpu_flags()
     return None if flags is None else bool(NATIVE_BFLOAT16_FLAGS & set(flags.split()))
+
+
+@functools.cache
+def cpu_flags() -> str | None:
+    """The CPU's feature flags as /proc/cpuinfo lists them (`flags` on x86, `Features` on Arm); None where this
+    cannot be read (not Linux)."""
+    return _cpuinfo_field(("flags", "Features"))
 
 
 @functools.cache

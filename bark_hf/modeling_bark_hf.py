@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from .configuration_bark_hf import (
     BarkHfSemanticConfig,
 )
 from .cpu_features import cpu_has_native_bfloat16, use_onednn_linear
+from .cpu_matvec import MATVEC_MAX_ROWS, cpu_matvec, matvec_wanted
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
     TOKENIZER_PAD_ID,
@@ -199,20 +200,29 @@ class BarkHfKVCache:
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# True inside a stage's `generate` (`generation_kernels`) where oneDNN is the CPU's library for it (see `linear`).
-_ONEDNN_IN_GENERATION: contextvars.ContextVar[bool] = contextvars.ContextVar("bark_hf_onednn", default=False)
+class _CpuProducts(NamedTuple):
+    """The CPU's products for a stage's `generate` (see `linear`)."""
+
+    matvec: bool  # `matvec_wanted`: `cpu_matvec` (built on first use) for inputs of at most MATVEC_MAX_ROWS rows
+    onednn: bool  # `use_onednn_linear`: oneDNN rather than MKL for the others
+
+
+# Set inside a stage's `generate` (`generation_kernels`); None elsewhere.
+_CPU_PRODUCTS_IN_GENERATION: contextvars.ContextVar[_CpuProducts | None] = contextvars.ContextVar(
+    "bark_hf_cpu_products", default=None)
 
 
 @contextlib.contextmanager
 def generation_kernels() -> Iterator[None]:
-    """Inside, plain float32 linear layers on a CPU take the library chosen for generation (`linear`). The choice
-    (`use_onednn_linear`: the CPU, `BARK_HF_ONEDNN_LINEAR`, torch's oneDNN switch) is made once, on entering: not
-    on every layer call of every step, and a bad switch value is reported at the call."""
-    token = _ONEDNN_IN_GENERATION.set(use_onednn_linear())
+    """Inside, plain float32 linear layers on a CPU take the products chosen for generation (`linear`). The choice
+    (`matvec_wanted`, `use_onednn_linear`: the CPU, their switches, torch's oneDNN switch) is made once, on
+    entering: not on every layer call of every step, and a bad switch value is reported at the call. The kernel is
+    built at its first use, so that generation on a GPU never builds it."""
+    token = _CPU_PRODUCTS_IN_GENERATION.set(_CpuProducts(matvec_wanted(), use_onednn_linear()))
     try:
         yield
     finally:
-        _ONEDNN_IN_GENERATION.reset(token)
+        _CPU_PRODUCTS_IN_GENERATION.reset(token)
 
 
 def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -228,21 +238,28 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`; inside `generation_kernels`, through oneDNN on CPUs where MKL is slow
-    (`cpu_features.use_onednn_linear`).
+    """`F.linear`; inside `generation_kernels`, a decoding step's few rows go through bark-hf's own kernel
+    (`cpu_matvec`), and larger products through oneDNN on CPUs where MKL is slow (`use_onednn_linear`).
 
     Only there, and only for plain float32 tensors on a CPU with autograd, autocast and torch.compile out of
-    the way: oneDNN's op has no backward, ignores autocast, and is not what a tensor subclass (torchao's
-    quantized weights, DTensor) expects. Evaluation, scoring and training keep PyTorch's own choice.
+    the way: neither has a backward or follows autocast, and a tensor subclass (torchao's quantized weights,
+    DTensor) expects its own kernels. Evaluation, scoring and training keep PyTorch's own choice.
     """
-    tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     # is_compiling first: torch.compile cannot trace a ContextVar.
-    if (not torch.compiler.is_compiling() and _ONEDNN_IN_GENERATION.get()
-            and all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and weight.dim() == 2 and inputs.shape[-1] > 0
+    products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
+    if products is None or not (products.matvec or products.onednn):
+        return F.linear(inputs, weight, bias)
+    tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
+    if (all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and weight.dim() == 2 and weight.shape[1] == inputs.shape[-1] > 0
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu")):
-        return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
+        matvec = (products.matvec and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1] and weight.is_contiguous()
+                  and (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())) and cpu_matvec())
+        if matvec:
+            return matvec(inputs.contiguous(), weight, bias)
+        if products.onednn:
+            return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
 
 

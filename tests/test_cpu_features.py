@@ -11,11 +11,14 @@ def cpuinfo(tmp_path, monkeypatch):
     """A stand-in /proc/cpuinfo at the returned path (missing until written); the cached answer is dropped."""
     path = tmp_path / "cpuinfo"
     monkeypatch.setattr(cpu_features, "CPUINFO", path)
-    cpu_features.cpu_has_native_bfloat16.cache_clear()
-    cpu_features.cpu_vendor.cache_clear()
+    _forget_cpuinfo()
     yield path
-    cpu_features.cpu_has_native_bfloat16.cache_clear()
-    cpu_features.cpu_vendor.cache_clear()
+    _forget_cpuinfo()
+
+
+def _forget_cpuinfo():
+    for reader in (cpu_features.cpu_flags, cpu_features.cpu_has_native_bfloat16, cpu_features.cpu_vendor):
+        reader.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -252,10 +252,11 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     if (all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and weight.dim() == 2 and weight.shape[1] == inputs.shape[-1] > 0
+            and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu")):
         matvec = (products.matvec and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1] and weight.is_contiguous()
-                  and (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())) and cpu_matvec())
+                  and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
         if matvec:
             return matvec(inputs.contiguous(), weight, bias)
         if products.onednn:

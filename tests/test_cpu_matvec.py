@@ -76,15 +76,21 @@ def test_linear_takes_the_kernel_only_for_a_few_rows_in_generation(monkeypatch):
                                        few @ layer.weight.t())  # a transposed weight: not the kernel's layout
             with pytest.raises(RuntimeError, match="cannot be multiplied"):
                 modeling.linear(torch.randn(1, 15), layer.weight, None)  # PyTorch's error, not a wrong read
-    assert calls == [(2, 1, 16)]
+            assert calls == [(2, 1, 16)]
+            torch.testing.assert_close(modeling.linear(few, layer.weight[3:9], layer.bias[3:9]),
+                                       F.linear(few, layer.weight[3:9], layer.bias[3:9]))  # rows at an offset
+            assert modeling.linear(torch.randn(0, 16), layer.weight, layer.bias).shape == (0, 24)
+            spaced_bias = torch.randn(48)[::2]
+            torch.testing.assert_close(modeling.linear(few, layer.weight, spaced_bias),
+                                       F.linear(few, layer.weight, spaced_bias))  # a strided bias: PyTorch's own
+    assert calls == [(2, 1, 16), (2, 1, 16), (0, 16)]
     with modeling.generation_kernels():
-        layer(few).sum()  # autograd: PyTorch's own
-        modeling.project(layer, few).sum().backward()
-    assert calls == [(2, 1, 16)] and layer.weight.grad is not None
+        modeling.project(layer, few).sum().backward()  # autograd: PyTorch's own
+    assert len(calls) == 3 and layer.weight.grad is not None
     monkeypatch.setenv(cpu_matvec.MATVEC_ENV_VAR, "0")
     with torch.no_grad(), modeling.generation_kernels():
         modeling.project(layer, few)
-    assert calls == [(2, 1, 16)]
+    assert len(calls) == 3
 
 
 def test_an_unknown_switch_value_is_named_at_generate(monkeypatch):
@@ -116,7 +122,7 @@ def test_a_failed_build_falls_back_with_one_warning_or_fails_when_asked_for(fres
     warnings = [record.getMessage() for record in caplog.records if record.name == cpu_matvec.__name__]
     assert len(warnings) == 1 and reason in warnings[0] and "BARK_HF_CPU_MATVEC=0" in warnings[0]
     monkeypatch.setenv(cpu_matvec.MATVEC_ENV_VAR, "1")
-    with pytest.raises(cpu_matvec.MatvecUnavailable, match=f"BARK_HF_CPU_MATVEC is set, but {reason}"):
+    with pytest.raises(cpu_matvec.MatvecUnavailable, match=f"BARK_HF_CPU_MATVEC is 1, but {reason}"):
         cpu_matvec.cpu_matvec()
     if fresh_build.exists():
         assert list(fresh_build.iterdir()) == []  # no partial library left behind
@@ -125,7 +131,7 @@ def test_a_failed_build_falls_back_with_one_warning_or_fails_when_asked_for(fres
 def _failing_compiled(compiler: str):
     """`_compiled` with `compiler`, whatever this machine's CPU: the build itself fails."""
     def compiled():
-        return cpu_matvec._build(compiler)
+        return cpu_matvec._build([compiler])
     return compiled
 
 
@@ -135,3 +141,53 @@ def test_a_machine_without_a_compiler_is_named(fresh_build, monkeypatch):
     monkeypatch.setenv(cpu_matvec.MATVEC_ENV_VAR, "1")
     with pytest.raises(cpu_matvec.MatvecUnavailable, match="no C compiler|needs an x86|lacks|without OpenMP"):
         cpu_matvec.cpu_matvec()
+
+
+def test_a_machine_that_cannot_have_it_gets_no_warning(fresh_build, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_matvec.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv(cpu_matvec.MATVEC_ENV_VAR, raising=False)
+    with caplog.at_level(logging.WARNING, logger=cpu_matvec.__name__):
+        assert cpu_matvec.cpu_matvec() is None
+    assert not [record for record in caplog.records if record.name == cpu_matvec.__name__]
+    monkeypatch.setenv(cpu_matvec.MATVEC_ENV_VAR, "yes")
+    with pytest.raises(cpu_matvec.MatvecUnavailable, match="is 1, but it needs an x86 CPU and Linux, not aarch64"):
+        cpu_matvec.cpu_matvec()
+
+
+def test_any_failure_of_the_build_is_a_fallback_not_an_error_in_generate(fresh_build, monkeypatch):
+    monkeypatch.setattr(cpu_matvec, "SOURCE", fresh_build / "missing.c")
+    monkeypatch.delenv(cpu_matvec.MATVEC_ENV_VAR, raising=False)
+    reason = cpu_matvec._load()
+    assert isinstance(reason, cpu_matvec.MatvecUnavailable) and "FileNotFoundError" in str(reason)
+
+
+@needs_kernel
+def test_a_second_openmp_runtime_is_refused(fresh_build, monkeypatch):
+    """Linked against another OpenMP runtime than PyTorch's, the kernel's threads would compete with PyTorch's."""
+    loaded = iter([{"/torch/lib/libgomp.so.1"}, {"/torch/lib/libgomp.so.1", "/usr/lib/libomp.so.5"}])
+    monkeypatch.setattr(cpu_matvec, "_openmp_runtimes", lambda: next(loaded))
+    with pytest.raises(cpu_matvec.MatvecUnavailable, match=r"second OpenMP runtime \(/usr/lib/libomp.so.5\)"):
+        cpu_matvec._compiled()
+
+
+@needs_kernel
+def test_a_cached_library_that_others_may_write_is_not_loaded(fresh_build):
+    assert cpu_matvec.cpu_matvec() is not None
+    (library,) = fresh_build.iterdir()
+    assert library.stat().st_mode & 0o777 == 0o755 & ~_umask()
+    library.chmod(0o777)
+    cpu_matvec._load.cache_clear()
+    with pytest.raises(cpu_matvec.MatvecUnavailable, match="may be written by others"):
+        cpu_matvec._compiled()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@needs_kernel
+def test_a_compiler_given_with_arguments(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "env cc")  # as "ccache gcc" is given
+    assert cpu_matvec.cpu_matvec() is not None

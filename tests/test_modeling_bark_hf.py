@@ -130,16 +130,22 @@ def test_logits_to_keep(causal, keep):
 needs_onednn = pytest.mark.skipif(not cpu_features._onednn_built(), reason="this PyTorch has no oneDNN")
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 MATVEC_BUILT = not isinstance(cpu_matvec._load(), cpu_matvec.MatvecUnavailable)
+needs_matvec = pytest.mark.skipif(not MATVEC_BUILT, reason="bark-hf's CPU matrix-vector kernel cannot be built here")
 
 
-@pytest.mark.parametrize(("grad", "onednn"), [(True, "0"), (False, "0"), pytest.param(False, "1", marks=needs_onednn)])
+@pytest.mark.parametrize(("grad", "onednn", "matvec"), [
+    (True, "0", "0"), (False, "0", "0"), pytest.param(False, "1", "0", marks=needs_onednn),
+    pytest.param(False, "0", "1", marks=needs_matvec),
+])
 @pytest.mark.parametrize("rows", [slice(0, 40), slice(8, 24), slice(20, 40)])
-def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows, grad, onednn, monkeypatch):
+def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows, grad, onednn, matvec, monkeypatch):
     """Coarse generation reads one codebook's rows of the head at one position per item (a prefill's last,
-    or a decoding step): through MKL they must be bit for bit the whole head's, as the original computes it,
-    for an int8 head too. Through oneDNN (generation's library on other vendors' CPUs), which rounds the
-    original's products differently anyway, within float rounding of them."""
+    or a decoding step): through MKL and through bark-hf's matrix-vector kernel they must be bit for bit the
+    whole head's, as the original computes it, for an int8 head too. Through oneDNN (generation's library on
+    other vendors' CPUs), which rounds the original's products differently anyway, within float rounding of
+    them."""
     monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", onednn)
+    monkeypatch.setenv("BARK_HF_CPU_MATVEC", matvec)
     same = torch.equal if onednn == "0" else functools.partial(torch.allclose, rtol=1e-6, atol=1e-6)
     with torch.set_grad_enabled(grad), modeling.generation_kernels():
         ids = _ids(3, 10, seed=5)
@@ -187,6 +193,9 @@ def test_linear_layers_take_onednn_only_in_generation_without_autograd_autocast_
                 assert modeling.project(layer, inputs).dtype == torch.bfloat16
             assert type(modeling.linear(inputs.as_subclass(_Wrapped), layer.weight, layer.bias)) is _Wrapped
             torch.testing.assert_close(modeling.linear(inputs, layer.weight[3], None), inputs @ layer.weight[3])
+            strided_bias = torch.randn(48)[::2]  # oneDNN would read it as if contiguous
+            torch.testing.assert_close(modeling.linear(inputs, layer.weight, strided_bias),
+                                       torch.nn.functional.linear(inputs, layer.weight, strided_bias))
         # The switches are read on entering: once per `generate`, not per layer call.
         monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "0")
         with modeling.generation_kernels():

@@ -250,7 +250,8 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if products is None or not (products.matvec or products.onednn):
         return F.linear(inputs, weight, bias)
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
-    if (all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    if (all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
+                and t.layout == torch.strided for t in tensors)
             and weight.dim() == 2 and weight.shape[1] == inputs.shape[-1] > 0
             and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

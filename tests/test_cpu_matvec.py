@@ -80,6 +80,8 @@ def test_linear_takes_the_kernel_only_for_a_few_rows_in_generation(monkeypatch):
             torch.testing.assert_close(modeling.linear(few, layer.weight[3:9], layer.bias[3:9]),
                                        F.linear(few, layer.weight[3:9], layer.bias[3:9]))  # rows at an offset
             assert modeling.linear(torch.randn(0, 16), layer.weight, layer.bias).shape == (0, 24)
+            sparse = layer.weight.detach().to_sparse()  # not a strided tensor: PyTorch's own
+            torch.testing.assert_close(modeling.linear(few[0], sparse, None), F.linear(few[0], layer.weight))
             spaced_bias = torch.randn(48)[::2]
             torch.testing.assert_close(modeling.linear(few, layer.weight, spaced_bias),
                                        F.linear(few, layer.weight, spaced_bias))  # a strided bias: PyTorch's own

@@ -90,11 +90,13 @@ def _load() -> Matvec | MatvecUnavailable:
 
     def matvec(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out_features, in_features = weight.shape
+        tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
         if (inputs.shape[-1] != in_features or not weight.is_contiguous()
-                or (bias is not None and (bias.shape != (out_features,) or not bias.is_contiguous()))):
-            shapes = [None if tensor is None else tuple(tensor.shape) for tensor in (inputs, weight, bias)]
-            raise ValueError(f"matvec takes inputs [..., k], a contiguous weight [n, k] and bias [n] or None; got "
-                             f"shapes {shapes}.")
+                or (bias is not None and (bias.shape != (out_features,) or not bias.is_contiguous()))
+                or any(tensor.dtype != torch.float32 or tensor.device.type != "cpu" for tensor in tensors)):
+            described = [(tuple(tensor.shape), str(tensor.dtype), tensor.device.type) for tensor in tensors]
+            raise ValueError(f"matvec takes float32 CPU tensors: inputs [..., k], a contiguous weight [n, k] and "
+                             f"bias [n] or None; got {described}.")
         inputs = inputs.contiguous()
         output = inputs.new_empty((*inputs.shape[:-1], out_features))
         function(inputs.data_ptr(), inputs.numel() // in_features, out_features, in_features, weight.data_ptr(),

@@ -43,6 +43,18 @@ def test_the_kernel_computes_linear(out_features, in_features, leading, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize(("inputs", "weight", "bias"), [
+    (torch.randn(2, 5), torch.randn(3, 4), None),  # inputs' width is not the weight's
+    (torch.randn(2, 4), torch.randn(4, 3).t(), None),  # a transposed weight
+    (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)),  # a bias of another length
+    (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64), None),
+])
+def test_the_product_refuses_what_it_would_misread(inputs, weight, bias):
+    with pytest.raises(ValueError, match="matvec takes float32 CPU tensors"):
+        cpu_matvec.cpu_matvec()(inputs, weight, bias)
+
+
+@needs_kernel
 def test_each_output_is_the_same_whatever_the_batch_or_the_threads():
     """Every output is one thread's sum in one order: an item of a batch gets its values alone, bit for bit."""
     kernel = cpu_matvec.cpu_matvec()

@@ -3,9 +3,9 @@
  * y[r, j] = sum_i x[r, i] * w[j, i] (+ bias[j]) for a few rows r of x: a decoding step's products, which read
  * every weight once and so run at the speed of memory. Each thread takes blocks of eight weight rows and keeps
  * eight independent sums (one per row), so the loads of eight streams overlap; one sum per row would wait on its
- * own additions (eight rows read faster than four on a 2-core AMD EPYC: 17-19 ms against 21-23 for a bark-small
- * step's 48 products). Every output is summed by one thread in one order, whatever the thread count or the number of
- * rows of x, so a batch gets each item's values bit for bit. The threads are OpenMP's: linked by soname against
+ * own additions, and eight streams read faster than four on a 2-core AMD EPYC (docs/performance.md). Every output
+ * is summed by one thread in one order, whatever the thread count or the number of rows of x, so a batch gets each
+ * item's values bit for bit. The threads are OpenMP's: linked by soname against
  * libgomp.so.1, the library joins the OpenMP runtime that PyTorch has already loaded, and shares its threads.
  */
 #include <immintrin.h>

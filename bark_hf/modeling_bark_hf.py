@@ -259,7 +259,7 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         matvec = (products.matvec and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1] and weight.is_contiguous()
                   and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
         if matvec:
-            return matvec(inputs.contiguous(), weight, bias)
+            return matvec(inputs, weight, bias)  # it makes `inputs` contiguous
         if products.onednn:
             return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)

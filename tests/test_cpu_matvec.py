@@ -205,3 +205,9 @@ def _umask() -> int:
 def test_a_compiler_given_with_arguments(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "env cc")  # as "ccache gcc" is given
     assert cpu_matvec.cpu_matvec() is not None
+
+
+@needs_kernel
+def test_strided_inputs_are_read_as_their_values():
+    weight, inputs = torch.randn(24, 16), torch.randn(3, 32)[:, ::2]
+    torch.testing.assert_close(cpu_matvec.cpu_matvec()(inputs, weight, None), F.linear(inputs, weight))

@@ -53,7 +53,17 @@ from .configuration_bark_hf import (
     BarkHfSemanticConfig,
 )
 from .cpu_features import cpu_has_native_bfloat16, use_onednn_linear
-from .cpu_matvec import MATVEC_MAX_ROWS, cpu_matvec, matvec_wanted
+from .cpu_kernels import (
+    MATVEC_MAX_ROWS,
+    PLAIN_TENSORS,
+    BlockStepKernel,
+    BlockWeights,
+    PreparedBlock,
+    cpu_block_step,
+    cpu_kernels_wanted,
+    cpu_matvec,
+    prepare_block,
+)
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
     TOKENIZER_PAD_ID,
@@ -162,6 +172,20 @@ class BarkHfKVCache:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self[layer] for layer in range(len(self)))
 
+    def step_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """`layer`'s whole key and value buffers `[B, H, capacity, D]` and the positions they hold, for a kernel that
+        writes the next position into them itself and then calls `advance`; None where that write would not be
+        `update`'s (no buffer yet, no room left, static steps, or a buffer made in another inference mode)."""
+        keys = self._keys[layer]
+        if (self.static_steps or keys is None or keys.shape[-2] <= self._lengths[layer]
+                or keys.is_inference() != torch.is_inference_mode_enabled()):
+            return None
+        return keys, self._values[layer], self._lengths[layer]
+
+    def advance(self, layer: int) -> None:
+        """Count the position that a kernel wrote into `step_buffers(layer)`."""
+        self._lengths[layer] += 1
+
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key` and `value` `[B, H, T, D]` to `layer`; return all of its keys and values so far."""
         if self.static_steps:  # static shapes: the whole buffers, [B, H, max_length, D]
@@ -201,10 +225,11 @@ _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 
 class _CpuProducts(NamedTuple):
-    """The CPU's products for a stage's `generate` (see `linear`)."""
+    """The CPU's kernels for a stage's `generate` (see `linear` and `BarkHfCausalModel._cpu_block_step`)."""
 
-    matvec: bool  # `matvec_wanted`: `cpu_matvec` (built on first use) for inputs of at most MATVEC_MAX_ROWS rows
-    onednn: bool  # `use_onednn_linear`: oneDNN rather than MKL for the others
+    matvec: bool  # `cpu_kernels_wanted`: bark-hf's kernels (built on first use) for at most MATVEC_MAX_ROWS rows
+    onednn: bool  # `use_onednn_linear`: oneDNN rather than MKL for the other products
+    blocks: dict[nn.Module, PreparedBlock | None]  # each block's checked tensors, kept for this `generate` call
 
 
 # Set inside a stage's `generate` (`generation_kernels`); None elsewhere.
@@ -215,10 +240,10 @@ _CPU_PRODUCTS_IN_GENERATION: contextvars.ContextVar[_CpuProducts | None] = conte
 @contextlib.contextmanager
 def generation_kernels() -> Iterator[None]:
     """Inside, plain float32 linear layers on a CPU take the products chosen for generation (`linear`). The choice
-    (`matvec_wanted`, `use_onednn_linear`: the CPU, their switches, torch's oneDNN switch) is made once, on
+    (`cpu_kernels_wanted`, `use_onednn_linear`: the CPU, their switches, torch's oneDNN switch) is made once, on
     entering: not on every layer call of every step, and a bad switch value is reported at the call. The kernel is
     built at its first use, so that generation on a GPU never builds it."""
-    token = _CPU_PRODUCTS_IN_GENERATION.set(_CpuProducts(matvec_wanted(), use_onednn_linear()))
+    token = _CPU_PRODUCTS_IN_GENERATION.set(_CpuProducts(cpu_kernels_wanted(), use_onednn_linear(), {}))
     try:
         yield
     finally:
@@ -234,9 +259,6 @@ def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
     return generate
 
 
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-
-
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear`; inside `generation_kernels`, a decoding step's few rows go through bark-hf's own kernel
     (`cpu_matvec`), and larger products through oneDNN on CPUs where MKL is slow (`use_onednn_linear`).
@@ -250,7 +272,7 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if products is None or not (products.matvec or products.onednn):
         return F.linear(inputs, weight, bias)
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
-    if (all(type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
+    if (all(type(t) in PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
                 and t.layout == torch.strided for t in tensors)
             and weight.dim() == 2 and weight.shape[1] == inputs.shape[-1] > 0
             and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
@@ -391,6 +413,69 @@ class BarkHfBlock(GradientCheckpointingLayer):
         # the backward replay does not write the cache a second time.
         hidden_states = hidden_states + self.attn(self.layernorm_1(hidden_states), attention_mask, cache)
         return hidden_states + self.mlp(self.layernorm_2(hidden_states))
+
+    def cpu_step(self, kernel: BlockStepKernel, hidden_states: torch.Tensor, cache: BarkHfKVCache,
+                 key_mask: torch.Tensor | None, prepared: dict[nn.Module, PreparedBlock | None] | None = None) -> bool:
+        """This block's decoding step through bark-hf's CPU kernel (`cpu_block_step`): `hidden_states` [B, 1, C]
+        changed in place and the new keys and values written into `cache`, as `forward` would. False, with nothing
+        done, where the block is not the plain one the kernel computes (hooks, peft layers, a replaced module,
+        training mode; `quantize_int8`'s layers are computed, from their int8 values) or its tensors are not the
+        kernel's kind; the caller then calls the block.
+        `prepared` keeps each block's checked tensors for the rest of a `generate` call (`_CpuProducts.blocks`)."""
+        if prepared is None:
+            prepared = {}
+        if self not in prepared:
+            prepared[self] = self._prepared_for_cpu_steps()
+        block = prepared[self]
+        layer = self.attn.layer_idx
+        buffers = None if block is None else cache.step_buffers(layer)
+        if buffers is None or not kernel(hidden_states, block, *buffers, key_mask):
+            return False
+        cache.advance(layer)
+        return True
+
+    def _prepared_for_cpu_steps(self) -> PreparedBlock | None:
+        attn, mlp, norms = self.attn, self.mlp, (self.layernorm_1, self.layernorm_2)
+        others = (self, attn, mlp, *norms, mlp.gelu, attn.resid_dropout, mlp.dropout)
+        if (any(type(module) is not kind for module, kind in zip(others, _PLAIN_BLOCK_MODULES, strict=True))
+                or any(module.training or _changes_its_call(module) for module in (*others, *attn.children(),
+                                                                                   *mlp.children()))
+                or not attn.is_causal or mlp.gelu.approximate != "none"
+                or any(norm.normalized_shape != (attn.hidden_size,) for norm in norms)):
+            return None
+        linears = [_kernel_linear(layer) for layer in (attn.att_proj, attn.out_proj, mlp.in_proj, mlp.out_proj)]
+        if None in linears:
+            return None
+        (att, att_bias, _), (out, out_bias, _), (fc, fc_bias, _), (fc2, fc2_bias, _) = linears
+        weights = BlockWeights(norms[0].weight, norms[0].bias, att, att_bias, out, out_bias, norms[1].weight,
+                               norms[1].bias, fc, fc_bias, fc2, fc2_bias)
+        scales = tuple(scale for _, _, scale in linears)
+        return prepare_block(weights, attn.num_heads, (norms[0].eps, norms[1].eps), scales)
+
+
+# The other modules' types that `BarkHfBlock.cpu_step` computes, in the order `_prepared_for_cpu_steps` lists them.
+_PLAIN_BLOCK_MODULES = (BarkHfBlock, BarkHfAttention, BarkHfMLP, nn.LayerNorm, nn.LayerNorm, nn.GELU, nn.Dropout,
+                        nn.Dropout)
+
+
+def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """A linear layer's weight, bias and, for an int8 layer (`quantize_int8`), its scales (one per output row), as
+    `cpu_block_step` reads them; None for any other kind of layer. An int8 layer's values are copied out of its
+    packed form (a quarter of its float32 bytes, kept while a `generate` call lasts)."""
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias, None
+    if type(layer) is not torch.ao.nn.quantized.dynamic.Linear:
+        return None
+    weight = layer.weight()
+    scheme = weight.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric) and weight.q_zero_point() == 0:
+        scales = torch.full(weight.shape[:1], weight.q_scale(), dtype=torch.float32)
+    elif (scheme in (torch.per_channel_affine, torch.per_channel_symmetric) and weight.q_per_channel_axis() == 0
+          and not weight.q_per_channel_zero_points().any()):
+        scales = weight.q_per_channel_scales().to(torch.float32)
+    else:  # zero points would need their own sums
+        return None
+    return weight.int_repr(), layer.bias(), scales
 
 
 def holds_int8_layers(module: nn.Module) -> bool:
@@ -1300,8 +1385,16 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
 
         if use_cache and cache is None:
             cache = BarkHfKVCache(len(self.layers))
+        block_step, prepared = self._cpu_block_step(hidden_states, cache)
+        key_mask = None
+        if block_step is not None:
+            hidden_states = hidden_states.clone(memory_format=torch.contiguous_format)  # the kernel writes into it
+            if attention_mask is not None:  # each item's keys, and its new position (as `mask` has it)
+                key_mask = attention_mask.to(torch.bool, copy=True)
+                key_mask[:, -1] = True
         for block in self.layers:
-            hidden_states = block(hidden_states, mask, cache=cache)
+            if block_step is None or not block.cpu_step(block_step, hidden_states, cache, key_mask, prepared):
+                hidden_states = block(hidden_states, mask, cache=cache)
         hidden_states = self.layernorm_final(hidden_states)
         if logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]  # [B, keep, C]
@@ -1315,6 +1408,22 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if return_dict is False:
             return (logits, cache) if loss is None else (loss, logits, cache)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _cpu_block_step(self, hidden_states: torch.Tensor, cache: BarkHfKVCache | None
+                        ) -> tuple[BlockStepKernel | None, dict[nn.Module, PreparedBlock | None] | None]:
+        """bark-hf's block kernel (`BarkHfBlock.cpu_step`) for this pass, and the blocks it has prepared in this
+        `generate` call: a decoding step (one new position for each of at most MATVEC_MAX_ROWS items, after a
+        cache) on a CPU in float32, inside a stage's `generate` with the CPU kernels on, in evaluation, without
+        autograd or autocast; (None, None) otherwise. It rounds in its own order, like the kernel's products
+        (`linear`); each item's values stay those it gets alone."""
+        products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
+        if (products is None or not products.matvec or cache is None or cache.static_steps or self.training
+                or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MATVEC_MAX_ROWS
+                or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32
+                or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+            return None, None
+        kernel = cpu_block_step()
+        return (None, None) if kernel is None else (kernel, products.blocks)
 
     def _head_logits(self, hidden_states: torch.Tensor, vocab_rows: slice | None) -> torch.Tensor:
         """The head's logits `[..., V]`, or only `vocab_rows` of them.
@@ -2157,13 +2266,15 @@ class BarkHfModel(BarkHfPreTrainedModel):
     def quantize_int8(self) -> BarkHfModel:
         """Store the GPT stages' linear layers as int8 (dynamic quantisation), in place, for CPU inference.
 
-        One-token decoding reads every weight once per step, so a quarter of the bytes makes it about
-        2x faster on a CPU (the float32 keys and values are read as before); activations are quantised
-        per step and the codec stays float32. The coarse head stays float32 too: a step reads only one
+        One-token decoding reads every weight once per step, so a quarter of the bytes makes it faster on a
+        CPU (the float32 keys and values are read as before); the codec stays float32. Prefills quantise
+        their activations per pass (PyTorch's dynamic quantisation); decoding steps through bark-hf's CPU
+        kernels (`BarkHfBlock.cpu_step`) multiply float32 activations with the int8 weights instead, which is
+        faster and nearer float32. The coarse head stays float32 too: a step reads only one
         codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
-        tokens may differ from float32 ones (see docs/performance.md). One activation scale per layer
-        input also makes an item's tokens depend on the other items of a batch, and a run with the KV
-        cache differ from one without it (a prompt and a one-token step are scaled apart). A quantised
+        tokens may differ from float32 ones (see docs/performance.md). A prefill's one activation scale per
+        layer input also makes an item's tokens depend on the other items of a batch, and a run with the KV
+        cache differ from one without it (a prompt and a one-token step are computed apart). A quantised
         model is for eager generation only (it is left in eval mode): training, moving, casting or saving
         it raises an error, and it cannot be compiled.
         """

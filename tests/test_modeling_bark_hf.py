@@ -24,7 +24,7 @@ from conftest import randomize_
 from transformers import AutoModel, GenerationConfig
 
 import bark_hf.modeling_bark_hf as modeling
-from bark_hf import cpu_features, cpu_matvec
+from bark_hf import cpu_features, cpu_kernels
 from bark_hf.configuration_bark_hf import (
     BarkHfCoarseConfig,
     BarkHfConfig,
@@ -129,7 +129,7 @@ def test_logits_to_keep(causal, keep):
 
 needs_onednn = pytest.mark.skipif(not cpu_features._onednn_built(), reason="this PyTorch has no oneDNN")
 ONEDNN_OP = "mkldnn::_linear_pointwise"
-MATVEC_BUILT = not isinstance(cpu_matvec._load(), cpu_matvec.MatvecUnavailable)
+MATVEC_BUILT = not isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable)
 needs_matvec = pytest.mark.skipif(not MATVEC_BUILT, reason="bark-hf's CPU matrix-vector kernel cannot be built here")
 
 
@@ -145,7 +145,7 @@ def test_vocab_rows_are_exactly_those_of_the_whole_head(causal, rows, grad, oned
     other vendors' CPUs), which rounds the original's products differently anyway, within float rounding of
     them."""
     monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", onednn)
-    monkeypatch.setenv("BARK_HF_CPU_MATVEC", matvec)
+    monkeypatch.setenv("BARK_HF_CPU_KERNELS", matvec)
     same = torch.equal if onednn == "0" else functools.partial(torch.allclose, rtol=1e-6, atol=1e-6)
     with torch.set_grad_enabled(grad), modeling.generation_kernels():
         ids = _ids(3, 10, seed=5)
@@ -180,7 +180,7 @@ class _Wrapped(torch.Tensor):
 @needs_onednn
 def test_linear_layers_take_onednn_only_in_generation_without_autograd_autocast_or_hooks(monkeypatch):
     monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", "1")
-    monkeypatch.setenv("BARK_HF_CPU_MATVEC", "0")  # its own test: test_cpu_matvec.py
+    monkeypatch.setenv("BARK_HF_CPU_KERNELS", "0")  # its own test: test_cpu_kernels.py
     layer, inputs = torch.nn.Linear(16, 24), torch.randn(2, 3, 16)
     with torch.no_grad():
         assert ONEDNN_OP not in _ops_run(lambda: modeling.project(layer, inputs))  # evaluation, scoring
@@ -227,29 +227,30 @@ def test_linear_layers_take_onednn_only_in_generation_without_autograd_autocast_
         assert torch.equal(modeling.project(replaced, inputs), torch.zeros(7))
 
 
-CPU_PRODUCTS = {  # BARK_HF_CPU_MATVEC, BARK_HF_ONEDNN_LINEAR, whether this machine has it
+CPU_PRODUCTS = {  # BARK_HF_CPU_KERNELS, BARK_HF_ONEDNN_LINEAR, whether this machine has it
     "mkl": ("0", "0", True),
     "onednn": ("0", "1", cpu_features._onednn_built()),
-    "matvec kernel": ("1", "0", MATVEC_BUILT),
+    "bark-hf's kernels": ("1", "0", MATVEC_BUILT),
 }
 
 
 def test_greedy_generation_is_the_same_through_every_cpu_product(model, monkeypatch):
-    """MKL (PyTorch's default), oneDNN and bark-hf's matrix-vector kernel round differently in the last bits;
-    the tokens must not change (they are tested equal to the original's in test_parity_original.py)."""
+    """MKL (PyTorch's default), oneDNN and bark-hf's kernels (products and whole block steps) round differently in
+    the last bits; the tokens must not change (they are tested equal to the original's in test_parity_original.py)."""
     outputs = {}
-    for name, (matvec, onednn, available) in CPU_PRODUCTS.items():
+    for name, (kernels, onednn, available) in CPU_PRODUCTS.items():
         if not available:
             continue
-        monkeypatch.setenv("BARK_HF_CPU_MATVEC", matvec)
+        monkeypatch.setenv("BARK_HF_CPU_KERNELS", kernels)
         monkeypatch.setenv("BARK_HF_ONEDNN_LINEAR", onednn)
-        kernel_calls = []
-        monkeypatch.setattr(modeling, "cpu_matvec", _counting(cpu_matvec.cpu_matvec, kernel_calls))
+        product_calls, block_calls = [], []
+        monkeypatch.setattr(modeling, "cpu_matvec", _counting(cpu_kernels.cpu_matvec, product_calls))
+        monkeypatch.setattr(modeling, "cpu_block_step", _counting(cpu_kernels.cpu_block_step, block_calls))
         with torch.profiler.profile() as profile:
             outputs[name] = model.generate(INPUT_IDS, ATTENTION_MASK, semantic_allow_early_stop=False,
                                            semantic_max_new_tokens=40, return_dict_in_generate=True, **GREEDY, **QUIET)
         assert (ONEDNN_OP in {event.name for event in profile.events()}) is (onednn == "1")
-        assert bool(kernel_calls) is (matvec == "1")
+        assert bool(product_calls) is bool(block_calls) is (kernels == "1")
     reference = outputs.pop("mkl")
     assert reference.fine_tokens.shape[-1] == 60  # 40 semantic tokens: 60 frames, two coarse windows
     for name, output in outputs.items():
@@ -259,12 +260,12 @@ def test_greedy_generation_is_the_same_through_every_cpu_product(model, monkeypa
 
 
 def _counting(get_kernel, calls: list):
-    """`cpu_matvec` whose kernel records each call in `calls`."""
-    def counted_cpu_matvec():
+    """`cpu_matvec` or `cpu_block_step` whose kernel records each call in `calls`."""
+    def counted():
         kernel = get_kernel()
         return None if kernel is None else lambda *args: calls.append(1) or kernel(*args)
 
-    return counted_cpu_matvec
+    return counted
 
 
 def test_forward_arguments_keep_their_positions(causal):

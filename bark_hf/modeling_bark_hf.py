@@ -227,7 +227,7 @@ _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 class _CpuProducts(NamedTuple):
     """The CPU's kernels for a stage's `generate` (see `linear` and `BarkHfCausalModel._cpu_block_step`)."""
 
-    matvec: bool  # `cpu_kernels_wanted`: bark-hf's kernels (built on first use) for at most MATVEC_MAX_ROWS rows
+    cpu_kernels: bool  # `cpu_kernels_wanted`: bark-hf's kernels (built on first use) for at most MATVEC_MAX_ROWS rows
     onednn: bool  # `use_onednn_linear`: oneDNN rather than MKL for the other products
     blocks: dict[nn.Module, PreparedBlock | None]  # each block's checked tensors, kept for this `generate` call
 
@@ -269,7 +269,7 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     # is_compiling first: torch.compile cannot trace a ContextVar.
     products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
-    if products is None or not (products.matvec or products.onednn):
+    if products is None or not (products.cpu_kernels or products.onednn):
         return F.linear(inputs, weight, bias)
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
     if (all(type(t) in PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
@@ -278,8 +278,8 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu")):
-        matvec = (products.matvec and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1] and weight.is_contiguous()
-                  and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
+        matvec = (products.cpu_kernels and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1]
+                  and weight.is_contiguous() and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
         if matvec:
             return matvec(inputs, weight, bias)  # it makes `inputs` contiguous
         if products.onednn:
@@ -1417,7 +1417,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         autograd or autocast; (None, None) otherwise. It rounds in its own order, like the kernel's products
         (`linear`); each item's values stay those it gets alone."""
         products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
-        if (products is None or not products.matvec or cache is None or cache.static_steps or self.training
+        if (products is None or not products.cpu_kernels or cache is None or cache.static_steps or self.training
                 or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MATVEC_MAX_ROWS
                 or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):

@@ -88,7 +88,7 @@ class PreparedBlock(NamedTuple):
     """A block's tensors, checked once, for the kernel of `cpu_block_step`. Made by `prepare_block` only: the kernel
     trusts its checks of the weights' shapes and kinds."""
 
-    weights: BlockWeights  # contiguous CPU tensors of `width`'s shapes: float32, or int8 where `scales` has them
+    weights: BlockWeights  # contiguous CPU tensors of `width`'s shapes: float32, or int8 tiles where `scales` has them
     scales: tuple[torch.Tensor | None, ...]  # per product (att_proj, out_proj, in_proj, mlp_out): float32 [out] or None
     width: int
     num_heads: int
@@ -96,13 +96,17 @@ class PreparedBlock(NamedTuple):
 
 
 _PRODUCT_WEIGHTS = ("att_proj_weight", "out_proj_weight", "in_proj_weight", "mlp_out_weight")
+# The kernel reads int8 weights [n, k] in tiles of this many rows by this many columns (`weights_t` in the C source):
+# its block of rows is then one stream of memory.
+INT8_TILE = 8
 
 
 def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[float, float],
                   scales: tuple[torch.Tensor | None, ...] = (None,) * 4) -> PreparedBlock | None:
     """`weights` ready for `cpu_block_step`'s kernel, or None where they are not its kind: each a plain contiguous
     CPU tensor of the block's shape, float32, or int8 for a product whose `scales` (float32, one per output row:
-    weight = int8 value * scale) are given. The kernel reads raw memory, so a wrong shape would read out of bounds.
+    weight = int8 value * scale) are given, with a width that is a multiple of `INT8_TILE`. The kernel reads raw
+    memory, so a wrong shape would read out of bounds. int8 weights are copied into the kernel's tiles.
     Checking once per `generate`, rather than at every step, keeps the checks out of the steps' time."""
     products = [getattr(weights, name) for name in _PRODUCT_WEIGHTS]
     if len(scales) != len(products) or any(weight is None for weight in products) or products[0].dim() != 2:
@@ -111,6 +115,8 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
     if num_heads < 1 or width < 1 or width % num_heads:
         return None
     int8_weights = {name for name, scale in zip(_PRODUCT_WEIGHTS, scales, strict=True) if scale is not None}
+    if int8_weights and width % INT8_TILE:
+        return None
     for (name, tensor), shape in zip(weights._asdict().items(), _block_shapes(width), strict=True):
         dtype = torch.int8 if name in int8_weights else torch.float32
         if tensor is not None and not (_is_on_cpu(tensor, dtype) and tuple(tensor.shape) == shape):
@@ -118,7 +124,14 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
     if not all(scale is None or (_is_on_cpu(scale, torch.float32) and scale.shape == weight.shape[:1])
                for scale, weight in zip(scales, products, strict=True)):
         return None
-    return PreparedBlock(weights, tuple(scales), width, num_heads, layernorm_eps)
+    tiled = weights._replace(**{name: _int8_tiles(getattr(weights, name)) for name in int8_weights})
+    return PreparedBlock(tiled, tuple(scales), width, num_heads, layernorm_eps)
+
+
+def _int8_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """int8 `weight` [n, k] as [n / INT8_TILE, k / INT8_TILE, INT8_TILE, INT8_TILE]: tiles of rows by columns."""
+    rows, columns = weight.shape
+    return weight.view(rows // INT8_TILE, INT8_TILE, columns // INT8_TILE, INT8_TILE).transpose(1, 2).contiguous()
 
 
 def _is_on_cpu(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:

@@ -461,12 +461,12 @@ _PLAIN_BLOCK_MODULES = (BarkHfBlock, BarkHfAttention, BarkHfMLP, nn.LayerNorm, n
 def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """A linear layer's weight, bias and, for an int8 layer (`quantize_int8`), its scales (one per output row), as
     `cpu_block_step` reads them; None for any other kind of layer. An int8 layer's values are copied out of its
-    packed form (a quarter of its float32 bytes, kept while a `generate` call lasts)."""
+    packed form (a quarter of its float32 bytes; `prepare_block` tiles them, kept while a `generate` call lasts)."""
     if type(layer) is nn.Linear:
         return layer.weight, layer.bias, None
     if type(layer) is not torch.ao.nn.quantized.dynamic.Linear:
         return None
-    weight = layer.weight()
+    weight, bias = layer._weight_bias()  # unpacked once: its weight() and bias() would each unpack the layer
     scheme = weight.qscheme()
     if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric) and weight.q_zero_point() == 0:
         scales = torch.full(weight.shape[:1], weight.q_scale(), dtype=torch.float32)
@@ -475,7 +475,7 @@ def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
         scales = weight.q_per_channel_scales().to(torch.float32)
     else:  # zero points would need their own sums
         return None
-    return weight.int_repr(), layer.bias(), scales
+    return weight.int_repr(), bias, scales
 
 
 def holds_int8_layers(module: nn.Module) -> bool:

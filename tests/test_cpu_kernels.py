@@ -392,23 +392,28 @@ def test_forward_takes_the_block_step_only_for_generation_steps(monkeypatch):
     assert len(calls) == 4
 
 
+def _int8_block(block: modeling.BarkHfBlock, qconfig: str = "default_dynamic_qconfig") -> modeling.BarkHfBlock:
+    with warnings.catch_warnings():  # torch.ao is marked deprecated
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(block), {torch.nn.Linear: getattr(torch.ao.quantization, qconfig)}, dtype=torch.qint8).eval()
+
+
 @needs_kernel
 @pytest.mark.parametrize("qconfig", ["default_dynamic_qconfig", "per_channel_dynamic_qconfig"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_block_step_reads_int8_layers_as_their_values_times_their_scales(qconfig, bias):
+@pytest.mark.parametrize(("width", "heads"), [(48, 4), (64, 2)])  # products of 6 to 32 tiles of columns
+def test_the_block_step_reads_int8_layers_as_their_values_times_their_scales(qconfig, bias, width, heads):
     """`quantize_int8`'s layers: the step multiplies float32 inputs with the int8 weights, so it equals the block
     whose weights are the dequantised ones (activations are not quantised, unlike the int8 layers' own call)."""
-    block = _block(48, 4, bias, seed=3)
-    with warnings.catch_warnings():  # torch.ao is marked deprecated
-        warnings.simplefilter("ignore")
-        int8 = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(block), {torch.nn.Linear: getattr(torch.ao.quantization, qconfig)}, dtype=torch.qint8).eval()
+    block = _block(width, heads, bias, seed=3)
+    int8 = _int8_block(block, qconfig)
     dequantized = copy.deepcopy(block)
     for name in ("attn.att_proj", "attn.out_proj", "mlp.in_proj", "mlp.out_proj"):
         dequantized.get_submodule(name).weight.data = int8.get_submodule(name).weight().dequantize()
     keys, values = _random_cache_contents(2, block, 6, seed=4)
     cache, expected_cache = _cache(keys, values), _cache(keys, values)
-    hidden = torch.randn(2, 1, 48, generator=torch.Generator().manual_seed(5))
+    hidden = torch.randn(2, 1, width, generator=torch.Generator().manual_seed(5))
     stepped = hidden.clone()
     with torch.no_grad():
         expected = dequantized(hidden, cache=expected_cache)
@@ -417,3 +422,14 @@ def test_the_block_step_reads_int8_layers_as_their_values_times_their_scales(qco
     for got, want in zip(cache[0], expected_cache[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(dequantized.mlp.in_proj.weight, block.mlp.in_proj.weight)  # int8 rounding: not a no-op
+
+
+@needs_kernel
+def test_an_int8_block_whose_width_the_tiles_do_not_divide_is_left_to_pytorch():
+    """The kernel reads int8 weights in tiles of INT8_TILE rows and columns; another width keeps torch's layers."""
+    block = _int8_block(_block(36, 4, True, seed=6))
+    keys, values = _random_cache_contents(1, block, 3, seed=7)
+    cache = _cache(keys, values)
+    with torch.no_grad():
+        assert not block.cpu_step(cpu_kernels.cpu_block_step(), torch.randn(1, 1, 36), cache, None)
+    assert cache.length == 3

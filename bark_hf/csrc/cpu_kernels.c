@@ -34,21 +34,24 @@ static inline float finish(float value, enum epilogue epilogue, float old) {
     return epilogue == ADD ? old + value : value;
 }
 
-/* A weight matrix [n, k]: float32 values, or int8 values with one scale per row (a row's weights are its values
- * times its scale, as in torch's symmetric int8 quantisation), read as they are: a quarter of the bytes. */
+/* A weight matrix [n, k]: float32 values, row by row; or int8 values with one scale per row (a row's weights are
+ * its values times its scale, as in torch's symmetric int8 quantisation), read as they are: a quarter of the
+ * bytes. int8 values come in tiles (cpu_kernels.prepare_block packs them): [n / 8][k / 8][8 rows][8 columns], so
+ * that a block of eight rows is one stream of memory. Read as eight streams of 8 bytes, as float32 rows are, they
+ * came at less than half the speed (docs/performance.md). n and k are multiples of 8 for int8. */
 typedef struct {
     const void *values;
     const float *scales; /* NULL: float32 values */
 } weights_t;
 
 /* The sums of x with `count` rows (<= BLOCK_ROWS) of w starting at row `first`, into sums[0..count). A short
- * block reads its first row in place of the missing ones and drops those sums. */
+ * block (float32 only) reads its first row in place of the missing ones and drops those sums. */
 static void row_sums(const float *x, long k, weights_t w, long first, int count, float *sums) {
     __m256 acc[BLOCK_ROWS];
     for (int j = 0; j < BLOCK_ROWS; j++) acc[j] = _mm256_setzero_ps();
-    long i = 0;
     if (!w.scales) {
         const float *rows[BLOCK_ROWS];
+        long i = 0;
         for (int j = 0; j < BLOCK_ROWS; j++) rows[j] = (const float *)w.values + (first + (j < count ? j : 0)) * k;
         for (; i + 8 <= k; i += 8) {
             __m256 xv = _mm256_loadu_ps(x + i);
@@ -60,20 +63,15 @@ static void row_sums(const float *x, long k, weights_t w, long first, int count,
         }
         return;
     }
-    const signed char *rows[BLOCK_ROWS];
-    for (int j = 0; j < BLOCK_ROWS; j++) rows[j] = (const signed char *)w.values + (first + (j < count ? j : 0)) * k;
-    for (; i + 8 <= k; i += 8) {
+    const signed char *tile = (const signed char *)w.values + first * k;
+    for (long i = 0; i < k; i += 8, tile += 8 * BLOCK_ROWS) {
         __m256 xv = _mm256_loadu_ps(x + i);
         for (int j = 0; j < BLOCK_ROWS; j++) {
-            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(rows[j] + i)));
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(tile + 8 * j)));
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, acc[j]);
         }
     }
-    for (int j = 0; j < count; j++) {
-        float sum = sum_lanes(acc[j]);
-        for (long t = i; t < k; t++) sum += rows[j][t] * x[t];
-        sums[j] = sum * w.scales[first + j];
-    }
+    for (int j = 0; j < count; j++) sums[j] = sum_lanes(acc[j]) * w.scales[first + j];
 }
 
 /* Rows [first, first + count) of y for every row of x. */
@@ -173,8 +171,8 @@ static void attend(const float *qkv, long m, long width, long heads, const float
 
 /* One decoding step of a pre-LayerNorm GPT block (bark_hf.modeling_bark_hf.BarkHfBlock in evaluation) for m
  * items, one new position each: x (m rows of width) += attention(LN1(x)); x += MLP(LN2(x)), in place.
- * Weights are nn.Linear's [out, in], contiguous: float32, or int8 where that product's scales (one per output) are
- * given; any bias or LayerNorm weight may be NULL. The cache holds each item's keys and values at
+ * Weights are nn.Linear's [out, in], contiguous: float32, or int8 in tiles (weights_t; width a multiple of 8) where
+ * that product's scales (one per output) are given; any bias or LayerNorm weight may be NULL. The cache holds each item's keys and values at
  * keys + item * item_stride + head * head_stride + position * head_dim; this step writes position `past` and
  * attends to positions 0 to past, those that key_mask (m rows of past + 1, or NULL for all) allows. Returns 0, or
  * -1 where the scratch memory could not be had. */

@@ -186,6 +186,26 @@ class BarkHfKVCache:
         """Count the position that a kernel wrote into `step_buffers(layer)`."""
         self._lengths[layer] += 1
 
+    def keep(self, rows: list[int], start: int) -> None:
+        """Keep batch `rows` of every layer alone, from position `start` on (a left padding that no row kept needs):
+        for a batch that goes on after some of its items have left. New buffers of the same capacity."""
+        if start == 0 and all(keys is None or rows == list(range(keys.shape[0])) for keys in self._keys):
+            return
+        written = int(self.write_position) if self.static_steps else None  # static steps leave the lengths as they were
+        for layer, keys in enumerate(self._keys):
+            if keys is None:
+                continue
+            index = torch.tensor(rows, device=keys.device)
+            end = self._lengths[layer] if written is None else written
+            for buffers in (self._keys, self._values):
+                kept = buffers[layer].new_zeros(len(rows), *buffers[layer].shape[1:])  # [rows, H, capacity, D]
+                kept[:, :, : end - start] = buffers[layer][index, :, start:end]
+                buffers[layer] = kept
+            self._lengths[layer] = end - start
+        self.allocations += 1
+        if self.static_steps:
+            self.write_position -= start
+
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key` and `value` `[B, H, T, D]` to `layer`; return all of its keys and values so far."""
         if self.static_steps:  # static shapes: the whole buffers, [B, H, max_length, D]
@@ -1764,6 +1784,30 @@ class _CoarseItem:
     n_steps: int  # coarse tokens to generate
 
 
+@dataclass
+class _CoarseWindow:
+    """A coarse window's tokens, left-padded: `ids` `[B, pads + context + new tokens]`, row by row for `items`."""
+
+    items: list[_CoarseItem]
+    ids: torch.Tensor
+    pads: list[int]
+    n_new: int
+
+    def rows_continued_by(self, items: list[_CoarseItem], contexts: list[torch.Tensor]) -> list[int] | None:
+        """The rows of this window that `items` go on from, or None. An item goes on from its row where its next
+        window's input, `context`, is that row, generated tokens and all (the semantic window has not moved and
+        the coarse history is not yet cut): the cache then holds all of it but the last token, and the next
+        window's prefill would recompute it. Every item must, so that a batch is one forward pass."""
+        rows = []
+        for item, context in zip(items, contexts, strict=True):
+            row = next((row for row, known in enumerate(self.items) if known is item), None)
+            if row is None or context.shape[0] != self.ids.shape[1] - self.pads[row] or not torch.equal(
+                    context, self.ids[row, self.pads[row] :]):
+                return None
+            rows.append(row)
+        return rows
+
+
 class BarkHfCoarseModel(BarkHfCausalModel):
     """Semantic tokens -> the first two EnCodec codebooks, interleaved frame by frame."""
 
@@ -1813,14 +1857,19 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         # compiled step fits them all.
         cache = self._new_cache(longest_window - 1, compile) if use_cache else None
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
+        window = None
         for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse",
                                   leave=_leave_stage_bar()):
             first_step = index * config.sliding_window_len  # every item still here has made this many steps
             active = [item for item in items if item.n_steps > first_step]
             contexts = [self._window_context(item, first_step, config) for item in active]
             counts = [min(config.sliding_window_len, item.n_steps - first_step) for item in active]
-            generated = self._generate_window(contexts, config, first_step, max(counts), cache, compile, saw_nan)
-            for item, tokens, count in zip(active, generated, counts, strict=True):
+            rows = None if window is None or cache is None else window.rows_continued_by(active, contexts)
+            n_new = max(counts)
+            ids, pads = self._generate_window(contexts, config, first_step, n_new, cache, compile, saw_nan,
+                                              None if rows is None else (window, rows))
+            window = _CoarseWindow(active, ids, pads, n_new)
+            for item, tokens, count in zip(active, ids[:, -n_new:], counts, strict=True):
                 item.coarse = torch.cat([item.coarse, tokens[:count]])
         raise_if_nan(saw_nan, "coarse", config.temperature)
 
@@ -1889,42 +1938,58 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         cache: BarkHfKVCache | None,
         compile: bool,
         saw_nan: torch.Tensor,
-    ) -> torch.Tensor:
-        """`n_steps` new tokens `[B, n_steps]` after each of `contexts` (1-D, any lengths), from step `first_step`.
+        previous: tuple[_CoarseWindow, list[int]] | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`n_steps` new tokens after each of `contexts` (1-D, any lengths), from step `first_step`: the window's
+        tokens `[B, pads + context + n_steps]` and each row's left padding.
 
         The contexts are left-padded to the longest, with an attention mask and positions that start
         at 0 at each item's first real token, as each item's own input would. One prefill into the
         emptied `cache` (None: no cache), then one token per step. Without padding (a batch of one, or
         equal lengths) there is no mask, and the SDPA calls are the original's.
+        `previous`, a window and the row of it that each context is (`_CoarseWindow.rows_continued_by`), replaces
+        the prefill with one step on from the cache that window left: the same values, rounded in another order.
         """
         n_codebooks, codebook_size = config.n_coarse_codebooks, config.codebook_size
-        longest = max(context.shape[0] for context in contexts)
-        ids = contexts[0].new_full((len(contexts), longest + n_steps), config.coarse_semantic_pad_token)
-        for row, context in enumerate(contexts):
-            ids[row, longest - context.shape[0] : longest] = context  # [B, longest + n_steps]: left-padded
-        pads = _int_column([longest - context.shape[0] for context in contexts], ids.device)  # [B, 1]
+        pad_token = config.coarse_semantic_pad_token
+        if previous is not None:
+            window, rows = previous
+            pads = [window.pads[row] for row in rows]
+            unused = min(pads)  # columns of padding alone, once the longest items have left
+            pads = [pad - unused for pad in pads]
+            cache.keep(rows, unused)
+            known = window.ids[rows, unused:]
+            ids = torch.cat([known, known.new_full((len(rows), n_steps), pad_token)], dim=1)
+            longest = known.shape[1]
+        else:
+            longest = max(context.shape[0] for context in contexts)
+            ids = contexts[0].new_full((len(contexts), longest + n_steps), pad_token)
+            for row, context in enumerate(contexts):
+                ids[row, longest - context.shape[0] : longest] = context  # [B, longest + n_steps]: left-padded
+            pads = [longest - context.shape[0] for context in contexts]
+            if cache is not None:
+                cache.reset()
+        pad_column = _int_column(pads, ids.device)  # [B, 1]
         mask = positions = None
-        if any(context.shape[0] != longest for context in contexts):
-            mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pads  # [B, longest + n_steps]
+        if any(pads):
+            mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pad_column  # [B, longest + n_steps]
             positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, longest + n_steps]
 
-        if cache is not None:
-            cache.reset()
         for offset in range(n_steps):
             end = longest + offset  # the tokens known so far
             first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
             codebook = slice(first_code, first_code + codebook_size)  # this step's codebook: its logits alone
-            if cache is None or offset == 0:  # the whole input: the prefill, or every step without a cache
+            if cache is None or (offset == 0 and previous is None):  # the whole input: a prefill, or no cache
                 logits = self._next_logits(self.input_embeds_layer(ids[:, :end]), cache,
                                            None if mask is None else mask[:, :end],
                                            None if positions is None else positions[:, :end], codebook)  # [B, 1024]
             else:
-                logits = self._decode(ids[:, end - 1 : end], cache, pads, compile,
+                logits = self._decode(ids[:, end - 1 : end], cache, pad_column, compile,
                                       None if mask is None else mask[:, :end],
                                       None if positions is None else positions[:, end - 1 : end], codebook)
             probs = sampling_probabilities(logits, config.temperature, config.top_k, config.top_p)
             ids[:, end] = sample_tokens(probs, saw_nan)[:, 0] + first_code
-        return ids[:, longest:]
+        return ids, pads
 
 
 def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGenerationConfig,

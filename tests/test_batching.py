@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TEXTS, random_voice_preset
 
+import bark_hf.modeling_bark_hf as modeling
 from bark_hf.modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfKVCache
 
 QUIET = dict(show_progress=False)
@@ -118,6 +119,64 @@ def test_coarse_empty_item_in_a_batch(ours):
     alone = coarse.generate(semantic[0][None], top_k=1, **QUIET)
     assert batch.lengths.tolist() == [30, 0]
     assert torch.equal(batch.sequences[0], alone.sequences[0])
+
+
+def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, monkeypatch):
+    """Until the semantic window moves and the coarse history is cut, a window's input is the last window's
+    sequence: it goes on from that window's cache instead of a prefill, batched and alone, with the tokens of
+    runs that prefill every window. Here the item with the longest input leaves after the first window, so the
+    batch goes on with two of its rows and without the padding only that item needed."""
+    coarse = ours[0].coarse_acoustics
+    presets = [random_voice_preset(5, n_semantic=20), random_voice_preset(6, n_semantic=50), None]
+    semantic = _random_semantic([70, 15, 40], seed=4)  # 210, 45 and 120 coarse tokens: 4, 1 and 2 windows
+    tokens, lengths = _padded(semantic, SEMANTIC_PAD)
+    continued, kept = [], []
+    rows_continued_by, keep = modeling._CoarseWindow.rows_continued_by, BarkHfKVCache.keep
+
+    def spy_rows(window, items, contexts):
+        continued.append(rows_continued_by(window, items, contexts))
+        return continued[-1]
+
+    def spy_keep(cache, rows, start):
+        kept.append((rows, start))
+        keep(cache, rows, start)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(modeling._CoarseWindow, "rows_continued_by", spy_rows)
+        patched.setattr(BarkHfKVCache, "keep", spy_keep)
+        batch = coarse.generate(tokens, lengths, presets, top_k=1, **QUIET)
+        assert continued == [[0, 2], [0], [0]]  # every window after the first
+        assert kept[0] == ([0, 2], 90)  # contexts of 257 + 58, 257 + 148 and 257 tokens: pads of 90, 0 and 148
+        singles = [coarse.generate(item[None], None, preset, top_k=1, **QUIET)
+                   for item, preset in zip(semantic, presets, strict=True)]
+    _assert_items_equal(batch, singles, CODEBOOK_SIZE)
+    monkeypatch.setattr(modeling._CoarseWindow, "rows_continued_by", lambda *args: None)
+    prefilled = coarse.generate(tokens, lengths, presets, top_k=1, **QUIET)
+    assert torch.equal(batch.sequences, prefilled.sequences) and torch.equal(batch.lengths, prefilled.lengths)
+
+
+def test_a_coarse_window_goes_on_only_from_its_own_row(ours, monkeypatch):
+    """A window goes on from the last only where its input is that item's row, generated tokens and all. A long
+    preset moves the semantic window from the first window on: every window is prefilled."""
+    item = modeling._CoarseItem(torch.arange(3), torch.arange(2), 0, 0, 4)
+    window = modeling._CoarseWindow([item], torch.tensor([[7, 7, 1, 2, 3]]), [2], 1)
+    assert window.rows_continued_by([item], [torch.tensor([1, 2, 3])]) == [0]
+    assert window.rows_continued_by([item], [torch.tensor([7, 1, 2, 3])]) is None  # the padding is not its input
+    assert window.rows_continued_by([item], [torch.tensor([2, 3])]) is None  # cut: positions moved
+    assert window.rows_continued_by([item], [torch.tensor([1, 2, 4])]) is None
+    assert window.rows_continued_by([copy.copy(item)], [torch.tensor([1, 2, 3])]) is None  # another item
+
+    continued = []
+    rows_continued_by = modeling._CoarseWindow.rows_continued_by
+
+    def spy_rows(window, items, contexts):
+        continued.append(rows_continued_by(window, items, contexts))
+        return continued[-1]
+
+    monkeypatch.setattr(modeling._CoarseWindow, "rows_continued_by", spy_rows)
+    ours[0].coarse_acoustics.generate(_random_semantic([70])[0][None], None, random_voice_preset(7, n_semantic=400),
+                                      top_k=1, **QUIET)
+    assert continued == [None, None, None]
 
 
 # --- fine ---------------------------------------------------------------------------------------
@@ -239,6 +298,35 @@ def test_cache_grows_past_its_size():
     assert cache.length == 7
     with pytest.raises(IndexError, match="holds nothing yet"):
         BarkHfKVCache(num_layers=2)[1]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_keeps_rows_from_a_position_on(static):
+    cache = BarkHfKVCache(num_layers=2, max_length=8)
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    for layer in range(2):
+        cache.update(layer, keys, values)
+    if static:  # the compiled steps: the lengths stay, the write position counts
+        cache.start_static_steps()
+        for layer in range(2):
+            cache.update(layer, keys[:, :, :1], values[:, :, :1])
+        cache.write_position += 1
+    allocations = cache.allocations
+    cache.keep([0, 2], 0)  # rows only
+    cache.keep([1], 2)  # then from position 2: the old row 2
+    length = 4 if static else 3
+    assert cache.allocations == allocations + 2
+    for layer in range(2):
+        key, value = (buffer[:, :, :length] for buffer in (cache._keys[layer], cache._values[layer]))
+        assert key.shape == (1, 2, length, 4) and cache._keys[layer].shape[2] == 8
+        assert torch.equal(key[:, :, :3], keys[2:, :, 2:]) and torch.equal(value[:, :, :3], values[2:, :, 2:])
+        if static:
+            assert torch.equal(key[:, :, 3], keys[2:, :, 0])
+    assert cache.length == length
+    if static:
+        assert cache.write_position.tolist() == [4]
+    cache.keep([0], 0)  # everything: nothing copied
+    assert cache.allocations == allocations + 2
 
 
 def test_cache_reuse_keeps_buffers_and_reallocates_when_it_must():

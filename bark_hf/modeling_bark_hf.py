@@ -111,8 +111,8 @@ class BarkHfKVCache:
     """Keys and values of every causal layer, written in place into buffers `[B, H, max_length, D]`.
 
     Generation sizes the cache for a whole run (semantic) or the longest window (coarse, emptied with
-    `reset` between windows) up front, so a decoding step copies one position per layer instead of
-    regrowing every layer's tensors with `torch.cat`.
+    `reset` between windows, unless a window goes on from the last) up front, so a decoding step copies one
+    position per layer instead of regrowing every layer's tensors with `torch.cat`.
     A layer's buffer is allocated at its first write, on that layer's device and dtype (device maps
     work unchanged). A write past `max_length` grows the buffer to fit, which is what a plain
     `forward(use_cache=True)` relies on. `cache[layer]` is that layer's filled part as a `(key, value)`
@@ -1791,7 +1791,6 @@ class _CoarseWindow:
     items: list[_CoarseItem]
     ids: torch.Tensor
     pads: list[int]
-    n_new: int
 
     def rows_continued_by(self, items: list[_CoarseItem], contexts: list[torch.Tensor]) -> list[int] | None:
         """The rows of this window that `items` go on from, or None. An item goes on from its row where its next
@@ -1835,7 +1834,8 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         semantic stage's `generate`. Follows bark/generation.py `generate_coarse`.
 
         The items go through their sliding windows together: window `w` of every item that has one
-        is a single left-padded batch (`_generate_window`); an item leaves after its last window.
+        is a single left-padded batch (`_generate_window`); an item leaves after its last window. A window
+        whose input is the last window's sequence goes on from its cache (`_CoarseWindow.rows_continued_by`).
         """
         config = self._call_generation_config(generation_config, settings)
         use_cache = self._generation_uses_cache(use_cache)
@@ -1868,7 +1868,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             n_new = max(counts)
             ids, pads = self._generate_window(contexts, config, first_step, n_new, cache, compile, saw_nan,
                                               None if rows is None else (window, rows))
-            window = _CoarseWindow(active, ids, pads, n_new)
+            window = _CoarseWindow(active, ids, pads)
             for item, tokens, count in zip(active, ids[:, -n_new:], counts, strict=True):
                 item.coarse = torch.cat([item.coarse, tokens[:count]])
         raise_if_nan(saw_nan, "coarse", config.temperature)

@@ -159,7 +159,7 @@ def test_a_coarse_window_goes_on_only_from_its_own_row(ours, monkeypatch):
     """A window goes on from the last only where its input is that item's row, generated tokens and all. A long
     preset moves the semantic window from the first window on: every window is prefilled."""
     item = modeling._CoarseItem(torch.arange(3), torch.arange(2), 0, 0, 4)
-    window = modeling._CoarseWindow([item], torch.tensor([[7, 7, 1, 2, 3]]), [2], 1)
+    window = modeling._CoarseWindow([item], torch.tensor([[7, 7, 1, 2, 3]]), [2])
     assert window.rows_continued_by([item], [torch.tensor([1, 2, 3])]) == [0]
     assert window.rows_continued_by([item], [torch.tensor([7, 1, 2, 3])]) is None  # the padding is not its input
     assert window.rows_continued_by([item], [torch.tensor([2, 3])]) is None  # cut: positions moved

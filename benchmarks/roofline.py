@@ -7,12 +7,13 @@ stage's floor is the sum over its passes:
 
 * a one-token decoding step reads every weight of the blocks and the head once, plus the KV
   cache, for little arithmetic: it sits on the bandwidth side (decode floor = bytes / bandwidth);
-* the semantic prompt, each coarse window (re-read from scratch every 60 tokens) and the fine
-  stage's 1024-frame passes are long matrix products: they sit on the compute side
-  (floor = FLOPs / GEMM rate);
+* the semantic prompt, each coarse window (re-read from scratch every 60 tokens, except where its
+  input is the last window's sequence) and the fine stage's 1024-frame passes are long matrix
+  products: they sit on the compute side (floor = FLOPs / GEMM rate);
 * the codec is convolutions and an LSTM, costed by its FLOPs.
 
-The passes follow the original algorithm, which all three peers share. Embedding lookups,
+The passes follow the original algorithm, which all three peers share, with the coarse prefills that
+bark-hf skips left out: the floor is the least work any peer does. Embedding lookups,
 LayerNorms, biases and sampling are left out, so the floor is a bound no implementation reaches.
 """
 
@@ -133,29 +134,42 @@ def coarse_steps(model: BarkHfModel, n_semantic: int) -> int:
     return int(round(math.floor(n_semantic * config.semantic_to_coarse_ratio / n_codebooks) * n_codebooks))
 
 
-def coarse_history_length(model: BarkHfModel, preset: dict | None) -> int:
-    """Coarse tokens of preset history in the first window, trimmed as `BarkHfCoarseModel` does."""
+def coarse_histories(model: BarkHfModel, preset: dict | None) -> tuple[int, int]:
+    """Semantic and coarse tokens of preset history in the first window, trimmed as `BarkHfCoarseModel` does."""
     if preset is None:
-        return 0
+        return 0, 0
     config = model.coarse_acoustics.generation_config
     ratio = config.semantic_to_coarse_ratio
     n_semantic_prompt = len(preset["semantic_prompt"])
     n_semantic = min(math.floor(config.max_coarse_history / ratio), n_semantic_prompt - n_semantic_prompt % 2,
                      math.floor(preset["coarse_prompt"].size / ratio))
-    return round(n_semantic * ratio) - 2  # the original drops the last frame
+    return n_semantic, round(n_semantic * ratio) - 2  # the original drops the last frame
 
 
 def coarse_passes(model: BarkHfModel, batch: int, n_semantic: int, preset: dict | None,
                   dtype: torch.dtype) -> list[Pass]:
-    """Every window: a prefill of semantic window + infer token + coarse history, then one token per step."""
+    """Every window: a prefill of semantic window + infer token + coarse history, then one token per step. A window
+    whose input is the last window's sequence (the semantic window has not moved, the coarse history is not cut)
+    needs no prefill: one step of the last window's last token (bark-hf's `_CoarseWindow`)."""
     config = model.coarse_acoustics.generation_config
     shape = _shape(model.coarse_acoustics, dtype)
-    n_steps, history = coarse_steps(model, n_semantic), coarse_history_length(model, preset)
+    ratio, window_len = config.semantic_to_coarse_ratio, config.sliding_window_len
+    n_steps, (semantic_history, history) = coarse_steps(model, n_semantic), coarse_histories(model, preset)
+    max_semantic_history = math.floor(config.max_coarse_history / ratio)
+
+    def semantic_window_start(step: int) -> int:
+        return max(0, semantic_history + round(step / ratio) - max_semantic_history)
+
     passes: list[Pass] = []
-    for step in range(0, n_steps, config.sliding_window_len):
-        window_steps = min(config.sliding_window_len, n_steps - step)
+    for step in range(0, n_steps, window_len):
+        window_steps = min(window_len, n_steps - step)
         context = config.max_coarse_input_length + 1 + min(config.max_coarse_history, history + step)
-        passes.append(shape.forward(batch, context, 0, causal=True, logit_positions=1))
+        goes_on = (step > 0 and semantic_window_start(step) == semantic_window_start(step - window_len)
+                   and history + step <= config.max_coarse_history)
+        if goes_on:
+            passes.append(shape.forward(batch, 1, context - 1, causal=True, logit_positions=1))
+        else:
+            passes.append(shape.forward(batch, context, 0, causal=True, logit_positions=1))
         passes += [shape.forward(batch, 1, context + index, causal=True, logit_positions=1)
                    for index in range(window_steps - 1)]
     return passes

@@ -160,16 +160,25 @@ def test_stage_passes_follow_the_algorithm(modules):
     semantic = roofline.semantic_passes(model, 1, 650, dtype)
     assert len(semantic) == 650
     assert semantic[0] == roofline.GptShape(32, 2, 10_048, 4).forward(1, 257, 0, causal=True, logit_positions=1)
-    # 976 frames = 1952 coarse tokens in 33 windows of 60; each window's first token comes from its prefill.
+    # 976 frames = 1952 coarse tokens in 33 windows of 60; each window's first token comes from its prefill, except
+    # in windows 1 to 10, whose input is the last window's sequence: their first token comes from one step.
     assert roofline.coarse_steps(model, 650) == 1952
-    assert len(roofline.coarse_passes(model, 1, 650, None, dtype)) == 1952
+    coarse = roofline.coarse_passes(model, 1, 650, None, dtype)
+    shape = roofline.GptShape(32, 2, 12_096, 4)
+    assert len(coarse) == 1952
+    assert coarse[0] == shape.forward(1, 257, 0, causal=True, logit_positions=1)
+    assert coarse[60 * 10] == shape.forward(1, 1, 257 + 600 - 1, causal=True, logit_positions=1)
+    assert coarse[60 * 11] == shape.forward(1, 257 + 630, 0, causal=True, logit_positions=1)
+    step = shape.forward(1, 1, 257 + 630 + 59, causal=True, logit_positions=1)[0]  # the costliest step
+    assert sum(flops > step for flops, _ in coarse) == 23  # prefills
     # Fine: one 1024-frame window without a preset, two after 512 preset frames; six codebooks each.
     assert len(roofline.fine_passes(model, 1, 976, None, dtype)) == 6
     preset = modules.peers.random_preset(0)
     assert len(roofline.fine_passes(model, 1, 976, preset, dtype)) == 12
     # Preset history in the first coarse window: 209 semantic tokens' worth (630 / 3.006 rounded down),
-    # round(209 * 3.006) = 628 coarse tokens, less the frame the original drops.
-    assert roofline.coarse_history_length(model, preset) == 626
+    # round(209 * 3.006) = 628 coarse tokens, less the frame the original drops. Every window is prefilled.
+    assert roofline.coarse_histories(model, preset) == (209, 626)
+    assert sum(flops > step for flops, _ in roofline.coarse_passes(model, 1, 650, preset, dtype)) == 33
 
 
 @pytest.mark.parametrize("stage", ["semantic", "coarse"])

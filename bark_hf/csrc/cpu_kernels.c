@@ -37,8 +37,8 @@ static inline float finish(float value, enum epilogue epilogue, float old) {
 /* A weight matrix [n, k]: float32 values, row by row; or int8 values with one scale per row (a row's weights are
  * its values times its scale, as in torch's symmetric int8 quantisation), read as they are: a quarter of the
  * bytes. int8 values come in tiles (cpu_kernels.prepare_block packs them): [n / 8][k / 8][8 rows][8 columns], so
- * that a block of eight rows is one stream of memory. Read as eight streams of 8 bytes, as float32 rows are, they
- * came at less than half the speed (docs/performance.md). n and k are multiples of 8 for int8. */
+ * that a block of eight rows is one stream of memory. Read row by row, as float32 weights are (eight streams of
+ * 8-byte loads), they came at less than half the speed (docs/performance.md). n and k are multiples of 8 for int8. */
 typedef struct {
     const void *values;
     const float *scales; /* NULL: float32 values */
@@ -172,10 +172,10 @@ static void attend(const float *qkv, long m, long width, long heads, const float
 /* One decoding step of a pre-LayerNorm GPT block (bark_hf.modeling_bark_hf.BarkHfBlock in evaluation) for m
  * items, one new position each: x (m rows of width) += attention(LN1(x)); x += MLP(LN2(x)), in place.
  * Weights are nn.Linear's [out, in], contiguous: float32, or int8 in tiles (weights_t; width a multiple of 8) where
- * that product's scales (one per output) are given; any bias or LayerNorm weight may be NULL. The cache holds each item's keys and values at
- * keys + item * item_stride + head * head_stride + position * head_dim; this step writes position `past` and
- * attends to positions 0 to past, those that key_mask (m rows of past + 1, or NULL for all) allows. Returns 0, or
- * -1 where the scratch memory could not be had. */
+ * that product's scales (one per output) are given; any bias or LayerNorm weight may be NULL. The cache holds each
+ * item's keys and values at keys + item * item_stride + head * head_stride + position * head_dim; this step writes
+ * position `past` and attends to positions 0 to past, those that key_mask (m rows of past + 1, or NULL for all)
+ * allows. Returns 0, or -1 where the scratch memory could not be had. */
 int bark_hf_block_step(float *x, long m, long width, long heads, float ln1_eps, float ln2_eps,
                        const float *ln1_weight, const float *ln1_bias, const void *att_weight, const float *att_bias,
                        const void *proj_weight, const float *proj_bias, const float *ln2_weight,

@@ -146,7 +146,7 @@ def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, m
         patched.setattr(BarkHfKVCache, "keep", spy_keep)
         batch = coarse.generate(tokens, lengths, presets, top_k=1, **QUIET)
         assert continued == [[0, 2], [0], [0]]  # every window after the first
-        assert kept[0] == ([0, 2], 90)  # contexts of 257 + 58, 257 + 148 and 257 tokens: pads of 90, 0 and 148
+        assert kept[0] == ([0, 2], 90)  # contexts of 257 + 55, 257 + 145 and 257 tokens: pads of 90, 0 and 145
         singles = [coarse.generate(item[None], None, preset, top_k=1, **QUIET)
                    for item, preset in zip(semantic, presets, strict=True)]
     _assert_items_equal(batch, singles, CODEBOOK_SIZE)

@@ -121,6 +121,19 @@ def test_coarse_empty_item_in_a_batch(ours):
     assert torch.equal(batch.sequences[0], alone.sequences[0])
 
 
+def _spy_on_continuations(patch) -> list[list[int] | None]:
+    """Record what `_CoarseWindow.rows_continued_by` answers, window by window (`patch`: a monkeypatch)."""
+    answers = []
+    rows_continued_by = modeling._CoarseWindow.rows_continued_by
+
+    def spy(window, items, contexts):
+        answers.append(rows_continued_by(window, items, contexts))
+        return answers[-1]
+
+    patch.setattr(modeling._CoarseWindow, "rows_continued_by", spy)
+    return answers
+
+
 def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, monkeypatch):
     """Until the semantic window moves and the coarse history is cut, a window's input is the last window's
     sequence: it goes on from that window's cache instead of a prefill, batched and alone, with the tokens of
@@ -130,19 +143,15 @@ def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, m
     presets = [random_voice_preset(5, n_semantic=20), random_voice_preset(6, n_semantic=50), None]
     semantic = _random_semantic([70, 15, 40], seed=4)  # 210, 45 and 120 coarse tokens: 4, 1 and 2 windows
     tokens, lengths = _padded(semantic, SEMANTIC_PAD)
-    continued, kept = [], []
-    rows_continued_by, keep = modeling._CoarseWindow.rows_continued_by, BarkHfKVCache.keep
-
-    def spy_rows(window, items, contexts):
-        continued.append(rows_continued_by(window, items, contexts))
-        return continued[-1]
+    kept = []
+    keep = BarkHfKVCache.keep
 
     def spy_keep(cache, rows, start):
         kept.append((rows, start))
         keep(cache, rows, start)
 
     with monkeypatch.context() as patched:
-        patched.setattr(modeling._CoarseWindow, "rows_continued_by", spy_rows)
+        continued = _spy_on_continuations(patched)
         patched.setattr(BarkHfKVCache, "keep", spy_keep)
         batch = coarse.generate(tokens, lengths, presets, top_k=1, **QUIET)
         assert continued == [[0, 2], [0], [0]]  # every window after the first
@@ -166,14 +175,7 @@ def test_a_coarse_window_goes_on_only_from_its_own_row(ours, monkeypatch):
     assert window.rows_continued_by([item], [torch.tensor([1, 2, 4])]) is None
     assert window.rows_continued_by([copy.copy(item)], [torch.tensor([1, 2, 3])]) is None  # another item
 
-    continued = []
-    rows_continued_by = modeling._CoarseWindow.rows_continued_by
-
-    def spy_rows(window, items, contexts):
-        continued.append(rows_continued_by(window, items, contexts))
-        return continued[-1]
-
-    monkeypatch.setattr(modeling._CoarseWindow, "rows_continued_by", spy_rows)
+    continued = _spy_on_continuations(monkeypatch)
     ours[0].coarse_acoustics.generate(_random_semantic([70])[0][None], None, random_voice_preset(7, n_semantic=400),
                                       top_k=1, **QUIET)
     assert continued == [None, None, None]

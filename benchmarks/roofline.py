@@ -105,13 +105,25 @@ class GptShape:
         return 12 * self.hidden**2 * self.layers
 
     def forward(self, batch: int, new: int, past: int, causal: bool, logit_positions: int) -> Pass:
-        """One pass over `new` positions of each of `batch` items after `past` cached ones."""
-        pairs = new * past + (new * (new + 1) // 2 if causal else new * new)  # query-key pairs attended
-        flops = 2 * batch * (new * self.block_weights + logit_positions * self.hidden * self.vocab_out
-                             + 2 * self.layers * pairs * self.hidden)  # QK^T and AV: 2 x 2C per pair
+        """One pass over `new` positions of each of `batch` items after `past` cached ones, whose last
+        `logit_positions` have their logits read. The last block needs every position's keys and values (2C x C
+        each), but its queries, attention and the rest only at those positions: no later block reads the others."""
+        layer_weights, key_value_weights = self.block_weights // self.layers, 2 * self.hidden**2
+        matrix = (new * (self.block_weights - layer_weights) + new * key_value_weights
+                  + logit_positions * (layer_weights - key_value_weights))  # weights x positions they multiply
+        pairs = (self.layers - 1) * self._pairs(new, past, new, causal) + self._pairs(new, past, logit_positions, causal)
+        flops = 2 * batch * (matrix + logit_positions * self.hidden * self.vocab_out
+                             + 2 * pairs * self.hidden)  # QK^T and AV: 2 x 2C per query-key pair
         weight_bytes = (self.block_weights + self.hidden * self.vocab_out) * self.itemsize
         cache_bytes = 2 * batch * self.layers * past * self.hidden * self.itemsize  # keys and values read
         return flops, weight_bytes + cache_bytes
+
+    @staticmethod
+    def _pairs(new: int, past: int, queries: int, causal: bool) -> int:
+        """Query-key pairs a layer attends for the last `queries` of `new` positions after `past` cached ones."""
+        if not causal:
+            return queries * (past + new)
+        return queries * past + queries * (2 * new - queries + 1) // 2  # query i of new sees past + i + 1 keys
 
 
 def _shape(stage, dtype: torch.dtype) -> GptShape:

@@ -150,6 +150,18 @@ def test_decode_step_reads_the_weights_and_the_cache(modules):
     assert machine.seconds([prefill]) == pytest.approx(prefill[0] / 1e11)  # compute-bound
 
 
+def test_a_pass_costs_the_last_block_at_the_positions_read(modules):
+    """Every block but the last at every position; the last one's keys and values (2C x C each) at every position,
+    the rest of it (10C x C, and its attention) at the positions whose logits are read alone."""
+    shape = modules.roofline.GptShape(hidden=8, layers=3, vocab_out=5, itemsize=4)
+    flops, _ = shape.forward(batch=2, new=6, past=4, causal=True, logit_positions=2)
+    blocks = 6 * 2 * 12 * 8**2 + 6 * 2 * 8**2 + 2 * 10 * 8**2
+    pairs = 2 * sum(4 + i + 1 for i in range(6)) + sum(4 + i + 1 for i in (4, 5))  # causal: query i sees past + i + 1
+    assert flops == 2 * 2 * (blocks + 2 * 8 * 5 + 2 * pairs * 8)
+    every_position, _ = shape.forward(batch=1, new=6, past=0, causal=False, logit_positions=6)  # a fine pass
+    assert every_position == 2 * (6 * 3 * 12 * 8**2 + 6 * 8 * 5 + 2 * 3 * 6 * 6 * 8)
+
+
 def test_stage_passes_follow_the_algorithm(modules):
     from bark_hf import BarkHfModel
 

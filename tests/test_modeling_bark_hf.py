@@ -127,6 +127,62 @@ def test_logits_to_keep(causal, keep):
     torch.testing.assert_close(kept, full[:, -keep:])
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("past", [0, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_to_keep_computes_the_last_block_at_those_positions_alone(causal, keep, past, padded):
+    """With logits_to_keep the last block computes only the kept positions (a prefill's last): their logits are
+    the whole pass's, after a cache and under a padding mask, and every position's keys and values still reach the
+    cache, bit for bit those of the whole pass (they come before the positions are dropped)."""
+    ids = _ids(2, 10, seed=3)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0  # the second item is left-padded by three positions
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(logits_to_keep: int) -> tuple[torch.Tensor, modeling.BarkHfKVCache]:
+        cache = modeling.BarkHfKVCache(TINY["num_layers"], max_length=12)
+        if past:
+            causal(ids[:, :past], cache=cache, attention_mask=mask[:, :past], position_ids=positions[:, :past],
+                   use_cache=True)
+        logits = causal(ids[:, past:], cache=cache, attention_mask=mask, position_ids=positions[:, past:],
+                        use_cache=True, logits_to_keep=logits_to_keep).logits
+        return logits, cache
+
+    blocks_called = []
+    handle = causal.layers[-1].register_forward_hook(lambda block, args, output: blocks_called.append(output.shape))
+    with torch.no_grad():
+        try:
+            full, full_cache = run(0)
+            kept, kept_cache = run(keep)
+        finally:
+            handle.remove()
+    width = TINY["hidden_size"]
+    prefix = [(2, past, width)] if past else []
+    assert blocks_called == [*prefix, (2, 10 - past, width), *prefix, (2, keep, width)]
+    torch.testing.assert_close(kept, full[:, -keep:], rtol=1e-5, atol=1e-5)
+    assert kept_cache.length == full_cache.length == 10
+    for (key, value), (full_key, full_value) in zip(kept_cache, full_cache, strict=True):
+        assert torch.equal(key, full_key) and torch.equal(value, full_value)
+
+
+def test_logits_to_keep_leaves_a_replaced_last_block_whole(causal):
+    """A last block that is not bark-hf's own (a user's subclass) is called as before, without `queries`."""
+    class Traced(modeling.BarkHfBlock):
+        def forward(self, hidden_states, attention_mask=None, cache=None):
+            self.seen = hidden_states.shape
+            return super().forward(hidden_states, attention_mask, cache=cache)
+
+    ids = _ids(2, 10)
+    expected = causal(ids).logits[:, -1:]
+    replaced = copy.deepcopy(causal)
+    traced = Traced(replaced.config, is_causal=True, layer_idx=TINY["num_layers"] - 1)
+    traced.load_state_dict(replaced.layers[-1].state_dict())
+    replaced.layers[-1] = traced
+    torch.testing.assert_close(replaced(ids, logits_to_keep=1).logits, expected)
+    assert traced.seen == (2, 10, TINY["hidden_size"])
+
+
 needs_onednn = pytest.mark.skipif(not cpu_features._onednn_built(), reason="this PyTorch has no oneDNN")
 ONEDNN_OP = "mkldnn::_linear_pointwise"
 MATVEC_BUILT = not isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable)

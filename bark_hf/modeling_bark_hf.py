@@ -359,7 +359,7 @@ class BarkHfAttention(nn.Module):
             query = query[:, :, -queries:]  # [B, H, queries, D]
             if attention_mask is not None:
                 attention_mask = attention_mask[..., -queries:, :]
-        length = query.shape[-2]
+            length = queries  # the positions attending from here on
         has_past = key.shape[-2] > length
 
         # The original calls SDPA with is_causal=True without a cache and is_causal=False for a

@@ -111,7 +111,8 @@ class GptShape:
         layer_weights, key_value_weights = self.block_weights // self.layers, 2 * self.hidden**2
         matrix = (new * (self.block_weights - layer_weights) + new * key_value_weights
                   + logit_positions * (layer_weights - key_value_weights))  # weights x positions they multiply
-        pairs = (self.layers - 1) * self._pairs(new, past, new, causal) + self._pairs(new, past, logit_positions, causal)
+        pairs = ((self.layers - 1) * self._pairs(new, past, new, causal)
+                 + self._pairs(new, past, logit_positions, causal))  # query-key pairs attended
         flops = 2 * batch * (matrix + logit_positions * self.hidden * self.vocab_out
                              + 2 * pairs * self.hidden)  # QK^T and AV: 2 x 2C per query-key pair
         weight_bytes = (self.block_weights + self.hidden * self.vocab_out) * self.itemsize

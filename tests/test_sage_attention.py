@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bark_hf import sage_attention
-from bark_hf.modeling_bark_hf import _one_query_attention
+from bark_hf.modeling_bark_hf import BarkHfBlock, _one_query_attention
 from bark_hf.tiny_random import tiny_random_bark
 
 QUIET = dict(show_progress=False)
@@ -74,9 +74,20 @@ def test_prompt_prefill_and_fine_windows_use_sage_and_decoding_steps_do_not(tiny
     assert sage_calls == [(prompt, prompt, True)] * (layers - 1)
 
     sage_calls.clear()
-    coarse = tiny.coarse_acoustics.generate(semantic.sequences, semantic.lengths, top_k=1, **QUIET)
+    last_blocks = []  # the length of each prefill whose last block attends from its kept position alone
+    block_forward = BarkHfBlock.forward
+
+    def spied(block, hidden_states, *args, queries=0, **kwargs):
+        if queries:
+            last_blocks.append(hidden_states.shape[1])
+        return block_forward(block, hidden_states, *args, queries=queries, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BarkHfBlock, "forward", spied)
+        coarse = tiny.coarse_acoustics.generate(semantic.sequences, semantic.lengths, top_k=1, **QUIET)
     assert sage_calls and all(causal and query == keys > 1 for query, keys, causal in sage_calls)
-    assert len(sage_calls) % (tiny.config.coarse_acoustics_config.num_layers - 1) == 0  # one prefill per window
+    layers = tiny.config.coarse_acoustics_config.num_layers
+    assert sorted(sage_calls) == sorted((length, length, True) for length in last_blocks for _ in range(layers - 1))
 
     sage_calls.clear()
     fine = tiny.fine_acoustics.generate(coarse.sequences, coarse.lengths, temperature=None, **QUIET)

@@ -4,7 +4,7 @@ A decoding step reads every weight once for a few rows of inputs, so its speed i
 memory; PyTorch's libraries (MKL, oneDNN) read well below it on some CPUs, and a step's few hundred small
 operators cost as much again (figures in docs/performance.md). The kernels are in `csrc/cpu_kernels.c`: a
 matrix-vector product (`cpu_matvec`) and a whole GPT block's decoding step (`cpu_block_step`). They need an x86-64
-Linux CPU with AVX2 and FMA, PyTorch built with GNU OpenMP (libgomp), and a C compiler (`$CC`, else `cc` or
+Linux CPU with AVX2, FMA and F16C, PyTorch built with GNU OpenMP (libgomp), and a C compiler (`$CC`, else `cc` or
 `gcc`), which builds them in about a second into `$XDG_CACHE_HOME/bark_hf` (else `~/.cache/bark_hf`).
 `BARK_HF_CPU_KERNELS` (1 or 0) turns them on or off. By default they are on; where the machine cannot have them,
 PyTorch runs, with a one-time warning where a build was tried and failed.
@@ -39,9 +39,9 @@ CPU_KERNELS_ENV_VAR = "BARK_HF_CPU_KERNELS"
 # beyond it, reading the weights once matters less than the arithmetic, which their GEMMs do better.
 MATVEC_MAX_ROWS = 16
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LINKER_FLAGS = ("-lm",)
-REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
+REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 BUILD_TIMEOUT_S = 120
 # File names of OpenMP runtimes (GNU, Intel, LLVM): the kernel must share PyTorch's, not load a second one.
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so")
@@ -170,9 +170,10 @@ def cpu_block_step() -> BlockStepKernel | None:
     one new position per item, changed in place. `keys` and `values` are the layer's cache buffers
     [B, H, capacity, D] holding `past` positions; the step writes position `past` and attends to positions 0 to
     `past` where `key_mask` (bool [B, past + 1], True at each item's new position; None: everywhere) allows.
-    It returns False, doing nothing, where these tensors are not its kind (contiguous float32 CPU tensors of those
-    shapes, a mask that hides an item's new position); the caller then runs the block. Built, refused or warned
-    about as `cpu_matvec`.
+    The cache may be float16 (`BarkHfKVCache`'s `storage_dtype`), written as it writes it.
+    It returns False, doing nothing, where these tensors are not its kind (contiguous CPU tensors of those shapes:
+    float32, or a float16 cache; a mask that hides an item's new position); the caller then runs the block. Built,
+    refused or warned about as `cpu_matvec`.
     """
     kernels = _available()
     return None if kernels is None else kernels.block_step
@@ -224,7 +225,7 @@ def _load() -> _Kernels | CpuKernelsUnavailable:
         status = library.bark_hf_block_step(
             hidden_states.data_ptr(), hidden_states.shape[0], block.width, block.num_heads, *block.layernorm_eps,
             *(None if tensor is None else tensor.data_ptr() for tensor in (*block.weights, *block.scales)),
-            keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), past,
+            keys.data_ptr(), values.data_ptr(), keys.dtype == torch.float16, keys.stride(0), keys.stride(1), past,
             None if key_mask is None else key_mask.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise MemoryError("bark-hf's block step could not allocate its scratch memory.")
@@ -241,8 +242,9 @@ def _fits_step(hidden_states: torch.Tensor, block: PreparedBlock, keys: torch.Te
     batch = hidden_states.shape[0]
     cache_shape = (batch, block.num_heads, keys.shape[2], block.width // block.num_heads)
     if (tuple(hidden_states.shape) != (batch, 1, block.width) or tuple(keys.shape) != cache_shape
-            or tuple(values.shape) != cache_shape
-            or not all(_is_on_cpu(tensor) for tensor in (hidden_states, keys, values))):
+            or tuple(values.shape) != cache_shape or not _is_on_cpu(hidden_states)
+            or not all(_is_on_cpu(tensor, keys.dtype) for tensor in (keys, values))
+            or keys.dtype not in (torch.float32, torch.float16)):
         return False
     return key_mask is None or (type(key_mask) is torch.Tensor and key_mask.dtype == torch.bool
                                 and key_mask.device.type == "cpu" and tuple(key_mask.shape) == (batch, past + 1)
@@ -277,8 +279,8 @@ def _compiled() -> ctypes.CDLL:
     matvec.argtypes = [pointer, size, size, size, pointer, pointer, pointer, ctypes.c_int]
     block_step.restype = ctypes.c_int
     block_step.argtypes = [pointer, size, size, size, ctypes.c_float, ctypes.c_float,
-                           *[pointer] * (len(BlockWeights._fields) + len(_PRODUCT_WEIGHTS)), pointer, pointer, size,
-                           size, size, pointer, ctypes.c_int]
+                           *[pointer] * (len(BlockWeights._fields) + len(_PRODUCT_WEIGHTS)), pointer, pointer,
+                           ctypes.c_int, size, size, size, pointer, ctypes.c_int]
     return loaded
 
 

@@ -123,10 +123,16 @@ class BarkHfKVCache:
     one-element tensor that the caller advances) and returns the whole buffers, and the caller
     masks the positions not written yet. `allocations` counts buffer (re)allocations, so that a
     CUDA graph captured over the buffers can tell whether they are still the ones it holds.
+
+    `storage_dtype` (None: the keys' own dtype) stores keys and values in another, narrower dtype; `update` still
+    returns them in the keys' dtype. int8 models keep float16 (`BarkHfCausalModel._new_cache`): a decoding step
+    reads the whole cache, and half its bytes is up to a fifth of an int8 step's. Values beyond float16's range are
+    stored as its largest (+-65504), not as infinities that would turn attention into NaN.
     """
 
-    def __init__(self, num_layers: int, max_length: int = 0):
+    def __init__(self, num_layers: int, max_length: int = 0, storage_dtype: torch.dtype | None = None):
         self.max_length = max_length
+        self.storage_dtype = storage_dtype
         self.static_steps = False
         self.write_position: torch.Tensor | None = None  # [1], kept from window to window
         self.allocations = 0
@@ -136,6 +142,9 @@ class BarkHfKVCache:
 
     def start_static_steps(self) -> None:
         """Decode from here on in static shapes, one position at a time from the current length."""
+        if self.storage_dtype is not None:
+            raise ValueError("Static (compiled) decoding reads the cache's buffers as they are, so it needs a cache "
+                             "without storage_dtype.")
         device = self._keys[0].device
         position, inference = self.write_position, torch.is_inference_mode_enabled()
         if position is None or position.device != device or position.is_inference() != inference:
@@ -215,9 +224,10 @@ class BarkHfKVCache:
         start = self._lengths[layer]
         end = start + key.shape[-2]
         buffer = self._keys[layer]
+        storage = self.storage_dtype or key.dtype
         # Buffers made inside torch.inference_mode cannot be written outside it, and the other way round.
         fits = buffer is not None and (buffer.shape[0], buffer.dtype, buffer.device, buffer.is_inference()) == (
-            key.shape[0], key.dtype, key.device, torch.is_inference_mode_enabled())
+            key.shape[0], storage, key.device, torch.is_inference_mode_enabled())
         if start > 0 and not fits:
             raise ValueError(f"Layer {layer} of the KV cache holds a batch of {buffer.shape[0]} ({buffer.dtype}, "
                              f"{buffer.device}); call reset() before writing {tuple(key.shape)} {key.dtype} keys "
@@ -226,17 +236,25 @@ class BarkHfKVCache:
             capacity = max(end, self.max_length)
             # Finite values, not garbage: the static path reads (masked) positions not written yet.
             # (After `reset` those hold an earlier window's keys, finite too; see `zero_` across calls.)
-            grown_keys = key.new_zeros(*key.shape[:2], capacity, key.shape[-1])  # [B, H, capacity, D]
-            grown_values = value.new_zeros(*value.shape[:2], capacity, value.shape[-1])
+            grown_keys = key.new_zeros(*key.shape[:2], capacity, key.shape[-1], dtype=storage)  # [B, H, capacity, D]
+            grown_values = value.new_zeros(*value.shape[:2], capacity, value.shape[-1], dtype=storage)
             if start > 0:
                 grown_keys[:, :, :start] = self._keys[layer][:, :, :start]
                 grown_values[:, :, :start] = self._values[layer][:, :, :start]
             self._keys[layer], self._values[layer] = grown_keys, grown_values
             self.allocations += 1
-        self._keys[layer][:, :, start:end] = key
-        self._values[layer][:, :, start:end] = value
+        self._keys[layer][:, :, start:end] = _in_range_of(key, storage)
+        self._values[layer][:, :, start:end] = _in_range_of(value, storage)
         self._lengths[layer] = end
-        return self[layer]
+        keys, values = self[layer]
+        return keys.to(key.dtype), values.to(value.dtype)  # the same tensors where the dtypes agree
+
+
+def _in_range_of(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` clamped to the finite range of a narrower floating `dtype` that it is about to be stored in (NaN
+    stays NaN); unchanged otherwise."""
+    largest = torch.finfo(dtype).max
+    return tensor if largest >= torch.finfo(tensor.dtype).max else tensor.clamp(-largest, largest)
 
 
 # cuDNN's attention builds a new plan for every new key length, so one-token decoding on CUDA spent
@@ -1497,8 +1515,8 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
                       position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1, vocab_rows=vocab_rows)
         return output.logits[:, -1]
 
-    def _new_cache(self, max_length: int, compile: bool) -> BarkHfKVCache:
-        """An empty cache for `max_length` positions.
+    def _new_cache(self, max_length: int, compile: bool, batch: int) -> BarkHfKVCache:
+        """An empty cache for `max_length` positions of `batch` items.
 
         Compiled decoding on CUDA replays CUDA graphs that hold the addresses of the cache's buffers
         and of the weights, so there the stage keeps one cache and its graph from call to call, as
@@ -1510,7 +1528,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         graphs_apply = compile and self.device.type == "cuda" and not self.training
         graphs_apply &= not torch.is_autocast_enabled("cuda")
         if not graphs_apply:
-            return BarkHfKVCache(len(self.layers), max_length=max_length)
+            return BarkHfKVCache(len(self.layers), max_length, self._cache_storage_dtype(batch))
         weight_addresses = tuple(parameter.data_ptr() for parameter in self.parameters())
         kept = self._cuda_graphs
         if kept is None or kept.cache.max_length != max_length or kept.weight_addresses != weight_addresses:
@@ -1518,6 +1536,17 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         kept.cache.reset()
         kept.cache.zero_()
         return kept.cache
+
+    def _cache_storage_dtype(self, batch: int) -> torch.dtype | None:
+        """float16 for the cache of an int8 model whose decoding steps run in bark-hf's CPU kernel, which reads it
+        as it is: a coarse step of bark-small reads up to 70 MB of float32 keys and values beside 85 MB of int8
+        weights, and float16 rounds far less than int8 weights do. None (the model's dtype) elsewhere: a float32 model
+        stays the original's, and PyTorch's attention would convert a float16 cache at every step."""
+        products = _CPU_PRODUCTS_IN_GENERATION.get()
+        if (products is None or not products.cpu_kernels or batch > MATVEC_MAX_ROWS
+                or not holds_int8_layers(self) or cpu_block_step() is None):
+            return None
+        return torch.float16
 
     def _decode(
         self,
@@ -1743,7 +1772,7 @@ class BarkHfSemanticModel(BarkHfCausalModel):
         infer = torch.full((batch, 1), config.semantic_infer_token, dtype=torch.long, device=device)
         generated = torch.empty((batch, 0), dtype=torch.long, device=device)
         lengths = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1 while running
-        cache = self._new_cache(window + most_tokens, compile) if use_cache else None
+        cache = self._new_cache(window + most_tokens, compile, batch) if use_cache else None
         no_padding = torch.zeros((batch, 1), dtype=torch.long, device=device)
         saw_nan = torch.zeros((), dtype=torch.bool, device=device)
         # Whether every item had stopped (or NaN came up) after the last token appended. The host reads it
@@ -1874,7 +1903,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         n_windows = max((math.ceil(item.n_steps / config.sliding_window_len) for item in items), default=0)
         # One cache for every window, emptied between them. It has the size of the longest window, so a
         # compiled step fits them all.
-        cache = self._new_cache(longest_window - 1, compile) if use_cache else None
+        cache = self._new_cache(longest_window - 1, compile, len(semantic)) if use_cache else None
         saw_nan = torch.zeros((), dtype=torch.bool, device=self.device)
         window = None
         for index in logging.tqdm(range(n_windows), disable=not show_progress, desc="coarse",

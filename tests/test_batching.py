@@ -302,6 +302,21 @@ def test_cache_grows_past_its_size():
         BarkHfKVCache(num_layers=2)[1]
 
 
+def test_a_cache_stored_in_float16_returns_the_keys_dtype_and_stays_finite():
+    """int8 models' cache: float16 buffers, read back as float32; out-of-range values clamped, not infinite."""
+    cache = BarkHfKVCache(num_layers=1, max_length=6, storage_dtype=torch.float16)
+    keys = torch.tensor([1 / 3, 1e5, -1e6, float("nan")]).view(1, 1, 1, 4)
+    values = torch.randn(1, 1, 1, 4)
+    key, value = cache.update(0, keys, values)
+    assert key.dtype == value.dtype == torch.float32 and cache[0][0].dtype == torch.float16
+    assert key[0, 0, 0, :3].tolist() == [torch.tensor(1 / 3).half().item(), 65504.0, -65504.0]
+    assert key[0, 0, 0, 3].isnan() and torch.equal(value, values.half().float())
+    key, _ = cache.update(0, keys, values)  # a second write goes on in the same buffers
+    assert key.shape == (1, 1, 2, 4) and cache.allocations == 1
+    with pytest.raises(ValueError, match="without storage_dtype"):
+        cache.start_static_steps()
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_cache_keeps_rows_from_a_position_on(static):
     cache = BarkHfKVCache(num_layers=2, max_length=8)

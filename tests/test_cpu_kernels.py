@@ -224,9 +224,10 @@ def _block(width: int, heads: int, bias: bool, seed: int = 0) -> modeling.BarkHf
     return block
 
 
-def _cache(keys: torch.Tensor, values: torch.Tensor, room: int = 3) -> modeling.BarkHfKVCache:
+def _cache(keys: torch.Tensor, values: torch.Tensor, room: int = 3,
+           storage: torch.dtype | None = None) -> modeling.BarkHfKVCache:
     """A one-layer cache holding `keys` and `values` [B, H, past, D], with room for `room` more positions."""
-    cache = modeling.BarkHfKVCache(1, max_length=keys.shape[2] + room)
+    cache = modeling.BarkHfKVCache(1, max_length=keys.shape[2] + room, storage_dtype=storage)
     cache.update(0, keys.clone(), values.clone())
     return cache
 
@@ -243,11 +244,13 @@ def _random_cache_contents(batch: int, block: modeling.BarkHfBlock, past: int, s
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("batch", "past"), [(1, 0), (1, 9), (3, 1), (3, 17)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_the_block_step_computes_the_block(width, heads, bias, batch, past, masked):
-    """Values, and the keys and values written into the cache, against the block's own forward pass."""
+@pytest.mark.parametrize("storage", [None, torch.float16])
+def test_the_block_step_computes_the_block(width, heads, bias, batch, past, masked, storage):
+    """Values, and the keys and values written into the cache, against the block's own forward pass; a float16
+    cache (int8 models') gets the very values that `BarkHfKVCache.update` stores."""
     block = _block(width, heads, bias, seed=width + heads)
     keys, values = _random_cache_contents(batch, block, past, seed=past)
-    cache, expected_cache = _cache(keys, values), _cache(keys, values)
+    cache, expected_cache = _cache(keys, values, storage=storage), _cache(keys, values, storage=storage)
     generator = torch.Generator().manual_seed(batch * 100 + past)
     hidden = torch.randn(batch, 1, width, generator=generator)
     key_mask = None
@@ -261,8 +264,38 @@ def test_the_block_step_computes_the_block(width, heads, bias, batch, past, mask
     torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
     assert cache.length == past + 1
     for got, want in zip(cache[0], expected_cache[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == (storage or torch.float32)
+        if storage is None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:  # the new position is rounded from float32 values that differ in their last bits at most
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-5)
+            assert torch.equal(got[:, :, :past], want[:, :, :past])
     assert (expected - hidden).abs().max() > 0.1  # the block changed its inputs: the comparison has teeth
+
+
+@needs_kernel
+@pytest.mark.parametrize(("width", "heads"), [(48, 4), (64, 2)])  # head widths 12 (8 values and 4 alone) and 32
+def test_the_block_step_stores_a_float16_cache_as_the_cache_does(width, heads):
+    """Rounded to nearest, and clamped to float16's largest value rather than overflowing to infinity, as
+    `BarkHfKVCache.update` stores float32 keys and values."""
+    block = _block(width, heads, bias=True, seed=8)
+    with torch.no_grad():
+        block.attn.att_proj.weight[width:] *= 3e4  # keys and values of up to about 1e5
+    keys, values = _random_cache_contents(1, block, 2, seed=9)
+    cache = _cache(keys, values, storage=torch.float16)
+    hidden = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        new_keys_values = block.attn.att_proj(block.layernorm_1(hidden)).split(width, dim=2)[1:]
+        assert block.cpu_step(cpu_kernels.cpu_block_step(), hidden, cache, None)
+    for stored, computed in zip(cache[0], new_keys_values, strict=True):
+        computed = computed.view(1, 1, heads, -1).transpose(1, 2)  # [1, H, 1, D]
+        assert computed.abs().max() > 65504  # some values are out of float16's range
+        expected = computed.clamp(-65504, 65504).half()
+        # Equal where the float32 values round alike; the kernel's products differ from torch's in the last bits.
+        close = (stored[:, :, -1:].float() - expected.float()).abs() <= expected.float().abs() * 1e-3 + 1e-6
+        assert bool(close.all())
+        assert torch.isfinite(stored).all()
+        assert (stored[:, :, -1:].abs() == 65504).any()
 
 
 @needs_kernel

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import bark_hf.hub
+from bark_hf import cpu_kernels
+from bark_hf import modeling_bark_hf as modeling
 from bark_hf.modeling_bark_hf import holds_int8_layers
 from bark_hf.pipeline_bark_hf import BarkPipeline
 from bark_hf.tiny_random import tiny_random_bark
@@ -30,6 +32,40 @@ def test_int8_model_generates_and_keeps_the_codec_float32():
     assert output.audio.dtype == torch.float32 and (output.audio_lengths > 0).all()
     # Tokens may differ from float32 ones: random tiny weights give near-ties everywhere (see performance.md).
     assert (output.semantic_tokens < 10_000).all() and (output.fine_tokens <= 1024).all()
+
+
+@pytest.mark.skipif(isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),
+                    reason="bark-hf's CPU kernels cannot be built here")
+@pytest.mark.parametrize(("int8", "batch", "kernels", "storage"), [
+    (True, 2, "1", torch.float16),  # the kernel's steps read half the bytes
+    (True, cpu_kernels.MATVEC_MAX_ROWS + 1, "1", None),  # PyTorch's steps: it would convert the cache every step
+    (True, 2, "0", None),
+    (False, 2, "1", None),  # float32 stays exact
+])
+def test_an_int8_model_keeps_its_cache_in_float16_where_the_kernel_steps(monkeypatch, int8, batch, kernels, storage):
+    monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV_VAR, kernels)
+    caches, steps = [], []
+    monkeypatch.setattr(modeling.BarkHfKVCache, "__init__", _recorded(modeling.BarkHfKVCache.__init__, caches))
+    cpu_step = modeling.BarkHfBlock.cpu_step
+    monkeypatch.setattr(modeling.BarkHfBlock, "cpu_step", lambda *args: steps.append(cpu_step(*args)) or steps[-1])
+    model, processor = tiny_random_bark()
+    if int8:
+        model.quantize_int8()
+    inputs = processor(["Hello there.", "Hi!", "Bark."] * batch)
+    inputs = {name: tensor[:batch] for name, tensor in inputs.items()}
+    output = model.generate(**inputs, return_dict_in_generate=True, show_progress=False,
+                            **{**GREEDY, "semantic_max_new_tokens": 12})
+    assert output.audio.shape[0] == batch and (output.audio_lengths > 0).all()
+    assert len(caches) == 2 and all(cache.storage_dtype == storage for cache in caches)  # semantic, coarse
+    assert all(cache[0][0].dtype == (storage or torch.float32) for cache in caches)
+    assert (len(steps) > 0 and all(steps)) == (kernels == "1" and batch <= cpu_kernels.MATVEC_MAX_ROWS)
+
+
+def _recorded(init, caches):
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        caches.append(self)
+    return recording_init
 
 
 def test_int8_needs_a_float32_cpu_model():

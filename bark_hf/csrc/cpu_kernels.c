@@ -7,7 +7,8 @@
  * (docs/performance.md). bark_hf_block_step is a whole pre-LayerNorm GPT block for one new position per item:
  * its four products, LayerNorms, GELU, residual sums and attention over the KV cache in one call, so a step
  * pays neither PyTorch's per-operator costs nor SDPA's slow reading of the cache for a single query. Its weights
- * may be int8 (BarkHfModel.quantize_int8), read as a quarter of the bytes and multiplied with float32 inputs.
+ * may be int8 (BarkHfModel.quantize_int8), read as a quarter of the bytes and multiplied with float32 inputs, and
+ * its KV cache float16 (half the bytes; converted with F16C), as int8 models keep it.
  *
  * Every output is computed by one thread in one order, whatever the thread count or the number of items, so a
  * batch gets each item's values bit for bit. The threads are OpenMP's: linked by soname against libgomp.so.1,
@@ -138,10 +139,47 @@ static inline void add_scaled(float *y, const float *x, float scale, long n) {
     for (; i < n; i++) y[i] += x[i] * scale;
 }
 
+/* The same two over float16 values (IEEE half precision, as torch.float16 stores them). */
+static inline float dot_half(const float *a, const unsigned short *b, long n) {
+    __m256 acc = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc);
+    float sum = sum_lanes(acc);
+    for (; i < n; i++) sum += a[i] * _cvtsh_ss(b[i]);
+    return sum;
+}
+
+static inline void add_scaled_half(float *y, const unsigned short *x, float scale, long n) {
+    __m256 s = _mm256_set1_ps(scale);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(xv, s, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) y[i] += _cvtsh_ss(x[i]) * scale;
+}
+
+/* n float32 values as float16, rounded to nearest even and clamped to its largest finite value (+-65504), as
+ * BarkHfKVCache stores them; NaN stays NaN. */
+#define HALF_MAX 65504.0f
+static inline void store_half(unsigned short *y, const float *x, long n) {
+    const __m256 high = _mm256_set1_ps(HALF_MAX), low = _mm256_set1_ps(-HALF_MAX);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        /* min/max return their second operand where either is NaN: x goes second, so NaN passes through. */
+        __m256 clamped = _mm256_max_ps(low, _mm256_min_ps(high, _mm256_loadu_ps(x + i)));
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(clamped, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) y[i] = _cvtss_sh(isnan(x[i]) ? x[i] : fmaxf(-HALF_MAX, fminf(HALF_MAX, x[i])),
+                                        _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* Each item's query (the first third of its row of qkv) attends to its first `length` cached positions, those
  * that key_mask (m rows of length, or NULL for all) allows, head by head; the result goes to m rows of width.
- * One thread per (item, head) pair, so the sums' order never depends on the threads. */
-static void attend(const float *qkv, long m, long width, long heads, const float *keys, const float *values,
+ * Keys and values are float32, or float16 where `half` is set. One thread per (item, head) pair, so the sums'
+ * order never depends on the threads. */
+static void attend(const float *qkv, long m, long width, long heads, const void *keys, const void *values, int half,
                    long item_stride, long head_stride, long length, const unsigned char *key_mask, float *scores,
                    float *attended, int threads) {
     long d = width / heads;
@@ -150,12 +188,16 @@ static void attend(const float *qkv, long m, long width, long heads, const float
     for (long pair = 0; pair < m * heads; pair++) {
         long r = pair / heads, h = pair % heads;
         const float *query = qkv + r * 3 * width + h * d;
-        const float *k = keys + r * item_stride + h * head_stride, *v = values + r * item_stride + h * head_stride;
+        long first = r * item_stride + h * head_stride;
+        const float *k = (const float *)keys + first, *v = (const float *)values + first;
+        const unsigned short *k_half = (const unsigned short *)keys + first;
+        const unsigned short *v_half = (const unsigned short *)values + first;
         const unsigned char *allowed = key_mask ? key_mask + r * length : NULL;
         float *s = scores + pair * length, *out = attended + r * width + h * d;
         float highest = -INFINITY, total = 0.0f;
         for (long t = 0; t < length; t++) {
-            s[t] = allowed && !allowed[t] ? -INFINITY : dot(query, k + t * d, d) * scale;
+            if (allowed && !allowed[t]) s[t] = -INFINITY;
+            else s[t] = (half ? dot_half(query, k_half + t * d, d) : dot(query, k + t * d, d)) * scale;
             highest = fmaxf(highest, s[t]);
         }
         memset(out, 0, sizeof(float) * d);
@@ -163,7 +205,8 @@ static void attend(const float *qkv, long m, long width, long heads, const float
             if (allowed && !allowed[t]) continue;
             float weight = expf(s[t] - highest);
             total += weight;
-            add_scaled(out, v + t * d, weight, d);
+            if (half) add_scaled_half(out, v_half + t * d, weight, d);
+            else add_scaled(out, v + t * d, weight, d);
         }
         for (long i = 0; i < d; i++) out[i] /= total;
     }
@@ -173,7 +216,8 @@ static void attend(const float *qkv, long m, long width, long heads, const float
  * items, one new position each: x (m rows of width) += attention(LN1(x)); x += MLP(LN2(x)), in place.
  * Weights are nn.Linear's [out, in], contiguous: float32, or int8 in tiles (weights_t; width a multiple of 8) where
  * that product's scales (one per output) are given; any bias or LayerNorm weight may be NULL. The cache holds each
- * item's keys and values at keys + item * item_stride + head * head_stride + position * head_dim; this step writes
+ * item's keys and values, float32 or (half_cache) float16, at keys + item * item_stride + head * head_stride +
+ * position * head_dim, counted in values; this step writes
  * position `past` and attends to positions 0 to past, those that key_mask (m rows of past + 1, or NULL for all)
  * allows. Returns 0, or -1 where the scratch memory could not be had. */
 int bark_hf_block_step(float *x, long m, long width, long heads, float ln1_eps, float ln2_eps,
@@ -181,8 +225,8 @@ int bark_hf_block_step(float *x, long m, long width, long heads, float ln1_eps, 
                        const void *proj_weight, const float *proj_bias, const float *ln2_weight,
                        const float *ln2_bias, const void *fc_weight, const float *fc_bias, const void *fc2_weight,
                        const float *fc2_bias, const float *att_scales, const float *proj_scales,
-                       const float *fc_scales, const float *fc2_scales, float *keys, float *values, long item_stride,
-                       long head_stride, long past, const unsigned char *key_mask, int threads) {
+                       const float *fc_scales, const float *fc2_scales, void *keys, void *values, int half_cache,
+                       long item_stride, long head_stride, long past, const unsigned char *key_mask, int threads) {
     long d = width / heads, length = past + 1;
     float *normed = malloc(sizeof(float) * (m * width * 9 + m * heads * length));
     if (!normed) return -1;
@@ -195,10 +239,17 @@ int bark_hf_block_step(float *x, long m, long width, long heads, float ln1_eps, 
     for (long r = 0; r < m; r++)
         for (long h = 0; h < heads; h++) {
             long at = r * item_stride + h * head_stride + past * d;
-            memcpy(keys + at, qkv + r * 3 * width + width + h * d, sizeof(float) * d);
-            memcpy(values + at, qkv + r * 3 * width + 2 * width + h * d, sizeof(float) * d);
+            const float *key = qkv + r * 3 * width + width + h * d, *value = key + width;
+            if (half_cache) {
+                store_half((unsigned short *)keys + at, key, d);
+                store_half((unsigned short *)values + at, value, d);
+            } else {
+                memcpy((float *)keys + at, key, sizeof(float) * d);
+                memcpy((float *)values + at, value, sizeof(float) * d);
+            }
         }
-    attend(qkv, m, width, heads, keys, values, item_stride, head_stride, length, key_mask, scores, attended, threads);
+    attend(qkv, m, width, heads, keys, values, half_cache, item_stride, head_stride, length, key_mask, scores,
+           attended, threads);
     products(attended, m, width, width, proj, proj_bias, x, ADD, threads);
     layer_norm(x, m, width, ln2_weight, ln2_bias, ln2_eps, normed);
     products(normed, m, 4 * width, width, fc, fc_bias, hidden, STORE_GELU, threads);

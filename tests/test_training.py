@@ -675,8 +675,8 @@ def test_a_stage_saved_after_trainer_still_generates_with_the_kv_cache(stage, to
     assert reloaded.config.use_cache is False  # what TrainingArguments.use_cache set: forward's default
     sizes = []
     new_cache = type(trained)._new_cache
-    monkeypatch.setattr(type(trained), "_new_cache", lambda self, size, compile: sizes.append(size)
-                        or new_cache(self, size, compile))
+    monkeypatch.setattr(type(trained), "_new_cache", lambda self, size, *args: sizes.append(size)
+                        or new_cache(self, size, *args))
     if stage == "semantic":
         reloaded.generate(**processor(["a tone"]), max_new_tokens=5, show_progress=False)
     else:

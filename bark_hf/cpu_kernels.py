@@ -106,12 +106,13 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
     """`weights` ready for `cpu_block_step`'s kernel, or None where they are not its kind: each a plain contiguous
     CPU tensor of the block's shape, float32, or int8 for a product whose `scales` (float32, one per output row:
     weight = int8 value * scale) are given, with a width that is a multiple of `INT8_TILE`. The kernel reads raw
-    memory, so a wrong shape would read out of bounds. int8 weights are copied into the kernel's tiles.
+    memory, so a wrong shape would read out of bounds. int8 weights [n, k] are copied into the kernel's tiles;
+    int8 weights already in tiles (`int8_tiles`, as `quantize_int8` keeps them) are taken as they are.
     Checking once per `generate`, rather than at every step, keeps the checks out of the steps' time."""
     products = [getattr(weights, name) for name in _PRODUCT_WEIGHTS]
-    if len(scales) != len(products) or any(weight is None for weight in products) or products[0].dim() != 2:
+    if len(scales) != len(products) or any(weight is None for weight in products) or products[0].dim() not in (2, 4):
         return None
-    width = products[0].shape[1]
+    width = products[0].shape[1] * (INT8_TILE if products[0].dim() == 4 else 1)
     if num_heads < 1 or width < 1 or width % num_heads:
         return None
     int8_weights = {name for name, scale in zip(_PRODUCT_WEIGHTS, scales, strict=True) if scale is not None}
@@ -119,17 +120,23 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
         return None
     for (name, tensor), shape in zip(weights._asdict().items(), _block_shapes(width), strict=True):
         dtype = torch.int8 if name in int8_weights else torch.float32
+        if name in int8_weights and tensor is not None and tensor.dim() == 4:
+            shape = (shape[0] // INT8_TILE, shape[1] // INT8_TILE, INT8_TILE, INT8_TILE)
         if tensor is not None and not (_is_on_cpu(tensor, dtype) and tuple(tensor.shape) == shape):
             return None
-    if not all(scale is None or (_is_on_cpu(scale, torch.float32) and scale.shape == weight.shape[:1])
-               for scale, weight in zip(scales, products, strict=True)):
+    rows = [getattr(weights, name).shape[0] * (INT8_TILE if getattr(weights, name).dim() == 4 else 1)
+            for name in _PRODUCT_WEIGHTS]
+    if not all(scale is None or (_is_on_cpu(scale, torch.float32) and scale.shape == (count,))
+               for scale, count in zip(scales, rows, strict=True)):
         return None
-    tiled = weights._replace(**{name: _int8_tiles(getattr(weights, name)) for name in int8_weights})
+    tiled = weights._replace(**{name: int8_tiles(getattr(weights, name)) for name in int8_weights
+                                if getattr(weights, name).dim() == 2})
     return PreparedBlock(tiled, tuple(scales), width, num_heads, layernorm_eps)
 
 
-def _int8_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """int8 `weight` [n, k] as [n / INT8_TILE, k / INT8_TILE, INT8_TILE, INT8_TILE]: tiles of rows by columns."""
+def int8_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """int8 `weight` [n, k] (n and k multiples of INT8_TILE) as the kernel reads it,
+    [n / INT8_TILE, k / INT8_TILE, INT8_TILE, INT8_TILE]: tiles of rows by columns."""
     rows, columns = weight.shape
     return weight.view(rows // INT8_TILE, INT8_TILE, columns // INT8_TILE, INT8_TILE).transpose(1, 2).contiguous()
 

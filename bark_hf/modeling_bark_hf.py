@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,6 +55,7 @@ from .configuration_bark_hf import (
 )
 from .cpu_features import cpu_has_native_bfloat16, use_onednn_linear
 from .cpu_kernels import (
+    INT8_TILE,
     MATVEC_MAX_ROWS,
     PLAIN_TENSORS,
     BlockStepKernel,
@@ -62,6 +64,7 @@ from .cpu_kernels import (
     cpu_block_step,
     cpu_kernels_wanted,
     cpu_matvec,
+    int8_tiles,
     prepare_block,
 )
 from .generation_configuration_bark_hf import (
@@ -511,11 +514,17 @@ _PLAIN_BLOCK_MODULES = (BarkHfBlock, BarkHfAttention, BarkHfMLP, nn.LayerNorm, n
 def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """A linear layer's weight, bias and, for an int8 layer (`quantize_int8`), its scales (one per output row), as
     `cpu_block_step` reads them; None for any other kind of layer. An int8 layer's values are copied out of its
-    packed form (a quarter of its float32 bytes; `prepare_block` tiles them, kept while a `generate` call lasts)."""
+    packed form into the kernel's tiles (`int8_tiles`: a quarter of its float32 bytes) once, and kept beside the
+    layer (`_INT8_KERNEL_WEIGHTS`) for as long as it holds the same packed weights: unpacking took about 0.6 s
+    per bark-small stage, at every `generate` call."""
     if type(layer) is nn.Linear:
         return layer.weight, layer.bias, None
     if type(layer) is not torch.ao.nn.quantized.dynamic.Linear:
         return None
+    packed = layer._packed_params._packed_params  # replaced, never changed, when the layer's weights are set
+    kept = _INT8_KERNEL_WEIGHTS.get(layer)
+    if kept is not None and kept[0] is packed:
+        return kept[1:]
     weight, bias = layer._weight_bias()  # unpacked once: its weight() and bias() would each unpack the layer
     scheme = weight.qscheme()
     if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric) and weight.q_zero_point() == 0:
@@ -525,7 +534,16 @@ def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
         scales = weight.q_per_channel_scales().to(torch.float32)
     else:  # zero points would need their own sums
         return None
-    return weight.int_repr(), bias, scales
+    values = weight.int_repr()  # [n, k]
+    if values.dim() != 2 or values.shape[0] % INT8_TILE or values.shape[1] % INT8_TILE:
+        return values, bias, scales  # not the kernel's kind (`prepare_block` says so); nothing worth keeping
+    _INT8_KERNEL_WEIGHTS[layer] = (packed, int8_tiles(values), bias, scales)
+    return _INT8_KERNEL_WEIGHTS[layer][1:]
+
+
+# Each int8 layer's packed weights and, made from them, its weights as the block kernel reads them (`_kernel_linear`).
+_INT8_KERNEL_WEIGHTS: weakref.WeakKeyDictionary[
+    nn.Module, tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def holds_int8_layers(module: nn.Module) -> bool:
@@ -2380,12 +2398,15 @@ class BarkHfModel(BarkHfPreTrainedModel):
         """Store the GPT stages' linear layers as int8 (dynamic quantisation), in place, for CPU inference.
 
         One-token decoding reads every weight once per step, so a quarter of the bytes makes it faster on a
-        CPU (the float32 keys and values are read as before); the codec stays float32. Prefills quantise
+        CPU, and the KV cache is kept in float16 for the kernel's steps (`_cache_storage_dtype`); the codec stays
+        float32. Prefills quantise
         their activations per pass (PyTorch's dynamic quantisation); decoding steps through bark-hf's CPU
         kernels (`BarkHfBlock.cpu_step`) multiply float32 activations with the int8 weights instead, which is
         faster and nearer float32. The coarse head stays float32 too: a step reads only one
         codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
-        tokens may differ from float32 ones (see docs/performance.md). A prefill's one activation scale per
+        tokens may differ from float32 ones (see docs/performance.md). The semantic and coarse stages' int8 weights
+        are also kept in the kernel's tiles (a second copy of their int8 bytes, made here rather than at every
+        `generate`), unless the CPU kernels are off. A prefill's one activation scale per
         layer input also makes an item's tokens depend on the other items of a batch, and a run with the KV
         cache differ from one without it (a prompt and a one-token step are computed apart). A quantised
         model is for eager generation only (it is left in eval mode): training, moving, casting or saving
@@ -2412,7 +2433,11 @@ class BarkHfModel(BarkHfPreTrainedModel):
                                for name, module in stage.named_modules() if type(module) is nn.Linear
                                and not (stage is self.coarse_acoustics and name == "lm_head")}
                 torch.ao.quantization.quantize_dynamic(stage, int8_layers, dtype=torch.qint8, inplace=True)
-        return self.eval()  # int8 layers get no gradients, so training mode (see `train`) would train the rest only
+        self.eval()  # int8 layers get no gradients, so training mode (see `train`) would train the rest only
+        if cpu_kernels_wanted():  # the decoding stages' weights as the block kernel reads them, once (`_kernel_linear`)
+            for block in (*self.semantic.layers, *self.coarse_acoustics.layers):
+                block._prepared_for_cpu_steps()
+        return self
 
     def enable_cpu_offload(self, accelerator_device: str | torch.device | int | None = None,
                            stages: Sequence[str] = STAGE_MODULES, *, accelerator_id: int | None = None) -> None:

@@ -466,3 +466,49 @@ def test_an_int8_block_whose_width_the_tiles_do_not_divide_is_left_to_pytorch():
     with torch.no_grad():
         assert not block.cpu_step(cpu_kernels.cpu_block_step(), torch.randn(1, 1, 36), cache, None)
     assert cache.length == 3
+
+
+def test_int8_layers_are_unpacked_once_and_again_only_after_they_get_new_weights(monkeypatch):
+    """Unpacking and tiling took about 0.6 s per bark-small stage at every `generate`; a layer's tiles are kept
+    for as long as it holds the same packed weights, and made again from the new ones after `set_weight_bias`."""
+    block = _int8_block(_block(48, 4, True, seed=11))
+    unpacked = []
+    weight_bias = torch.ao.nn.quantized.dynamic.Linear._weight_bias
+    monkeypatch.setattr(torch.ao.nn.quantized.dynamic.Linear, "_weight_bias",
+                        lambda layer: unpacked.append(layer) or weight_bias(layer))
+    first = block._prepared_for_cpu_steps()
+    assert len(unpacked) == 4
+    second = block._prepared_for_cpu_steps()
+    assert len(unpacked) == 4 and second.weights.att_proj_weight is first.weights.att_proj_weight
+    layer = block.mlp.in_proj
+    weight, bias = weight_bias(layer)
+    new_weight = torch.quantize_per_tensor(torch.randn(weight.shape), 0.05, 0, torch.qint8)
+    layer.set_weight_bias(new_weight, bias)
+    third = block._prepared_for_cpu_steps()
+    assert unpacked[4:] == [layer]
+    assert torch.equal(third.weights.in_proj_weight, cpu_kernels.int8_tiles(new_weight.int_repr()))
+    assert torch.equal(third.scales[2], torch.full(weight.shape[:1], 0.05))
+    assert third.weights.att_proj_weight is first.weights.att_proj_weight
+
+
+def test_prepare_block_takes_int8_weights_in_tiles_as_they_are():
+    width, heads, eps = 16, 2, (1e-5, 1e-5)
+    generator = torch.Generator().manual_seed(12)
+    tensors = {name: torch.randn(shape, generator=generator)
+               for name, shape in zip(cpu_kernels.BlockWeights._fields, cpu_kernels._block_shapes(width), strict=True)}
+    for name in cpu_kernels._PRODUCT_WEIGHTS:
+        tensors[name] = torch.randint(-127, 128, tensors[name].shape, dtype=torch.int8, generator=generator)
+    scales = tuple(torch.rand(tensors[name].shape[0], generator=generator) for name in cpu_kernels._PRODUCT_WEIGHTS)
+    from_rows = cpu_kernels.prepare_block(cpu_kernels.BlockWeights(**tensors), heads, eps, scales)
+    tiles = cpu_kernels.BlockWeights(**{**tensors, **{name: cpu_kernels.int8_tiles(tensors[name])
+                                                      for name in cpu_kernels._PRODUCT_WEIGHTS}})
+    from_tiles = cpu_kernels.prepare_block(tiles, heads, eps, scales)
+    assert from_rows is not None and from_tiles is not None and from_tiles.width == width
+    for prepared, given in zip(from_tiles.weights, tiles, strict=True):
+        assert prepared is given  # taken as they are, not copied
+    for a, b in zip(from_tiles.weights, from_rows.weights, strict=True):
+        assert torch.equal(a, b)
+    # Tiles of another shape, or scales for the tiles' rather than the weight's rows, are refused.
+    wrong = tiles._replace(mlp_out_weight=cpu_kernels.int8_tiles(torch.zeros(width, width, dtype=torch.int8)))
+    assert cpu_kernels.prepare_block(wrong, heads, eps, scales) is None
+    assert cpu_kernels.prepare_block(tiles, heads, eps, (scales[0][:6], *scales[1:])) is None

@@ -61,6 +61,23 @@ def test_an_int8_model_keeps_its_cache_in_float16_where_the_kernel_steps(monkeyp
     assert (len(steps) > 0 and all(steps)) == (kernels == "1" and batch <= cpu_kernels.MATVEC_MAX_ROWS)
 
 
+@pytest.mark.skipif(isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),
+                    reason="bark-hf's CPU kernels cannot be built here")
+def test_quantize_int8_unpacks_the_decoding_stages_once_not_at_every_generate(monkeypatch):
+    unpacked = []
+    weight_bias = torch.ao.nn.quantized.dynamic.Linear._weight_bias
+    monkeypatch.setattr(torch.ao.nn.quantized.dynamic.Linear, "_weight_bias",
+                        lambda layer: unpacked.append(layer) or weight_bias(layer))
+    model, processor = tiny_random_bark()
+    model.quantize_int8()
+    decoding_blocks = [*model.semantic.layers, *model.coarse_acoustics.layers]
+    assert len(unpacked) == 4 * len(decoding_blocks)  # each block's four products, the fine stage's none
+    unpacked.clear()
+    for _ in range(2):
+        model.generate(**processor(["Hello there."]), show_progress=False, **GREEDY)
+    assert unpacked == []
+
+
 def _recorded(init, caches):
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)

@@ -118,16 +118,15 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
     int8_weights = {name for name, scale in zip(_PRODUCT_WEIGHTS, scales, strict=True) if scale is not None}
     if int8_weights and width % INT8_TILE:
         return None
-    for (name, tensor), shape in zip(weights._asdict().items(), _block_shapes(width), strict=True):
-        dtype = torch.int8 if name in int8_weights else torch.float32
+    shapes = dict(zip(BlockWeights._fields, _block_shapes(width), strict=True))
+    for name, tensor in weights._asdict().items():
+        dtype, shape = (torch.int8 if name in int8_weights else torch.float32), shapes[name]
         if name in int8_weights and tensor is not None and tensor.dim() == 4:
             shape = (shape[0] // INT8_TILE, shape[1] // INT8_TILE, INT8_TILE, INT8_TILE)
         if tensor is not None and not (_is_on_cpu(tensor, dtype) and tuple(tensor.shape) == shape):
             return None
-    rows = [getattr(weights, name).shape[0] * (INT8_TILE if getattr(weights, name).dim() == 4 else 1)
-            for name in _PRODUCT_WEIGHTS]
-    if not all(scale is None or (_is_on_cpu(scale, torch.float32) and scale.shape == (count,))
-               for scale, count in zip(scales, rows, strict=True)):
+    if not all(scale is None or (_is_on_cpu(scale, torch.float32) and scale.shape == shapes[name][:1])
+               for scale, name in zip(scales, _PRODUCT_WEIGHTS, strict=True)):
         return None
     tiled = weights._replace(**{name: int8_tiles(getattr(weights, name)) for name in int8_weights
                                 if getattr(weights, name).dim() == 2})

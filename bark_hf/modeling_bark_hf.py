@@ -2406,7 +2406,7 @@ class BarkHfModel(BarkHfPreTrainedModel):
         codebook's 1 024 of its rows (`_head_logits`), fewer bytes than the whole head in int8. Greedy
         tokens may differ from float32 ones (see docs/performance.md). The semantic and coarse stages' int8 weights
         are also kept in the kernel's tiles (a second copy of their int8 bytes, made here rather than at every
-        `generate`), unless the CPU kernels are off. A prefill's one activation scale per
+        `generate`) where the CPU kernels run. A prefill's one activation scale per
         layer input also makes an item's tokens depend on the other items of a batch, and a run with the KV
         cache differ from one without it (a prompt and a one-token step are computed apart). A quantised
         model is for eager generation only (it is left in eval mode): training, moving, casting or saving
@@ -2434,7 +2434,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
                                and not (stage is self.coarse_acoustics and name == "lm_head")}
                 torch.ao.quantization.quantize_dynamic(stage, int8_layers, dtype=torch.qint8, inplace=True)
         self.eval()  # int8 layers get no gradients, so training mode (see `train`) would train the rest only
-        if cpu_kernels_wanted():  # the decoding stages' weights as the block kernel reads them, once (`_kernel_linear`)
+        # The decoding stages' weights as the block kernel reads them, once (`_kernel_linear`), where it runs.
+        if cpu_kernels_wanted() and cpu_block_step() is not None:
             for block in (*self.semantic.layers, *self.coarse_acoustics.layers):
                 block._prepared_for_cpu_steps()
         return self

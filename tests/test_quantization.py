@@ -78,6 +78,20 @@ def test_quantize_int8_unpacks_the_decoding_stages_once_not_at_every_generate(mo
     assert unpacked == []
 
 
+@pytest.mark.parametrize("reason", ["kernels off", "no kernel here"])
+def test_quantize_int8_keeps_no_tiles_where_the_kernel_does_not_run(monkeypatch, reason):
+    if reason == "kernels off":
+        monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV_VAR, "0")
+    else:
+        monkeypatch.setattr(modeling, "cpu_block_step", lambda: None)
+    unpacked = []
+    weight_bias = torch.ao.nn.quantized.dynamic.Linear._weight_bias
+    monkeypatch.setattr(torch.ao.nn.quantized.dynamic.Linear, "_weight_bias",
+                        lambda layer: unpacked.append(layer) or weight_bias(layer))
+    tiny_random_bark()[0].quantize_int8()
+    assert unpacked == []
+
+
 def _recorded(init, caches):
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)

@@ -107,7 +107,7 @@ def prepare_block(weights: BlockWeights, num_heads: int, layernorm_eps: tuple[fl
     CPU tensor of the block's shape, float32, or int8 for a product whose `scales` (float32, one per output row:
     weight = int8 value * scale) are given, with a width that is a multiple of `INT8_TILE`. The kernel reads raw
     memory, so a wrong shape would read out of bounds. int8 weights [n, k] are copied into the kernel's tiles;
-    int8 weights already in tiles (`int8_tiles`, as `quantize_int8` keeps them) are taken as they are.
+    a 4-D int8 weight is taken to be in tiles already (`int8_tiles`' layout, as `quantize_int8` keeps them).
     Checking once per `generate`, rather than at every step, keeps the checks out of the steps' time."""
     products = [getattr(weights, name) for name in _PRODUCT_WEIGHTS]
     if len(scales) != len(products) or any(weight is None for weight in products) or products[0].dim() not in (2, 4):

@@ -475,17 +475,19 @@ class BarkHfBlock(GradientCheckpointingLayer):
         training mode; `quantize_int8`'s layers are computed, from their int8 values) or its tensors are not the
         kernel's kind; the caller then calls the block.
         `prepared` keeps each block's checked tensors for the rest of a `generate` call (`_CpuProducts.blocks`)."""
-        if prepared is None:
-            prepared = {}
-        if self not in prepared:
-            prepared[self] = self._prepared_for_cpu_steps()
-        block = prepared[self]
+        block = self.prepared_for_cpu_steps({} if prepared is None else prepared)
         layer = self.attn.layer_idx
         buffers = None if block is None else cache.step_buffers(layer)
         if buffers is None or not kernel(hidden_states, block, *buffers, key_mask):
             return False
         cache.advance(layer)
         return True
+
+    def prepared_for_cpu_steps(self, prepared: dict[nn.Module, PreparedBlock | None]) -> PreparedBlock | None:
+        """This block's tensors for the kernel (None: not its kind), checked once and kept in `prepared`."""
+        if self not in prepared:
+            prepared[self] = self._prepared_for_cpu_steps()
+        return prepared[self]
 
     def _prepared_for_cpu_steps(self) -> PreparedBlock | None:
         attn, mlp, norms = self.attn, self.mlp, (self.layernorm_1, self.layernorm_2)
@@ -523,7 +525,7 @@ def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
         return None
     packed = layer._packed_params._packed_params  # replaced, never changed, when the layer's weights are set
     kept = _INT8_KERNEL_WEIGHTS.get(layer)
-    if kept is not None and kept[0] is packed:
+    if kept is not None and kept[0]() is packed:
         return kept[1:]
     weight, bias = layer._weight_bias()  # unpacked once: its weight() and bias() would each unpack the layer
     scheme = weight.qscheme()
@@ -537,13 +539,14 @@ def _kernel_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     values = weight.int_repr()  # [n, k]
     if values.dim() != 2 or values.shape[0] % INT8_TILE or values.shape[1] % INT8_TILE:
         return values, bias, scales  # not the kernel's kind (`prepare_block` says so); nothing worth keeping
-    _INT8_KERNEL_WEIGHTS[layer] = (packed, int8_tiles(values), bias, scales)
+    _INT8_KERNEL_WEIGHTS[layer] = (weakref.ref(packed), int8_tiles(values), bias, scales)
     return _INT8_KERNEL_WEIGHTS[layer][1:]
 
 
-# Each int8 layer's packed weights and, made from them, its weights as the block kernel reads them (`_kernel_linear`).
+# Each int8 layer's packed weights (a weak reference: weights set anew free the old ones) and, made from them, its
+# weights as the block kernel reads them (`_kernel_linear`).
 _INT8_KERNEL_WEIGHTS: weakref.WeakKeyDictionary[
-    nn.Module, tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor]] = weakref.WeakKeyDictionary()
+    nn.Module, tuple[weakref.ref, torch.Tensor, torch.Tensor | None, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def holds_int8_layers(module: nn.Module) -> bool:
@@ -1559,12 +1562,14 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         """float16 for the cache of an int8 model whose decoding steps run in bark-hf's CPU kernel, which reads it
         as it is: a coarse step of bark-small reads up to 70 MB of float32 keys and values beside 85 MB of int8
         weights, and float16 rounds far less than int8 weights do. None (the model's dtype) elsewhere: a float32 model
-        stays the original's, and PyTorch's attention would convert a float16 cache at every step."""
+        stays the original's, and PyTorch's attention, which steps a block that the kernel does not compute (hooks,
+        peft layers, ...), would convert a float16 cache at every step."""
         products = _CPU_PRODUCTS_IN_GENERATION.get()
         if (products is None or not products.cpu_kernels or batch > MATVEC_MAX_ROWS
                 or not holds_int8_layers(self) or cpu_block_step() is None):
             return None
-        return torch.float16
+        kernel_steps_all = all(block.prepared_for_cpu_steps(products.blocks) is not None for block in self.layers)
+        return torch.float16 if kernel_steps_all else None
 
     def _decode(
         self,

@@ -124,8 +124,9 @@ def expected_shapes(batch: int, n_tokens: int, n_frames: int, hop: int) -> dict[
 
 def run_batch(peers: list, texts: list[str], n_tokens: int, n_frames: int, hop: int, repeats: int, warmup: int,
               device: torch.device, clock: Callable[[], float]) -> dict[str, dict[str, list[Sample]]]:
-    """Every stage of every peer, `warmup` untimed then `repeats` timed times. Each stage gets the
-    first peer's output of the stage before, so all peers do the same work on the same tokens."""
+    """Every stage of every peer, `warmup` untimed then `repeats` timed times (without warm-up runs the codec
+    stage still decodes once per peer untimed first). Each stage gets the first peer's output of the stage
+    before, so all peers do the same work on the same tokens."""
     shapes = expected_shapes(len(texts), n_tokens, n_frames, hop)
     samples: dict[str, dict[str, list[Sample]]] = {stage: {peer.name: [] for peer in peers} for stage in STAGES}
     for repeat in range(-warmup, repeats):

@@ -275,27 +275,32 @@ def test_the_block_step_computes_the_block(width, heads, bias, batch, past, mask
 
 @needs_kernel
 @pytest.mark.parametrize(("width", "heads"), [(48, 4), (64, 2)])  # head widths 12 (8 values and 4 alone) and 32
-def test_the_block_step_stores_a_float16_cache_as_the_cache_does(width, heads):
-    """Rounded to nearest, and clamped to float16's largest value rather than overflowing to infinity, as
-    `BarkHfKVCache.update` stores float32 keys and values."""
+@pytest.mark.parametrize("nan", [False, True])
+def test_the_block_step_stores_a_float16_cache_as_the_cache_does(width, heads, nan):
+    """The float32 keys and values the step computes, rounded to nearest (even) and clamped to float16's largest
+    value rather than overflowing to infinity, NaN kept: bit for bit what `BarkHfKVCache.update` stores for them."""
     block = _block(width, heads, bias=True, seed=8)
     with torch.no_grad():
         block.attn.att_proj.weight[width:] *= 3e4  # keys and values of up to about 1e5
     keys, values = _random_cache_contents(1, block, 2, seed=9)
-    cache = _cache(keys, values, storage=torch.float16)
     hidden = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(10))
+    if nan:
+        hidden[0, 0, 3] = float("nan")
+    wide, narrow = _cache(keys, values), _cache(keys, values, storage=torch.float16)
+    kernel = cpu_kernels.cpu_block_step()
     with torch.no_grad():
-        new_keys_values = block.attn.att_proj(block.layernorm_1(hidden)).split(width, dim=2)[1:]
-        assert block.cpu_step(cpu_kernels.cpu_block_step(), hidden, cache, None)
-    for stored, computed in zip(cache[0], new_keys_values, strict=True):
-        computed = computed.view(1, 1, heads, -1).transpose(1, 2)  # [1, H, 1, D]
-        assert computed.abs().max() > 65504  # some values are out of float16's range
-        expected = computed.clamp(-65504, 65504).half()
-        # Equal where the float32 values round alike; the kernel's products differ from torch's in the last bits.
-        close = (stored[:, :, -1:].float() - expected.float()).abs() <= expected.float().abs() * 1e-3 + 1e-6
-        assert bool(close.all())
-        assert torch.isfinite(stored).all()
-        assert (stored[:, :, -1:].abs() == 65504).any()
+        assert block.cpu_step(kernel, hidden.clone(), wide, None)  # the same float32 values, kept as they are
+        assert block.cpu_step(kernel, hidden.clone(), narrow, None)
+    for stored, computed in zip(narrow[0], wide[0], strict=True):
+        stored, computed = stored[:, :, -1], computed[:, :, -1]  # [1, H, D]: the new position
+        expected = modeling._in_range_of(computed, torch.float16).half()
+        assert torch.equal(stored.isnan(), expected.isnan())
+        assert torch.equal(stored[~stored.isnan()], expected[~expected.isnan()])
+        if nan:
+            assert bool(stored.isnan().all())
+        else:  # some values were out of float16's range, and rounding had work to do
+            assert computed.abs().max() > 65504 and (stored.abs() == 65504).any() and not torch.equal(
+                stored.float(), computed)
 
 
 @needs_kernel

@@ -92,6 +92,19 @@ def test_quantize_int8_keeps_no_tiles_where_the_kernel_does_not_run(monkeypatch,
     assert unpacked == []
 
 
+@pytest.mark.skipif(isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),
+                    reason="bark-hf's CPU kernels cannot be built here")
+def test_an_int8_stage_whose_blocks_the_kernel_does_not_step_keeps_a_float32_cache(monkeypatch):
+    """A block with a hook steps through PyTorch, which would convert a float16 cache at every step."""
+    caches = []
+    monkeypatch.setattr(modeling.BarkHfKVCache, "__init__", _recorded(modeling.BarkHfKVCache.__init__, caches))
+    model, processor = tiny_random_bark()
+    model.quantize_int8()
+    model.semantic.layers[-1].register_forward_pre_hook(lambda module, args: None)
+    model.generate(**processor(["Hello there."]), show_progress=False, **GREEDY)
+    assert [cache.storage_dtype for cache in caches] == [None, torch.float16]  # semantic, coarse
+
+
 def _recorded(init, caches):
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)

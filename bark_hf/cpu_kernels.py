@@ -4,10 +4,10 @@ A decoding step reads every weight once for a few rows of inputs, so its speed i
 memory; PyTorch's libraries (MKL, oneDNN) read well below it on some CPUs, and a step's few hundred small
 operators cost as much again (figures in docs/performance.md). The kernels are in `csrc/cpu_kernels.c`: a
 matrix-vector product (`cpu_matvec`) and a whole GPT block's decoding step (`cpu_block_step`). They need an x86-64
-Linux CPU with AVX2, FMA and F16C, PyTorch built with GNU OpenMP (libgomp), and a C compiler (`$CC`, else `cc` or
-`gcc`), which builds them in about a second into `$XDG_CACHE_HOME/bark_hf` (else `~/.cache/bark_hf`).
-`BARK_HF_CPU_KERNELS` (1 or 0) turns them on or off. By default they are on; where the machine cannot have them,
-PyTorch runs, with a one-time warning where a build was tried and failed.
+Linux CPU with AVX2 and FMA (and F16C for a float16 KV cache), PyTorch built with GNU OpenMP (libgomp), and a C
+compiler (`$CC`, else `cc` or `gcc`), which builds them in about a second into `$XDG_CACHE_HOME/bark_hf` (else
+`~/.cache/bark_hf`). `BARK_HF_CPU_KERNELS` (1 or 0) turns them on or off. By default they are on; where the machine
+cannot have them, PyTorch runs, with a one-time warning where a build was tried and failed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ MATVEC_MAX_ROWS = 16
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LINKER_FLAGS = ("-lm",)
-REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
+# int8 models' float16 KV cache is converted with F16C, which every AVX2 CPU has but a virtual machine may hide;
+# without it the kernels still run, over float32 caches only.
+FLOAT16_CACHE_CPU_FLAG = "f16c"
 BUILD_TIMEOUT_S = 120
 # File names of OpenMP runtimes (GNU, Intel, LLVM): the kernel must share PyTorch's, not load a second one.
 _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)([-.].*)?\.so")
@@ -59,6 +62,12 @@ class CpuKernelsUnavailable(RuntimeError):
 
 class _NotThisMachine(CpuKernelsUnavailable):
     """The platform, CPU or PyTorch build rules the kernel out: nothing to warn about."""
+
+
+@functools.cache
+def reads_float16_caches() -> bool:
+    """Whether the block step may be given a float16 KV cache: the CPU has F16C (read from /proc/cpuinfo)."""
+    return FLOAT16_CACHE_CPU_FLAG in (cpu_flags() or "").split()
 
 
 def cpu_kernels_wanted() -> bool:
@@ -176,7 +185,8 @@ def cpu_block_step() -> BlockStepKernel | None:
     one new position per item, changed in place. `keys` and `values` are the layer's cache buffers
     [B, H, capacity, D] holding `past` positions; the step writes position `past` and attends to positions 0 to
     `past` where `key_mask` (bool [B, past + 1], True at each item's new position; None: everywhere) allows.
-    The cache may be float16 (`BarkHfKVCache`'s `storage_dtype`), written as it writes it.
+    The cache may be float16 (`BarkHfKVCache`'s `storage_dtype`, where `reads_float16_caches`), written as it
+    writes it.
     It returns False, doing nothing, where these tensors are not its kind (contiguous CPU tensors of those shapes:
     float32, or a float16 cache; a mask that hides an item's new position); the caller then runs the block. Built,
     refused or warned about as `cpu_matvec`.
@@ -250,7 +260,8 @@ def _fits_step(hidden_states: torch.Tensor, block: PreparedBlock, keys: torch.Te
     if (tuple(hidden_states.shape) != (batch, 1, block.width) or tuple(keys.shape) != cache_shape
             or tuple(values.shape) != cache_shape or not _is_on_cpu(hidden_states)
             or not all(_is_on_cpu(tensor, keys.dtype) for tensor in (keys, values))
-            or keys.dtype not in (torch.float32, torch.float16)):
+            or keys.dtype not in (torch.float32, torch.float16)
+            or (keys.dtype == torch.float16 and not reads_float16_caches())):
         return False
     return key_mask is None or (type(key_mask) is torch.Tensor and key_mask.dtype == torch.bool
                                 and key_mask.device.type == "cpu" and tuple(key_mask.shape) == (batch, past + 1)

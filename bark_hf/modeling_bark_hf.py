@@ -66,6 +66,7 @@ from .cpu_kernels import (
     cpu_matvec,
     int8_tiles,
     prepare_block,
+    reads_float16_caches,
 )
 from .generation_configuration_bark_hf import (
     GENERATION_CONFIG_NAME,
@@ -1566,7 +1567,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         peft layers, ...), would convert a float16 cache at every step."""
         products = _CPU_PRODUCTS_IN_GENERATION.get()
         if (products is None or not products.cpu_kernels or batch > MATVEC_MAX_ROWS
-                or not holds_int8_layers(self) or cpu_block_step() is None):
+                or not holds_int8_layers(self) or cpu_block_step() is None or not reads_float16_caches()):
             return None
         kernel_steps_all = all(block.prepared_for_cpu_steps(products.blocks) is not None for block in self.layers)
         return torch.float16 if kernel_steps_all else None

@@ -105,6 +105,31 @@ def test_an_int8_stage_whose_blocks_the_kernel_does_not_step_keeps_a_float32_cac
     assert [cache.storage_dtype for cache in caches] == [None, torch.float16]  # semantic, coarse
 
 
+@pytest.mark.skipif(isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),
+                    reason="bark-hf's CPU kernels cannot be built here")
+def test_a_cpu_without_f16c_keeps_int8_caches_in_float32_and_its_kernel_refuses_float16_ones(monkeypatch):
+    """Every AVX2 CPU has F16C, but a virtual machine may hide it: the kernels still run, over float32 caches."""
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "fpu sse2 avx avx2 fma")
+    cpu_kernels.reads_float16_caches.cache_clear()
+    try:
+        caches, steps = [], []
+        monkeypatch.setattr(modeling.BarkHfKVCache, "__init__", _recorded(modeling.BarkHfKVCache.__init__, caches))
+        cpu_step = modeling.BarkHfBlock.cpu_step
+        monkeypatch.setattr(modeling.BarkHfBlock, "cpu_step", lambda *args: steps.append(cpu_step(*args)) or steps[-1])
+        model, processor = tiny_random_bark()
+        model.quantize_int8()
+        model.generate(**processor(["Hello there."]), show_progress=False, **GREEDY)
+        assert [cache.storage_dtype for cache in caches] == [None, None] and steps and all(steps)
+        block = model.semantic.layers[0]
+        half = torch.zeros(1, block.attn.num_heads, 4, block.attn.hidden_size // block.attn.num_heads,
+                           dtype=torch.float16)
+        prepared = block.prepared_for_cpu_steps({})
+        assert not cpu_kernels.cpu_block_step()(torch.zeros(1, 1, block.attn.hidden_size), prepared, half,
+                                                half.clone(), 0, None)
+    finally:
+        cpu_kernels.reads_float16_caches.cache_clear()
+
+
 def _recorded(init, caches):
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)

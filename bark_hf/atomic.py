@@ -54,10 +54,13 @@ def check_save_directory(path: str | os.PathLike) -> None:
                                  "files: choose another save_directory.")
 
 
-def check_writable_folder(path: str | os.PathLike) -> None:
+def check_writable_folder(path: str | os.PathLike, makes_folders: bool = False) -> None:
     """Create and remove a temporary file beside `path`: a folder that takes no new files fails here, before any
-    long work, instead of when the result is written."""
+    long work, instead of when the result is written. `makes_folders`: the writer creates missing folders first,
+    so the nearest folder above `path` that exists is the one tried."""
     folder = Path(path).parent
+    if makes_folders:
+        folder = next(above for above in (folder, *folder.parents) if above.exists())
     try:
         handle, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
     except OSError as error:

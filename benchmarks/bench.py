@@ -38,8 +38,8 @@ import torch
 from peers import OPTIONAL_PEER_NAMES, PEER_NAMES, SHAPES, build_peers, random_preset
 
 import bark_hf
-from bark_hf import BarkHfModel, BarkHfSemanticGenerationConfig
-from bark_hf.atomic import atomic_path
+from bark_hf import BarkHfCoarseGenerationConfig, BarkHfModel, BarkHfSemanticGenerationConfig
+from bark_hf.atomic import atomic_path, check_writable_folder
 from bark_hf.generation_configuration_bark_hf import N_COARSE_CODEBOOKS, N_FINE_CODEBOOKS
 
 logger = logging.getLogger("bench")
@@ -48,6 +48,7 @@ STAGES = ("semantic", "coarse", "fine", "codec")
 SEED = 0
 QUICK_SEMANTIC_TOKENS = 24  # 36 frames: two coarse windows
 FULL_SEMANTIC_TOKENS = 650  # 976 frames, 13.01 s of audio
+CODEBOOK_SIZE = BarkHfCoarseGenerationConfig().codebook_size
 TEXTS = (
     "Hello, my name is Suno. And, uh, I like pizza.",
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
@@ -122,6 +123,18 @@ def expected_shapes(batch: int, n_tokens: int, n_frames: int, hop: int) -> dict[
             "fine": (batch, N_FINE_CODEBOOKS, n_frames), "codec": (batch, n_frames * hop)}
 
 
+def check_output(peer_name: str, stage: str, output: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a stage output that would leave the peers doing different work, or feed the next stage invalid codes."""
+    if tuple(output.shape) != shape:
+        raise RuntimeError(f"{peer_name}'s {stage} stage gave shape {tuple(output.shape)}, expected {shape}: the "
+                           "peers would not be doing the same work.")
+    codes = stage in ("coarse", "fine") and output.numel() > 0
+    if codes and not 0 <= int(output.min()) <= int(output.max()) < CODEBOOK_SIZE:
+        raise RuntimeError(f"{peer_name}'s {stage} stage gave codes outside [0, {CODEBOOK_SIZE}) (from "
+                           f"{int(output.min())} to {int(output.max())}): they are not EnCodec codes, so the next "
+                           "stage would fail or do other work. That peer samples tokens it should not.")
+
+
 def run_batch(peers: list, texts: list[str], n_tokens: int, n_frames: int, hop: int, repeats: int, warmup: int,
               device: torch.device, clock: Callable[[], float]) -> dict[str, dict[str, list[Sample]]]:
     """Every stage of every peer, `warmup` untimed then `repeats` timed times (without warm-up runs the codec
@@ -147,11 +160,7 @@ def run_batch(peers: list, texts: list[str], n_tokens: int, n_frames: int, hop: 
                 if repeat >= 0:
                     samples[stage][peer.name].append(sample)
                 logger.info("batch %d, %s, %s, %s: %.2f s", len(texts), run, stage, peer.name, sample.seconds)
-                if tuple(outputs[peer.name].shape) != shapes[stage]:
-                    raise RuntimeError(
-                        f"{peer.name}'s {stage} stage gave shape {tuple(outputs[peer.name].shape)}, expected "
-                        f"{shapes[stage]}: the peers would not be doing the same work."
-                    )
+                check_output(peer.name, stage, outputs[peer.name], shapes[stage])
             stage_input = outputs[peers[0].name]
     return samples
 
@@ -176,7 +185,7 @@ def stage_work(model: BarkHfModel, batch: int, n_tokens: int, n_frames: int, pre
         "fine": StageWork("tok", n_frames * n_predicted,
                           machine.seconds(roofline.fine_passes(model, batch, n_frames, preset, dtype))),
         "codec": StageWork("frame", n_frames,
-                           machine.seconds(roofline.codec_passes(model, batch, n_frames), machine.codec_gemm_rate)),
+                           machine.seconds(roofline.codec_passes(model, batch, n_frames), machine.float32_gemm_rate)),
     }
 
 
@@ -215,8 +224,10 @@ def summarize(samples: dict[str, dict[str, list[Sample]]], work: dict[str, Stage
 def format_table(rows: dict, work: dict[str, StageWork], batch: int, peer_names: list[str]) -> str:
     """One row per stage and peer; `of floor` is the floor's time over the measured time."""
     reference = peer_names[0]
-    header = (f"{'stage':<10}{'work per item':<16}{'peer':<14}{'time s':>9}{'rate per s':>20}{'RTF':>8}"
-              f"{'peak MB':>9}{'floor s':>9}{'of floor':>10}{reference + ' speed-up':>17}")
+    name_width = max(14, 2 + max(map(len, peer_names)))
+    speedup_width = max(17, 2 + len(f"{reference} speed-up"))
+    header = (f"{'stage':<10}{'work per item':<16}{'peer':<{name_width}}{'time s':>9}{'rate per s':>20}{'RTF':>8}"
+              f"{'peak MB':>9}{'floor s':>9}{'of floor':>10}{reference + ' speed-up':>{speedup_width}}")
     lines = [header, "-" * len(header)]
     for stage, by_peer in rows.items():
         if stage == "total":
@@ -228,9 +239,9 @@ def format_table(rows: dict, work: dict[str, StageWork], batch: int, peer_names:
             peak = "n/a" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}"
             speedup = f"{row[f'{reference}_speedup']:.2f}x" if index else ""
             lines.append(
-                f"{stage if index == 0 else '':<10}{described if index == 0 else '':<16}{name:<14}"
+                f"{stage if index == 0 else '':<10}{described if index == 0 else '':<16}{name:<{name_width}}"
                 f"{row['median_s']:>9.2f}{row['rate_per_s']:>12.1f} {unit:<7}{row['rtf']:>8.3f}{peak:>9}"
-                f"{row['floor_s']:>9.2f}{100 * row['floor_fraction']:>9.1f}%{speedup:>17}"
+                f"{row['floor_s']:>9.2f}{100 * row['floor_fraction']:>9.1f}%{speedup:>{speedup_width}}"
             )
     lines.append("")
     for name in peer_names:
@@ -331,6 +342,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{args.json} exists; choose a new path for --json (results are never overwritten).")
     if args.json is not None and any(folder.is_file() for folder in args.json.parents):
         parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
+    if args.json is not None:
+        try:
+            check_writable_folder(args.json, makes_folders=True)
+        except PermissionError as error:
+            parser.error(f"--json {args.json}: {error}")
     if "ours-int8" in args.peers and (args.device != "cpu" or args.dtype != "float32"):
         parser.error("the ours-int8 peer quantises float32 weights for the CPU: use --device cpu --dtype float32.")
     args.shape_name = "tiny" if args.quick else args.shape or "small"
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
                f"median of {args.repeats} run(s) after {args.warmup} untimed, {args.clock} clock, voice preset: "
                f"{'random' if args.preset else 'none'}, load average {load} on {info['logical_cpus']} CPUs\n"
                f"floor: copy {machine.bandwidth / 1e9:.1f} GB/s, {args.dtype} GEMM "
-               f"{machine.gemm_rate / 1e9:.1f} GFLOP/s (float32 {machine.codec_gemm_rate / 1e9:.1f})")
+               f"{machine.gemm_rate / 1e9:.1f} GFLOP/s (float32 {machine.float32_gemm_rate / 1e9:.1f})")
     print(heading)
 
     results = {
@@ -386,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "semantic_tokens": args.semantic_tokens, "frames": n_frames, "audio_s_per_item": audio_s,
                      "preset": args.preset},
         "floor": {"bandwidth_gb_s": machine.bandwidth / 1e9, "gemm_gflop_s": machine.gemm_rate / 1e9,
-                  "float32_gemm_gflop_s": machine.codec_gemm_rate / 1e9},
+                  "float32_gemm_gflop_s": machine.float32_gemm_rate / 1e9},
         "batches": {},
     }
     for batch in args.batch:

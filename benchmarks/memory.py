@@ -42,7 +42,7 @@ from accelerate.utils import convert_file_size_to_int
 from peers import SHAPES, bark_config, random_preset
 
 from bark_hf import BarkHfSemanticGenerationConfig
-from bark_hf.atomic import atomic_path
+from bark_hf.atomic import atomic_path, check_writable_folder
 
 logger = logging.getLogger("memory")
 
@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{args.json} exists; choose a new file")
     if args.json is not None and any(folder.is_file() for folder in args.json.parents):
         parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
+    if args.json is not None:
+        try:
+            check_writable_folder(args.json, makes_folders=True)
+        except PermissionError as error:
+            parser.error(f"--json {args.json}: {error}")
     return args
 
 

@@ -157,6 +157,10 @@ class TransformersPeer:
         self.fine_config = BarkFineGenerationConfig(temperature=fine_t)
         self.codebook_size = coarse_defaults.codebook_size
         self.offsets = coarse_defaults.semantic_vocab_size + self.codebook_size * torch.arange(2)  # [2]
+        # transformers' AlternatingCodebooksLogitsProcessor leaves the coarse vocabulary's special tokens (past both
+        # codebooks) open at second-codebook steps, which the original never samples from; random weights pick them.
+        first_special = coarse_defaults.semantic_vocab_size + 2 * self.codebook_size
+        self.special_coarse_tokens = list(range(first_special, config.coarse_acoustics_config.output_vocab_size))
 
     @torch.no_grad()
     def semantic(self, texts: list[str], n_tokens: int) -> torch.Tensor:
@@ -174,7 +178,8 @@ class TransformersPeer:
             semantic.clone().to(self.device),  # it rewrites pad tokens in place
             semantic_generation_config=self.semantic_config,
             coarse_generation_config=self.coarse_config, codebook_size=self.codebook_size,
-            history_prompt=self.preset)  # [B, 2T]: interleaved codebooks, offset like the coarse vocabulary
+            history_prompt=self.preset, suppress_tokens=self.special_coarse_tokens)  # [B, 2T]: interleaved
+        # codebooks, offset like the coarse vocabulary
         return flat.cpu().view(flat.shape[0], -1, 2).transpose(1, 2) - self.offsets[:, None]  # [B, 2, T]
 
     @torch.no_grad()

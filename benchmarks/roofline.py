@@ -1,9 +1,9 @@
 """The machine's floor for each stage: the least time its arithmetic and memory traffic allow here.
 
 Two rates are measured: memory bandwidth (a large tensor copy, bytes read + written per second)
-and the rate of a large matrix product in the benchmark's dtype. Each forward pass a stage must
-make is then costed as a roofline, max(bytes read / bandwidth, FLOPs / GEMM rate), and the
-stage's floor is the sum over its passes:
+and the rate of a large matrix product in the benchmark's dtype (or float32, where that is faster).
+Each forward pass a stage must make is then costed as a roofline, max(bytes read / bandwidth,
+FLOPs / GEMM rate), and the stage's floor is the sum over its passes:
 
 * a one-token decoding step reads every weight of the blocks and the head once, plus the KV
   cache, for little arithmetic: it sits on the bandwidth side (decode floor = bytes / bandwidth);
@@ -13,8 +13,9 @@ stage's floor is the sum over its passes:
 * the codec is convolutions and an LSTM, costed by its FLOPs.
 
 The passes follow the original algorithm, which all three peers share, with the coarse prefills that
-bark-hf skips left out: the floor is the least work any peer does. Embedding lookups,
-LayerNorms, biases and sampling are left out, so the floor is a bound no implementation reaches.
+bark-hf skips left out: the floor is the least work any peer does, except that a decoding step
+reads the whole head (bark-hf's coarse steps on a CPU read one codebook's rows of it). Embedding
+lookups, LayerNorms, biases and sampling are left out.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ Pass = tuple[float, float]
 class Machine:
     bandwidth: float  # bytes per second, a large copy counting bytes read and written
     gemm_rate: float  # FLOPs per second of a large matrix product in the benchmark's dtype
-    codec_gemm_rate: float  # the same in float32, the codec's dtype
+    float32_gemm_rate: float  # the same in float32, the codec's dtype
 
     def seconds(self, passes: list[Pass], gemm_rate: float | None = None) -> float:
-        rate = self.gemm_rate if gemm_rate is None else gemm_rate
+        """The passes' floor at `gemm_rate`, or by default at the faster of the dtype's and float32's rates: a
+        half-precision product can always be computed in float32 (as on CPUs without half-precision instructions,
+        where the dtype's own products are far slower than what the models' kernels reach)."""
+        rate = max(self.gemm_rate, self.float32_gemm_rate) if gemm_rate is None else gemm_rate
         return sum(max(nbytes / self.bandwidth, flops / rate) for flops, nbytes in passes)
 
 
@@ -77,7 +81,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype, clock: Callable[[]
     float32_rate = _gemm_rate(device, torch.float32, size, clock)
     return Machine(bandwidth=_copy_bandwidth(device, n_bytes, clock),
                    gemm_rate=float32_rate if dtype == torch.float32 else _gemm_rate(device, dtype, size, clock),
-                   codec_gemm_rate=float32_rate)
+                   float32_gemm_rate=float32_rate)
 
 
 def _copy_bandwidth(device: torch.device, n_bytes: int, clock: Callable[[], float]) -> float:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -93,6 +95,7 @@ def modules():
     (["--semantic-tokens", "769"], "--semantic-tokens must be in 1..768"),
     (["--peers", "ours,ours-int8", "--dtype", "bfloat16"], "use --device cpu --dtype float32"),
     (["--json", "{file}/results.json"], "a folder on that path is a file"),
+    (["--json", "/proc/new/results.json"], "Cannot create files in the folder /proc"),
 ])
 def test_bad_arguments_are_refused_with_the_fix(modules, capsys, tmp_path, argv, message):
     (tmp_path / "file").write_text("")
@@ -106,6 +109,7 @@ def test_bad_arguments_are_refused_with_the_fix(modules, capsys, tmp_path, argv,
     (["--semantic-tokens", "0"], "--semantic-tokens must be in 1..768"),
     (["--budget", "lots"], "--budget takes a size such as 1GiB"),
     (["--json", "{file}/memory.json"], "a folder on that path is a file"),
+    (["--json", "/proc/new/memory.json"], "Cannot create files in the folder /proc"),
 ])
 def test_memory_benchmark_refuses_bad_arguments_before_measuring(modules, capsys, tmp_path, argv, message):
     import memory
@@ -133,6 +137,32 @@ def test_existing_json_is_never_overwritten(modules, capsys, tmp_path):
     assert existing.read_text() == "{}"
 
 
+@pytest.mark.parametrize("peer_names", [["transformers", "ours"], ["ours-int8", "ours"], ["ours", "a-long-name-x"]])
+def test_table_columns_stay_apart_whatever_the_peers_are_called(modules, peer_names):
+    bench = modules.bench
+    work = {stage: bench.StageWork("tok", 10, 1.0) for stage in STAGES}
+    samples = {stage: {name: [bench.Sample(2.0 + index, None)] for index, name in enumerate(peer_names)}
+               for stage in STAGES}
+    table = bench.format_table(bench.summarize(samples, work, 1, 1.0, peer_names), work, 1, peer_names)
+    header, rule, *rows = table.splitlines()
+    assert header.split()[-4:] == ["of", "floor", peer_names[0], "speed-up"]
+    assert len(rule) == len(header)
+    assert all(len(row) == len(header) for row in rows if row.startswith(("semantic", "coarse", "fine", "codec", " ")))
+    assert rows[1].split()[-1] == "1.50x"  # the second peer's semantic row: 3 s against 2 s
+
+
+@pytest.mark.parametrize("stage,output,message", [
+    ("coarse", torch.tensor([[[0, 1061]]]), "codes outside [0, 1024) (from 0 to 1061)"),
+    ("fine", torch.tensor([[[-1, 3]]]), "codes outside [0, 1024) (from -1 to 3)"),
+    ("semantic", torch.zeros(1, 4), "gave shape (1, 4), expected (1, 5)"),
+])
+def test_a_stage_output_that_would_change_the_work_is_refused(modules, stage, output, message):
+    shape = (1, 5) if stage == "semantic" else tuple(output.shape)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        modules.bench.check_output("transformers", stage, output, shape)
+    modules.bench.check_output("ours", "coarse", torch.tensor([[[0, 1023]]]), (1, 1, 2))
+
+
 # --- The floor arithmetic ---
 
 
@@ -144,10 +174,13 @@ def test_decode_step_reads_the_weights_and_the_cache(modules):
     assert flops == 2 * (12 * 768**2 * 12 + 768 * 12_096 + 2 * 12 * 768)
     _, with_cache = coarse.forward(batch=8, new=1, past=100, causal=True, logit_positions=1)
     assert with_cache - nbytes == 2 * 8 * 12 * 100 * 768 * 4  # keys and values of 8 items
-    machine = roofline.Machine(bandwidth=1e10, gemm_rate=1e11, codec_gemm_rate=1e11)
+    machine = roofline.Machine(bandwidth=1e10, gemm_rate=1e11, float32_gemm_rate=1e11)
     assert machine.seconds([(flops, nbytes)]) == pytest.approx(nbytes / 1e10)  # bandwidth-bound
     prefill = coarse.forward(batch=1, new=887, past=0, causal=True, logit_positions=1)
     assert machine.seconds([prefill]) == pytest.approx(prefill[0] / 1e11)  # compute-bound
+    emulated_half = roofline.Machine(bandwidth=1e10, gemm_rate=1e9, float32_gemm_rate=1e11)
+    assert emulated_half.seconds([prefill]) == pytest.approx(prefill[0] / 1e11)  # products can run in float32
+    assert emulated_half.seconds([prefill], gemm_rate=1e9) == pytest.approx(prefill[0] / 1e9)
 
 
 def test_a_pass_costs_the_last_block_at_the_positions_read(modules):

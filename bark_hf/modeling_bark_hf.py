@@ -1089,6 +1089,27 @@ def _compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
                          options={"coordinate_descent_tuning": device_type == "cuda"})
 
 
+# One `_decode_step` serves every stage, model size, batch of one or more and grad mode, each with a graph of its own,
+# and dynamo counts them all against one limit per function (8 by default): two model sizes in one process reached
+# it, and under fullgraph=True that was an error from deep inside torch.
+DECODE_STEP_GRAPHS = 64
+
+
+def _run_compiled_step(model: BarkHfCausalModel, input_ids: torch.Tensor, pads: torch.Tensor,
+                       cache: BarkHfKVCache) -> torch.Tensor:
+    """`model._decode_step` compiled, with room for DECODE_STEP_GRAPHS graphs of it; past them, eagerly."""
+    limit = max(torch._dynamo.config.recompile_limit, DECODE_STEP_GRAPHS)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return _compiled_decode_step(input_ids.device.type)(model, input_ids, pads, cache)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        logger.warning_once(f"torch.compile has made {limit} graphs of the decoding step in this process (one per "
+                            "stage, model size, batch of one or more, and grad mode); steps of new kinds decode "
+                            "eagerly, which gives the same tokens more slowly. To compile more, raise "
+                            "torch._dynamo.config.recompile_limit.")
+        return model._decode_step(input_ids, pads, cache)
+
+
 class _CUDAGraphStep:
     """A stage's compiled `_decode_step` captured as a CUDA graph: one replay launches the whole step.
 
@@ -1101,15 +1122,14 @@ class _CUDAGraphStep:
     def __init__(self, model: BarkHfCausalModel, input_ids: torch.Tensor, pads: torch.Tensor, cache: BarkHfKVCache):
         self.input_ids, self.pads = input_ids.clone(), pads.clone()  # [B, 1] each: the graph reads these
         self.cache, self.cache_allocations, self.write_position = cache, cache.allocations, cache.write_position
-        step = _compiled_decode_step("cuda")
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):  # compile and warm up outside the capture
-            step(model, self.input_ids, self.pads, cache)  # writes the position the replay writes again
+            _run_compiled_step(model, self.input_ids, self.pads, cache)  # writes the position the replay writes again
         torch.cuda.current_stream().wait_stream(side_stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(model, self.input_ids, self.pads, cache)  # [B, V], rewritten by every replay
+            self.logits = _run_compiled_step(model, self.input_ids, self.pads, cache)  # [B, V], rewritten by replays
 
     def matches(self, input_ids: torch.Tensor, cache: BarkHfKVCache) -> bool:
         same_buffers = cache is self.cache and cache.allocations == self.cache_allocations
@@ -1600,7 +1620,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if graph_step is not None:
             logits = graph_step(input_ids, pads)  # [B, V], valid until the next step
         else:
-            logits = _compiled_decode_step(input_ids.device.type)(self, input_ids, pads, cache)
+            logits = _run_compiled_step(self, input_ids, pads, cache)
         cache.write_position += 1
         return logits if vocab_rows is None else logits[:, vocab_rows]
 
@@ -2428,6 +2448,11 @@ class BarkHfModel(BarkHfPreTrainedModel):
                              "(model.to('cpu')).")
         if not all(parameter.dtype == torch.float32 for parameter in self.parameters()):
             raise ValueError("quantize_int8() needs a float32 model; load it without dtype=.")
+        adapted = unmerged_adapter_layers(self)
+        if adapted:  # peft reads its layers' `weight.dtype`, which an int8 layer has not: generate failed deep inside
+            raise ValueError(f"quantize_int8(): this model holds peft adapters that are not merged (in {adapted[0]} "
+                             f"and {len(adapted) - 1} other layers), which cannot run int8. Call merge_and_unload() "
+                             "on the PeftModel first, then quantise the merged model.")
         if self.offload_device is not None:  # generate would move the int8 stages to the accelerator
             raise ValueError(f"quantize_int8(): enable_cpu_offload() moves this model's stages to "
                              f"{self.offload_device}, but int8 layers run on the CPU only; load the model again and "

@@ -448,6 +448,50 @@ def test_moving_or_copying_a_stage_leaves_its_cuda_graph_state_behind(ours):
     assert stage._cuda_graphs is None
 
 
+def test_steps_past_the_compiled_graphs_limit_decode_eagerly(ours, monkeypatch):
+    """Every stage, model size and batch kind compiles a graph of the one `_decode_step`: dynamo's default limit of
+    8 per function was reached by two model sizes in a process, an error under fullgraph=True. The limit is raised
+    to DECODE_STEP_GRAPHS while a step runs, and past it the step runs eagerly: the same tokens, and a warning."""
+    limits = []
+
+    def limit_reached(model, *args):
+        limits.append(torch._dynamo.config.recompile_limit)
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+    monkeypatch.setattr(modeling, "_compiled_decode_step", lambda device_type: limit_reached)
+    warnings = []
+    monkeypatch.setattr(modeling.logger, "warning_once", warnings.append)
+    coarse = ours[0].coarse_acoustics
+    semantic = torch.randint(0, SEMANTIC_PAD, (2, 10))
+    eager = coarse.generate(semantic, top_k=1, **QUIET)
+    compiled = coarse.generate(semantic, top_k=1, compile=True, **QUIET)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert limits and set(limits) == {max(8, modeling.DECODE_STEP_GRAPHS)}
+    assert torch._dynamo.config.recompile_limit == 8  # put back after each step
+    assert len(warnings) == len(limits) and "steps of new kinds decode eagerly" in warnings[0]
+    assert "raise torch._dynamo.config.recompile_limit" in warnings[0]
+
+
+@pytest.mark.slow
+def test_real_compiles_past_the_limit_decode_eagerly(monkeypatch):
+    """The same with torch.compile itself, its limit cut to one graph (a fresh model size needs its own)."""
+    from bark_hf import BarkHfSemanticConfig, BarkHfSemanticModel
+
+    torch.manual_seed(0)
+    semantic = BarkHfSemanticModel(BarkHfSemanticConfig(num_layers=1, num_heads=3, hidden_size=24)).eval()
+    monkeypatch.setattr(modeling, "DECODE_STEP_GRAPHS", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    warnings = []
+    monkeypatch.setattr(modeling.logger, "warning_once", warnings.append)
+    text = torch.randint(0, 1000, (1, 6))
+    for batch in (1, 2):  # one graph for a batch of one, another for more
+        inputs = text.expand(batch, -1)
+        eager = semantic.generate(inputs, top_k=1, max_new_tokens=5, allow_early_stop=False, **QUIET)
+        compiled = semantic.generate(inputs, top_k=1, max_new_tokens=5, allow_early_stop=False, compile=True, **QUIET)
+        assert torch.equal(compiled.sequences, eager.sequences)
+    assert any("steps of new kinds decode eagerly" in warning for warning in warnings)
+
+
 def test_compile_switches(ours, monkeypatch):
     import bark_hf.modeling_bark_hf as modeling
 

@@ -226,6 +226,22 @@ def test_int8_refuses_a_stage_off_the_cpu_before_quantising_any():
     assert not holds_int8_layers(model)  # the semantic stage was quantised before the coarse one failed
 
 
+def test_int8_refuses_unmerged_peft_adapters_before_quantising_any():
+    """peft's layers read `weight.dtype` of the layers they wrap, a method on an int8 layer: quantising went through
+    and the next generate failed deep inside peft."""
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny_random_bark()
+    lora = get_peft_model(model.coarse_acoustics, LoraConfig(r=2, target_modules=["att_proj"]))
+    with pytest.raises(ValueError, match=r"peft adapters that are not merged .*merge_and_unload\(\)"):
+        model.quantize_int8()
+    assert not holds_int8_layers(model)
+    lora.merge_and_unload()
+    model.quantize_int8()
+    inputs = processor("Hi")
+    assert model.generate(**inputs, semantic_max_new_tokens=4, fine_temperature=None, show_progress=False).numel()
+
+
 def test_int8_leaves_a_model_in_training_mode_in_eval_mode():
     """Left in training mode, a Trainer (or forward with labels) would update only the float32 rest."""
     model, _ = tiny_random_bark()

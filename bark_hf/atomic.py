@@ -54,13 +54,10 @@ def check_save_directory(path: str | os.PathLike) -> None:
                                  "files: choose another save_directory.")
 
 
-def check_writable_folder(path: str | os.PathLike, makes_folders: bool = False) -> None:
+def check_writable_folder(path: str | os.PathLike) -> None:
     """Create and remove a temporary file beside `path`: a folder that takes no new files fails here, before any
-    long work, instead of when the result is written. `makes_folders`: the writer creates missing folders first,
-    so the nearest folder above `path` that exists is the one tried."""
+    long work, instead of when the result is written."""
     folder = Path(path).parent
-    if makes_folders:
-        folder = next(above for above in (folder, *folder.parents) if above.exists())
     try:
         handle, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
     except OSError as error:
@@ -68,6 +65,19 @@ def check_writable_folder(path: str | os.PathLike, makes_folders: bool = False) 
                               "choose another output path.") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_new_file(path: str | os.PathLike) -> None:
+    """Refuse, before any long work, a path where a writer that makes the missing folders cannot put a new file:
+    one that exists (results are never overwritten), one under a file, or one whose nearest existing folder takes
+    no new files."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new path (results are never overwritten).")
+    if any(folder.is_file() for folder in path.parents):
+        raise NotADirectoryError(f"{path}: a folder on that path is a file; choose another path.")
+    nearest = next(folder for folder in path.parents if folder.exists())
+    check_writable_folder(nearest / path.name)
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from peers import OPTIONAL_PEER_NAMES, PEER_NAMES, SHAPES, build_peers, random_p
 
 import bark_hf
 from bark_hf import BarkHfCoarseGenerationConfig, BarkHfModel, BarkHfSemanticGenerationConfig
-from bark_hf.atomic import atomic_path, check_writable_folder
+from bark_hf.atomic import atomic_path, check_new_file
 from bark_hf.generation_configuration_bark_hf import N_COARSE_CODEBOOKS, N_FINE_CODEBOOKS
 
 logger = logging.getLogger("bench")
@@ -338,15 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clock == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):
         parser.error("--clock cpu counts the process's CPU time, which is compute time only for a CPU run on "
                      "one thread: use --device cpu and set OMP_NUM_THREADS=1.")
-    if args.json is not None and args.json.exists():
-        parser.error(f"{args.json} exists; choose a new path for --json (results are never overwritten).")
-    if args.json is not None and any(folder.is_file() for folder in args.json.parents):
-        parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
     if args.json is not None:
         try:
-            check_writable_folder(args.json, makes_folders=True)
-        except PermissionError as error:
-            parser.error(f"--json {args.json}: {error}")
+            check_new_file(args.json)
+        except OSError as error:
+            parser.error(f"--json: {error}")
     if "ours-int8" in args.peers and (args.device != "cpu" or args.dtype != "float32"):
         parser.error("the ours-int8 peer quantises float32 weights for the CPU: use --device cpu --dtype float32.")
     args.shape_name = "tiny" if args.quick else args.shape or "small"

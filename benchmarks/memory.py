@@ -42,7 +42,7 @@ from accelerate.utils import convert_file_size_to_int
 from peers import SHAPES, bark_config, random_preset
 
 from bark_hf import BarkHfSemanticGenerationConfig
-from bark_hf.atomic import atomic_path, check_writable_folder
+from bark_hf.atomic import atomic_path, check_new_file
 
 logger = logging.getLogger("memory")
 
@@ -100,15 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown shape or mode: {', '.join(unknown)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
-    if args.json is not None and args.json.exists():
-        parser.error(f"{args.json} exists; choose a new file")
-    if args.json is not None and any(folder.is_file() for folder in args.json.parents):
-        parser.error(f"--json {args.json}: a folder on that path is a file; choose another path.")
     if args.json is not None:
         try:
-            check_writable_folder(args.json, makes_folders=True)
-        except PermissionError as error:
-            parser.error(f"--json {args.json}: {error}")
+            check_new_file(args.json)
+        except OSError as error:
+            parser.error(f"--json: {error}")
     return args
 
 

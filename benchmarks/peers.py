@@ -174,12 +174,12 @@ class TransformersPeer:
 
     @torch.no_grad()
     def coarse(self, semantic: torch.Tensor) -> torch.Tensor:
+        # [B, 2T]: interleaved codebooks, offset like the coarse vocabulary
         flat = self.model.coarse_acoustics.generate(
             semantic.clone().to(self.device),  # it rewrites pad tokens in place
             semantic_generation_config=self.semantic_config,
             coarse_generation_config=self.coarse_config, codebook_size=self.codebook_size,
-            history_prompt=self.preset, suppress_tokens=self.special_coarse_tokens)  # [B, 2T]: interleaved
-        # codebooks, offset like the coarse vocabulary
+            history_prompt=self.preset, suppress_tokens=self.special_coarse_tokens)
         return flat.cpu().view(flat.shape[0], -1, 2).transpose(1, 2) - self.offsets[:, None]  # [B, 2, T]
 
     @torch.no_grad()

@@ -133,7 +133,7 @@ def test_existing_json_is_never_overwritten(modules, capsys, tmp_path):
     existing.write_text("{}")
     with pytest.raises(SystemExit):
         modules.bench.parse_args(["--device", "cpu", "--json", str(existing)])
-    assert "choose a new path for --json" in capsys.readouterr().err
+    assert "results.json exists; choose a new path (results are never overwritten)" in capsys.readouterr().err
     assert existing.read_text() == "{}"
 
 

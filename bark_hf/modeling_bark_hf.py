@@ -573,6 +573,14 @@ def refuse_int8(module: nn.Module, action: str) -> None:
         raise ValueError(_INT8_IS_FINAL.format(action=action))
 
 
+def refuse_int8_loss_gradients(module: nn.Module, labels: torch.Tensor | None) -> None:
+    """A loss with autograd on, on an int8 model (`train()` is refused, but a model left in eval mode is not): its
+    backward pass left the int8 layers, and what lies before them, without gradients, with no error."""
+    if labels is not None and torch.is_grad_enabled() and holds_int8_layers(module):
+        raise ValueError(_INT8_IS_FINAL.format(action="Train") + " To score with the int8 model, compute the loss "
+                         "under torch.no_grad().")
+
+
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -1455,6 +1463,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         if labels is not None and (logits_to_keep > 0 or vocab_rows is not None or labels.shape != (batch, length)):
             raise ValueError(f"labels must have the inputs' shape {(batch, length)} (got {tuple(labels.shape)}), "
                              "logits_to_keep must be 0 and vocab_rows None.")
+        refuse_int8_loss_gradients(self, labels)
         if past_length + length > self.config.block_size:
             raise ValueError(
                 f"Sequence of {past_length + length} positions exceeds this model's block_size "
@@ -2218,6 +2227,7 @@ class BarkHfFineModel(BarkHfPreTrainedModel):
         length = input_ids.shape[1]
         if length > self.config.block_size:
             raise ValueError(f"Sequence of {length} frames exceeds block_size ({self.config.block_size}).")
+        refuse_int8_loss_gradients(self, labels)
         # Codes past the embeddings failed with a bare IndexError (a device assert on CUDA). The check waits for
         # the device, so on one it runs with labels (whose check waits anyway), not in generate's passes.
         if labels is not None or input_ids.device.type == "cpu":
@@ -2435,8 +2445,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
         `generate`) where the CPU kernels run. A prefill's one activation scale per
         layer input also makes an item's tokens depend on the other items of a batch, and a run with the KV
         cache differ from one without it (a prompt and a one-token step are computed apart). A quantised
-        model is for eager generation only (it is left in eval mode): training, moving, casting or saving
-        it raises an error, and it cannot be compiled.
+        model is for eager generation only (it is left in eval mode): training, a loss with autograd on, moving,
+        casting or saving it raises an error, and it cannot be compiled.
         """
         if getattr(self, "hf_device_map", None):
             raise ValueError("quantize_int8() is for models wholly on the CPU without a device map; load the model "

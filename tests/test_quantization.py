@@ -184,6 +184,23 @@ def test_int8_model_refuses_training():
     model.eval()  # allowed
 
 
+def test_an_int8_loss_with_autograd_on_is_refused_and_scores_without_it():
+    """In eval mode nothing stopped a loss whose backward pass left the int8 layers without gradients."""
+    model, _ = tiny_random_bark()
+    model.quantize_int8()
+    labels = torch.full((1, 6), -100)
+    labels[0, -1] = 5
+    calls = [lambda: model.semantic(input_ids=torch.randint(0, 100, (1, 6)), labels=labels),
+             lambda: model.coarse_acoustics(input_ids=torch.randint(0, 100, (1, 6)),
+                                            labels=labels + torch.where(labels >= 0, 10_000, 0)),
+             lambda: model.fine_acoustics(2, torch.randint(0, 1024, (1, 6, 8)), labels=labels)]
+    for call in calls:  # each stage
+        with pytest.raises(ValueError, match=r"int8.*Train the float32 model.*compute the loss under torch\.no_grad"):
+            call()
+        with torch.no_grad():
+            assert torch.isfinite(call().loss)
+
+
 def test_int8_and_cpu_offload_are_refused_in_either_order():
     """Offload moves stages to an accelerator, where int8 layers cannot run (the CLI refuses the pair too)."""
     model, _ = tiny_random_bark()

@@ -555,11 +555,14 @@ def holds_int8_layers(module: nn.Module) -> bool:
     return any(isinstance(child, torch.ao.nn.quantized.dynamic.Linear) for child in module.modules())
 
 
-def unmerged_adapter_layers(module: nn.Module) -> list[str]:
-    """Names of the layers in `module` that peft wrapped with adapters (LoRA and the like) and that were not
-    unloaded: their weights are stored as `<layer>.base_layer.weight` beside the adapters'."""
-    return [name for name, child in module.named_modules()
-            if type(child).__module__.startswith("peft.") and isinstance(getattr(child, "base_layer", None), nn.Module)]
+def refuse_unmerged_adapters(module: nn.Module, problem: str, fix: str) -> None:
+    """Raise, naming `problem` and `fix`, where peft wrapped layers of `module` with adapters (LoRA and the like)
+    that were not merged: their weights are stored as `<layer>.base_layer.weight` beside the adapters'."""
+    adapted = [name for name, child in module.named_modules() if type(child).__module__.startswith("peft.")
+               and isinstance(getattr(child, "base_layer", None), nn.Module)]
+    if adapted:
+        raise ValueError(f"This model holds peft adapters that are not merged (in {adapted[0]} and {len(adapted) - 1} "
+                         f"other layers), {problem}. Call merge_and_unload() on the PeftModel first {fix}.")
 
 
 _INT8_IS_FINAL = ("This model's linear layers are int8 (quantize_int8()): they run on the CPU only, beside float32 "
@@ -576,7 +579,8 @@ def refuse_int8(module: nn.Module, action: str) -> None:
 def refuse_int8_loss_gradients(module: nn.Module, labels: torch.Tensor | None) -> None:
     """A loss with autograd on, on an int8 model (`train()` is refused, but a model left in eval mode is not): its
     backward pass left the int8 layers, and what lies before them, without gradients, with no error."""
-    if labels is not None and torch.is_grad_enabled() and holds_int8_layers(module):
+    # Not in training mode, which an int8 model refuses: a training step does not walk the modules.
+    if labels is not None and torch.is_grad_enabled() and not module.training and holds_int8_layers(module):
         raise ValueError(_INT8_IS_FINAL.format(action="Train") + " To score with the int8 model, compute the loss "
                          "under torch.no_grad().")
 
@@ -827,14 +831,10 @@ class BarkHfPreTrainedModel(PreTrainedModel):
         """
         check_save_directory(save_directory)
         refuse_int8(self, "Save")
-        adapted = unmerged_adapter_layers(self)
-        if adapted:  # else the folder loads with those layers newly initialised, under a mere load report
-            raise ValueError(
-                f"This model holds peft adapters that are not merged (in {adapted[0]} and {len(adapted) - 1} other "
-                "layers), and from_pretrained could not load the layers they wrap. Call merge_and_unload() on the "
-                "PeftModel first to fold them into the weights, or save only the adapters with the PeftModel's "
-                "save_pretrained."
-            )
+        # Else the folder loads with those layers newly initialised, under a mere load report.
+        refuse_unmerged_adapters(self, "and from_pretrained could not load the layers they wrap",
+                                 "to fold them into the weights, or save only the adapters with the PeftModel's "
+                                 "save_pretrained")
         generation_config_json(self.generation_config)  # refuse a config that cannot be saved, before writing
         if kwargs.pop("push_to_hub", False):
             raise ValueError("save_pretrained(push_to_hub=True) would upload before the generation config, model "
@@ -2458,11 +2458,8 @@ class BarkHfModel(BarkHfPreTrainedModel):
                              "(model.to('cpu')).")
         if not all(parameter.dtype == torch.float32 for parameter in self.parameters()):
             raise ValueError("quantize_int8() needs a float32 model; load it without dtype=.")
-        adapted = unmerged_adapter_layers(self)
-        if adapted:  # peft reads its layers' `weight.dtype`, which an int8 layer has not: generate failed deep inside
-            raise ValueError(f"quantize_int8(): this model holds peft adapters that are not merged (in {adapted[0]} "
-                             f"and {len(adapted) - 1} other layers), which cannot run int8. Call merge_and_unload() "
-                             "on the PeftModel first, then quantise the merged model.")
+        # peft reads its layers' `weight.dtype`, which an int8 layer has not: generate failed deep inside.
+        refuse_unmerged_adapters(self, "which cannot run int8", "and quantise the merged model")
         if self.offload_device is not None:  # generate would move the int8 stages to the accelerator
             raise ValueError(f"quantize_int8(): enable_cpu_offload() moves this model's stages to "
                              f"{self.offload_device}, but int8 layers run on the CPU only; load the model again and "

@@ -437,7 +437,30 @@ class BarkHfMLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        items = _mlp_items_at_once(hidden_states, self.training)
+        if items is not None:
+            return torch.cat([self._rows(part) for part in hidden_states.split(items)])
+        return self._rows(hidden_states)
+
+    def _rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dropout(project(self.out_proj, self.gelu(project(self.in_proj, hidden_states))))
+
+
+# In generation on a CPU, an MLP whose input has more rows than this runs a few items at a time, so that the
+# [rows, 4C] activations stay in the CPU's caches between its two products: a coarse prefill of 8 items of bark-small
+# (8 x 890 rows) ran its MLPs about 20 % faster item by item. An item's rows are multiplied as in its own run.
+MLP_ROWS_AT_ONCE = 1024
+
+
+def _mlp_items_at_once(hidden_states: torch.Tensor, training: bool) -> int | None:
+    """How many items of `hidden_states` `[B, T, C]` an MLP takes at once in generation on a CPU (a batch's
+    prefill, or the fine stage's windows), or None for all."""
+    if (training or hidden_states.dim() != 3 or hidden_states.device.type != "cpu" or torch.compiler.is_compiling()
+            or _CPU_PRODUCTS_IN_GENERATION.get() is None):
+        return None
+    batch, length = hidden_states.shape[:2]
+    items = max(1, MLP_ROWS_AT_ONCE // max(length, 1))
+    return items if items < batch else None
 
 
 class BarkHfBlock(GradientCheckpointingLayer):

@@ -252,7 +252,9 @@ def test_codec_decode_empty_batch(ours):
 # --- the whole model ----------------------------------------------------------------------------
 
 
-def test_generate_batch_equals_items_alone(ours):
+@pytest.mark.parametrize("mlp_rows", [modeling.MLP_ROWS_AT_ONCE, 1], ids=["mlp-whole-batch", "mlp-item-by-item"])
+def test_generate_batch_equals_items_alone(ours, monkeypatch, mlp_rows):
+    monkeypatch.setattr(modeling, "MLP_ROWS_AT_ONCE", mlp_rows)
     model, processor = ours
     texts = [TEXTS["en"], "Ja.", TEXTS["zh"]]
     batch = model.generate(**processor(texts, voice_preset=PRESETS), return_dict_in_generate=True, **GREEDY, **QUIET)
@@ -267,6 +269,37 @@ def test_generate_batch_equals_items_alone(ours):
         length = int(single.audio_lengths[0])
         assert int(batch.audio_lengths[index]) == length
         torch.testing.assert_close(batch.audio[index, :length], single.audio[0], atol=1e-6, rtol=0)
+
+
+def test_generation_runs_a_batch_mlp_a_few_items_at_a_time_with_the_same_values(ours, monkeypatch):
+    mlp = ours[0].coarse_acoustics.layers[0].mlp
+    hidden = torch.randn(5, 7, mlp.in_proj.in_features, generator=torch.Generator().manual_seed(9))
+    shapes = []
+    rows = type(mlp)._rows
+
+    def recording(self, part):
+        shapes.append(tuple(part.shape[:2]))
+        return rows(self, part)
+
+    monkeypatch.setattr(type(mlp), "_rows", recording)
+    with torch.no_grad(), modeling.generation_kernels():
+        whole = mlp(hidden)
+        alone = torch.cat([mlp(item) for item in hidden.split(1)])
+        shapes.clear()
+        monkeypatch.setattr(modeling, "MLP_ROWS_AT_ONCE", 7)
+        item_by_item = mlp(hidden)
+        monkeypatch.setattr(modeling, "MLP_ROWS_AT_ONCE", 15)
+        two_at_once = mlp(hidden)
+        step = mlp(hidden[:, :1])  # a decoding step's 5 rows stay together
+    assert shapes == [(1, 7)] * 5 + [(2, 7), (2, 7), (1, 7), (5, 1)]
+    assert torch.equal(item_by_item, alone)  # an item's rows are multiplied as in its own run
+    torch.testing.assert_close(two_at_once, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, whole[:, :1], atol=1e-5, rtol=1e-5)
+
+    shapes.clear()
+    with torch.no_grad():
+        mlp(hidden)  # outside generation (evaluation, scoring, training): PyTorch's products, all rows at once
+    assert shapes == [(5, 7)]
 
 
 # --- the KV cache -------------------------------------------------------------------------------

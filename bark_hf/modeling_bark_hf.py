@@ -55,6 +55,7 @@ from .configuration_bark_hf import (
 )
 from .cpu_features import cpu_has_native_bfloat16, use_onednn_linear
 from .cpu_kernels import (
+    BLOCK_STEP_MAX_ITEMS,
     INT8_TILE,
     MATVEC_MAX_ROWS,
     PLAIN_TENSORS,
@@ -1543,13 +1544,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
     def _cpu_block_step(self, hidden_states: torch.Tensor, cache: BarkHfKVCache | None
                         ) -> tuple[BlockStepKernel | None, dict[nn.Module, PreparedBlock | None] | None]:
         """bark-hf's block kernel (`BarkHfBlock.cpu_step`) for this pass, and the blocks it has prepared in this
-        `generate` call: a decoding step (one new position for each of at most MATVEC_MAX_ROWS items, after a
+        `generate` call: a decoding step (one new position for each of at most BLOCK_STEP_MAX_ITEMS items, after a
         cache) on a CPU in float32, inside a stage's `generate` with the CPU kernels on, in evaluation, without
         autograd or autocast; (None, None) otherwise. It rounds in its own order, like the kernel's products
         (`linear`); each item's values stay those it gets alone."""
         products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
         if (products is None or not products.cpu_kernels or cache is None or cache.static_steps or self.training
-                or hidden_states.shape[1] != 1 or hidden_states.shape[0] > MATVEC_MAX_ROWS
+                or hidden_states.shape[1] != 1 or hidden_states.shape[0] > BLOCK_STEP_MAX_ITEMS
                 or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return None, None
@@ -1618,7 +1619,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         stays the original's, and PyTorch's attention, which steps a block that the kernel does not compute (hooks,
         peft layers, ...), would convert a float16 cache at every step."""
         products = _CPU_PRODUCTS_IN_GENERATION.get()
-        if (products is None or not products.cpu_kernels or batch > MATVEC_MAX_ROWS
+        if (products is None or not products.cpu_kernels or batch > BLOCK_STEP_MAX_ITEMS
                 or not holds_int8_layers(self) or cpu_block_step() is None or not reads_float16_caches()):
             return None
         kernel_steps_all = all(block.prepared_for_cpu_steps(products.blocks) is not None for block in self.layers)

@@ -395,7 +395,7 @@ def test_a_cache_the_step_cannot_write_in_place_is_left_to_pytorch():
 @needs_kernel
 def test_forward_takes_the_block_step_only_for_generation_steps(monkeypatch):
     """A stage's decoding steps, inside `generate` (`generation_kernels`), without autograd, of at most
-    MATVEC_MAX_ROWS items; not a prefill, not outside generation, not with the kernels switched off."""
+    BLOCK_STEP_MAX_ITEMS items; not a prefill, not outside generation, not with the kernels switched off."""
     config = modeling.BarkHfSemanticConfig(hidden_size=32, num_heads=2, num_layers=2, block_size=64,
                                            input_vocab_size=50, output_vocab_size=50)
     model = modeling.BarkHfSemanticModel(config).eval()
@@ -411,7 +411,8 @@ def test_forward_takes_the_block_step_only_for_generation_steps(monkeypatch):
             return model(ids[:, -1:], cache=cache, attention_mask=batch_mask, use_cache=True).logits
 
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
-    expected = logits(ids)
+    many = torch.randint(0, 50, (cpu_kernels.BLOCK_STEP_MAX_ITEMS, 6), generator=torch.Generator().manual_seed(1))
+    expected, expected_many = logits(ids), logits(many)
     assert calls == []  # outside generation
     with modeling.generation_kernels():
         torch.testing.assert_close(logits(ids), expected, rtol=1e-5, atol=1e-5)
@@ -421,13 +422,14 @@ def test_forward_takes_the_block_step_only_for_generation_steps(monkeypatch):
         logits(ids, mask)
         assert len(calls) == 4
         logits(ids, grad=True)
-        many = torch.randint(0, 50, (cpu_kernels.MATVEC_MAX_ROWS + 1, 6))
-        logits(many)
-        assert len(calls) == 4
+        torch.testing.assert_close(logits(many), expected_many, rtol=1e-5, atol=1e-5)
+        assert calls[4:] == [(cpu_kernels.BLOCK_STEP_MAX_ITEMS, 1, 32)] * 2  # more items than the products take
+        logits(torch.randint(0, 50, (cpu_kernels.BLOCK_STEP_MAX_ITEMS + 1, 6)))
+        assert len(calls) == 6
     monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV_VAR, "0")
     with modeling.generation_kernels():
         logits(ids)
-    assert len(calls) == 4
+    assert len(calls) == 6
 
 
 def _int8_block(block: modeling.BarkHfBlock, qconfig: str = "default_dynamic_qconfig") -> modeling.BarkHfBlock:

@@ -38,7 +38,7 @@ def test_int8_model_generates_and_keeps_the_codec_float32():
                     reason="bark-hf's CPU kernels cannot be built here")
 @pytest.mark.parametrize(("int8", "batch", "kernels", "storage"), [
     (True, 2, "1", torch.float16),  # the kernel's steps read half the bytes
-    (True, cpu_kernels.MATVEC_MAX_ROWS + 1, "1", None),  # PyTorch's steps: it would convert the cache every step
+    (True, cpu_kernels.BLOCK_STEP_MAX_ITEMS + 1, "1", None),  # PyTorch's steps: it would convert the cache every step
     (True, 2, "0", None),
     (False, 2, "1", None),  # float32 stays exact
 ])
@@ -58,7 +58,7 @@ def test_an_int8_model_keeps_its_cache_in_float16_where_the_kernel_steps(monkeyp
     assert output.audio.shape[0] == batch and (output.audio_lengths > 0).all()
     assert len(caches) == 2 and all(cache.storage_dtype == storage for cache in caches)  # semantic, coarse
     assert all(cache[0][0].dtype == (storage or torch.float32) for cache in caches)
-    assert (len(steps) > 0 and all(steps)) == (kernels == "1" and batch <= cpu_kernels.MATVEC_MAX_ROWS)
+    assert (len(steps) > 0 and all(steps)) == (kernels == "1" and batch <= cpu_kernels.BLOCK_STEP_MAX_ITEMS)
 
 
 @pytest.mark.skipif(isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),

@@ -293,6 +293,12 @@ def generation_kernels() -> Iterator[None]:
         _CPU_PRODUCTS_IN_GENERATION.reset(token)
 
 
+def _generation_products() -> _CpuProducts | None:
+    """The CPU's choices for the stage `generate` running now (`generation_kernels`), or None outside one and while
+    torch.compile traces (is_compiling first: it cannot trace a ContextVar)."""
+    return None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
+
+
 def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def generate(*args: Any, **kwargs: Any) -> Any:
@@ -310,8 +316,7 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the way: neither has a backward or follows autocast, and a tensor subclass (torchao's quantized weights,
     DTensor) expects its own kernels. Evaluation, scoring and training keep PyTorch's own choice.
     """
-    # is_compiling first: torch.compile cannot trace a ContextVar.
-    products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
+    products = _generation_products()
     if products is None or not (products.cpu_kernels or products.onednn):
         return F.linear(inputs, weight, bias)
     tensors = (inputs, weight) if bias is None else (inputs, weight, bias)
@@ -456,8 +461,7 @@ MLP_ROWS_AT_ONCE = 1024
 def _mlp_items_at_once(hidden_states: torch.Tensor, training: bool) -> int | None:
     """How many items of `hidden_states` `[B, T, C]` an MLP takes at once in generation on a CPU (a batch's
     prefill, or the fine stage's windows), or None for all."""
-    if (training or hidden_states.dim() != 3 or hidden_states.device.type != "cpu" or torch.compiler.is_compiling()
-            or _CPU_PRODUCTS_IN_GENERATION.get() is None):
+    if training or hidden_states.dim() != 3 or hidden_states.device.type != "cpu" or _generation_products() is None:
         return None
     batch, length = hidden_states.shape[:2]
     items = max(1, MLP_ROWS_AT_ONCE // max(length, 1))
@@ -1548,7 +1552,7 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         cache) on a CPU in float32, inside a stage's `generate` with the CPU kernels on, in evaluation, without
         autograd or autocast; (None, None) otherwise. It rounds in its own order, like the kernel's products
         (`linear`); each item's values stay those it gets alone."""
-        products = None if torch.compiler.is_compiling() else _CPU_PRODUCTS_IN_GENERATION.get()
+        products = _generation_products()
         if (products is None or not products.cpu_kernels or cache is None or cache.static_steps or self.training
                 or hidden_states.shape[1] != 1 or hidden_states.shape[0] > BLOCK_STEP_MAX_ITEMS
                 or hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32

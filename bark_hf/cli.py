@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Generate speech from text into a 24 kHz mono WAV file. Text longer than "
                                           "one generation (~15 s) is split into sentences and joined.")
     say.add_argument("text", nargs="?", help="the text to speak; - (or nothing, with --file unset) reads stdin")
-    say.add_argument("-f", "--file", help="read the text from this UTF-8 file")
-    say.add_argument("-o", "--output", required=True,
+    # Expanded here as well as by shells: `-o=~/out.wav` and quoted paths reach us with the `~`.
+    say.add_argument("-f", "--file", type=os.path.expanduser, help="read the text from this UTF-8 file")
+    say.add_argument("-o", "--output", required=True, type=os.path.expanduser,
                      help="WAV file to write (24 kHz mono, 16-bit); - writes it to standard output")
     _add_model_arguments(say)
     say.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
@@ -201,7 +202,8 @@ def _say(args: argparse.Namespace) -> int:
         if args.dtype == "int8" and (device.type != "cpu" or args.offload):
             raise ValueError("--dtype int8 runs on the CPU only; add --device cpu (and no --offload).")
         dtype = torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype)
-        model, processor = load_bark(args.model, device=None if args.offload else device, dtype=dtype)
+        model, processor = load_bark(args.model, device=None if args.offload else device, dtype=dtype,
+                                     voice_preset=args.voice)
         if args.dtype == "int8":
             model.quantize_int8()
         if args.offload:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import re
@@ -282,10 +283,11 @@ def _compiled() -> ctypes.CDLL:
         raise _NotThisMachine(f"the CPU lacks {', '.join(sorted(missing))} (read from /proc/cpuinfo)")
     if not torch.backends.openmp.is_available():
         raise _NotThisMachine("this PyTorch was built without OpenMP, whose threads the kernel shares")
+    source = _source()
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not compiler[0]:
         raise CpuKernelsUnavailable("no C compiler was found to build it (install gcc, or set CC)")
-    library = _build(compiler)
+    library = _build(compiler, source)
     runtimes_before = _openmp_runtimes()
     try:
         loaded = ctypes.CDLL(str(library))
@@ -313,12 +315,25 @@ def _openmp_runtimes() -> set[str]:
     return {path for path in paths if _OPENMP_RUNTIME.match(os.path.basename(path))}
 
 
-def _build(compiler: list[str]) -> Path:
+def _source() -> Path:
+    """The C source: beside this module or, for a copy of it loaded as a model folder's remote code (transformers
+    copies the Python files alone), in an installed bark-hf; else the kernels quietly stay out."""
+    spec = importlib.util.find_spec("bark_hf")
+    installed = spec and spec.origin and Path(spec.origin).with_name("csrc") / SOURCE.name
+    for source in (SOURCE, installed):
+        if source and source.is_file():
+            return source
+    logger.info("bark-hf's CPU decoding kernels are not used: this copy of bark-hf (a model's remote code) has "
+                "no C source. `pip install bark-hf` to have them.")
+    raise _NotThisMachine("its C source is not beside this copy of bark-hf (remote code), nor in an installed one")
+
+
+def _build(compiler: list[str], source: Path) -> Path:
     """The shared library, compiled into the cache unless there already, or into a temporary folder if the cache
     cannot be written. Compiled under a temporary name and renamed, so that a concurrent or failed build never
     leaves a partial library under the final name; a library that another user could have written is not used."""
     flags = " ".join((*compiler, *COMPILER_FLAGS, *LINKER_FLAGS))
-    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + flags.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bark_hf"
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -332,7 +347,7 @@ def _build(compiler: list[str]) -> Path:
     except OSError:
         library = Path(tempfile.mkdtemp(prefix="bark_hf-")) / f"cpu_kernels-{key}.so"
         partial = library.with_suffix(".partial")
-    command = [*compiler, *COMPILER_FLAGS, str(SOURCE), *LINKER_FLAGS, "-o", str(partial)]
+    command = [*compiler, *COMPILER_FLAGS, str(source), *LINKER_FLAGS, "-o", str(partial)]
     try:
         subprocess.run(command, check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
         umask = os.umask(0)

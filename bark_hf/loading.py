@@ -9,7 +9,7 @@ from transformers.utils import logging
 
 from .checks import checked_dtype
 from .modeling_bark_hf import BarkHfModel
-from .processing_bark_hf import BarkHfProcessor, looks_like_local_path
+from .processing_bark_hf import BarkHfProcessor, VoicePreset, looks_like_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -32,10 +32,12 @@ def load_bark(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    voice_preset: VoicePreset | None = None,
 ) -> tuple[BarkHfModel, BarkHfProcessor]:
     """Model (in eval mode) and processor from a folder, a Hub id, or `"tiny-random"`.
 
     `"tiny-random"` builds a 2-layer random model offline: the whole path runs, the audio is noise.
+    A `voice_preset` the processor cannot read is refused before the model (maybe gigabytes) loads.
     """
     from .tiny_random import TINY_RANDOM, tiny_random_bark
 
@@ -43,13 +45,17 @@ def load_bark(
     if name == TINY_RANDOM:
         logger.warning("Using the tiny random model: its audio is noise, not speech.")
         bark, processor = tiny_random_bark()
+        if voice_preset is not None:
+            processor.load_voice_preset(voice_preset)
         if dtype not in (None, "auto"):
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
     else:
         try:
-            bark = BarkHfModel.from_pretrained(name, dtype=dtype)
             processor = BarkHfProcessor.from_pretrained(name)
+            if voice_preset is not None:
+                processor.load_voice_preset(voice_preset)
+            bark = BarkHfModel.from_pretrained(name, dtype=dtype)
         except (FileNotFoundError, NotADirectoryError):  # a local folder's own problem: no Hub advice
             raise
         except OSError as error:

@@ -72,8 +72,10 @@ ABBREVIATIONS = frozenset({
 """Words (lower case, without their period) whose period does not end a sentence; initialisms are found by shape,
 and so are single letters and short words before a lower-case word (`_is_abbreviation`)."""
 NUMBER_ABBREVIATIONS = frozenset({"no", "nos", "nr", "fig", "figs", "vol", "ch", "pp", "art", "op", "tel", "núm", "pág",
-                                  "pag", "godz", "стр"})
-"""Words whose period ends no sentence before a number ("No. 5", "Fig. 3"); elsewhere it may ("No. I won't.")."""
+                                  "pag", "godz", "стр", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
+                                  "oct", "nov", "dec"})
+"""Words whose period ends no sentence before a number ("No. 5", "Fig. 3", "Sept. 11"); elsewhere it may ("No. I
+won't.")."""
 MAX_ORDINAL_DIGITS = 3
 """A number this short before a period is an ordinal or a list number ("am 1. Mai", "2. Close it"); years end."""
 MAX_SHORT_ABBREVIATION = 3

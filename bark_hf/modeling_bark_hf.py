@@ -309,8 +309,9 @@ def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`; inside `generation_kernels`, a decoding step's few rows go through bark-hf's own kernel
-    (`cpu_matvec`), and larger products through oneDNN on CPUs where MKL is slow (`use_onednn_linear`).
+    """`F.linear`; inside `generation_kernels`, a decoding step's rows go through bark-hf's own kernel (`cpu_matvec`,
+    MATVEC_MAX_ROWS at a time, which gives each row the values it gets alone), and larger products through oneDNN on
+    CPUs where MKL is slow (`use_onednn_linear`).
 
     Only there, and only for plain float32 tensors on a CPU with autograd, autocast and torch.compile out of
     the way: neither has a backward or follows autocast, and a tensor subclass (torchao's quantized weights,
@@ -326,10 +327,15 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu")):
-        matvec = (products.cpu_kernels and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1]
-                  and weight.is_contiguous() and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
-        if matvec:
+        rows = inputs.numel() // inputs.shape[-1]
+        matvec = (products.cpu_kernels and rows <= BLOCK_STEP_MAX_ITEMS and weight.is_contiguous()
+                  and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
+        if matvec and rows <= MATVEC_MAX_ROWS:
             return matvec(inputs, weight, bias)  # it makes `inputs` contiguous
+        if matvec:  # the head of a block-kernel step: rows as the items' own runs give them (each read of it is cheap)
+            flat = inputs.reshape(rows, inputs.shape[-1])
+            parts = [matvec(part, weight, bias) for part in flat.split(MATVEC_MAX_ROWS)]
+            return torch.cat(parts).view(*inputs.shape[:-1], weight.shape[0])
         if products.onednn:
             return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
@@ -1589,10 +1595,49 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
     ) -> torch.Tensor:
         """Logits `[B, V]` (or `[B, rows]` for `vocab_rows`) of the last position of `inputs_embeds`
         `[B, T, C]`. `cache` (None: no cache, the inputs are the whole sequence) is extended in place.
+
+        In a stage's `generate` on a CPU, a batch's whole-input pass (a prefill, or any pass without a cache) runs
+        item by item, each on its own positions without padding, exactly as the item's own run does: as one batch,
+        the padding mask and the products' shapes change the last bits of every value, enough to flip a greedy
+        token where two logits are that close. Item by item costs about nothing there: a prefill's time goes to
+        arithmetic, not to reading the weights once per pass.
         """
+        if self._passes_item_by_item(inputs_embeds, cache, attention_mask):
+            return self._next_logits_item_by_item(inputs_embeds, cache, attention_mask, position_ids, vocab_rows)
         output = self(inputs_embeds=inputs_embeds, cache=cache, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=cache is not None, logits_to_keep=1, vocab_rows=vocab_rows)
         return output.logits[:, -1]
+
+    @staticmethod
+    def _passes_item_by_item(inputs_embeds: torch.Tensor, cache: BarkHfKVCache | None,
+                             attention_mask: torch.Tensor | None) -> bool:
+        batch, length = inputs_embeds.shape[:2]
+        if (batch < 2 or length < 2 or (cache is not None and cache.length > 0) or inputs_embeds.device.type != "cpu"
+                or _generation_products() is None):
+            return False
+        # Left padding alone (each row's zeros, then its ones) is what an item's own run leaves out.
+        return attention_mask is None or bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all())
+
+    def _next_logits_item_by_item(self, inputs_embeds: torch.Tensor, cache: BarkHfKVCache | None,
+                                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                                  vocab_rows: slice | None) -> torch.Tensor:
+        """`_next_logits` of each item alone, its keys and values written into `cache` behind its left padding."""
+        batch, length = inputs_embeds.shape[:2]
+        pads = [0] * batch if attention_mask is None else (length - attention_mask.sum(dim=1)).tolist()
+        logits, item_caches = [], []
+        for item, pad in enumerate(pads):
+            item_cache = None if cache is None else BarkHfKVCache(len(self.layers), storage_dtype=cache.storage_dtype)
+            positions = None if position_ids is None else position_ids[item : item + 1, pad:]
+            logits.append(self._next_logits(inputs_embeds[item : item + 1, pad:], item_cache, None, positions,
+                                            vocab_rows))  # [1, V]
+            item_caches.append(item_cache)
+        if cache is not None:
+            for layer in range(len(self.layers)):
+                padded = [[F.pad(tensor, (0, 0, pad, 0)) for tensor in item_cache[layer]]  # key, value [1, H, T, D]
+                          for item_cache, pad in zip(item_caches, pads, strict=True)]
+                keys, values = (torch.cat(tensors) for tensors in zip(*padded, strict=True))  # [B, H, T, D] each
+                cache.update(layer, keys, values)
+        return torch.cat(logits)
 
     def _new_cache(self, max_length: int, compile: bool, batch: int) -> BarkHfKVCache:
         """An empty cache for `max_length` positions of `batch` items.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import sys
 from collections.abc import Callable
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bark_hf.parallel",
         description="Speak a long script: chunks spread over the processes of `accelerate launch`, one WAV out.",
     )
-    parser.add_argument("--input", required=True, help="the script, a UTF-8 text file")
-    parser.add_argument("-o", "--output", required=True, help="WAV file to write (24 kHz mono, 16-bit)")
+    parser.add_argument("--input", required=True, type=os.path.expanduser, help="the script, a UTF-8 text file")
+    parser.add_argument("-o", "--output", required=True, type=os.path.expanduser,
+                        help="WAV file to write (24 kHz mono, 16-bit)")
     parser.add_argument("--voice", help="voice preset: a name such as v2/en_speaker_1, or a path to an .npz")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model folder or Hub id (default {DEFAULT_MODEL}); 'tiny-random' for a test model")
@@ -270,7 +272,7 @@ def _run(args: argparse.Namespace, state: Any) -> int:
 
     text = on_main_process(state, lambda: _script_and_output(args))
     model, processor = on_every_process(lambda: load_bark(args.model, device=state.device,
-                                                         dtype=getattr(torch, args.dtype)))
+                                                         dtype=getattr(torch, args.dtype), voice_preset=args.voice))
     job = on_main_process(state, lambda: _job(args, text, processor))
     if state.is_main_process and not args.quiet:
         print(f"{len(job.chunks)} chunks over {state.num_processes} process(es)", file=sys.stderr)

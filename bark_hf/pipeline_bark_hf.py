@@ -219,6 +219,8 @@ class BarkPipeline(Pipeline):
         if stream is not None:
             return self._stream(stream, call)
         texts = _checked_texts(text_inputs, self.processor.tokenizer)
+        if not texts:  # as transformers' pipelines answer an empty list
+            return []
         presets = self._loaded_presets(_presets_per_text(call.voice_preset, len(texts)))
         if call.seed is not None:
             torch.manual_seed(call.seed)
@@ -345,8 +347,8 @@ def _checked_texts(text_inputs: Any, tokenizer: Any, first_index: int = 0) -> li
     texts = [text_inputs] if isinstance(text_inputs, str) else text_inputs
     if isinstance(texts, np.ndarray) and texts.ndim == 1:
         texts = texts.tolist()
-    if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)) or len(texts) == 0:
-        raise TypeError(f"BarkPipeline takes a string, a non-empty list of strings or an iterable of strings, got "
+    if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+        raise TypeError(f"BarkPipeline takes a string, a list of strings or an iterable of strings, got "
                         f"{type(text_inputs).__name__}.")
     for index, text in enumerate(texts, start=first_index):
         if isinstance(text, Mapping):  # a row of a datasets.Dataset

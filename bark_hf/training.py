@@ -205,7 +205,11 @@ def _semantic(feature: Mapping[str, Any], position: int, name: str = SEMANTIC_TO
     values = _column(feature, name) if name == SEMANTIC_TOKENS_COLUMN else feature.get(name)
     if values is None and name == SEMANTIC_PROMPT_COLUMN:
         return None
-    return _checked_row_tokens(values, position, name, 1, SEMANTIC_VOCAB_SIZE)
+    tokens = _checked_row_tokens(values, position, name, 1, SEMANTIC_VOCAB_SIZE)
+    if name == SEMANTIC_TOKENS_COLUMN and tokens.numel() == 0:  # would train "text, then end of speech at once"
+        raise ValueError(f"Item {position} of this batch: {name} is empty, so there is nothing to learn from it. "
+                         f"Drop such rows before training, e.g. dataset.filter(lambda row: len(row['{name}']) > 0).")
+    return tokens
 
 
 def _codes(feature: Mapping[str, Any], position: int, n_codebooks: int, codebook_size: int) -> torch.Tensor:
@@ -503,14 +507,17 @@ def _checked_semantic_tokens(tokens: Any, row: int, n_frames: int) -> np.ndarray
     if array.min() < 0 or array.max() >= SEMANTIC_VOCAB_SIZE:
         raise ValueError(f"Row {row}: semantic tokens must be in 0..{SEMANTIC_VOCAB_SIZE - 1}, got "
                          f"{array.min()}..{array.max()}.")
-    expected = n_frames * SEMANTIC_RATE_HZ / COARSE_RATE_HZ
-    if abs(array.size - expected) > 0.1 * expected + 2:
-        logger.warning_once(
-            f"Row {row}: {array.size} semantic tokens for {n_frames / COARSE_RATE_HZ:.2f} s of audio; Bark's "
-            f"semantic tokens come at {SEMANTIC_RATE_HZ} per second (about {expected:.0f} here). Coarse windows "
-            "pair semantic and codec tokens by that rate."
-        )
     return array.astype(np.int16)
+
+
+def _off_rate_warning(n_tokens: int, row: int, n_frames: int) -> str | None:
+    """A warning when a row's semantic tokens do not come at Bark's rate (a tokenizer of another model), else None."""
+    expected = n_frames * SEMANTIC_RATE_HZ / COARSE_RATE_HZ
+    if abs(n_tokens - expected) <= 0.1 * expected + 2:
+        return None
+    return (f"Row {row}: {n_tokens} semantic tokens for {n_frames / COARSE_RATE_HZ:.2f} s of audio; Bark's semantic "
+            f"tokens come at {SEMANTIC_RATE_HZ} per second (about {expected:.0f} here). Coarse windows pair semantic "
+            "and codec tokens by that rate. (Said for the first such row only.)")
 
 
 def _preparation_fingerprint(
@@ -576,7 +583,10 @@ def prepare_dataset(
         # Decoding an Audio column needs torchcodec; reading its bytes with soundfile does not.
         dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
 
+    warned_of_rate = False
+
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        nonlocal warned_of_rate
         encoded: dict[str, list] = {FINE_TOKENS_COLUMN: [], SEMANTIC_TOKENS_COLUMN: []}
         for position, row in enumerate(indices):
             try:
@@ -592,7 +602,12 @@ def prepare_dataset(
                 semantic = semantic_tokenizer(audio)
             else:
                 continue
-            encoded[SEMANTIC_TOKENS_COLUMN].append(_checked_semantic_tokens(semantic, row, codes.shape[1]))
+            tokens = _checked_semantic_tokens(semantic, row, codes.shape[1])
+            warning = None if warned_of_rate else _off_rate_warning(tokens.size, row, codes.shape[1])
+            if warning:
+                logger.warning(warning)
+                warned_of_rate = True
+            encoded[SEMANTIC_TOKENS_COLUMN].append(tokens)
         if not encoded[SEMANTIC_TOKENS_COLUMN]:
             del encoded[SEMANTIC_TOKENS_COLUMN]
         return encoded

@@ -64,7 +64,64 @@ def test_semantic_batch_equals_items_alone(ours):
     assert not torch.equal(singles[0].sequences[0, :5], singles[2].sequences[0, :5])
 
 
+def _recorded_logits(monkeypatch) -> list[torch.Tensor]:
+    """The logits of every step that samples from here on, `[B, V]` each."""
+    recorded, sampling = [], modeling.sampling_probabilities
+
+    def recording(logits, *args, **kwargs):
+        recorded.append(logits.clone())
+        return sampling(logits, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "sampling_probabilities", recording)
+    return recorded
+
+
+def _assert_steps_equal_bit_for_bit(batch_steps: list[torch.Tensor], item_steps: list[list[torch.Tensor]]) -> None:
+    for index, steps in enumerate(item_steps):
+        for step, (in_batch, alone) in enumerate(zip(batch_steps, steps, strict=False)):  # an item may end first
+            assert torch.equal(in_batch[index], alone[0]), (index, step, (in_batch[index] - alone[0]).abs().max())
+
+
+@pytest.mark.parametrize("n_items", [3, 18], ids=["3-items", "18-items"])
+def test_a_cpu_semantic_batch_gives_each_item_its_own_logits_bit_for_bit(ours, monkeypatch, n_items):
+    """On a CPU a batch's prefill runs item by item and its decoding steps compute each item alone (the block
+    kernel; the head MATVEC_MAX_ROWS rows at a time past 16 items), so every logit is the item's own, not merely
+    close: logits within 1e-7 of a tie flipped greedy tokens."""
+    model, processor = ours
+    texts = [list(TEXTS.values())[index % 4] + " " * (index // 4) for index in range(n_items)]
+    presets = [PRESETS[index % 3] for index in range(n_items)]
+    recorded = _recorded_logits(monkeypatch)
+    model.semantic.generate(**processor(texts, voice_preset=presets), top_k=1, max_new_tokens=5, **QUIET)
+    batch_steps = recorded[:]
+    item_steps = []
+    for text, preset in zip(texts, presets, strict=True):
+        recorded.clear()
+        model.semantic.generate(**processor(text, voice_preset=preset), top_k=1, max_new_tokens=5, **QUIET)
+        item_steps.append(recorded[:])
+    assert len(batch_steps) == 5 and batch_steps[0].shape[0] == n_items
+    _assert_steps_equal_bit_for_bit(batch_steps, item_steps)
+
+
 # --- coarse -------------------------------------------------------------------------------------
+
+
+def test_a_cpu_coarse_window_of_left_padded_items_gives_each_its_own_logits_bit_for_bit(ours, monkeypatch):
+    """As a batch, left-padded prefills (with a mask) and products of more rows rounded the last bits otherwise."""
+    coarse = ours[0].coarse_acoustics
+    semantic = _random_semantic([70, 7, 33])
+    tokens, lengths = _padded(semantic, SEMANTIC_PAD)
+    recorded = _recorded_logits(monkeypatch)
+    coarse.generate(tokens, lengths, PRESETS, top_k=1, **QUIET)
+    first_window = recorded[:60]
+    item_steps = []
+    for item, preset in zip(semantic, PRESETS, strict=True):
+        recorded.clear()
+        coarse.generate(item[None], None, preset, top_k=1, **QUIET)
+        item_steps.append(recorded[:60])
+    assert first_window[0].shape[0] == 3 and len({int(length) for length in lengths}) == 3
+    _assert_steps_equal_bit_for_bit(first_window, item_steps)
+
+
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(use_cache=False),

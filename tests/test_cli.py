@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY_PRESET_NAMES
 
-from bark_hf import audio_io
+from bark_hf import BarkHfModel, audio_io
 from bark_hf.cli import main, read_text
 from bark_hf.longform import split_sentences
 
@@ -80,6 +80,22 @@ def test_say_bad_input_is_one_line_and_no_file(tmp_path, capsys, arguments, mess
     assert error.startswith("bark-hf say: error:") and message in error.lower() or message in error
     assert "Traceback" not in capsys.readouterr().err
     assert not list(tmp_path.glob("*.wav")) and not list(tmp_path.glob(".*"))
+
+
+def test_say_refuses_an_unknown_voice_name_before_loading_the_weights(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A name can only be checked against the model's presets: before, the error came after the whole model loaded."""
+    monkeypatch.setattr(BarkHfModel, "from_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    output = tmp_path / "out.wav"
+    arguments = ["say", "Hi.", "-o", str(output), "--model", str(tiny_model_dir), "--voice", "v2/en_speakr_0"]
+    assert main([*arguments, "--quiet"]) == 1
+    assert "Unknown voice preset 'v2/en_speakr_0'" in capsys.readouterr().err and not output.exists()
+
+
+def test_say_expands_a_tilde_the_shell_left_in_the_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "words.txt").write_text("Hi.")
+    assert main(["say", "--file=~/words.txt", "-o=~/out.wav", "--model", "tiny-random", "--quiet"]) == 0
+    assert (tmp_path / "out.wav").read_bytes().startswith(b"RIFF")
 
 
 def test_say_refuses_to_overwrite(tmp_path, capsys):

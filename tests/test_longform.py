@@ -137,6 +137,9 @@ def test_split_sentences_more_abbreviations():
         "Mt. Everest is tall.", "Apple Inc. and Acme Co. sell it.", "Gen. Lee and Capt. Hook met.",
         "See Fig. 3 and No. 5 here.", "No.", "I will not.",
     ]
+    # A month before its day: the day is no ordinal that starts the next sentence.
+    assert split_sentences("We met on Sept. 11. It rained. Jan. 5 came.") == [
+        "We met on Sept. 11.", "It rained.", "Jan. 5 came."]
 
 
 def test_split_sentences_initialisms():

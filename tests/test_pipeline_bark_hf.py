@@ -261,6 +261,13 @@ def test_bad_input_gets_a_clear_error(pipe, call, error, message):
         call(pipe)
 
 
+def test_an_empty_list_gives_an_empty_list_as_transformers_pipelines_do(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.model, "generate", lambda **kwargs: pytest.fail("generated"))
+    assert pipe([]) == [] and pipe(()) == []
+    with pytest.raises(ValueError, match="batch_size"):  # the settings are still checked
+        pipe([], batch_size=0)
+
+
 def test_text_without_tokens_is_refused_by_its_place_before_any_generation(pipe, monkeypatch):
     calls = []
     monkeypatch.setattr(pipe.model, "generate", lambda **kwargs: calls.append(kwargs) or pytest.fail("generated"))

@@ -56,7 +56,8 @@ def test_an_int8_model_keeps_its_cache_in_float16_where_the_kernel_steps(monkeyp
     output = model.generate(**inputs, return_dict_in_generate=True, show_progress=False,
                             **{**GREEDY, "semantic_max_new_tokens": 12})
     assert output.audio.shape[0] == batch and (output.audio_lengths > 0).all()
-    assert len(caches) == 2 and all(cache.storage_dtype == storage for cache in caches)  # semantic, coarse
+    stage_caches = [cache for cache in caches if cache.max_length]  # the others hold one item's prefill
+    assert len(stage_caches) == 2 and all(cache.storage_dtype == storage for cache in caches)  # semantic, coarse
     assert all(cache[0][0].dtype == (storage or torch.float32) for cache in caches)
     assert (len(steps) > 0 and all(steps)) == (kernels == "1" and batch <= cpu_kernels.BLOCK_STEP_MAX_ITEMS)
 

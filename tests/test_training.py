@@ -416,6 +416,16 @@ def test_prepare_refuses_bad_input():
         prepare_dataset(blip, model.codec_model, semantic_tokenizer=ToneTokenizer())
 
 
+def test_prepare_warns_once_of_semantic_tokens_at_another_rate(caplog):
+    model, _ = tiny_random_bark()
+    clips = [{"array": tone(220 + 50 * row, seconds=2.0), "sampling_rate": 24_000} for row in range(4)]
+    raw = datasets.Dataset.from_dict({"audio": clips, "tokens": [[1] * 50] * 4})  # 25 a second: another tokenizer's
+    with caplog.at_level(logging.WARNING):
+        prepare_dataset(raw, model.codec_model, semantic_column="tokens", batch_size=2)
+    warnings = [record.getMessage() for record in caplog.records if "per second" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("Row 0: 50 semantic tokens for 2.00 s of audio")
+
+
 def test_prepare_names_a_dataset_dict_or_a_streamed_dataset():
     model, _ = tiny_random_bark()
     raw = datasets.Dataset.from_dict({"text": ["a"], "audio": [{"array": tone(220), "sampling_rate": 24_000}]})
@@ -584,6 +594,8 @@ def test_collators_refuse_rows_they_cannot_train_on(processor):
     ("semantic", {"text": "hi", "semantic_tokens": [1, -1]}, r"semantic_tokens must be in 0..9999, got -1..1"),
     ("semantic", {"text": "hi", "semantic_tokens": [[1, 2]]}, r"semantic_tokens must be a 1-D integer array"),
     ("semantic", {"text": "hi", "semantic_tokens": None}, r"semantic_tokens must be a 1-D integer array"),
+    ("semantic", {"text": "hi", "semantic_tokens": []}, r"semantic_tokens is empty"),  # trained "end at once"
+    ("coarse", {"semantic_tokens": [], "fine_tokens": np.ones((8, 5), np.int64)}, r"semantic_tokens is empty"),
     ("semantic", {"text": "hi", "semantic_tokens": [1], "semantic_prompt": [20_000]},
      r"semantic_prompt must be in 0..9999.*voice preset"),  # was embedded as a text token without a word
     ("semantic", {"text": "hi", "semantic_tokens": [1], "semantic_prompt": [1.5]},

@@ -12,6 +12,7 @@ cannot have them, PyTorch runs, with a one-time warning where a build was tried 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -344,8 +345,10 @@ def _build(compiler: list[str], source: Path) -> Path:
         handle, partial_name = tempfile.mkstemp(dir=cache, prefix=".cpu_kernels-", suffix=".so")
         os.close(handle)
         partial = Path(partial_name)
-    except OSError:
-        library = Path(tempfile.mkdtemp(prefix="bark_hf-")) / f"cpu_kernels-{key}.so"
+    except OSError:  # a folder of this process's own, removed when it exits (the loaded library stays mapped)
+        folder = tempfile.mkdtemp(prefix="bark_hf-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        library = Path(folder) / f"cpu_kernels-{key}.so"
         partial = library.with_suffix(".partial")
     command = [*compiler, *COMPILER_FLAGS, str(source), *LINKER_FLAGS, "-o", str(partial)]
     try:

@@ -1966,17 +1966,17 @@ class _CoarseWindow:
     ids: torch.Tensor
     pads: list[int]
 
-    def rows_continued_by(self, items: list[_CoarseItem], contexts: list[torch.Tensor]) -> list[int] | None:
-        """The rows of this window that `items` go on from, or None. An item goes on from its row where its next
-        window's input, `context`, is that row, generated tokens and all (the semantic window has not moved and
-        the coarse history is not yet cut): the cache then holds all of it but the last token, and the next
-        window's prefill would recompute it. Every item must, so that a batch is one forward pass."""
+    def rows_continued_by(self, items: list[_CoarseItem], contexts: list[torch.Tensor]) -> list[int | None]:
+        """The row of this window that each of `items` goes on from, or None for an item that starts afresh. An
+        item goes on from its row where its next window's input, `context`, is that row, generated tokens and all
+        (the semantic window has not moved and the coarse history is not yet cut): the cache then holds all of it
+        but the last token, and the next window's prefill would recompute it."""
         rows = []
         for item, context in zip(items, contexts, strict=True):
             row = next((row for row, known in enumerate(self.items) if known is item), None)
-            if row is None or context.shape[0] != self.ids.shape[1] - self.pads[row] or not torch.equal(
-                    context, self.ids[row, self.pads[row] :]):
-                return None
+            if row is not None and (context.shape[0] != self.ids.shape[1] - self.pads[row] or not torch.equal(
+                    context, self.ids[row, self.pads[row] :])):
+                row = None
             rows.append(row)
         return rows
 
@@ -2039,6 +2039,9 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             contexts = [self._window_context(item, first_step, config) for item in active]
             counts = [min(config.sliding_window_len, item.n_steps - first_step) for item in active]
             rows = None if window is None or cache is None else window.rows_continued_by(active, contexts)
+            # Static (compiled) steps read the cache as one batch: there a window that some items go on is prefilled.
+            if rows is not None and (all(row is None for row in rows) or (compile and None in rows)):
+                rows = None
             n_new = max(counts)
             ids, pads = self._generate_window(contexts, config, first_step, n_new, cache, compile, saw_nan,
                                               None if rows is None else (window, rows))
@@ -2121,12 +2124,15 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         at 0 at each item's first real token, as each item's own input would. One prefill into the
         emptied `cache` (None: no cache), then one token per step. Without padding (a batch of one, or
         equal lengths) there is no mask, and the SDPA calls are the original's.
-        `previous`, a window and the row of it that each context is (`_CoarseWindow.rows_continued_by`), replaces
-        the prefill with one step on from the cache that window left: the same values, rounded in another order.
+        `previous`, a window and the row of it that each context is, or None for one that is not
+        (`_CoarseWindow.rows_continued_by`), replaces the prefill with one step on from the cache that window left:
+        the same values, rounded in another order. Where only some items go on, those take that step and the
+        others a prefill, each part as the item's own run would (`_start_window_in_parts`).
         """
         n_codebooks, codebook_size = config.n_coarse_codebooks, config.codebook_size
         pad_token = config.coarse_semantic_pad_token
-        if previous is not None:
+        all_go_on = previous is not None and None not in previous[1]
+        if all_go_on:
             window, rows = previous
             pads = [window.pads[row] for row in rows]
             unused = min(pads)  # columns of padding alone, once the longest items have left
@@ -2141,19 +2147,18 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             for row, context in enumerate(contexts):
                 ids[row, longest - context.shape[0] : longest] = context  # [B, longest + n_steps]: left-padded
             pads = [longest - context.shape[0] for context in contexts]
-            if cache is not None:
+            if cache is not None and previous is None:
                 cache.reset()
         pad_column = _int_column(pads, ids.device)  # [B, 1]
-        mask = positions = None
-        if any(pads):
-            mask = torch.arange(ids.shape[1], device=ids.device)[None] >= pad_column  # [B, longest + n_steps]
-            positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, longest + n_steps]
+        mask, positions = _left_padding(pads, ids.shape[1], ids.device)  # [B, longest + n_steps] each, or None
 
         for offset in range(n_steps):
             end = longest + offset  # the tokens known so far
             first_code = config.semantic_vocab_size + (first_step + offset) % n_codebooks * codebook_size
             codebook = slice(first_code, first_code + codebook_size)  # this step's codebook: its logits alone
-            if cache is None or (offset == 0 and previous is None):  # the whole input: a prefill, or no cache
+            if offset == 0 and previous is not None and not all_go_on:
+                logits = self._start_window_in_parts(*previous, ids[:, :end], pads, cache, codebook)  # [B, 1024]
+            elif cache is None or (offset == 0 and previous is None):  # the whole input: a prefill, or no cache
                 logits = self._next_logits(self.input_embeds_layer(ids[:, :end]), cache,
                                            None if mask is None else mask[:, :end],
                                            None if positions is None else positions[:, :end], codebook)  # [B, 1024]
@@ -2164,6 +2169,57 @@ class BarkHfCoarseModel(BarkHfCausalModel):
             probs = sampling_probabilities(logits, config.temperature, config.top_k, config.top_p)
             ids[:, end] = sample_tokens(probs, saw_nan)[:, 0] + first_code
         return ids, pads
+
+    def _start_window_in_parts(self, window: _CoarseWindow, rows: list[int | None], known: torch.Tensor,
+                               pads: list[int], cache: BarkHfKVCache, codebook: slice) -> torch.Tensor:
+        """The first logits `[B, 1024]` of a window where the items with a row go on from `window`'s cache and the
+        others start afresh, `known` `[B, T]` being their inputs left-padded by `pads`. Each part runs as the items'
+        own runs do (one step on from the cache; a prefill), not as a prefill of all: on a CPU each item then keeps
+        its own values bit for bit. Then `cache` holds every item, left-padded as `known`."""
+        going_on = [item for item, row in enumerate(rows) if row is not None]
+        starting = [item for item, row in enumerate(rows) if row is None]
+        old_pads = [window.pads[rows[item]] for item in going_on]
+        unused = min(old_pads)  # columns of padding alone for the items that go on
+        cache.keep([rows[item] for item in going_on], unused)
+        step_pads = [pad - unused for pad in old_pads]
+        step_mask, step_positions = _left_padding(step_pads, cache.length + 1, known.device)
+        logits_going_on = self._decode(known[going_on, -1:], cache, _int_column(step_pads, known.device), False,
+                                       step_mask, None if step_positions is None else step_positions[:, -1:], codebook)
+        parts = [(going_on, [cache[layer] for layer in range(len(self.layers))])]
+
+        first_column = min(pads[item] for item in starting)  # columns of padding alone for the items that start
+        start_pads = [pads[item] - first_column for item in starting]
+        start_mask, start_positions = _left_padding(start_pads, known.shape[1] - first_column, known.device)
+        start_cache = BarkHfKVCache(len(self.layers), storage_dtype=cache.storage_dtype)
+        logits_starting = self._next_logits(self.input_embeds_layer(known[starting, first_column:]), start_cache,
+                                            start_mask, start_positions, codebook)
+        parts.append((starting, [start_cache[layer] for layer in range(len(self.layers))]))
+
+        cache.reset()
+        for layer in range(len(self.layers)):  # each item's positions end at the window's last known one
+            keys_and_values = []
+            for kind in (0, 1):
+                like = parts[0][1][layer][kind]  # [rows, H, length, D]
+                merged = like.new_zeros(known.shape[0], like.shape[1], known.shape[1], like.shape[3])
+                for items, part_cache in parts:
+                    for row, item in enumerate(items):
+                        filled = known.shape[1] - pads[item]
+                        merged[item, :, pads[item] :] = part_cache[layer][kind][row, :, -filled:]
+                keys_and_values.append(merged)
+            cache.update(layer, *keys_and_values)
+        logits = logits_going_on.new_empty(known.shape[0], logits_going_on.shape[1])
+        logits[going_on], logits[starting] = logits_going_on, logits_starting
+        return logits
+
+
+def _left_padding(pads: list[int], length: int,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention mask `[B, length]` of rows left-padded by `pads`, and positions that start at 0 at each row's
+    first real token, as the row's own input has them; (None, None) without padding."""
+    if not any(pads):
+        return None, None
+    mask = torch.arange(length, device=device)[None] >= _int_column(pads, device)  # [B, length]
+    return mask, (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def fine_loss(logits: torch.Tensor, labels: torch.Tensor, config: BarkHfFineGenerationConfig,

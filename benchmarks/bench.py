@@ -240,7 +240,7 @@ def format_table(rows: dict, work: dict[str, StageWork], batch: int, peer_names:
             speedup = f"{row[f'{reference}_speedup']:.2f}x" if index else ""
             lines.append(
                 f"{stage if index == 0 else '':<10}{described if index == 0 else '':<16}{name:<{name_width}}"
-                f"{row['median_s']:>9.2f}{row['rate_per_s']:>12.1f} {unit:<7}{row['rtf']:>8.3f}{peak:>9}"
+                f"{row['median_s']:>9.2f}{_rate(row['rate_per_s']):>12} {unit:<7}{row['rtf']:>8.3f}{peak:>9}"
                 f"{row['floor_s']:>9.2f}{100 * row['floor_fraction']:>9.1f}%{speedup:>{speedup_width}}"
             )
     lines.append("")
@@ -253,6 +253,11 @@ def format_table(rows: dict, work: dict[str, StageWork], batch: int, peer_names:
             f"({100 * rows[furthest][name]['floor_fraction']:.1f}% of floor speed)"
         )
     return "\n".join(lines)
+
+
+def _rate(per_second: float) -> str:
+    """One decimal, or three significant digits below 10 (a --quick run's total makes 0.019 audio s per second)."""
+    return f"{per_second:.1f}" if per_second >= 10 else f"{per_second:#.3g}"
 
 
 def cpu_name() -> str:

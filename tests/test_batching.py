@@ -221,21 +221,44 @@ def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, m
     assert torch.equal(batch.sequences, prefilled.sequences) and torch.equal(batch.lengths, prefilled.lengths)
 
 
+def test_a_coarse_window_that_some_items_go_on_gives_each_its_own_logits_bit_for_bit(ours, monkeypatch):
+    """Without a preset, or with a short one, an item goes on from the last window's cache; after a long preset's it
+    starts afresh. In one batch each part runs as the items' own runs do (before, the whole batch was prefilled, so
+    the items that go on alone were rounded otherwise), every step of every window."""
+    coarse = ours[0].coarse_acoustics
+    presets = [None, random_voice_preset(8, n_semantic=400), random_voice_preset(9, n_semantic=20)]
+    semantic = _random_semantic([60, 60, 60], seed=5)  # 180 coarse tokens each: three windows, all items in all
+    tokens, lengths = _padded(semantic, SEMANTIC_PAD)
+    recorded = _recorded_logits(monkeypatch)
+    continued = _spy_on_continuations(monkeypatch)
+    batch = coarse.generate(tokens, lengths, presets, top_k=1, **QUIET)
+    assert continued == [[0, None, 2], [0, None, 2]]
+    batch_steps = recorded[:]
+    item_steps, singles = [], []
+    for item, preset in zip(semantic, presets, strict=True):
+        recorded.clear()
+        singles.append(coarse.generate(item[None], None, preset, top_k=1, **QUIET))
+        item_steps.append(recorded[:])
+    assert len(batch_steps) == 180 and all(len(steps) == 180 for steps in item_steps)
+    _assert_steps_equal_bit_for_bit(batch_steps, item_steps)
+    _assert_items_equal(batch, singles, CODEBOOK_SIZE)
+
+
 def test_a_coarse_window_goes_on_only_from_its_own_row(ours, monkeypatch):
     """A window goes on from the last only where its input is that item's row, generated tokens and all. A long
     preset moves the semantic window from the first window on: every window is prefilled."""
     item = modeling._CoarseItem(torch.arange(3), torch.arange(2), 0, 0, 4)
     window = modeling._CoarseWindow([item], torch.tensor([[7, 7, 1, 2, 3]]), [2])
     assert window.rows_continued_by([item], [torch.tensor([1, 2, 3])]) == [0]
-    assert window.rows_continued_by([item], [torch.tensor([7, 1, 2, 3])]) is None  # the padding is not its input
-    assert window.rows_continued_by([item], [torch.tensor([2, 3])]) is None  # cut: positions moved
-    assert window.rows_continued_by([item], [torch.tensor([1, 2, 4])]) is None
-    assert window.rows_continued_by([copy.copy(item)], [torch.tensor([1, 2, 3])]) is None  # another item
+    assert window.rows_continued_by([item], [torch.tensor([7, 1, 2, 3])]) == [None]  # the padding is not its input
+    assert window.rows_continued_by([item], [torch.tensor([2, 3])]) == [None]  # cut: positions moved
+    assert window.rows_continued_by([item], [torch.tensor([1, 2, 4])]) == [None]
+    assert window.rows_continued_by([copy.copy(item)], [torch.tensor([1, 2, 3])]) == [None]  # another item
 
     continued = _spy_on_continuations(monkeypatch)
     ours[0].coarse_acoustics.generate(_random_semantic([70])[0][None], None, random_voice_preset(7, n_semantic=400),
                                       top_k=1, **QUIET)
-    assert continued == [None, None, None]
+    assert continued == [[None]] * 3
 
 
 # --- fine ---------------------------------------------------------------------------------------

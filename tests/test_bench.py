@@ -151,6 +151,10 @@ def test_table_columns_stay_apart_whatever_the_peers_are_called(modules, peer_na
     assert rows[1].split()[-1] == "1.50x"  # the second peer's semantic row: 3 s against 2 s
 
 
+def test_small_rates_keep_their_digits(modules):
+    assert [modules.bench._rate(rate) for rate in (0.0192, 5.0, 123.45)] == ["0.0192", "5.00", "123.5"]  # was "0.0"
+
+
 @pytest.mark.parametrize("stage,output,message", [
     ("coarse", torch.tensor([[[0, 1061]]]), "codes outside [0, 1024) (from 0 to 1061)"),
     ("fine", torch.tensor([[[-1, 3]]]), "codes outside [0, 1024) (from -1 to 3)"),

@@ -5,6 +5,7 @@ import copy
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +216,20 @@ def test_a_second_openmp_runtime_is_refused(fresh_build, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_openmp_runtimes", lambda: next(loaded))
     with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match=r"second OpenMP runtime \(/usr/lib/libomp.so.5\)"):
         cpu_kernels._compiled()
+
+
+@needs_kernel
+def test_a_cache_that_cannot_be_written_builds_into_a_folder_removed_at_exit(fresh_build, monkeypatch):
+    """Before, every process left a /tmp/bark_hf-* folder behind."""
+    fresh_build.parent.joinpath("bark_hf").write_text("a file where the cache folder would be")
+    at_exit = []
+    monkeypatch.setattr(cpu_kernels.atexit, "register", lambda *call, **options: at_exit.append((call, options)))
+    assert cpu_kernels.cpu_matvec() is not None
+    ((remove, folder), options), = at_exit
+    assert (remove, options) == (cpu_kernels.shutil.rmtree, {"ignore_errors": True})
+    assert [path.suffix for path in Path(folder).iterdir()] == [".so"]
+    remove(folder, **options)
+    assert not Path(folder).exists()
 
 
 @needs_kernel

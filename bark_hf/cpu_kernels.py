@@ -38,7 +38,8 @@ from .cpu_features import X86_MACHINES, cpu_flags
 
 CPU_KERNELS_ENV_VAR = "BARK_HF_CPU_KERNELS"
 # Up to this many rows of inputs (a batch of one-token steps) the kernel is faster than oneDNN and MKL;
-# beyond it, reading the weights once matters less than the arithmetic, which their GEMMs do better.
+# beyond it, reading the weights once matters less than the arithmetic, which their GEMMs do better. (A block-kernel
+# step's head still takes this many items at a time, for each item's own values: `_head_logits`.)
 MATVEC_MAX_ROWS = 16
 # A decoding step runs through the block kernel for up to this many items: past MATVEC_MAX_ROWS its products are
 # slower than GEMMs, but its attention over the cache and its one call per block still outweighed that in a
@@ -46,6 +47,8 @@ MATVEC_MAX_ROWS = 16
 # int8 weights 616 against 996 and 1 017 against 1 779).
 BLOCK_STEP_MAX_ITEMS = 64
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+# What `bark_hf_interface()` in the C source returns for the arguments declared in `_compiled`; raised with any change.
+KERNELS_INTERFACE = 1
 COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 LINKER_FLAGS = ("-lm",)
 REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
@@ -295,6 +298,9 @@ def _compiled() -> ctypes.CDLL:
         matvec, block_step = loaded.bark_hf_matvec, loaded.bark_hf_block_step
     except (OSError, AttributeError) as error:
         raise CpuKernelsUnavailable(f"loading {library} failed ({error}); delete it to have it built again") from None
+    interface = getattr(loaded, "bark_hf_interface", None)
+    if interface is None or interface() != KERNELS_INTERFACE:  # an installed bark-hf of another version (remote code)
+        raise _NotThisMachine(f"the C source at {source} is another version's than this copy of bark-hf")
     added = _openmp_runtimes() - runtimes_before
     if added and runtimes_before:  # its threads would compete with PyTorch's for the cores
         raise CpuKernelsUnavailable(f"it loads a second OpenMP runtime ({', '.join(sorted(added))}) beside PyTorch's "

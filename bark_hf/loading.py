@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from transformers.utils import logging
@@ -28,6 +29,20 @@ def checked_model_name(model: str | os.PathLike) -> str:
     return name
 
 
+def _from_model_folder_or_hub(loader: type[BarkHfModel] | type[BarkHfProcessor], name: str, **options: Any) -> Any:
+    """`loader.from_pretrained(name)`, its Hub errors given the fix: a local folder, or 'tiny-random'."""
+    try:
+        return loader.from_pretrained(name, **options)
+    except (FileNotFoundError, NotADirectoryError):  # a local folder's own problem: no Hub advice
+        raise
+    except OSError as error:
+        raise OSError(
+            f"Could not load the model {name!r} ({str(error).splitlines()[0]}). If the Hugging Face Hub "
+            "cannot be reached, point the model (`--model` in the CLI) at a local folder (made with "
+            "`bark-hf convert` or `save_pretrained`), or try 'tiny-random' for an offline test model."
+        ) from None
+
+
 def load_bark(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -51,19 +66,10 @@ def load_bark(
             bark = bark.to(dtype)
             bark.codec_model.float()  # the codec stays float32, as from_pretrained keeps it
     else:
-        try:
-            processor = BarkHfProcessor.from_pretrained(name)
-            if voice_preset is not None:
-                processor.load_voice_preset(voice_preset)
-            bark = BarkHfModel.from_pretrained(name, dtype=dtype)
-        except (FileNotFoundError, NotADirectoryError):  # a local folder's own problem: no Hub advice
-            raise
-        except OSError as error:
-            raise OSError(
-                f"Could not load the model {name!r} ({str(error).splitlines()[0]}). If the Hugging Face Hub "
-                "cannot be reached, point the model (`--model` in the CLI) at a local folder (made with "
-                "`bark-hf convert` or `save_pretrained`), or try 'tiny-random' for an offline test model."
-            ) from None
+        processor = _from_model_folder_or_hub(BarkHfProcessor, name)
+        if voice_preset is not None:  # outside the Hub advice: a preset file's problem is its own
+            processor.load_voice_preset(voice_preset)
+        bark = _from_model_folder_or_hub(BarkHfModel, name, dtype=dtype)
     if device is not None:
         bark = bark.to(device)
     return bark.eval(), processor

@@ -309,9 +309,8 @@ def _generation_method(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`; inside `generation_kernels`, a decoding step's rows go through bark-hf's own kernel (`cpu_matvec`,
-    MATVEC_MAX_ROWS at a time, which gives each row the values it gets alone), and larger products through oneDNN on
-    CPUs where MKL is slow (`use_onednn_linear`).
+    """`F.linear`; inside `generation_kernels`, a decoding step's few rows go through bark-hf's own kernel
+    (`cpu_matvec`), and larger products through oneDNN on CPUs where MKL is slow (`use_onednn_linear`).
 
     Only there, and only for plain float32 tensors on a CPU with autograd, autocast and torch.compile out of
     the way: neither has a backward or follows autocast, and a tensor subclass (torchao's quantized weights,
@@ -327,15 +326,10 @@ def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and (bias is None or bias.is_contiguous())  # oneDNN reads a strided bias as if contiguous: wrong values
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu")):
-        rows = inputs.numel() // inputs.shape[-1]
-        matvec = (products.cpu_kernels and rows <= BLOCK_STEP_MAX_ITEMS and weight.is_contiguous()
-                  and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
-        if matvec and rows <= MATVEC_MAX_ROWS:
+        matvec = (products.cpu_kernels and inputs.numel() <= MATVEC_MAX_ROWS * inputs.shape[-1]
+                  and weight.is_contiguous() and (bias is None or bias.shape == weight.shape[:1]) and cpu_matvec())
+        if matvec:
             return matvec(inputs, weight, bias)  # it makes `inputs` contiguous
-        if matvec:  # the head of a block-kernel step: rows as the items' own runs give them (each read of it is cheap)
-            flat = inputs.reshape(rows, inputs.shape[-1])
-            parts = [matvec(part, weight, bias) for part in flat.split(MATVEC_MAX_ROWS)]
-            return torch.cat(parts).view(*inputs.shape[:-1], weight.shape[0])
         if products.onednn:
             return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
     return F.linear(inputs, weight, bias)
@@ -1577,6 +1571,13 @@ class BarkHfCausalModel(BarkHfPreTrainedModel):
         for a head that is not a plain `nn.Linear` (int8, peft) or that has hooks (accelerate's offload, a
         user's), the whole head runs and is sliced.
         """
+        products = _generation_products()
+        if (products is not None and products.cpu_kernels and hidden_states.device.type == "cpu"
+                and hidden_states.shape[1] == 1 and MATVEC_MAX_ROWS < hidden_states.shape[0] <= BLOCK_STEP_MAX_ITEMS):
+            # A decoding step whose blocks the block kernel computed item by item: its head, too, MATVEC_MAX_ROWS items
+            # at a time through the matrix-vector kernel, which gives each item the values it gets alone (a GEMM's
+            # differ in the last bits). Reading the head two to four times costs milliseconds of a step of hundreds.
+            return torch.cat([self._head_logits(part, vocab_rows) for part in hidden_states.split(MATVEC_MAX_ROWS)])
         head = self.lm_head
         if vocab_rows is None:
             return project(head, hidden_states)
@@ -2115,7 +2116,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         cache: BarkHfKVCache | None,
         compile: bool,
         saw_nan: torch.Tensor,
-        previous: tuple[_CoarseWindow, list[int]] | None = None,
+        previous: tuple[_CoarseWindow, list[int | None]] | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """`n_steps` new tokens after each of `contexts` (1-D, any lengths), from step `first_step`: the window's
         tokens `[B, pads + context + n_steps]` and each row's left padding.
@@ -2173,11 +2174,13 @@ class BarkHfCoarseModel(BarkHfCausalModel):
     def _start_window_in_parts(self, window: _CoarseWindow, rows: list[int | None], known: torch.Tensor,
                                pads: list[int], cache: BarkHfKVCache, codebook: slice) -> torch.Tensor:
         """The first logits `[B, 1024]` of a window where the items with a row go on from `window`'s cache and the
-        others start afresh, `known` `[B, T]` being their inputs left-padded by `pads`. Each part runs as the items'
-        own runs do (one step on from the cache; a prefill), not as a prefill of all: on a CPU each item then keeps
-        its own values bit for bit. Then `cache` holds every item, left-padded as `known`."""
+        others start afresh (both parts non-empty), `known` `[B, T]` being their inputs left-padded by `pads`. Each
+        part runs as the items' own runs do (one step on from the cache; a prefill), not as a prefill of all: the
+        items that go on skip a prefill, and on a CPU each item keeps its own values bit for bit. Then `cache` holds
+        every item, left-padded as `known`."""
         going_on = [item for item, row in enumerate(rows) if row is not None]
         starting = [item for item, row in enumerate(rows) if row is None]
+        assert going_on and starting, "a window that all or none of the items go on is not one of parts"
         old_pads = [window.pads[rows[item]] for item in going_on]
         unused = min(old_pads)  # columns of padding alone for the items that go on
         cache.keep([rows[item] for item in going_on], unused)
@@ -2185,7 +2188,7 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         step_mask, step_positions = _left_padding(step_pads, cache.length + 1, known.device)
         logits_going_on = self._decode(known[going_on, -1:], cache, _int_column(step_pads, known.device), False,
                                        step_mask, None if step_positions is None else step_positions[:, -1:], codebook)
-        parts = [(going_on, [cache[layer] for layer in range(len(self.layers))])]
+        parts = [(going_on, list(cache))]  # each layer's (keys, values) [rows, H, length, D]
 
         first_column = min(pads[item] for item in starting)  # columns of padding alone for the items that start
         start_pads = [pads[item] - first_column for item in starting]
@@ -2193,18 +2196,19 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         start_cache = BarkHfKVCache(len(self.layers), storage_dtype=cache.storage_dtype)
         logits_starting = self._next_logits(self.input_embeds_layer(known[starting, first_column:]), start_cache,
                                             start_mask, start_positions, codebook)
-        parts.append((starting, [start_cache[layer] for layer in range(len(self.layers))]))
+        parts.append((starting, list(start_cache)))
 
         cache.reset()
         for layer in range(len(self.layers)):  # each item's positions end at the window's last known one
             keys_and_values = []
-            for kind in (0, 1):
-                like = parts[0][1][layer][kind]  # [rows, H, length, D]
-                merged = like.new_zeros(known.shape[0], like.shape[1], known.shape[1], like.shape[3])
-                for items, part_cache in parts:
+            for kind in (0, 1):  # keys, then values
+                first_part = parts[0][1][layer][kind]  # [rows, H, length, D]
+                batch, heads, head_dim = known.shape[0], first_part.shape[1], first_part.shape[3]
+                merged = first_part.new_zeros(batch, heads, known.shape[1], head_dim)
+                for items, layers in parts:
                     for row, item in enumerate(items):
                         filled = known.shape[1] - pads[item]
-                        merged[item, :, pads[item] :] = part_cache[layer][kind][row, :, -filled:]
+                        merged[item, :, pads[item] :] = layers[layer][kind][row, :, -filled:]
                 keys_and_values.append(merged)
             cache.update(layer, *keys_and_values)
         logits = logits_going_on.new_empty(known.shape[0], logits_going_on.shape[1])

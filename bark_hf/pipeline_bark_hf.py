@@ -219,9 +219,10 @@ class BarkPipeline(Pipeline):
         if stream is not None:
             return self._stream(stream, call)
         texts = _checked_texts(text_inputs, self.processor.tokenizer)
+        presets = _presets_per_text(call.voice_preset, len(texts))  # a list of presets must match, even for no text
         if not texts:  # as transformers' pipelines answer an empty list
             return []
-        presets = self._loaded_presets(_presets_per_text(call.voice_preset, len(texts)))
+        presets = self._loaded_presets(presets)
         if call.seed is not None:
             torch.manual_seed(call.seed)
         outputs = self._generate(texts, presets, call)

@@ -15,6 +15,7 @@ import torch
 from conftest import TEXTS, random_voice_preset
 
 import bark_hf.modeling_bark_hf as modeling
+from bark_hf import cpu_kernels
 from bark_hf.modeling_bark_hf import BarkHfCoarseModel, BarkHfFineModel, BarkHfKVCache
 
 QUIET = dict(show_progress=False)
@@ -64,6 +65,12 @@ def test_semantic_batch_equals_items_alone(ours):
     assert not torch.equal(singles[0].sequences[0, :5], singles[2].sequences[0, :5])
 
 
+# Bit for bit needs bark-hf's CPU kernels, which step each item alone: PyTorch's batched products round otherwise.
+needs_cpu_kernels = pytest.mark.skipif(
+    not cpu_kernels.cpu_kernels_wanted() or isinstance(cpu_kernels._load(), cpu_kernels.CpuKernelsUnavailable),
+    reason="bark-hf's CPU kernels are off or cannot be built here")
+
+
 def _recorded_logits(monkeypatch) -> list[torch.Tensor]:
     """The logits of every step that samples from here on, `[B, V]` each."""
     recorded, sampling = [], modeling.sampling_probabilities
@@ -82,6 +89,7 @@ def _assert_steps_equal_bit_for_bit(batch_steps: list[torch.Tensor], item_steps:
             assert torch.equal(in_batch[index], alone[0]), (index, step, (in_batch[index] - alone[0]).abs().max())
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("n_items", [3, 18], ids=["3-items", "18-items"])
 def test_a_cpu_semantic_batch_gives_each_item_its_own_logits_bit_for_bit(ours, monkeypatch, n_items):
     """On a CPU a batch's prefill runs item by item and its decoding steps compute each item alone (the block
@@ -105,6 +113,7 @@ def test_a_cpu_semantic_batch_gives_each_item_its_own_logits_bit_for_bit(ours, m
 # --- coarse -------------------------------------------------------------------------------------
 
 
+@needs_cpu_kernels
 def test_a_cpu_coarse_window_of_left_padded_items_gives_each_its_own_logits_bit_for_bit(ours, monkeypatch):
     """As a batch, left-padded prefills (with a mask) and products of more rows rounded the last bits otherwise."""
     coarse = ours[0].coarse_acoustics
@@ -120,8 +129,6 @@ def test_a_cpu_coarse_window_of_left_padded_items_gives_each_its_own_logits_bit_
         item_steps.append(recorded[:60])
     assert first_window[0].shape[0] == 3 and len({int(length) for length in lengths}) == 3
     _assert_steps_equal_bit_for_bit(first_window, item_steps)
-
-
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(use_cache=False),
@@ -221,6 +228,7 @@ def test_coarse_windows_go_on_from_the_last_where_their_input_extends_it(ours, m
     assert torch.equal(batch.sequences, prefilled.sequences) and torch.equal(batch.lengths, prefilled.lengths)
 
 
+@needs_cpu_kernels
 def test_a_coarse_window_that_some_items_go_on_gives_each_its_own_logits_bit_for_bit(ours, monkeypatch):
     """Without a preset, or with a short one, an item goes on from the last window's cache; after a long preset's it
     starts afresh. In one batch each part runs as the items' own runs do (before, the whole batch was prefilled, so

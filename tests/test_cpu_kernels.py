@@ -77,28 +77,13 @@ def test_each_output_is_the_same_whatever_the_batch_or_the_threads():
 
 
 @needs_kernel
-@needs_kernel
-def test_linear_gives_up_to_block_step_rows_each_its_own_values_in_generation(monkeypatch):
-    """The head of a block-kernel step of 17 to 64 items: MATVEC_MAX_ROWS rows at a time, each as it is alone."""
-    calls = []
-    kernel = cpu_kernels.cpu_matvec()
-    recording = lambda *args: calls.append(tuple(args[0].shape)) or kernel(*args)  # noqa: E731
-    monkeypatch.setattr(modeling, "cpu_matvec", lambda: recording)
-    layer = torch.nn.Linear(16, 24)
-    rows = torch.randn(cpu_kernels.MATVEC_MAX_ROWS + 1, 1, 16)
-    with torch.no_grad(), modeling.generation_kernels():
-        alone = torch.cat([modeling.project(layer, row) for row in rows])  # [17, 24]
-        assert torch.equal(modeling.project(layer, rows), alone[:, None])
-    assert calls == [(1, 16)] * 17 + [(16, 16), (1, 16)]
-
-
 def test_linear_takes_the_kernel_only_for_a_few_rows_in_generation(monkeypatch):
     monkeypatch.setenv(cpu_kernels.CPU_KERNELS_ENV_VAR, "1")
     calls = []
     kernel = cpu_kernels.cpu_matvec()
     monkeypatch.setattr(modeling, "cpu_matvec", lambda: lambda *args: calls.append(args[0].shape) or kernel(*args))
     layer = torch.nn.Linear(16, 24)
-    few, many = torch.randn(2, 1, 16), torch.randn(cpu_kernels.BLOCK_STEP_MAX_ITEMS + 1, 16)
+    few, many = torch.randn(2, 1, 16), torch.randn(cpu_kernels.MATVEC_MAX_ROWS + 1, 16)
     with torch.no_grad():
         modeling.project(layer, few)  # evaluation, scoring: PyTorch's own
         with modeling.generation_kernels():
@@ -201,6 +186,10 @@ def test_a_copy_without_the_c_source_takes_an_installed_one_or_quietly_none(fres
     installed = cpu_kernels.SOURCE
     monkeypatch.setattr(cpu_kernels, "SOURCE", fresh_build / "remote_code" / "csrc" / "cpu_kernels.c")
     assert cpu_kernels._source() == installed  # bark-hf is installed here: its source serves
+    with monkeypatch.context() as other_version:  # whose functions take other arguments than this copy declares
+        other_version.setattr(cpu_kernels, "KERNELS_INTERFACE", cpu_kernels.KERNELS_INTERFACE + 1)
+        with pytest.raises(cpu_kernels.CpuKernelsUnavailable, match="another version's"):
+            cpu_kernels._compiled()
     monkeypatch.setattr(cpu_kernels.importlib.util, "find_spec", lambda name: None)
     monkeypatch.delenv(cpu_kernels.CPU_KERNELS_ENV_VAR, raising=False)
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):

@@ -266,6 +266,8 @@ def test_an_empty_list_gives_an_empty_list_as_transformers_pipelines_do(pipe, mo
     assert pipe([]) == [] and pipe(()) == []
     with pytest.raises(ValueError, match="batch_size"):  # the settings are still checked
         pipe([], batch_size=0)
+    with pytest.raises(ValueError, match="voice_preset has 1 entries for 0 texts"):
+        pipe([], voice_preset=["v2/en_speaker_0"])
 
 
 def test_text_without_tokens_is_refused_by_its_place_before_any_generation(pipe, monkeypatch):

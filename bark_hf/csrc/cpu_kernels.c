@@ -99,6 +99,10 @@ static void products(const float *x, long m, long n, long k, weights_t w, const 
     }
 }
 
+/* The functions' arguments, as bark_hf/cpu_kernels.py declares them (KERNELS_INTERFACE there): a copy of that module
+ * loaded as a model folder's remote code builds an installed bark-hf's source, which may be another version's. */
+int bark_hf_interface(void) { return 1; }
+
 void bark_hf_matvec(const float *x, long m, long n, long k, const float *w, const float *bias, float *y,
                     int threads) {
     weights_t weights = {w, NULL};

@@ -135,13 +135,23 @@ def test_a_switch_value_that_is_neither_on_nor_off_is_refused(tiny, sage_calls, 
 
 
 def test_padded_batches_and_passes_that_need_gradients_do_not_use_sage(tiny, sage_calls):
-    # Two coarse items, one with a voice preset: contexts of different lengths, left-padded with a mask.
+    # A left-padded pass, with a mask (which SageAttention does not take).
+    ids = torch.randint(0, 100, (2, 8))
+    tiny.coarse_acoustics(ids, attention_mask=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]), use_cache=False)
+    assert sage_calls == []
+    # Two coarse items, one with a voice preset: contexts of different lengths. On a CPU a batch's prefills run
+    # item by item without padding, so SageAttention sees each item's own prefill, as in the item's own run.
     fine_prompt = torch.randint(0, 1024, (8, 40))
     preset = {"semantic_prompt": torch.randint(0, 10_000, (27,)), "coarse_prompt": fine_prompt[:2],
               "fine_prompt": fine_prompt}
     semantic = torch.randint(0, 10_000, (2, 30))
     tiny.coarse_acoustics.generate(semantic, None, [preset, None], top_k=1, **QUIET)
-    assert sage_calls == []
+    batch_calls = sage_calls[:]
+    sage_calls.clear()
+    for item, item_preset in zip(semantic, [preset, None], strict=True):
+        tiny.coarse_acoustics.generate(item[None], None, item_preset, top_k=1, **QUIET)
+    assert batch_calls == sage_calls and len({length for length, _, _ in batch_calls}) == 2
+    sage_calls.clear()
 
     # In eval mode, but with gradients (SageAttention has no backward pass), and in training mode.
     ids = torch.randint(0, 100, (1, 8))

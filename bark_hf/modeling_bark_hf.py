@@ -2186,8 +2186,10 @@ class BarkHfCoarseModel(BarkHfCausalModel):
         cache.keep([rows[item] for item in going_on], unused)
         step_pads = [pad - unused for pad in old_pads]
         step_mask, step_positions = _left_padding(step_pads, cache.length + 1, known.device)
-        logits_going_on = self._decode(known[going_on, -1:], cache, _int_column(step_pads, known.device), False,
-                                       step_mask, None if step_positions is None else step_positions[:, -1:], codebook)
+        logits_going_on = self._decode(known[going_on, -1:], cache, _int_column(step_pads, known.device),
+                                       compile=False, attention_mask=step_mask,
+                                       position_ids=None if step_positions is None else step_positions[:, -1:],
+                                       vocab_rows=codebook)
         parts = [(going_on, list(cache))]  # each layer's (keys, values) [rows, H, length, D]
 
         first_column = min(pads[item] for item in starting)  # columns of padding alone for the items that start
